@@ -1,0 +1,74 @@
+//! `strata coordinator`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use strata_coordinator::plan::SplitSpec;
+use strata_coordinator::scheduler::SchedulerLimits;
+use strata_coordinator::service::RequestLimits;
+use strata_coordinator::CoordinatorConfig;
+use tokio::net::TcpListener;
+
+use super::shutdown_signal;
+
+#[derive(Debug, Args)]
+pub struct CoordinatorArgs {
+    /// Address clients connect to.
+    #[arg(long, env = "STRATA_LISTEN", default_value = "127.0.0.1:7000")]
+    listen: String,
+    /// Worker addresses in pipeline order, comma-separated (host:port).
+    #[arg(long, env = "STRATA_WORKERS", value_delimiter = ',', required = true)]
+    workers: Vec<String>,
+    /// The same model the workers hold (for the tokenizer and to check fingerprints). Default:
+    /// SmolLM2-135M-Instruct Q4_1.
+    #[arg(long, env = "STRATA_MODEL")]
+    model: Option<PathBuf>,
+    /// How to split the layers: `even`, or explicit half-open ranges like `0-10,10-30`.
+    #[arg(long, env = "STRATA_SPLIT", default_value = "even")]
+    split: SplitSpec,
+    /// Serve without warming the stages first (the first request pays for kernel compilation).
+    #[arg(long, env = "STRATA_NO_WARMUP")]
+    no_warmup: bool,
+    /// Sequences generating at once; more wait in a queue.
+    #[arg(long, env = "STRATA_MAX_ACTIVE", default_value_t = SchedulerLimits::default().max_active)]
+    max_active: usize,
+    /// Requests that may wait; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "STRATA_MAX_QUEUED", default_value_t = SchedulerLimits::default().max_queued)]
+    max_queued: usize,
+    /// The most new tokens one request may ask for.
+    #[arg(long, env = "STRATA_MAX_NEW_TOKENS", default_value_t = RequestLimits::default().max_new_tokens)]
+    max_new_tokens: usize,
+}
+
+pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let model = strata_client::model_cache::resolve_model(args.model.as_deref())?;
+    let config = CoordinatorConfig {
+        model,
+        workers: args.workers,
+        split: args.split,
+        warmup: !args.no_warmup,
+        scheduler: SchedulerLimits {
+            max_active: args.max_active,
+            max_queued: args.max_queued,
+        },
+        requests: RequestLimits {
+            max_new_tokens: args.max_new_tokens,
+            ..RequestLimits::default()
+        },
+        max_message_bytes: strata_worker::server::DEFAULT_MAX_MESSAGE_BYTES,
+    };
+    let coordinator = strata_coordinator::Coordinator::start(config).await?;
+    for s in coordinator.stages() {
+        eprintln!(
+            "strata: stage layers {:>3}..{:<3} on {} ({})",
+            s.layers.start, s.layers.end, s.address, s.device
+        );
+    }
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    coordinator.serve(listener, shutdown_signal(false)).await?;
+    tracing::info!("coordinator stopped");
+    Ok(())
+}

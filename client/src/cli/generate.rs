@@ -1,0 +1,168 @@
+//! `strata generate`.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use futures::StreamExt;
+use serde_json::json;
+use strata_client::client::collect;
+use strata_client::{Event, GenerateParams, Generation, LocalCluster, LocalOptions, StrataClient};
+use strata_coordinator::plan::SplitSpec;
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// The prompt text (used as is: no chat template, no BOS unless the model asks for one).
+    #[arg(long)]
+    prompt: String,
+    /// A running coordinator, e.g. http://127.0.0.1:7000.
+    #[arg(long, env = "STRATA_COORDINATOR", conflicts_with = "local")]
+    coordinator: Option<String>,
+    /// Start N local worker processes and a coordinator for this run (default 2 without --coordinator).
+    #[arg(long)]
+    local: Option<usize>,
+    /// Model for --local: a .gguf file or a safetensors directory. Default: SmolLM2-135M-Instruct Q4_1.
+    #[arg(long, env = "STRATA_MODEL")]
+    model: Option<PathBuf>,
+    /// Split for --local: `even` or ranges like `0-10,10-30`.
+    #[arg(long, default_value = "even")]
+    split: SplitSpec,
+    /// Compute threads per local worker (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Skip warming the local stages.
+    #[arg(long)]
+    no_warmup: bool,
+    /// New tokens at most.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: u32,
+    /// 0 is greedy; higher is more random.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability (1 disables).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the K most likely tokens (0 disables).
+    #[arg(long, default_value_t = 0)]
+    top_k: u32,
+    /// Seed of the sampler (default: random). The same seed gives the same text.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when the text contains this (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Keep going past the model's end-of-generation token.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print one JSON object at the end instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    let params = GenerateParams {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed,
+        stop: args.stop.clone(),
+        top_logprobs: if args.json { 5 } else { 0 },
+        ignore_eos: args.ignore_eos,
+    };
+    if let Some(url) = &args.coordinator {
+        let client = StrataClient::connect(url).await?;
+        return generate(&client, &args, &params).await;
+    }
+    let workers = args.local.unwrap_or(2);
+    if workers == 0 {
+        bail!("--local needs at least 1 worker");
+    }
+    let model = strata_client::model_cache::resolve_model(args.model.as_deref())?;
+    let cluster = LocalCluster::start(LocalOptions {
+        binary: std::env::current_exe().context("cannot find the strata binary")?,
+        workers,
+        model,
+        split: args.split.clone(),
+        warmup: !args.no_warmup,
+        threads: args.threads,
+        worker_args: Vec::new(),
+    })
+    .await
+    .map_err(anyhow::Error::msg)?;
+    let client = StrataClient::connect(cluster.url()).await;
+    let result = match client {
+        Ok(client) => generate(&client, &args, &params).await,
+        Err(e) => Err(e.into()),
+    };
+    let stopped = cluster.stop().await;
+    result?;
+    stopped.map_err(anyhow::Error::msg)
+}
+
+async fn generate(
+    client: &StrataClient,
+    args: &GenerateArgs,
+    params: &GenerateParams,
+) -> anyhow::Result<()> {
+    let stream = client.generate(&args.prompt, params).await?;
+    if args.json {
+        let generation = collect(stream).await?;
+        println!("{}", to_json(&generation));
+        return Ok(());
+    }
+    let mut stream = stream;
+    let mut stdout = std::io::stdout().lock();
+    let mut tokens = 0usize;
+    while let Some(event) = stream.next().await {
+        match event? {
+            Event::Token(t) => {
+                tokens += 1;
+                write!(stdout, "{}", t.text)?;
+                stdout.flush()?;
+            }
+            Event::Finished(f) => {
+                writeln!(stdout, "{}", f.trailing_text)?;
+                let decode = f.total.saturating_sub(f.ttft).as_secs_f64();
+                let rate = if tokens > 1 && decode > 0.0 {
+                    (tokens - 1) as f64 / decode
+                } else {
+                    0.0
+                };
+                eprintln!(
+                    "[{} prompt tokens, {tokens} generated ({}), TTFT {:.0} ms, {:.1} tokens/s]",
+                    f.prompt_ids.len(),
+                    f.reason.as_str(),
+                    f.ttft.as_secs_f64() * 1e3,
+                    rate
+                );
+                return Ok(());
+            }
+        }
+    }
+    bail!("the coordinator closed the stream before the end of generation")
+}
+
+/// The `--json` object.
+pub fn to_json(g: &Generation) -> serde_json::Value {
+    json!({
+        "prompt_ids": g.prompt_ids,
+        "token_ids": g.token_ids,
+        "text": g.text,
+        "finish_reason": g.finish_reason.as_str(),
+        "ttft_ms": g.ttft.as_secs_f64() * 1e3,
+        "total_ms": g.total.as_secs_f64() * 1e3,
+        "tokens_per_s": g.tokens_per_s(),
+        "decode_tokens_per_s": g.decode_tokens_per_s(),
+        "stage_forward_ms": g.stage_forward.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>(),
+        "top_logprobs": g.top_logprobs.iter().map(|top| {
+            top.iter().map(|(id, lp)| json!({"id": id, "logprob": lp})).collect::<Vec<_>>()
+        }).collect::<Vec<_>>(),
+    })
+}

@@ -1,0 +1,107 @@
+//! The `strata` subcommands, one module each.
+
+mod coordinator;
+mod fetch;
+mod generate;
+mod tokenize;
+mod worker;
+
+use clap::{Parser, Subcommand};
+
+/// strata runs one language model across several devices: each worker holds a contiguous range of
+/// layers, a coordinator forwards activations between them and streams tokens to clients.
+#[derive(Debug, Parser)]
+#[command(name = "strata", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve a stage of a model on one device (the coordinator decides which layers).
+    Worker(worker::WorkerArgs),
+    /// Plan the split, load the stages on the workers and serve clients.
+    Coordinator(coordinator::CoordinatorArgs),
+    /// Generate text, from a running coordinator or on local workers started for the purpose.
+    Generate(generate::GenerateArgs),
+    /// Print the token ids of a text as generation would encode it.
+    Tokenize(tokenize::TokenizeArgs),
+    /// Download the default model (SmolLM2-135M-Instruct Q4_1) into the cache and verify it.
+    FetchModel(fetch::FetchArgs),
+}
+
+impl Cli {
+    /// The compute threads this process should use, if the role sets them.
+    pub fn compute_threads(&self) -> Option<usize> {
+        match &self.command {
+            Command::Worker(a) => a.threads,
+            _ => None,
+        }
+    }
+
+    /// Servers log at info; client commands only warn, so their output stays clean.
+    pub fn default_log_level(&self) -> &'static str {
+        match self.command {
+            Command::Worker(_) | Command::Coordinator(_) => "info",
+            _ => "warn",
+        }
+    }
+
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self.command {
+            Command::Worker(a) => worker::run(a).await,
+            Command::Coordinator(a) => coordinator::run(a).await,
+            Command::Generate(a) => generate::run(a).await,
+            Command::Tokenize(a) => tokenize::run(a),
+            Command::FetchModel(a) => fetch::run(a),
+        }
+    }
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default: `level`).
+pub fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Resolves when the process is asked to stop: Ctrl-C, SIGTERM, or (with `stdin_eof`) stdin closing,
+/// which is how a parent that started us says stop, and how we notice that parent died.
+pub async fn shutdown_signal(stdin_eof: bool) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    let eof = async {
+        if !stdin_eof {
+            return std::future::pending::<()>().await;
+        }
+        use tokio::io::AsyncReadExt;
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = stdin.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("interrupted; shutting down"),
+        _ = term => tracing::info!("SIGTERM; shutting down"),
+        _ = eof => tracing::info!("stdin closed; shutting down"),
+    }
+}

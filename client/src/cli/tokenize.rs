@@ -1,0 +1,33 @@
+//! `strata tokenize`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use strata_model::{ModelFile, TextTokenizer};
+
+#[derive(Debug, Args)]
+pub struct TokenizeArgs {
+    /// The text to encode.
+    text: String,
+    /// The model whose tokenizer to use. Default: SmolLM2-135M-Instruct Q4_1.
+    #[arg(long, env = "STRATA_MODEL")]
+    model: Option<PathBuf>,
+    /// Print `{"ids": [...]}` instead of one id per line.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: TokenizeArgs) -> anyhow::Result<()> {
+    let path = strata_client::model_cache::resolve_model(args.model.as_deref())?;
+    let model = ModelFile::open(&path)?;
+    let tokenizer = TextTokenizer::load(&model)?;
+    let ids = tokenizer.encode(&args.text)?;
+    if args.json {
+        println!("{}", serde_json::json!({ "ids": ids }));
+    } else {
+        for id in ids {
+            println!("{id}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! `strata worker`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use strata_worker::engine::EngineLimits;
+use strata_worker::model::StageOptions;
+use strata_worker::WorkerConfig;
+use tokio::net::TcpListener;
+
+use super::shutdown_signal;
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, env = "STRATA_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: String,
+    /// Device: cpu, cuda:N or metal:N.
+    #[arg(long, env = "STRATA_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Model: a .gguf file or a Hugging Face safetensors directory. Default: SmolLM2-135M-Instruct Q4_1
+    /// (fetched once into the cache).
+    #[arg(long, env = "STRATA_MODEL")]
+    model: Option<PathBuf>,
+    /// Compute threads of a CPU stage (default: every core). Stages sharing a host split its cores.
+    #[arg(long, env = "STRATA_THREADS")]
+    pub threads: Option<usize>,
+    /// Most sequences that may hold a KV cache at once.
+    #[arg(long, env = "STRATA_MAX_SEQUENCES", default_value_t = EngineLimits::default().max_sequences)]
+    max_sequences: usize,
+    /// Largest gRPC message, in MiB.
+    #[arg(long, env = "STRATA_MAX_MESSAGE_MIB", default_value_t = strata_worker::server::DEFAULT_MAX_MESSAGE_BYTES >> 20)]
+    max_message_mib: usize,
+    /// Compute RoPE cos/sin every step instead of slicing a table (only to measure the table).
+    #[arg(long, hide = true)]
+    no_rope_reuse: bool,
+    /// Build causal masks every step instead of reusing them (only to measure the cache).
+    #[arg(long, hide = true)]
+    no_mask_reuse: bool,
+    /// Print `STRATA_LISTENING <addr>` on stdout once listening (for the process that started us).
+    #[arg(long, hide = true)]
+    announce: bool,
+    /// Shut down when stdin closes (for the process that started us).
+    #[arg(long, hide = true)]
+    exit_on_stdin_eof: bool,
+}
+
+pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let model = strata_client::model_cache::resolve_model(args.model.as_deref())?;
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    if args.announce {
+        println!(
+            "{}{}",
+            strata_client::local::ANNOUNCE_PREFIX,
+            listener.local_addr()?
+        );
+    }
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let config = WorkerConfig {
+        model,
+        device: args.device,
+        threads,
+        options: StageOptions {
+            reuse_rope: !args.no_rope_reuse,
+            reuse_masks: !args.no_mask_reuse,
+        },
+        limits: EngineLimits {
+            max_sequences: args.max_sequences,
+            ..EngineLimits::default()
+        },
+        max_message_bytes: args.max_message_mib << 20,
+    };
+    strata_worker::run(listener, config, shutdown_signal(args.exit_on_stdin_eof)).await?;
+    tracing::info!("worker stopped");
+    Ok(())
+}

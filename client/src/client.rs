@@ -1,0 +1,343 @@
+//! The Rust client of a strata coordinator: connect, generate a stream of tokens, or collect them.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use strata_proto::v1;
+use strata_proto::v1::coordinator_client::CoordinatorClient;
+use tonic::transport::{Channel, Endpoint};
+
+/// What can go wrong talking to a coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The coordinator could not be reached.
+    #[error("cannot connect to the coordinator at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    /// The coordinator answered with an error.
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    /// The stream broke the protocol (e.g. ended without a final message).
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// How to generate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateParams {
+    /// New tokens at most; 0 lets the coordinator choose.
+    pub max_tokens: u32,
+    /// 0 is greedy.
+    pub temperature: f32,
+    /// 0 disables.
+    pub top_k: u32,
+    /// 1 disables.
+    pub top_p: f32,
+    pub seed: u64,
+    pub stop: Vec<String>,
+    /// Alternatives to report per token (at most 20).
+    pub top_logprobs: u32,
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 0,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            stop: Vec::new(),
+            top_logprobs: 0,
+            ignore_eos: false,
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model produced an end-of-generation token.
+    Eos,
+    /// `max_tokens` were generated.
+    Length,
+    /// A stop string appeared.
+    Stop,
+    /// The context was full.
+    Context,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Eos => "eos",
+            Self::Length => "length",
+            Self::Stop => "stop",
+            Self::Context => "context",
+        }
+    }
+}
+
+/// A generated token as it arrives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Token {
+    pub id: u32,
+    /// The text this token completes (may be empty inside a multi-byte character).
+    pub text: String,
+    pub logprob: f32,
+    pub top_logprobs: Vec<(u32, f32)>,
+    /// Since the request arrived at the coordinator.
+    pub elapsed: Duration,
+}
+
+/// The end of a generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finished {
+    pub reason: FinishReason,
+    pub prompt_ids: Vec<u32>,
+    pub generated_tokens: u32,
+    pub queue: Duration,
+    pub ttft: Duration,
+    pub total: Duration,
+    /// Device time per stage over the request's steps.
+    pub stage_forward: Vec<Duration>,
+    /// Text that belongs after the last token's text.
+    pub trailing_text: String,
+}
+
+/// One event of a generation stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Token(Token),
+    Finished(Finished),
+}
+
+/// A stream of events; it ends after `Event::Finished` or an error.
+pub type TokenStream = Pin<Box<dyn Stream<Item = Result<Event, ClientError>> + Send>>;
+
+/// A whole generation, collected.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub prompt_ids: Vec<u32>,
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub ttft: Duration,
+    pub total: Duration,
+    /// When each token arrived, since the request arrived.
+    pub token_times: Vec<Duration>,
+    /// Per token, the most likely alternatives (if asked for).
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
+    pub stage_forward: Vec<Duration>,
+}
+
+impl Generation {
+    /// Decode speed: tokens after the first over the time after the first.
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        let n = self.token_ids.len();
+        let decode = self.total.saturating_sub(self.ttft).as_secs_f64();
+        if n < 2 || decode <= 0.0 {
+            return 0.0;
+        }
+        (n - 1) as f64 / decode
+    }
+
+    /// End-to-end speed: tokens over the whole request time.
+    pub fn tokens_per_s(&self) -> f64 {
+        let total = self.total.as_secs_f64();
+        if total <= 0.0 {
+            return 0.0;
+        }
+        self.token_ids.len() as f64 / total
+    }
+}
+
+/// A connection to a coordinator. Cheap to clone; clones share the connection.
+#[derive(Debug, Clone)]
+pub struct StrataClient {
+    inner: CoordinatorClient<Channel>,
+}
+
+impl StrataClient {
+    /// Connects to `url` (`http://host:port`, or `host:port`).
+    pub async fn connect(url: &str) -> Result<Self, ClientError> {
+        let url = if url.contains("://") {
+            url.to_string()
+        } else {
+            format!("http://{url}")
+        };
+        let fail = |reason: String| ClientError::Connect {
+            url: url.clone(),
+            reason,
+        };
+        let channel = Endpoint::from_shared(url.clone())
+            .map_err(|e| fail(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| fail(error_chain(&e)))?;
+        Ok(Self {
+            inner: CoordinatorClient::new(channel).max_decoding_message_size(64 << 20),
+        })
+    }
+
+    /// Starts a generation; tokens arrive on the stream as the pipeline produces them. Dropping the
+    /// stream cancels the request.
+    pub async fn generate(
+        &self,
+        prompt: &str,
+        params: &GenerateParams,
+    ) -> Result<TokenStream, ClientError> {
+        let request = v1::GenerateRequest {
+            prompt: prompt.to_string(),
+            max_tokens: params.max_tokens,
+            sampling: Some(v1::SamplingParams {
+                temperature: params.temperature,
+                top_k: params.top_k,
+                top_p: params.top_p,
+                seed: params.seed,
+            }),
+            stop: params.stop.clone(),
+            top_logprobs: params.top_logprobs,
+            ignore_eos: params.ignore_eos,
+        };
+        let stream = self.inner.clone().generate(request).await?.into_inner();
+        Ok(Box::pin(stream.map(|item| {
+            let response = item?;
+            match response.event {
+                Some(v1::generate_response::Event::Token(t)) => Ok(Event::Token(Token {
+                    id: t.id,
+                    text: t.text,
+                    logprob: t.logprob,
+                    top_logprobs: t
+                        .top_logprobs
+                        .into_iter()
+                        .map(|l| (l.id, l.logprob))
+                        .collect(),
+                    elapsed: Duration::from_micros(t.elapsed_us),
+                })),
+                Some(v1::generate_response::Event::Finished(f)) => {
+                    Ok(Event::Finished(finished_from_wire(f)?))
+                }
+                None => Err(ClientError::Protocol("an event with no content".into())),
+            }
+        })))
+    }
+
+    /// Generates and collects the whole output.
+    pub async fn generate_collect(
+        &self,
+        prompt: &str,
+        params: &GenerateParams,
+    ) -> Result<Generation, ClientError> {
+        collect(self.generate(prompt, params).await?).await
+    }
+
+    /// Generates for several prompts at once; the coordinator batches them through the pipeline.
+    /// Results come back in prompt order.
+    pub async fn generate_batch(
+        &self,
+        prompts: &[String],
+        params: &GenerateParams,
+    ) -> Vec<Result<Generation, ClientError>> {
+        futures::future::join_all(prompts.iter().map(|p| self.generate_collect(p, params))).await
+    }
+
+    /// Encodes text as the coordinator encodes prompts.
+    pub async fn tokenize(&self, text: &str) -> Result<Vec<u32>, ClientError> {
+        let r = self
+            .inner
+            .clone()
+            .tokenize(v1::TokenizeRequest { text: text.into() })
+            .await?;
+        Ok(r.into_inner().ids)
+    }
+
+    /// The coordinator's model, plan and load.
+    pub async fn info(&self) -> Result<v1::CoordinatorInfo, ClientError> {
+        Ok(self
+            .inner
+            .clone()
+            .info(v1::CoordinatorInfoRequest {})
+            .await?
+            .into_inner())
+    }
+}
+
+/// Collects a stream into a [`Generation`].
+pub async fn collect(mut stream: TokenStream) -> Result<Generation, ClientError> {
+    let mut token_ids = Vec::new();
+    let mut text = String::new();
+    let mut token_times = Vec::new();
+    let mut top_logprobs = Vec::new();
+    while let Some(event) = stream.next().await {
+        match event? {
+            Event::Token(t) => {
+                token_ids.push(t.id);
+                text.push_str(&t.text);
+                token_times.push(t.elapsed);
+                top_logprobs.push(t.top_logprobs);
+            }
+            Event::Finished(f) => {
+                text.push_str(&f.trailing_text);
+                return Ok(Generation {
+                    prompt_ids: f.prompt_ids,
+                    token_ids,
+                    text,
+                    finish_reason: f.reason,
+                    ttft: f.ttft,
+                    total: f.total,
+                    token_times,
+                    top_logprobs,
+                    stage_forward: f.stage_forward,
+                });
+            }
+        }
+    }
+    Err(ClientError::Protocol(
+        "the stream ended without a final message".into(),
+    ))
+}
+
+fn finished_from_wire(f: v1::GenerateFinished) -> Result<Finished, ClientError> {
+    let reason = match v1::FinishReason::try_from(f.reason) {
+        Ok(v1::FinishReason::Eos) => FinishReason::Eos,
+        Ok(v1::FinishReason::Length) => FinishReason::Length,
+        Ok(v1::FinishReason::Stop) => FinishReason::Stop,
+        Ok(v1::FinishReason::Context) => FinishReason::Context,
+        _ => {
+            return Err(ClientError::Protocol(format!(
+                "unknown finish reason {}",
+                f.reason
+            )))
+        }
+    };
+    Ok(Finished {
+        reason,
+        prompt_ids: f.prompt_ids,
+        generated_tokens: f.generated_tokens,
+        queue: Duration::from_micros(f.queue_us),
+        ttft: Duration::from_micros(f.ttft_us),
+        total: Duration::from_micros(f.total_us),
+        stage_forward: f
+            .stage_forward_us
+            .into_iter()
+            .map(Duration::from_micros)
+            .collect(),
+        trailing_text: f.trailing_text,
+    })
+}
+
+/// A transport error with its causes.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -1,0 +1,235 @@
+//! A whole cluster on this machine: N `strata worker` processes on free loopback ports and an
+//! in-process coordinator, for `--local N`, the examples and the tests.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use strata_coordinator::plan::SplitSpec;
+use strata_coordinator::scheduler::SchedulerLimits;
+use strata_coordinator::service::RequestLimits;
+use strata_coordinator::{Coordinator, CoordinatorConfig};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The line a worker started with `--announce` prints on stdout once it listens.
+pub const ANNOUNCE_PREFIX: &str = "STRATA_LISTENING ";
+
+/// How to start a local cluster.
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    /// The `strata` binary to run workers with.
+    pub binary: PathBuf,
+    pub workers: usize,
+    pub model: PathBuf,
+    pub split: SplitSpec,
+    pub warmup: bool,
+    /// Compute threads per worker; `None` lets each use every core.
+    pub threads: Option<usize>,
+    /// Extra arguments for every worker.
+    pub worker_args: Vec<String>,
+}
+
+/// A running local cluster. Stop it with [`LocalCluster::stop`]; dropping it kills the workers.
+pub struct LocalCluster {
+    workers: Vec<WorkerProcess>,
+    url: String,
+    stop_coordinator: Option<oneshot::Sender<()>>,
+    coordinator: Option<JoinHandle<Result<(), strata_coordinator::CoordinatorError>>>,
+    plan: Vec<(String, std::ops::Range<usize>)>,
+}
+
+/// A worker child process.
+pub struct WorkerProcess {
+    pub address: String,
+    child: Child,
+}
+
+impl WorkerProcess {
+    /// Starts `strata worker` on a free loopback port and waits until it listens.
+    pub async fn spawn(options: &LocalOptions) -> Result<Self, String> {
+        let mut command = Command::new(&options.binary);
+        command
+            .arg("worker")
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--device",
+                "cpu",
+                "--announce",
+                "--exit-on-stdin-eof",
+            ])
+            .arg("--model")
+            .arg(&options.model)
+            .args(&options.worker_args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        if let Some(threads) = options.threads {
+            command.args(["--threads", &threads.to_string()]);
+        }
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "warn");
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("cannot start {} worker: {e}", options.binary.display()))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut lines = BufReader::new(stdout).lines();
+        let address = tokio::time::timeout(Duration::from_secs(120), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(address) = line.strip_prefix(ANNOUNCE_PREFIX) {
+                    return Some(address.trim().to_string());
+                }
+            }
+            None
+        })
+        .await
+        .map_err(|_| "a local worker did not start listening within 120 s".to_string())?;
+        let Some(address) = address else {
+            let status = child
+                .wait()
+                .await
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            return Err(format!(
+                "a local worker exited before listening ({status}); see its log above"
+            ));
+        };
+        // Keep draining stdout so the worker never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self { address, child })
+    }
+
+    /// Asks the worker to stop (closing its stdin) and waits; kills it if it takes too long.
+    pub async fn stop(mut self) -> Result<(), String> {
+        drop(self.child.stdin.take());
+        match tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await {
+            Ok(Ok(status)) if status.success() => Ok(()),
+            Ok(Ok(status)) => Err(format!("worker {} exited with {status}", self.address)),
+            Ok(Err(e)) => Err(format!("worker {}: {e}", self.address)),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                Err(format!(
+                    "worker {} did not stop within 10 s; killed",
+                    self.address
+                ))
+            }
+        }
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// The OS process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+}
+
+impl LocalCluster {
+    /// Starts the workers, then a coordinator over them on a free loopback port.
+    pub async fn start(options: LocalOptions) -> Result<Self, String> {
+        if options.workers == 0 {
+            return Err("a local cluster needs at least one worker".into());
+        }
+        let spawns = (0..options.workers).map(|_| WorkerProcess::spawn(&options));
+        let mut workers = Vec::new();
+        let mut failure = None;
+        for result in futures::future::join_all(spawns).await {
+            match result {
+                Ok(w) => workers.push(w),
+                Err(e) => failure = Some(e),
+            }
+        }
+        if let Some(e) = failure {
+            for w in workers {
+                let _ = w.stop().await;
+            }
+            return Err(e);
+        }
+        let config = CoordinatorConfig {
+            model: options.model.clone(),
+            workers: workers.iter().map(|w| w.address.clone()).collect(),
+            split: options.split.clone(),
+            warmup: options.warmup,
+            scheduler: SchedulerLimits::default(),
+            requests: RequestLimits::default(),
+            max_message_bytes: strata_worker::server::DEFAULT_MAX_MESSAGE_BYTES,
+        };
+        let coordinator = match Coordinator::start(config).await {
+            Ok(c) => c,
+            Err(e) => {
+                for w in workers {
+                    let _ = w.stop().await;
+                }
+                return Err(e.to_string());
+            }
+        };
+        let plan = coordinator
+            .stages()
+            .iter()
+            .map(|s| (s.address.clone(), s.layers.clone()))
+            .collect();
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| format!("cannot listen on loopback: {e}"))?;
+        let url = format!(
+            "http://{}",
+            listener.local_addr().map_err(|e| e.to_string())?
+        );
+        let (stop_coordinator, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(coordinator.serve(listener, async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            workers,
+            url,
+            stop_coordinator: Some(stop_coordinator),
+            coordinator: Some(server),
+            plan,
+        })
+    }
+
+    /// The coordinator's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Each stage's worker address and layers.
+    pub fn plan(&self) -> &[(String, std::ops::Range<usize>)] {
+        &self.plan
+    }
+
+    /// The worker processes, in pipeline order.
+    pub fn workers_mut(&mut self) -> &mut [WorkerProcess] {
+        &mut self.workers
+    }
+
+    /// Stops the coordinator, then every worker; reports the first failure.
+    pub async fn stop(mut self) -> Result<(), String> {
+        if let Some(stop) = self.stop_coordinator.take() {
+            let _ = stop.send(());
+        }
+        let mut result = Ok(());
+        if let Some(server) = self.coordinator.take() {
+            match server.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e.to_string()),
+                Err(e) => result = Err(e.to_string()),
+            }
+        }
+        for w in std::mem::take(&mut self.workers) {
+            if let Err(e) = w.stop().await {
+                result = result.and(Err(e));
+            }
+        }
+        result
+    }
+}

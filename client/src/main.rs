@@ -1,0 +1,31 @@
+//! `strata`: one binary for every role. Parses arguments and hands over to the role's crate.
+
+mod cli;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let args = cli::Cli::parse();
+    // Compute threads must be fixed before any tensor work starts a thread pool.
+    if let Some(threads) = args.compute_threads() {
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    cli::init_logging(args.default_log_level());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("strata: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(args.run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("strata: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! The coordinator's error type and its one mapping to gRPC statuses.
+
+use tonic::{Code, Status};
+
+use crate::plan::PlanError;
+
+/// What can go wrong in the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// A worker could not be reached at start.
+    #[error("worker {address} is unreachable: {reason}")]
+    WorkerUnreachable { address: String, reason: String },
+    /// A call to a stage's worker failed.
+    #[error("stage {stage} (worker {address}) failed: {message}")]
+    Stage {
+        stage: usize,
+        address: String,
+        code: Code,
+        message: String,
+    },
+    /// A worker holds another model than the coordinator.
+    #[error("worker {address} holds model {theirs} but the coordinator has {ours} ({path}); start every worker with the same model file")]
+    ModelMismatch {
+        address: String,
+        theirs: String,
+        ours: String,
+        path: String,
+    },
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Model(#[from] strata_model::ModelError),
+    /// The client's request is not valid.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// Too much work queued.
+    #[error("{0}")]
+    Overloaded(String),
+    /// A worker answered something that breaks the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The coordinator is stopping.
+    #[error("the coordinator is shutting down")]
+    ShuttingDown,
+}
+
+impl CoordinatorError {
+    pub(crate) fn stage(stage: usize, address: &str, status: Status) -> Self {
+        Self::Stage {
+            stage,
+            address: address.to_string(),
+            code: status.code(),
+            message: status.message().to_string(),
+        }
+    }
+
+    /// Whether the failure means a worker is gone (as opposed to a request it refused).
+    pub fn is_worker_loss(&self) -> bool {
+        matches!(
+            self,
+            Self::Stage {
+                code: Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded,
+                ..
+            }
+        )
+    }
+}
+
+impl From<CoordinatorError> for Status {
+    fn from(e: CoordinatorError) -> Self {
+        let code = match &e {
+            CoordinatorError::InvalidRequest(_) => Code::InvalidArgument,
+            CoordinatorError::Overloaded(_) => Code::ResourceExhausted,
+            CoordinatorError::WorkerUnreachable { .. } | CoordinatorError::ShuttingDown => {
+                Code::Unavailable
+            }
+            e @ CoordinatorError::Stage { code, .. } => {
+                if e.is_worker_loss() {
+                    Code::Unavailable
+                } else if *code == Code::ResourceExhausted {
+                    Code::ResourceExhausted
+                } else {
+                    Code::Internal
+                }
+            }
+            CoordinatorError::ModelMismatch { .. }
+            | CoordinatorError::Plan(_)
+            | CoordinatorError::Model(_) => Code::FailedPrecondition,
+            CoordinatorError::Protocol(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}

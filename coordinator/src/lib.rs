@@ -1,0 +1,20 @@
+//! The strata coordinator: plans which layers run where, schedules sequences, forwards activations
+//! from stage to stage and streams tokens to clients.
+//!
+//! - [`server`]: `Coordinator::start` (connect, plan, load, warm up) and `run(listener, config, shutdown)`.
+//! - [`service`]: the gRPC boundary; validates and tokenizes requests.
+//! - [`scheduler`]: the one task that owns every sequence and drives the pipeline step by step.
+//! - [`pipeline`]: the workers in order; one micro-batch through every stage.
+//! - [`plan`]: the split planner, a pure function.
+//! - [`detokenize`]: token ids to text deltas; stop strings.
+
+pub mod detokenize;
+pub mod error;
+pub mod pipeline;
+pub mod plan;
+pub mod scheduler;
+pub mod server;
+pub mod service;
+
+pub use error::CoordinatorError;
+pub use server::{run, Coordinator, CoordinatorConfig};

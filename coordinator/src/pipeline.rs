@@ -1,0 +1,292 @@
+//! The workers as a pipeline: connecting, loading stages, and pushing one micro-batch through every
+//! stage in order. Activations pass through the coordinator untouched (the wire tensor a stage returns
+//! is the wire tensor the next stage receives).
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use futures::future::try_join_all;
+use strata_proto::v1;
+use strata_proto::v1::worker_client::WorkerClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::CoordinatorError;
+
+/// How long to wait for a worker to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One worker and the layers it runs.
+#[derive(Debug, Clone)]
+pub struct StageHandle {
+    /// The address the user gave.
+    pub address: String,
+    pub client: WorkerClient<Channel>,
+    pub device: String,
+    pub layers: Range<usize>,
+}
+
+/// A connected worker whose stage is not loaded yet.
+#[derive(Debug, Clone)]
+pub struct ConnectedWorker {
+    pub address: String,
+    pub client: WorkerClient<Channel>,
+    pub info: v1::WorkerInfo,
+}
+
+/// One sequence's part of a step, as the scheduler sees it.
+#[derive(Debug, Clone)]
+pub struct StepEntry {
+    pub seq_id: u64,
+    pub start_pos: u32,
+    pub tokens: Vec<u32>,
+    pub sampling: v1::SamplingParams,
+    pub top_logprobs: u32,
+}
+
+/// What a step produced: one sampled token per entry, plus timings.
+#[derive(Debug, Clone)]
+pub struct StepResult {
+    pub sampled: Vec<(u64, v1::SampledToken)>,
+    /// Per stage: time the worker reported for the forward.
+    pub stage_forward: Vec<Duration>,
+    /// Per stage: round trip as seen by the coordinator (forward plus hop).
+    pub stage_round_trip: Vec<Duration>,
+}
+
+/// Connects to a worker and asks for its `Info`; an unreachable address is an error naming it.
+pub async fn connect(
+    address: &str,
+    max_message_bytes: usize,
+) -> Result<ConnectedWorker, CoordinatorError> {
+    let url = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    let unreachable = |reason: String| CoordinatorError::WorkerUnreachable {
+        address: address.to_string(),
+        reason,
+    };
+    let endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| unreachable(format!("invalid address {url:?}: {e}")))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true);
+    let channel = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect())
+        .await
+        .map_err(|_| unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
+        .map_err(|e| unreachable(error_chain(&e)))?;
+    let mut client = WorkerClient::new(channel)
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes);
+    let info = tokio::time::timeout(CONNECT_TIMEOUT, client.info(v1::InfoRequest {}))
+        .await
+        .map_err(|_| unreachable(format!("Info got no answer within {CONNECT_TIMEOUT:?}")))?
+        .map_err(|status| unreachable(format!("Info failed: {}", status.message())))?
+        .into_inner();
+    Ok(ConnectedWorker {
+        address: address.to_string(),
+        client,
+        info,
+    })
+}
+
+/// The stages in order.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    stages: Vec<StageHandle>,
+}
+
+impl Pipeline {
+    /// Loads `plan[i]` on `workers[i]`, all at once.
+    pub async fn load(
+        workers: Vec<ConnectedWorker>,
+        plan: &[Range<usize>],
+        fingerprint: &str,
+        hidden_dtype: v1::DType,
+    ) -> Result<Self, CoordinatorError> {
+        let loads = workers
+            .into_iter()
+            .zip(plan)
+            .enumerate()
+            .map(|(i, (w, range))| {
+                let request = v1::LoadStageRequest {
+                    model_fingerprint: fingerprint.to_string(),
+                    layers: Some(v1::LayerRange {
+                        start: range.start as u32,
+                        end: range.end as u32,
+                    }),
+                    output_dtype: hidden_dtype as i32,
+                };
+                async move {
+                    let mut client = w.client.clone();
+                    client
+                        .load_stage(request)
+                        .await
+                        .map_err(|status| CoordinatorError::stage(i, &w.address, status))?;
+                    Ok::<_, CoordinatorError>(StageHandle {
+                        address: w.address,
+                        client,
+                        device: w.info.device,
+                        layers: range.clone(),
+                    })
+                }
+            });
+        Ok(Self {
+            stages: try_join_all(loads).await?,
+        })
+    }
+
+    pub fn stages(&self) -> &[StageHandle] {
+        &self.stages
+    }
+
+    /// Runs `Warmup` on every stage at once; returns each stage's warmup time.
+    pub async fn warmup(&self) -> Result<Vec<Duration>, CoordinatorError> {
+        let calls = self.stages.iter().enumerate().map(|(i, s)| {
+            let mut client = s.client.clone();
+            async move {
+                let r = client
+                    .warmup(v1::WarmupRequest { tokens: 0 })
+                    .await
+                    .map_err(|status| CoordinatorError::stage(i, &s.address, status))?;
+                Ok::<_, CoordinatorError>(Duration::from_nanos(r.into_inner().duration_ns))
+            }
+        });
+        try_join_all(calls).await
+    }
+
+    /// Pushes one micro-batch through every stage in order.
+    pub async fn step(
+        &self,
+        step_id: u64,
+        entries: &[StepEntry],
+    ) -> Result<StepResult, CoordinatorError> {
+        let last = self.stages.len() - 1;
+        let mut stage_forward = Vec::with_capacity(self.stages.len());
+        let mut stage_round_trip = Vec::with_capacity(self.stages.len());
+        let mut inputs: Vec<Option<v1::sequence_input::Input>> = entries
+            .iter()
+            .map(|e| {
+                Some(v1::sequence_input::Input::Tokens(v1::TokenIds {
+                    ids: e.tokens.clone(),
+                }))
+            })
+            .collect();
+        for (i, stage) in self.stages.iter().enumerate() {
+            let sequences = entries
+                .iter()
+                .zip(inputs.iter_mut())
+                .map(|(e, input)| v1::SequenceInput {
+                    seq_id: e.seq_id,
+                    start_pos: e.start_pos,
+                    input: input.take(),
+                    sampling: (i == last).then_some(e.sampling),
+                    top_logprobs: if i == last { e.top_logprobs } else { 0 },
+                })
+                .collect();
+            let started = Instant::now();
+            let response = stage
+                .client
+                .clone()
+                .forward(v1::ForwardRequest { step_id, sequences })
+                .await
+                .map_err(|status| CoordinatorError::stage(i, &stage.address, status))?
+                .into_inner();
+            stage_round_trip.push(started.elapsed());
+            stage_forward.push(Duration::from_nanos(response.forward_ns));
+            if response.outputs.len() != entries.len() {
+                return Err(CoordinatorError::Protocol(format!(
+                    "stage {i} ({}) returned {} outputs for {} sequences",
+                    stage.address,
+                    response.outputs.len(),
+                    entries.len()
+                )));
+            }
+            if i == last {
+                let sampled = response
+                    .outputs
+                    .into_iter()
+                    .zip(entries)
+                    .map(|(o, e)| match o.output {
+                        Some(v1::sequence_output::Output::Sampled(s)) if o.seq_id == e.seq_id => {
+                            Ok((e.seq_id, s))
+                        }
+                        _ => Err(CoordinatorError::Protocol(format!(
+                            "the last stage ({}) returned no token for sequence {}",
+                            stage.address, e.seq_id
+                        ))),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                return Ok(StepResult {
+                    sampled,
+                    stage_forward,
+                    stage_round_trip,
+                });
+            }
+            for ((o, e), input) in response
+                .outputs
+                .into_iter()
+                .zip(entries)
+                .zip(inputs.iter_mut())
+            {
+                match o.output {
+                    Some(v1::sequence_output::Output::Hidden(h)) if o.seq_id == e.seq_id => {
+                        *input = Some(v1::sequence_input::Input::Hidden(h));
+                    }
+                    _ => {
+                        return Err(CoordinatorError::Protocol(format!(
+                            "stage {i} ({}) returned no hidden states for sequence {}",
+                            stage.address, e.seq_id
+                        )))
+                    }
+                }
+            }
+        }
+        unreachable!("a pipeline has at least one stage")
+    }
+
+    /// Frees sequences on every stage. Failures are logged, not returned: a worker that cannot be
+    /// reached has lost the caches anyway.
+    pub async fn release(&self, seq_ids: Vec<u64>) {
+        if seq_ids.is_empty() {
+            return;
+        }
+        let calls = self.stages.iter().map(|s| {
+            let mut client = s.client.clone();
+            let seq_ids = seq_ids.clone();
+            async move {
+                if let Err(status) = client.release(v1::ReleaseRequest { seq_ids }).await {
+                    tracing::warn!(worker = %s.address, error = %status.message(), "release failed");
+                }
+            }
+        });
+        futures::future::join_all(calls).await;
+    }
+
+    /// Active-sequence counts per stage, for `Info`.
+    pub async fn active_sequences(&self) -> Vec<Option<u32>> {
+        let calls = self.stages.iter().map(|s| {
+            let mut client = s.client.clone();
+            async move {
+                client
+                    .info(v1::InfoRequest {})
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner().active_sequences)
+            }
+        });
+        futures::future::join_all(calls).await
+    }
+}
+
+/// A transport error with its causes, which is where the useful part ("connection refused") is.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

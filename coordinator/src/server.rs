@@ -1,0 +1,152 @@
+//! Starting a coordinator: open the model, connect the workers, plan, load, warm up, then serve.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::future::try_join_all;
+use strata_model::{ModelFile, TextTokenizer};
+use strata_proto::v1;
+use strata_proto::v1::coordinator_server::CoordinatorServer;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+
+use crate::pipeline::{self, Pipeline};
+use crate::plan::{self, SplitSpec};
+use crate::scheduler::{self, SchedulerLimits};
+use crate::service::{CoordinatorService, RequestLimits};
+use crate::CoordinatorError;
+
+/// Everything a coordinator needs to start.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// The model on this host (for the tokenizer and to check the workers' fingerprints).
+    pub model: PathBuf,
+    /// Worker addresses, in pipeline order.
+    pub workers: Vec<String>,
+    pub split: SplitSpec,
+    /// Warm every stage before serving.
+    pub warmup: bool,
+    pub scheduler: SchedulerLimits,
+    pub requests: RequestLimits,
+    /// Largest gRPC message to and from workers, in bytes.
+    pub max_message_bytes: usize,
+}
+
+/// A coordinator whose pipeline is loaded and whose scheduler runs; ready to serve.
+pub struct Coordinator {
+    service: CoordinatorService,
+}
+
+impl Coordinator {
+    /// Connects, plans, loads and (optionally) warms the pipeline.
+    pub async fn start(config: CoordinatorConfig) -> Result<Self, CoordinatorError> {
+        let model = ModelFile::open(&config.model)?;
+        let tokenizer = Arc::new(TextTokenizer::load(&model)?);
+        let workers = try_join_all(
+            config
+                .workers
+                .iter()
+                .map(|address| pipeline::connect(address, config.max_message_bytes)),
+        )
+        .await?;
+        for w in &workers {
+            let theirs = w
+                .info
+                .model
+                .as_ref()
+                .map(|m| m.fingerprint.clone())
+                .unwrap_or_default();
+            if theirs != model.fingerprint {
+                return Err(CoordinatorError::ModelMismatch {
+                    address: w.address.clone(),
+                    theirs,
+                    ours: model.fingerprint.clone(),
+                    path: model.path.display().to_string(),
+                });
+            }
+        }
+        let plan = plan::plan(&config.split, model.config.num_layers, workers.len())?;
+        for (w, range) in workers.iter().zip(&plan) {
+            tracing::info!(worker = %w.address, device = %w.info.device, layers = ?range, "plan");
+        }
+        let started = Instant::now();
+        let pipeline =
+            Pipeline::load(workers, &plan, &model.fingerprint, v1::DType::DtypeF32).await?;
+        tracing::info!(ms = started.elapsed().as_millis() as u64, "stages loaded");
+        if config.warmup {
+            let times = pipeline.warmup().await?;
+            tracing::info!(ms = ?times.iter().map(|t| t.as_millis()).collect::<Vec<_>>(), "stages warmed up");
+        }
+        let scheduler = scheduler::spawn(
+            pipeline.clone(),
+            tokenizer.clone(),
+            config.scheduler,
+            model.config.context_length,
+        );
+        Ok(Self {
+            service: CoordinatorService {
+                scheduler,
+                tokenizer,
+                model,
+                pipeline,
+                limits: config.requests,
+            },
+        })
+    }
+
+    /// The plan: each stage's worker and layers.
+    pub fn stages(&self) -> &[pipeline::StageHandle] {
+        self.service.pipeline.stages()
+    }
+
+    /// Serves the coordinator service on `listener` until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), CoordinatorError> {
+        tracing::info!(
+            address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            "coordinator listening"
+        );
+        tonic::transport::Server::builder()
+            .add_service(CoordinatorServer::new(self.service))
+            // Token-at-a-time traffic is latency-bound: without TCP_NODELAY, Nagle's algorithm and
+            // delayed ACKs add ~40 ms to every hop.
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                shutdown,
+            )
+            .await
+            .map_err(|e| CoordinatorError::Protocol(format!("server failed: {e}")))
+    }
+}
+
+/// Starts a coordinator and serves it on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    config: CoordinatorConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CoordinatorError> {
+    Coordinator::start(config)
+        .await?
+        .serve(listener, shutdown)
+        .await
+}
+
+/// The wire description of a model.
+pub fn model_info(model: &ModelFile) -> v1::ModelInfo {
+    let c = &model.config;
+    v1::ModelInfo {
+        fingerprint: model.fingerprint.clone(),
+        name: model.name.clone(),
+        architecture: "llama".into(),
+        format: model.format.as_str().into(),
+        num_layers: c.num_layers as u32,
+        hidden_size: c.hidden_size as u32,
+        vocab_size: c.vocab_size as u32,
+        context_length: c.context_length as u32,
+    }
+}

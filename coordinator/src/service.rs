@@ -1,0 +1,212 @@
+//! The gRPC boundary of the coordinator: requests are validated and tokenized here, then handed to
+//! the scheduler as domain types.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use strata_model::{ModelFile, TextTokenizer};
+use strata_proto::v1;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::pipeline::Pipeline;
+use crate::scheduler::{GenerationRequest, SchedulerHandle};
+use crate::CoordinatorError;
+
+/// Limits on what one request may ask for.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    /// Used when a request says 0.
+    pub default_max_tokens: usize,
+    /// The most new tokens one request may ask for.
+    pub max_new_tokens: usize,
+    /// The longest prompt accepted, in bytes, before tokenizing.
+    pub max_prompt_bytes: usize,
+    pub max_stop_strings: usize,
+    pub max_stop_bytes: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            default_max_tokens: 256,
+            max_new_tokens: 8192,
+            max_prompt_bytes: 1 << 20,
+            max_stop_strings: 16,
+            max_stop_bytes: 256,
+        }
+    }
+}
+
+/// The `strata.v1.Coordinator` service.
+pub struct CoordinatorService {
+    pub(crate) scheduler: SchedulerHandle,
+    pub(crate) tokenizer: Arc<TextTokenizer>,
+    pub(crate) model: ModelFile,
+    pub(crate) pipeline: Pipeline,
+    pub(crate) limits: RequestLimits,
+}
+
+fn invalid(message: String) -> Status {
+    CoordinatorError::InvalidRequest(message).into()
+}
+
+impl CoordinatorService {
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>, Status> {
+        if text.len() > self.limits.max_prompt_bytes {
+            return Err(invalid(format!(
+                "prompt of {} bytes is over the limit of {}",
+                text.len(),
+                self.limits.max_prompt_bytes
+            )));
+        }
+        self.tokenizer
+            .encode(text)
+            .map_err(|e| Status::internal(format!("tokenizer: {e}")))
+    }
+
+    fn validate(&self, r: v1::GenerateRequest) -> Result<GenerationRequest, Status> {
+        let prompt_ids = self.tokenize(&r.prompt)?;
+        if prompt_ids.is_empty() {
+            return Err(invalid(
+                "the prompt is empty: give at least one token of text".into(),
+            ));
+        }
+        let context = self.model.config.context_length;
+        if prompt_ids.len() >= context {
+            return Err(invalid(format!(
+                "the prompt is {} tokens; the model's context length is {context}, leaving no room to generate",
+                prompt_ids.len()
+            )));
+        }
+        let max_tokens = match r.max_tokens as usize {
+            0 => self.limits.default_max_tokens,
+            n if n > self.limits.max_new_tokens => {
+                return Err(invalid(format!(
+                    "max_tokens {n} is over the limit of {}",
+                    self.limits.max_new_tokens
+                )))
+            }
+            n => n,
+        };
+        let sampling = r.sampling.unwrap_or(v1::SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        });
+        if !sampling.temperature.is_finite() || sampling.temperature < 0.0 {
+            return Err(invalid(format!(
+                "temperature {} must be a finite number ≥ 0",
+                sampling.temperature
+            )));
+        }
+        if !sampling.top_p.is_finite() || !(0.0..=1.0).contains(&sampling.top_p) {
+            return Err(invalid(format!(
+                "top_p {} must be in [0, 1]",
+                sampling.top_p
+            )));
+        }
+        if r.top_logprobs > 20 {
+            return Err(invalid(format!(
+                "top_logprobs {} is over the limit of 20",
+                r.top_logprobs
+            )));
+        }
+        if r.stop.len() > self.limits.max_stop_strings {
+            return Err(invalid(format!(
+                "{} stop strings; at most {} are allowed",
+                r.stop.len(),
+                self.limits.max_stop_strings
+            )));
+        }
+        if let Some(long) = r.stop.iter().find(|s| s.len() > self.limits.max_stop_bytes) {
+            return Err(invalid(format!(
+                "a stop string of {} bytes is over the limit of {}",
+                long.len(),
+                self.limits.max_stop_bytes
+            )));
+        }
+        Ok(GenerationRequest {
+            prompt_ids,
+            max_tokens,
+            sampling,
+            stop: r.stop,
+            top_logprobs: r.top_logprobs,
+            ignore_eos: r.ignore_eos,
+        })
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<v1::GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl v1::coordinator_server::Coordinator for CoordinatorService {
+    type GenerateStream = EventStream;
+
+    async fn generate(
+        &self,
+        request: Request<v1::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let request = self.validate(request.into_inner())?;
+        let (events, stream) = mpsc::unbounded_channel();
+        self.scheduler.submit(request, events).await?;
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
+            stream,
+        ))))
+    }
+
+    async fn tokenize(
+        &self,
+        request: Request<v1::TokenizeRequest>,
+    ) -> Result<Response<v1::TokenizeResponse>, Status> {
+        let ids = self.tokenize(&request.into_inner().text)?;
+        Ok(Response::new(v1::TokenizeResponse { ids }))
+    }
+
+    async fn info(
+        &self,
+        _: Request<v1::CoordinatorInfoRequest>,
+    ) -> Result<Response<v1::CoordinatorInfo>, Status> {
+        let stats = self.scheduler.stats().await?;
+        let active = self.pipeline.active_sequences().await;
+        let stages = self
+            .pipeline
+            .stages()
+            .iter()
+            .zip(active)
+            .map(|(s, active)| v1::StageInfo {
+                worker: s.address.clone(),
+                device: s.device.clone(),
+                layers: Some(v1::LayerRange {
+                    start: s.layers.start as u32,
+                    end: s.layers.end as u32,
+                }),
+                active_sequences: active.unwrap_or(0),
+            })
+            .collect();
+        Ok(Response::new(v1::CoordinatorInfo {
+            model: Some(crate::server::model_info(&self.model)),
+            stages,
+            active_sequences: stats.active as u32,
+            queued_requests: stats.queued as u32,
+        }))
+    }
+
+    async fn health(
+        &self,
+        _: Request<v1::HealthRequest>,
+    ) -> Result<Response<v1::HealthResponse>, Status> {
+        self.scheduler.stats().await?;
+        Ok(Response::new(v1::HealthResponse {
+            status: v1::health_response::Status::Serving as i32,
+            message: format!(
+                "serving {} over {} stages",
+                self.model.name,
+                self.pipeline.stages().len()
+            ),
+        }))
+    }
+}

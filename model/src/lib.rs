@@ -1,0 +1,20 @@
+//! What both ends of strata need to know about a model file, and nothing about running it.
+//!
+//! - [`file`]: opens a GGUF file or a Hugging Face safetensors directory and reads its [`LlamaConfig`]
+//!   and fingerprint (the model identity every worker must agree on).
+//! - [`config`]: the shape of a Llama-family model, read from GGUF metadata or `config.json`.
+//! - [`tokenizer`]: the text tokenizer, built from GGUF metadata or `tokenizer.json`, plus the model's
+//!   end-of-generation tokens.
+//!
+//! Workers use the config and fingerprint to load their layers; the coordinator uses the config, the
+//! fingerprint and the tokenizer. The tensor math lives in `strata-worker` alone.
+
+pub mod config;
+pub mod error;
+pub mod file;
+pub mod tokenizer;
+
+pub use config::LlamaConfig;
+pub use error::ModelError;
+pub use file::{ModelFile, ModelFormat};
+pub use tokenizer::TextTokenizer;

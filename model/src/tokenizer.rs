@@ -1,0 +1,302 @@
+//! The text tokenizer of a model and its end-of-generation tokens.
+//!
+//! For GGUF files the tokenizer is rebuilt from the file's own metadata the way llama.cpp reads it
+//! (`tokenizer.ggml.*`): byte-level BPE with the merges in the file, the pre-tokenizer named by
+//! `tokenizer.ggml.pre`, control tokens as special tokens, and a BOS only if `add_bos_token` says so.
+//! For Hugging Face directories `tokenizer.json` is used as it is.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+use crate::{ModelError, ModelFile, ModelFormat};
+
+/// Texts of tokens that end a turn in the chat formats of common models. llama.cpp treats a control
+/// token with one of these texts as end-of-generation even if the file names another EOS
+/// (`llama-vocab.cpp`, "special_eog_ids"); strata does the same so both stop at the same place.
+const END_OF_GENERATION_TEXTS: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "<｜end▁of▁sentence｜>",
+];
+
+/// The Llama 3 pre-tokenizer split (llama.cpp `LLAMA_VOCAB_PRE_TYPE_LLAMA3`).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A model's tokenizer: text to ids and back, plus which ids end generation.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    /// Prepended by `encode` (GGUF files with `add_bos_token`); HF tokenizers add their own.
+    bos_to_prepend: Option<u32>,
+    /// Whether `encode` asks the HF post-processor to add special tokens.
+    post_process: bool,
+    end_of_generation: BTreeSet<u32>,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("vocab_size", &self.inner.get_vocab_size(true))
+            .field("end_of_generation", &self.end_of_generation)
+            .finish()
+    }
+}
+
+impl TextTokenizer {
+    /// Loads the tokenizer of a model file.
+    pub fn load(model: &ModelFile) -> Result<Self, ModelError> {
+        match model.format {
+            ModelFormat::Gguf => Self::from_gguf(&model.path, &model.gguf_content()?),
+            ModelFormat::Safetensors => Self::from_hf_dir(&model.path),
+        }
+    }
+
+    /// Encodes text as a prompt.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let encoding = self
+            .inner
+            .encode(text, self.post_process)
+            .map_err(|e| tokenizer_error(Path::new("<text>"), e))?;
+        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        ids.extend(self.bos_to_prepend);
+        ids.extend_from_slice(encoding.get_ids());
+        Ok(ids)
+    }
+
+    /// Decodes ids to text, special tokens included.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| tokenizer_error(Path::new("<ids>"), e))
+    }
+
+    /// Whether the model ends its output with this token.
+    pub fn is_end_of_generation(&self, id: u32) -> bool {
+        self.end_of_generation.contains(&id)
+    }
+
+    /// The ids that end generation, ascending.
+    pub fn end_of_generation_ids(&self) -> Vec<u32> {
+        self.end_of_generation.iter().copied().collect()
+    }
+
+    /// The number of ids the tokenizer knows, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Builds the tokenizer from GGUF metadata, as llama.cpp does.
+    pub fn from_gguf(path: &Path, content: &Content) -> Result<Self, ModelError> {
+        let md = &content.metadata;
+        let string = |key: &str| md.get(key).and_then(|v| v.to_string().ok()).cloned();
+        let kind = string("tokenizer.ggml.model")
+            .ok_or_else(|| ModelError::invalid(path, "missing tokenizer.ggml.model"))?;
+        if kind != "gpt2" {
+            return Err(ModelError::unsupported(
+                path,
+                format!(
+                    "tokenizer.ggml.model {kind:?}: strata builds byte-level BPE (\"gpt2\") tokenizers \
+                     from GGUF; for SentencePiece models use the Hugging Face directory (tokenizer.json)"
+                ),
+            ));
+        }
+        let tokens = string_array(md, "tokenizer.ggml.tokens")
+            .ok_or_else(|| ModelError::invalid(path, "missing tokenizer.ggml.tokens"))?;
+        let merges = string_array(md, "tokenizer.ggml.merges")
+            .ok_or_else(|| ModelError::invalid(path, "missing tokenizer.ggml.merges"))?;
+        let types: Vec<i64> = match md.get("tokenizer.ggml.token_type") {
+            Some(Value::Array(values)) => values.iter().map(value_i64).collect(),
+            _ => vec![1; tokens.len()],
+        };
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(id, t)| ((*t).clone(), id as u32))
+            .collect();
+        let merges = merges
+            .iter()
+            .map(|m| {
+                // llama.cpp splits at the first space after the first byte: tokens never hold a space
+                // (byte-level BPE maps it to 'Ġ') but a merge's first part could start with one.
+                let at = m
+                    .char_indices()
+                    .skip(1)
+                    .find(|(_, c)| *c == ' ')
+                    .map(|(i, _)| i);
+                match at {
+                    Some(i) => Ok((m[..i].to_string(), m[i + 1..].to_string())),
+                    None => Err(ModelError::invalid(
+                        path,
+                        format!("merge {m:?} has no space"),
+                    )),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| tokenizer_error(path, e))?;
+        let mut inner = Tokenizer::new(bpe);
+        let pre = string("tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
+        inner.with_pre_tokenizer(Some(pre_tokenizer(path, &pre)?));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+
+        // Control (3) and user-defined (4) tokens are matched whole in the text, like llama.cpp with
+        // special-token parsing on; control tokens are "special".
+        let added: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, t)| **t == 3 || **t == 4)
+            .map(|(text, t)| AddedToken::from((*text).clone(), *t == 3))
+            .collect();
+        inner.add_special_tokens(&added);
+
+        let id_of = |key: &str| {
+            md.get(key)
+                .map(value_i64)
+                .and_then(|v| u32::try_from(v).ok())
+        };
+        let add_bos = md
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
+        let bos = id_of("tokenizer.ggml.bos_token_id");
+        let mut end_of_generation: BTreeSet<u32> = [
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+        ]
+        .iter()
+        .filter_map(|k| id_of(k))
+        .collect();
+        for (id, (text, t)) in tokens.iter().zip(&types).enumerate() {
+            if (*t == 3 || *t == 4) && END_OF_GENERATION_TEXTS.contains(&text.as_str()) {
+                end_of_generation.insert(id as u32);
+            }
+        }
+        Ok(Self {
+            inner,
+            bos_to_prepend: if add_bos { bos } else { None },
+            post_process: false,
+            end_of_generation,
+        })
+    }
+
+    /// Loads `tokenizer.json` from a Hugging Face directory; end-of-generation ids come from
+    /// `config.json` and `generation_config.json`.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self, ModelError> {
+        let file = dir.join("tokenizer.json");
+        let inner = Tokenizer::from_file(&file).map_err(|e| tokenizer_error(&file, e))?;
+        let mut end_of_generation = BTreeSet::new();
+        for name in ["config.json", "generation_config.json"] {
+            let Ok(text) = std::fs::read_to_string(dir.join(name)) else {
+                continue;
+            };
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| ModelError::invalid(&dir.join(name), e.to_string()))?;
+            match &json["eos_token_id"] {
+                serde_json::Value::Number(n) => {
+                    end_of_generation.extend(n.as_u64().map(|v| v as u32))
+                }
+                serde_json::Value::Array(list) => end_of_generation
+                    .extend(list.iter().filter_map(|v| v.as_u64()).map(|v| v as u32)),
+                _ => {}
+            }
+        }
+        for text in END_OF_GENERATION_TEXTS {
+            if let Some(id) = inner
+                .get_added_vocabulary()
+                .token_to_id(text, inner.get_model())
+            {
+                end_of_generation.insert(id);
+            }
+        }
+        Ok(Self {
+            inner,
+            bos_to_prepend: None,
+            post_process: true,
+            end_of_generation,
+        })
+    }
+
+    /// The wrapped Hugging Face tokenizer.
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+}
+
+fn pre_tokenizer(path: &Path, pre: &str) -> Result<PreTokenizerWrapper, ModelError> {
+    let byte_level = ByteLevel::new(false, false, true);
+    let wrapper: PreTokenizerWrapper = match pre {
+        // GPT-2's split (ByteLevel's own regex).
+        "default" | "gpt2" | "gpt-2" | "phi-2" => byte_level.into(),
+        // Digits one by one, then GPT-2's split (llama.cpp `LLAMA_VOCAB_PRE_TYPE_SMOLLM` and kin).
+        "smollm" | "starcoder" | "refact" | "codeshell" | "command-r" | "exaone" | "minerva" => {
+            Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+        }
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => {
+            let split = Split::new(
+                SplitPattern::Regex(LLAMA3_SPLIT.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| tokenizer_error(path, e))?;
+            Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, false, false).into(),
+            ])
+            .into()
+        }
+        other => {
+            return Err(ModelError::unsupported(
+                path,
+                format!("tokenizer.ggml.pre {other:?} is not implemented"),
+            ))
+        }
+    };
+    Ok(wrapper)
+}
+
+fn string_array<'a>(md: &'a HashMap<String, Value>, key: &str) -> Option<Vec<&'a String>> {
+    match md.get(key)? {
+        Value::Array(values) => values.iter().map(|v| v.to_string().ok()).collect(),
+        _ => None,
+    }
+}
+
+fn value_i64(v: &Value) -> i64 {
+    match v {
+        Value::U8(x) => *x as i64,
+        Value::I8(x) => *x as i64,
+        Value::U16(x) => *x as i64,
+        Value::I16(x) => *x as i64,
+        Value::U32(x) => *x as i64,
+        Value::I32(x) => *x as i64,
+        Value::U64(x) => *x as i64,
+        Value::I64(x) => *x,
+        _ => -1,
+    }
+}
+
+fn tokenizer_error(path: &Path, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Tokenizer {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}

@@ -1,0 +1,539 @@
+//! The compute thread: one OS thread per worker owns the device, the stage and every sequence's cache.
+//!
+//! Tokio's threads only do I/O. Each request becomes a [`Job`] sent over a channel to this thread,
+//! which answers on a oneshot channel. Owning all state on one thread means no locks around the
+//! caches, and a request is validated against the exact state it will run on.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+use std::panic::AssertUnwindSafe;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use strata_model::ModelFile;
+use tokio::sync::oneshot;
+
+use crate::model::kv_cache::SequenceKv;
+use crate::model::sampling::{sample, Sampled, SamplingParams};
+use crate::model::{Segment, Stage, StageInput, StageOptions};
+use crate::WorkerError;
+
+/// The most top log-probabilities a request may ask for.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Limits that protect the worker from requests that are valid but too big.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineLimits {
+    /// Sequences that may hold a cache at once.
+    pub max_sequences: usize,
+    /// Rows (new positions over all sequences) in one Forward.
+    pub max_batch_rows: usize,
+}
+
+impl Default for EngineLimits {
+    fn default() -> Self {
+        Self {
+            max_sequences: 256,
+            max_batch_rows: 16_384,
+        }
+    }
+}
+
+/// What a sequence brings to a step.
+#[derive(Debug)]
+pub enum StepInput {
+    Tokens(Vec<u32>),
+    /// Hidden states `[n, hidden]` decoded from the wire, on the CPU.
+    Hidden(Tensor),
+}
+
+impl StepInput {
+    fn len(&self) -> usize {
+        match self {
+            Self::Tokens(ids) => ids.len(),
+            Self::Hidden(t) => t.dims().first().copied().unwrap_or(0),
+        }
+    }
+}
+
+/// One sequence's part of a micro-batch.
+#[derive(Debug)]
+pub struct SequenceStep {
+    pub seq_id: u64,
+    pub start_pos: usize,
+    pub input: StepInput,
+    /// Required on the last stage.
+    pub sampling: Option<SamplingParams>,
+    pub top_logprobs: usize,
+}
+
+/// What a stage produced for one sequence.
+#[derive(Debug)]
+pub enum StepOutput {
+    /// Hidden states `[n, hidden]` in the stage's output dtype, on the CPU.
+    Hidden(Tensor),
+    Sampled(Sampled),
+}
+
+/// The result of a Forward.
+#[derive(Debug)]
+pub struct ForwardResult {
+    /// One output per input, in order.
+    pub outputs: Vec<(u64, StepOutput)>,
+    pub forward_time: Duration,
+}
+
+/// What a LoadStage did.
+#[derive(Debug, Clone)]
+pub struct LoadReport {
+    pub layers: Range<usize>,
+    pub has_embedding: bool,
+    pub has_head: bool,
+    pub load_time: Duration,
+    pub weight_bytes: usize,
+}
+
+/// The engine's state, for `Info`.
+#[derive(Debug, Clone, Default)]
+pub struct EngineStats {
+    pub loaded: Option<Range<usize>>,
+    pub active_sequences: usize,
+    pub cached_positions: usize,
+    pub cache_bytes: usize,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, WorkerError>>;
+
+enum Job {
+    Load {
+        layers: Range<usize>,
+        output_dtype: Option<DType>,
+        reply: Reply<LoadReport>,
+    },
+    Forward {
+        steps: Vec<SequenceStep>,
+        reply: Reply<ForwardResult>,
+    },
+    Release {
+        seq_ids: Vec<u64>,
+        reply: Reply<usize>,
+    },
+    Warmup {
+        tokens: usize,
+        reply: Reply<Duration>,
+    },
+    Stats {
+        reply: Reply<EngineStats>,
+    },
+}
+
+/// A handle to the compute thread. Cheap to clone; the thread ends when every handle is dropped.
+#[derive(Clone)]
+pub struct Engine {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Engine {
+    /// Starts the compute thread for `model` on `device`.
+    pub fn start(
+        model: ModelFile,
+        device: Device,
+        options: StageOptions,
+        limits: EngineLimits,
+    ) -> Result<Self, WorkerError> {
+        let (jobs, queue) = mpsc::channel();
+        let name = format!("strata-compute-{}", crate::device::name(&device));
+        let mut state = State {
+            model,
+            device,
+            options,
+            limits,
+            stage: None,
+            output_dtype: DType::F32,
+            sequences: HashMap::new(),
+        };
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                while let Ok(job) = queue.recv() {
+                    state.run(job);
+                }
+            })
+            .map_err(|e| WorkerError::Internal(format!("cannot start compute thread: {e}")))?;
+        Ok(Self { jobs })
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T, WorkerError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(make(reply))
+            .map_err(|_| WorkerError::ComputeThreadGone)?;
+        answer.await.map_err(|_| WorkerError::ComputeThreadGone)?
+    }
+
+    /// Loads a layer range, dropping any previous stage and all its sequences.
+    pub async fn load(
+        &self,
+        layers: Range<usize>,
+        output_dtype: Option<DType>,
+    ) -> Result<LoadReport, WorkerError> {
+        self.call(|reply| Job::Load {
+            layers,
+            output_dtype,
+            reply,
+        })
+        .await
+    }
+
+    /// Runs a micro-batch.
+    pub async fn forward(&self, steps: Vec<SequenceStep>) -> Result<ForwardResult, WorkerError> {
+        self.call(|reply| Job::Forward { steps, reply }).await
+    }
+
+    /// Frees sequences; returns how many existed.
+    pub async fn release(&self, seq_ids: Vec<u64>) -> Result<usize, WorkerError> {
+        self.call(|reply| Job::Release { seq_ids, reply }).await
+    }
+
+    /// Runs a throwaway pass of `tokens` prompt positions plus a few decode steps.
+    pub async fn warmup(&self, tokens: usize) -> Result<Duration, WorkerError> {
+        self.call(|reply| Job::Warmup { tokens, reply }).await
+    }
+
+    pub async fn stats(&self) -> Result<EngineStats, WorkerError> {
+        self.call(|reply| Job::Stats { reply }).await
+    }
+}
+
+/// Everything the compute thread owns.
+struct State {
+    model: ModelFile,
+    device: Device,
+    options: StageOptions,
+    limits: EngineLimits,
+    stage: Option<Stage>,
+    output_dtype: DType,
+    sequences: HashMap<u64, SequenceKv>,
+}
+
+impl State {
+    fn run(&mut self, job: Job) {
+        // A panic in tensor code must not take the worker down: the request fails, the thread lives.
+        macro_rules! guarded {
+            ($reply:expr, $body:expr) => {{
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| $body))
+                    .unwrap_or_else(|panic| Err(WorkerError::Internal(panic_message(panic))));
+                let _ = $reply.send(result);
+            }};
+        }
+        match job {
+            Job::Load {
+                layers,
+                output_dtype,
+                reply,
+            } => guarded!(reply, self.load(layers, output_dtype)),
+            Job::Forward { steps, reply } => guarded!(reply, self.forward(steps)),
+            Job::Release { seq_ids, reply } => {
+                let released = seq_ids
+                    .iter()
+                    .filter(|id| self.sequences.remove(id).is_some())
+                    .count();
+                let _ = reply.send(Ok(released));
+            }
+            Job::Warmup { tokens, reply } => guarded!(reply, self.warmup(tokens)),
+            Job::Stats { reply } => {
+                let _ = reply.send(Ok(self.stats()));
+            }
+        }
+    }
+
+    fn stats(&self) -> EngineStats {
+        EngineStats {
+            loaded: self.stage.as_ref().map(Stage::layers),
+            active_sequences: self.sequences.len(),
+            cached_positions: self.sequences.values().map(SequenceKv::len).sum(),
+            cache_bytes: self.sequences.values().map(SequenceKv::bytes).sum(),
+        }
+    }
+
+    fn load(
+        &mut self,
+        layers: Range<usize>,
+        output_dtype: Option<DType>,
+    ) -> Result<LoadReport, WorkerError> {
+        let started = Instant::now();
+        self.stage = None;
+        self.sequences.clear();
+        let dtype = DType::F32;
+        let stage = Stage::load(&self.model, layers, &self.device, dtype, self.options)?;
+        self.output_dtype = output_dtype.unwrap_or(dtype);
+        let report = LoadReport {
+            layers: stage.layers(),
+            has_embedding: stage.is_first(),
+            has_head: stage.is_last(),
+            load_time: started.elapsed(),
+            weight_bytes: stage.weight_bytes(),
+        };
+        self.stage = Some(stage);
+        Ok(report)
+    }
+
+    fn forward(&mut self, steps: Vec<SequenceStep>) -> Result<ForwardResult, WorkerError> {
+        let started = Instant::now();
+        let stage = self.stage.as_mut().ok_or_else(|| {
+            WorkerError::FailedPrecondition("no stage loaded: call LoadStage first".into())
+        })?;
+        validate(&steps, stage, &self.sequences, &self.limits)?;
+
+        let mut segments = Vec::with_capacity(steps.len());
+        let mut offset = 0;
+        for step in &steps {
+            let len = step.input.len();
+            segments.push(Segment {
+                offset,
+                len,
+                start_pos: step.start_pos,
+            });
+            offset += len;
+        }
+        let input = if stage.is_first() {
+            StageInput::Tokens(
+                steps
+                    .iter()
+                    .flat_map(|s| match &s.input {
+                        StepInput::Tokens(ids) => ids.clone(),
+                        StepInput::Hidden(_) => Vec::new(),
+                    })
+                    .collect(),
+            )
+        } else {
+            let parts = steps
+                .iter()
+                .filter_map(|s| match &s.input {
+                    StepInput::Hidden(t) => Some(
+                        t.to_device(stage.device())
+                            .and_then(|t| t.to_dtype(stage.dtype())),
+                    ),
+                    StepInput::Tokens(_) => None,
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            StageInput::Hidden(Tensor::cat(&parts, 0)?)
+        };
+
+        let mut caches = Vec::with_capacity(steps.len());
+        for step in &steps {
+            let cache = match self.sequences.remove(&step.seq_id) {
+                Some(cache) => cache,
+                None => stage.new_cache(step.input.len())?,
+            };
+            caches.push(cache);
+        }
+        let result = stage.forward(input, &segments, &mut caches);
+        let output = match result {
+            Ok(output) => output,
+            Err(e) => {
+                // Undo the half-done step: existing sequences go back as they were, new ones vanish.
+                for (step, mut cache) in steps.iter().zip(caches) {
+                    if step.start_pos > 0 {
+                        cache.truncate(step.start_pos);
+                        self.sequences.insert(step.seq_id, cache);
+                    }
+                }
+                return Err(e.into());
+            }
+        };
+        for (step, cache) in steps.iter().zip(caches) {
+            self.sequences.insert(step.seq_id, cache);
+        }
+
+        let outputs = if stage.is_last() {
+            let logits = output.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+            steps
+                .iter()
+                .zip(logits)
+                .map(|(step, row)| {
+                    let params = step.sampling.unwrap_or(SamplingParams::GREEDY);
+                    let position = (step.start_pos + step.input.len()) as u64;
+                    let sampled = sample(&row, &params, position, step.top_logprobs);
+                    (step.seq_id, StepOutput::Sampled(sampled))
+                })
+                .collect()
+        } else {
+            let output = output
+                .to_dtype(self.output_dtype)?
+                .to_device(&Device::Cpu)?;
+            segments
+                .iter()
+                .zip(&steps)
+                .map(|(seg, step)| {
+                    Ok((
+                        step.seq_id,
+                        StepOutput::Hidden(output.narrow(0, seg.offset, seg.len)?),
+                    ))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?
+        };
+        Ok(ForwardResult {
+            outputs,
+            forward_time: started.elapsed(),
+        })
+    }
+
+    /// A prefill of `tokens` positions and two decode steps on caches that are never stored.
+    fn warmup(&mut self, tokens: usize) -> Result<Duration, WorkerError> {
+        let started = Instant::now();
+        let stage = self.stage.as_mut().ok_or_else(|| {
+            WorkerError::FailedPrecondition("no stage loaded: call LoadStage first".into())
+        })?;
+        let tokens = tokens.clamp(1, stage.config().context_length.saturating_sub(2).max(1));
+        let hidden = stage.config().hidden_size;
+        let mut caches = vec![stage.new_cache(tokens + 2)?];
+        let mut pos = 0;
+        for len in [tokens, 1, 1] {
+            if pos + len > stage.config().context_length {
+                break;
+            }
+            let input = if stage.is_first() {
+                StageInput::Tokens(vec![0; len])
+            } else {
+                StageInput::Hidden(Tensor::zeros((len, hidden), stage.dtype(), stage.device())?)
+            };
+            let segment = Segment {
+                offset: 0,
+                len,
+                start_pos: pos,
+            };
+            let out = stage.forward(input, &[segment], &mut caches)?;
+            // Force the device to finish (CUDA and Metal queue work asynchronously).
+            out.to_device(&Device::Cpu)?;
+            pos += len;
+        }
+        stage.clear_scratch();
+        Ok(started.elapsed())
+    }
+}
+
+/// Checks a whole micro-batch against the stage and the cached sequences before anything changes.
+fn validate(
+    steps: &[SequenceStep],
+    stage: &Stage,
+    sequences: &HashMap<u64, SequenceKv>,
+    limits: &EngineLimits,
+) -> Result<(), WorkerError> {
+    let config = stage.config();
+    if steps.is_empty() {
+        return Err(WorkerError::invalid("Forward with no sequences"));
+    }
+    let mut seen = HashSet::with_capacity(steps.len());
+    let mut rows = 0usize;
+    let mut new_sequences = 0usize;
+    for step in steps {
+        let id = step.seq_id;
+        if !seen.insert(id) {
+            return Err(WorkerError::invalid(format!(
+                "sequence {id} appears twice in one Forward"
+            )));
+        }
+        let len = step.input.len();
+        if len == 0 {
+            return Err(WorkerError::invalid(format!(
+                "sequence {id}: no new positions"
+            )));
+        }
+        rows += len;
+        match sequences.get(&id) {
+            None if step.start_pos > 0 => {
+                return Err(WorkerError::NotFound(format!(
+                    "sequence {id} is not cached on this worker (start_pos {} needs its earlier positions; \
+                     start it with start_pos 0)",
+                    step.start_pos
+                )))
+            }
+            None => new_sequences += 1,
+            Some(cache) if cache.len() != step.start_pos => {
+                return Err(WorkerError::invalid(format!(
+                    "sequence {id}: start_pos {} but {} positions are cached; positions must follow on \
+                     without gaps or rewrites",
+                    step.start_pos,
+                    cache.len()
+                )))
+            }
+            Some(_) => {}
+        }
+        if step.start_pos + len > config.context_length {
+            return Err(WorkerError::invalid(format!(
+                "sequence {id}: positions up to {} exceed the model's context length {}",
+                step.start_pos + len,
+                config.context_length
+            )));
+        }
+        match &step.input {
+            StepInput::Tokens(ids) => {
+                if !stage.is_first() {
+                    return Err(WorkerError::invalid(format!(
+                        "sequence {id}: token ids sent to a stage starting at layer {}; it takes hidden states",
+                        stage.layers().start
+                    )));
+                }
+                if let Some(bad) = ids.iter().find(|&&t| t as usize >= config.vocab_size) {
+                    return Err(WorkerError::invalid(format!(
+                        "sequence {id}: token id {bad} is outside the vocabulary of {}",
+                        config.vocab_size
+                    )));
+                }
+            }
+            StepInput::Hidden(t) => {
+                if stage.is_first() {
+                    return Err(WorkerError::invalid(format!(
+                        "sequence {id}: hidden states sent to the first stage; it takes token ids"
+                    )));
+                }
+                if t.dims() != [len, config.hidden_size] {
+                    return Err(WorkerError::invalid(format!(
+                        "sequence {id}: hidden states of shape {:?}; expected [n_tokens, {}]",
+                        t.dims(),
+                        config.hidden_size
+                    )));
+                }
+            }
+        }
+        if stage.is_last() {
+            if step.sampling.is_none() {
+                return Err(WorkerError::invalid(format!(
+                    "sequence {id}: the last stage needs sampling parameters"
+                )));
+            }
+            if step.top_logprobs > MAX_TOP_LOGPROBS {
+                return Err(WorkerError::invalid(format!(
+                    "sequence {id}: top_logprobs {} is over the limit of {MAX_TOP_LOGPROBS}",
+                    step.top_logprobs
+                )));
+            }
+        }
+    }
+    if rows > limits.max_batch_rows {
+        return Err(WorkerError::ResourceExhausted(format!(
+            "Forward of {rows} positions is over this worker's limit of {}",
+            limits.max_batch_rows
+        )));
+    }
+    if sequences.len() + new_sequences > limits.max_sequences {
+        return Err(WorkerError::ResourceExhausted(format!(
+            "{} new sequences would exceed this worker's limit of {} (holding {})",
+            new_sequences,
+            limits.max_sequences,
+            sequences.len()
+        )));
+    }
+    Ok(())
+}
+
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    format!("compute panicked: {text}")
+}

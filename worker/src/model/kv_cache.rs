@@ -1,0 +1,145 @@
+//! Per-sequence key/value caches that grow by doubling, so a decode step appends in place instead of
+//! copying the whole history (`Tensor::cat` per step would be quadratic in the sequence length).
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Keys and values of one layer for one sequence, `[kv_heads, capacity, head_dim]`.
+#[derive(Debug)]
+pub struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerKv {
+    fn with_capacity(shape: (usize, usize, usize), dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self {
+            k: Tensor::zeros(shape, dtype, device)?,
+            v: Tensor::zeros(shape, dtype, device)?,
+            len: 0,
+        })
+    }
+
+    fn capacity(&self) -> usize {
+        self.k.dims()[1]
+    }
+
+    /// Appends `k, v: [kv_heads, n, head_dim]` (contiguous) and returns views of the whole history.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor, max_len: usize) -> Result<(Tensor, Tensor)> {
+        let n = k.dims()[1];
+        let needed = self.len + n;
+        if needed > self.capacity() {
+            let (heads, _, head_dim) = self.k.dims3()?;
+            let capacity = (self.capacity() * 2).max(needed).min(max_len.max(needed));
+            let mut grown =
+                Self::with_capacity((heads, capacity, head_dim), k.dtype(), k.device())?;
+            if self.len > 0 {
+                grown
+                    .k
+                    .slice_set(&self.k.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                grown
+                    .v
+                    .slice_set(&self.v.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+            }
+            grown.len = self.len;
+            *self = grown;
+        }
+        self.k.slice_set(k, 1, self.len)?;
+        self.v.slice_set(v, 1, self.len)?;
+        self.len = needed;
+        Ok((
+            self.k.narrow(1, 0, self.len)?,
+            self.v.narrow(1, 0, self.len)?,
+        ))
+    }
+}
+
+/// Everything one sequence holds on a stage: a cache per layer and its length.
+#[derive(Debug)]
+pub struct SequenceKv {
+    layers: Vec<LayerKv>,
+    len: usize,
+}
+
+impl SequenceKv {
+    /// Empty caches for `num_layers` layers, with room for `initial` positions.
+    pub fn new(
+        num_layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        initial: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let shape = (kv_heads, initial.max(16), head_dim);
+        let layers = (0..num_layers)
+            .map(|_| LayerKv::with_capacity(shape, dtype, device))
+            .collect::<Result<_>>()?;
+        Ok(Self { layers, len: 0 })
+    }
+
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The cache of the stage's `i`-th layer.
+    pub fn layer(&mut self, i: usize) -> &mut LayerKv {
+        &mut self.layers[i]
+    }
+
+    /// Records that a step of `n` positions went through every layer.
+    pub fn advance(&mut self, n: usize) {
+        self.len += n;
+        debug_assert!(self.layers.iter().all(|l| l.len == self.len));
+    }
+
+    /// Forgets everything after `len` positions: undoes a step that failed half-way.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+        for layer in &mut self.layers {
+            layer.len = layer.len.min(len);
+        }
+    }
+
+    /// Bytes held on the device.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| 2 * l.k.elem_count() * l.k.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_grow_and_keep_history() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut kv = SequenceKv::new(1, 2, 3, 1, DType::F32, &dev)?;
+        let mut all = Vec::new();
+        for step in 0..40u32 {
+            let n = if step == 0 { 5 } else { 1 };
+            let vals: Vec<f32> = (0..2 * n * 3)
+                .map(|i| (step * 100 + i as u32) as f32)
+                .collect();
+            let k = Tensor::from_vec(vals.clone(), (2, n, 3), &dev)?;
+            let (ks, vs) = kv.layer(0).append(&k, &k, 1000)?;
+            kv.advance(n);
+            all.push(k);
+            let want = Tensor::cat(&all, 1)?;
+            assert_eq!(ks.to_vec3::<f32>()?, want.to_vec3::<f32>()?);
+            assert_eq!(vs.dims(), want.dims());
+        }
+        assert_eq!(kv.len(), 44);
+        kv.truncate(10);
+        assert_eq!(kv.len(), 10);
+        Ok(())
+    }
+}

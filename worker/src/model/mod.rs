@@ -1,0 +1,19 @@
+//! The tensor math of a stage: loading a layer range and running micro-batches through it.
+//!
+//! - [`stage`]: the stage itself (embedding, blocks, head) and its forward pass.
+//! - [`layer`]: one transformer block on a ragged micro-batch.
+//! - [`kv_cache`], [`rope`], [`mask`]: per-sequence caches and per-stage tables.
+//! - [`weights`], [`linear`]: reading tensors from GGUF or safetensors; quantized or dense projections.
+//! - [`sampling`]: choosing the next token from logits on the last stage.
+
+pub mod kv_cache;
+pub mod layer;
+pub mod linear;
+pub mod mask;
+pub mod rope;
+pub mod sampling;
+pub mod stage;
+pub mod weights;
+
+pub use layer::Segment;
+pub use stage::{Stage, StageInput, StageOptions};

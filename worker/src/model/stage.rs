@@ -1,0 +1,222 @@
+//! A stage: a contiguous range of layers on one device, plus the embedding if it is the first stage and
+//! the final norm and output head if it is the last.
+
+use std::ops::Range;
+
+use candle_core::{DType, Device, Result, Tensor};
+use strata_model::{LlamaConfig, ModelFile};
+
+use super::kv_cache::SequenceKv;
+use super::layer::{Layer, Segment, StepContext};
+use super::linear::Linear;
+use super::mask::MaskCache;
+use super::rope::RopeTable;
+use super::weights::{Role, WeightLoader};
+use crate::WorkerError;
+
+/// Switches for the per-stage optimizations, on by default; turning one off exists only to measure it.
+#[derive(Debug, Clone, Copy)]
+pub struct StageOptions {
+    /// Slice RoPE cos/sin from a table computed at load time instead of computing them per step.
+    pub reuse_rope: bool,
+    /// Keep causal masks per `(q_len, kv_len)` instead of building one per step and layer.
+    pub reuse_masks: bool,
+}
+
+impl Default for StageOptions {
+    fn default() -> Self {
+        Self {
+            reuse_rope: true,
+            reuse_masks: true,
+        }
+    }
+}
+
+/// What enters a stage.
+#[derive(Debug)]
+pub enum StageInput {
+    /// Token ids of every row of the micro-batch (first stage).
+    Tokens(Vec<u32>),
+    /// Hidden states `[rows, hidden]` on the stage's device, in its dtype (later stages).
+    Hidden(Tensor),
+}
+
+/// The final norm and output projection.
+#[derive(Debug)]
+struct Head {
+    norm: Tensor,
+    output: Linear,
+}
+
+/// A loaded stage.
+pub struct Stage {
+    config: LlamaConfig,
+    layers: Range<usize>,
+    embedding: Option<Tensor>,
+    blocks: Vec<Layer>,
+    head: Option<Head>,
+    rope: RopeTable,
+    masks: MaskCache,
+    device: Device,
+    dtype: DType,
+    weight_bytes: usize,
+}
+
+impl Stage {
+    /// Loads `layers` of `model` onto `device`; `dtype` is the activation dtype (f32 for GGUF).
+    pub fn load(
+        model: &ModelFile,
+        layers: Range<usize>,
+        device: &Device,
+        dtype: DType,
+        options: StageOptions,
+    ) -> std::result::Result<Self, WorkerError> {
+        let config = model.config.clone();
+        if layers.start >= layers.end || layers.end > config.num_layers {
+            return Err(WorkerError::invalid(format!(
+                "layer range {}..{} is not a non-empty part of 0..{}",
+                layers.start, layers.end, config.num_layers
+            )));
+        }
+        let mut w = WeightLoader::open(model, device, dtype)?;
+        let is_first = layers.start == 0;
+        let is_last = layers.end == config.num_layers;
+        let embedding = if is_first {
+            Some(w.dense(Role::TokenEmbedding)?)
+        } else {
+            None
+        };
+        let blocks = layers
+            .clone()
+            .map(|i| Layer::load(&mut w, i, &config))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let head = if is_last {
+            // A tied head reuses the embedding matrix; GGUF keeps it quantized for the projection.
+            let role = if w.has(Role::Output) {
+                Role::Output
+            } else {
+                Role::TokenEmbedding
+            };
+            Some(Head {
+                norm: w.dense(Role::OutputNorm)?,
+                output: w.linear(role)?,
+            })
+        } else {
+            None
+        };
+        let weight_bytes = blocks.iter().map(Layer::weight_bytes).sum::<usize>()
+            + embedding
+                .as_ref()
+                .map_or(0, |e| e.elem_count() * dtype.size_in_bytes())
+            + head.as_ref().map_or(0, |h| h.output.weight_bytes());
+        Ok(Self {
+            rope: RopeTable::new(&config, dtype, device, options.reuse_rope)?,
+            masks: MaskCache::new(options.reuse_masks),
+            config,
+            layers,
+            embedding,
+            blocks,
+            head,
+            device: device.clone(),
+            dtype,
+            weight_bytes,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn layers(&self) -> Range<usize> {
+        self.layers.clone()
+    }
+
+    pub fn is_first(&self) -> bool {
+        self.embedding.is_some()
+    }
+
+    pub fn is_last(&self) -> bool {
+        self.head.is_some()
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// Empty caches for a new sequence with room for `initial` positions.
+    pub fn new_cache(&self, initial: usize) -> Result<SequenceKv> {
+        SequenceKv::new(
+            self.blocks.len(),
+            self.config.num_kv_heads,
+            self.config.head_dim,
+            initial,
+            self.dtype,
+            &self.device,
+        )
+    }
+
+    /// Runs a micro-batch. `segments[s]` places sequence `s` in the rows of `input`, `caches[s]` is its
+    /// cache. Returns hidden states `[rows, hidden]`, or on the last stage the f32 logits of each
+    /// sequence's last row, `[sequences, vocab]`. The caller validated shapes and positions.
+    pub fn forward(
+        &mut self,
+        input: StageInput,
+        segments: &[Segment],
+        caches: &mut [SequenceKv],
+    ) -> Result<Tensor> {
+        let positions: Vec<u32> = segments
+            .iter()
+            .flat_map(|s| (s.start_pos..s.start_pos + s.len).map(|p| p as u32))
+            .collect();
+        let mut x = match (input, &self.embedding) {
+            (StageInput::Tokens(ids), Some(embedding)) => {
+                let ids = Tensor::from_vec(ids, positions.len(), &self.device)?;
+                embedding.index_select(&ids, 0)?
+            }
+            (StageInput::Hidden(h), None) => h,
+            (StageInput::Tokens(_), None) => candle_core::bail!("token ids sent to a later stage"),
+            (StageInput::Hidden(_), Some(_)) => {
+                candle_core::bail!("hidden states sent to the first stage")
+            }
+        };
+        let (cos, sin) = self.rope.rows(&positions, &self.device)?;
+        let mut ctx = StepContext {
+            segments,
+            cos,
+            sin,
+            rope: &self.rope,
+            masks: &mut self.masks,
+            max_len: self.config.context_length,
+        };
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, i, caches, &mut ctx)?;
+        }
+        for (seg, cache) in segments.iter().zip(caches.iter_mut()) {
+            cache.advance(seg.len);
+        }
+        let Some(head) = &self.head else {
+            return Ok(x);
+        };
+        let last_rows: Vec<u32> = segments
+            .iter()
+            .map(|s| (s.offset + s.len - 1) as u32)
+            .collect();
+        let last_rows = Tensor::from_vec(last_rows, segments.len(), &self.device)?;
+        let x = x.index_select(&last_rows, 0)?;
+        let x = candle_nn::ops::rms_norm(&x, &head.norm, self.config.rms_norm_eps as f32)?;
+        head.output.forward(&x)?.to_dtype(DType::F32)
+    }
+
+    /// Drops cached masks (after a warmup, so it leaves nothing behind).
+    pub fn clear_scratch(&mut self) {
+        self.masks.clear();
+    }
+}

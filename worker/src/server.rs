@@ -1,0 +1,69 @@
+//! Serving a worker: `run(listener, config, shutdown)`.
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use strata_model::ModelFile;
+use strata_proto::v1::worker_server::WorkerServer;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+
+use crate::engine::{Engine, EngineLimits};
+use crate::model::StageOptions;
+use crate::service::{WorkerIdentity, WorkerService};
+use crate::WorkerError;
+
+/// Everything a worker needs to start.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The model file (GGUF) or directory (safetensors) on this host.
+    pub model: PathBuf,
+    /// `cpu`, `cuda:N` or `metal:N`.
+    pub device: String,
+    /// Compute threads of a CPU stage, for `Info` (the thread pool is sized by the process).
+    pub threads: usize,
+    pub options: StageOptions,
+    pub limits: EngineLimits,
+    /// Largest gRPC message accepted or sent, in bytes.
+    pub max_message_bytes: usize,
+}
+
+/// The default message limit: a 4096-token prefill of a 4096-wide f32 model, with room to spare.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 128 << 20;
+
+/// Opens the model and device and serves the worker service on `listener` until `shutdown` resolves.
+/// In-flight requests finish before it returns.
+pub async fn run(
+    listener: TcpListener,
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    let model = ModelFile::open(&config.model)?;
+    let device = crate::device::open(&config.device)?;
+    let identity = WorkerIdentity {
+        device: crate::device::name(&device),
+        model: model.clone(),
+        threads: if device.is_cpu() { config.threads } else { 0 },
+    };
+    tracing::info!(
+        address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        device = %identity.device,
+        model = %model.path.display(),
+        layers = model.config.num_layers,
+        "worker listening"
+    );
+    let engine = Engine::start(model, device, config.options, config.limits)?;
+    let service = WorkerServer::new(WorkerService::new(engine, identity))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+    tonic::transport::Server::builder()
+        .add_service(service)
+        // Token-at-a-time traffic is latency-bound: without TCP_NODELAY, Nagle's algorithm and
+        // delayed ACKs add ~40 ms to every hop.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
+        .await
+        .map_err(|e| WorkerError::Internal(format!("server failed: {e}")))
+}

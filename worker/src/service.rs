@@ -1,0 +1,257 @@
+//! The gRPC boundary of a worker: wire messages in, domain types to the engine, wire messages out.
+
+use std::time::Instant;
+
+use strata_model::ModelFile;
+use strata_proto::v1;
+use tonic::{Request, Response, Status};
+
+use crate::engine::{Engine, SequenceStep, StepInput, StepOutput};
+use crate::model::sampling::SamplingParams;
+use crate::{codec, WorkerError};
+
+/// Static facts about this worker, reported by `Info`.
+#[derive(Debug, Clone)]
+pub struct WorkerIdentity {
+    pub device: String,
+    pub model: ModelFile,
+    pub threads: usize,
+}
+
+/// The `strata.v1.Worker` service.
+pub struct WorkerService {
+    engine: Engine,
+    identity: WorkerIdentity,
+    system: std::sync::Mutex<sysinfo::System>,
+}
+
+impl WorkerService {
+    pub fn new(engine: Engine, identity: WorkerIdentity) -> Self {
+        Self {
+            engine,
+            identity,
+            system: std::sync::Mutex::new(sysinfo::System::new()),
+        }
+    }
+
+    fn memory(&self) -> (u64, u64) {
+        let mut system = self.system.lock().unwrap_or_else(|e| e.into_inner());
+        system.refresh_memory();
+        (system.total_memory(), system.available_memory())
+    }
+}
+
+/// The model description shared by `WorkerInfo` and `CoordinatorInfo`.
+pub fn model_info(model: &ModelFile) -> v1::ModelInfo {
+    let c = &model.config;
+    v1::ModelInfo {
+        fingerprint: model.fingerprint.clone(),
+        name: model.name.clone(),
+        architecture: "llama".into(),
+        format: model.format.as_str().into(),
+        num_layers: c.num_layers as u32,
+        hidden_size: c.hidden_size as u32,
+        vocab_size: c.vocab_size as u32,
+        context_length: c.context_length as u32,
+    }
+}
+
+fn step_from_wire(s: v1::SequenceInput) -> Result<SequenceStep, WorkerError> {
+    let input = match s.input {
+        Some(v1::sequence_input::Input::Tokens(t)) => StepInput::Tokens(t.ids),
+        Some(v1::sequence_input::Input::Hidden(h)) => StepInput::Hidden(codec::decode(&h)?),
+        None => {
+            return Err(WorkerError::invalid(format!(
+                "sequence {}: neither token ids nor hidden states",
+                s.seq_id
+            )))
+        }
+    };
+    let sampling = s
+        .sampling
+        .map(|p| {
+            if !p.temperature.is_finite() || p.temperature < 0.0 {
+                return Err(WorkerError::invalid(format!(
+                    "sequence {}: temperature {} must be a finite number ≥ 0",
+                    s.seq_id, p.temperature
+                )));
+            }
+            if !p.top_p.is_finite() || !(0.0..=1.0).contains(&p.top_p) {
+                return Err(WorkerError::invalid(format!(
+                    "sequence {}: top_p {} must be in [0, 1]",
+                    s.seq_id, p.top_p
+                )));
+            }
+            Ok(SamplingParams {
+                temperature: p.temperature,
+                top_k: p.top_k as usize,
+                top_p: p.top_p,
+                seed: p.seed,
+            })
+        })
+        .transpose()?;
+    Ok(SequenceStep {
+        seq_id: s.seq_id,
+        start_pos: s.start_pos as usize,
+        input,
+        sampling,
+        top_logprobs: s.top_logprobs as usize,
+    })
+}
+
+#[tonic::async_trait]
+impl v1::worker_server::Worker for WorkerService {
+    async fn info(&self, _: Request<v1::InfoRequest>) -> Result<Response<v1::WorkerInfo>, Status> {
+        let stats = self.engine.stats().await?;
+        let (total, available) = self.memory();
+        Ok(Response::new(v1::WorkerInfo {
+            device: self.identity.device.clone(),
+            compute_dtype: v1::DType::DtypeF32 as i32,
+            model: Some(model_info(&self.identity.model)),
+            loaded: stats.loaded.map(|r| v1::LayerRange {
+                start: r.start as u32,
+                end: r.end as u32,
+            }),
+            memory_total_bytes: total,
+            memory_available_bytes: available,
+            active_sequences: stats.active_sequences as u32,
+            cached_positions: stats.cached_positions as u64,
+            threads: self.identity.threads as u32,
+            version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+
+    async fn load_stage(
+        &self,
+        request: Request<v1::LoadStageRequest>,
+    ) -> Result<Response<v1::LoadStageResponse>, Status> {
+        let r = request.into_inner();
+        let mine = &self.identity.model.fingerprint;
+        if !r.model_fingerprint.is_empty() && &r.model_fingerprint != mine {
+            return Err(WorkerError::FailedPrecondition(format!(
+                "model mismatch: the coordinator planned for model {} but this worker holds {} ({})",
+                r.model_fingerprint,
+                mine,
+                self.identity.model.path.display()
+            ))
+            .into());
+        }
+        let layers = r
+            .layers
+            .ok_or_else(|| WorkerError::invalid("LoadStage without a layer range"))?;
+        let output_dtype = match r.output_dtype {
+            0 => None,
+            raw => Some(codec::dtype_from_wire(raw)?),
+        };
+        let report = self
+            .engine
+            .load(layers.start as usize..layers.end as usize, output_dtype)
+            .await?;
+        tracing::info!(
+            layers = ?report.layers,
+            weight_mib = report.weight_bytes >> 20,
+            load_ms = report.load_time.as_millis() as u64,
+            "stage loaded"
+        );
+        Ok(Response::new(v1::LoadStageResponse {
+            layers: Some(layers),
+            has_embedding: report.has_embedding,
+            has_head: report.has_head,
+            load_ns: report.load_time.as_nanos() as u64,
+            weight_bytes: report.weight_bytes as u64,
+        }))
+    }
+
+    async fn forward(
+        &self,
+        request: Request<v1::ForwardRequest>,
+    ) -> Result<Response<v1::ForwardResponse>, Status> {
+        let started = Instant::now();
+        let r = request.into_inner();
+        let steps = r
+            .sequences
+            .into_iter()
+            .map(step_from_wire)
+            .collect::<Result<Vec<_>, _>>()?;
+        let result = self.engine.forward(steps).await?;
+        let mut outputs = Vec::with_capacity(result.outputs.len());
+        for (seq_id, output) in result.outputs {
+            let output = match output {
+                StepOutput::Hidden(t) => {
+                    let rows = t.dims()[0];
+                    let mut encoded = codec::encode_rows(&t, &[(0, rows)])?;
+                    v1::sequence_output::Output::Hidden(encoded.remove(0))
+                }
+                StepOutput::Sampled(s) => v1::sequence_output::Output::Sampled(v1::SampledToken {
+                    id: s.id,
+                    logprob: s.logprob,
+                    top_logprobs: s
+                        .top
+                        .into_iter()
+                        .map(|(id, logprob)| v1::TokenLogprob { id, logprob })
+                        .collect(),
+                }),
+            };
+            outputs.push(v1::SequenceOutput {
+                seq_id,
+                output: Some(output),
+            });
+        }
+        tracing::trace!(
+            step = r.step_id,
+            compute_us = result.forward_time.as_micros() as u64,
+            "forward"
+        );
+        Ok(Response::new(v1::ForwardResponse {
+            step_id: r.step_id,
+            outputs,
+            forward_ns: started.elapsed().as_nanos() as u64,
+        }))
+    }
+
+    async fn release(
+        &self,
+        request: Request<v1::ReleaseRequest>,
+    ) -> Result<Response<v1::ReleaseResponse>, Status> {
+        let released = self.engine.release(request.into_inner().seq_ids).await?;
+        Ok(Response::new(v1::ReleaseResponse {
+            released: released as u32,
+        }))
+    }
+
+    async fn warmup(
+        &self,
+        request: Request<v1::WarmupRequest>,
+    ) -> Result<Response<v1::WarmupResponse>, Status> {
+        let tokens = match request.into_inner().tokens {
+            0 => 16,
+            n => n as usize,
+        };
+        let duration = self.engine.warmup(tokens).await?;
+        tracing::info!(ms = duration.as_millis() as u64, "warmup done");
+        Ok(Response::new(v1::WarmupResponse {
+            duration_ns: duration.as_nanos() as u64,
+        }))
+    }
+
+    async fn health(
+        &self,
+        _: Request<v1::HealthRequest>,
+    ) -> Result<Response<v1::HealthResponse>, Status> {
+        let stats = self.engine.stats().await?;
+        let (status, message) = match stats.loaded {
+            Some(r) => (
+                v1::health_response::Status::Serving,
+                format!("serving layers {}..{}", r.start, r.end),
+            ),
+            None => (
+                v1::health_response::Status::NotReady,
+                "no stage loaded".to_string(),
+            ),
+        };
+        Ok(Response::new(v1::HealthResponse {
+            status: status as i32,
+            message,
+        }))
+    }
+}
