@@ -147,6 +147,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)] // a one-stage plan is one range
     fn even_splits_cover_every_layer_once() {
         let table: &[(usize, usize, &[Range<usize>])] = &[
             (30, 1, &[0..30]),

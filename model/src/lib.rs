@@ -3,6 +3,7 @@
 //! - [`file`]: opens a GGUF file or a Hugging Face safetensors directory and reads its [`LlamaConfig`]
 //!   and fingerprint (the model identity every worker must agree on).
 //! - [`config`]: the shape of a Llama-family model, read from GGUF metadata or `config.json`.
+//! - [`synthetic`]: random-weight models of real shapes, for tests and benchmarks.
 //! - [`tokenizer`]: the text tokenizer, built from GGUF metadata or `tokenizer.json`, plus the model's
 //!   end-of-generation tokens.
 //!
@@ -12,6 +13,7 @@
 pub mod config;
 pub mod error;
 pub mod file;
+pub mod synthetic;
 pub mod tokenizer;
 
 pub use config::LlamaConfig;

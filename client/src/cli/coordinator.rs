@@ -39,6 +39,9 @@ pub struct CoordinatorArgs {
     /// The most new tokens one request may ask for.
     #[arg(long, env = "STRATA_MAX_NEW_TOKENS", default_value_t = RequestLimits::default().max_new_tokens)]
     max_new_tokens: usize,
+    /// Print `STRATA_LISTENING <addr>` on stdout once serving (for the process that started us).
+    #[arg(long, hide = true)]
+    announce: bool,
 }
 
 pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
@@ -68,6 +71,13 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    if args.announce {
+        println!(
+            "{}{}",
+            strata_client::local::ANNOUNCE_PREFIX,
+            listener.local_addr()?
+        );
+    }
     coordinator.serve(listener, shutdown_signal(false)).await?;
     tracing::info!("coordinator stopped");
     Ok(())

@@ -3,6 +3,7 @@
 mod coordinator;
 mod fetch;
 mod generate;
+mod make_model;
 mod tokenize;
 mod worker;
 
@@ -29,6 +30,8 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Download the default model (SmolLM2-135M-Instruct Q4_1) into the cache and verify it.
     FetchModel(fetch::FetchArgs),
+    /// Write a random-weight Llama model of a real shape (safetensors), for tests and benchmarks.
+    MakeModel(make_model::MakeModelArgs),
 }
 
 impl Cli {
@@ -55,6 +58,7 @@ impl Cli {
             Command::Generate(a) => generate::run(a).await,
             Command::Tokenize(a) => tokenize::run(a),
             Command::FetchModel(a) => fetch::run(a),
+            Command::MakeModel(a) => make_model::run(a),
         }
     }
 }

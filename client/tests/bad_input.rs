@@ -1,0 +1,266 @@
+//! A worker refuses malformed Forward calls with a clear status, loses nothing, and keeps serving.
+
+mod common;
+
+use strata_client::local::WorkerProcess;
+use strata_client::LocalOptions;
+use strata_coordinator::plan::SplitSpec;
+use strata_proto::v1;
+use strata_proto::v1::worker_client::WorkerClient;
+use tonic::Code;
+
+const HIDDEN: usize = 576;
+
+fn hidden(rows: usize, width: usize) -> v1::Tensor {
+    v1::Tensor {
+        data: vec![0u8; rows * width * 4],
+        dtype: v1::DType::DtypeF32 as i32,
+        shape: vec![rows as u32, width as u32],
+    }
+}
+
+fn seq(seq_id: u64, start_pos: u32, input: v1::sequence_input::Input) -> v1::SequenceInput {
+    v1::SequenceInput {
+        seq_id,
+        start_pos,
+        input: Some(input),
+        sampling: Some(v1::SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }),
+        top_logprobs: 0,
+    }
+}
+
+fn forward(sequences: Vec<v1::SequenceInput>) -> v1::ForwardRequest {
+    v1::ForwardRequest {
+        step_id: 1,
+        sequences,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
+    let options = LocalOptions {
+        binary: common::strata(),
+        workers: 1,
+        model: common::default_model(),
+        split: SplitSpec::Even,
+        warmup: false,
+        threads: None,
+        worker_args: Vec::new(),
+    };
+    let worker = WorkerProcess::spawn(&options).await.unwrap();
+    let mut client = WorkerClient::connect(format!("http://{}", worker.address))
+        .await
+        .unwrap();
+    use v1::sequence_input::Input;
+
+    // Before LoadStage there is nothing to run.
+    let err = client
+        .forward(forward(vec![seq(1, 0, Input::Hidden(hidden(1, HIDDEN)))]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("LoadStage"), "{}", err.message());
+
+    let fingerprint = client
+        .info(v1::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .model
+        .unwrap()
+        .fingerprint;
+    let err = client
+        .load_stage(v1::LoadStageRequest {
+            model_fingerprint: "not-this-model".into(),
+            layers: Some(v1::LayerRange { start: 15, end: 30 }),
+            output_dtype: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("model mismatch"),
+        "{}",
+        err.message()
+    );
+    let err = client
+        .load_stage(v1::LoadStageRequest {
+            model_fingerprint: fingerprint.clone(),
+            layers: Some(v1::LayerRange { start: 20, end: 31 }),
+            output_dtype: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    client
+        .load_stage(v1::LoadStageRequest {
+            model_fingerprint: fingerprint,
+            layers: Some(v1::LayerRange { start: 15, end: 30 }),
+            output_dtype: 0,
+        })
+        .await
+        .unwrap();
+
+    // A sequence with 3 cached positions, to check that rejected calls leave it alone.
+    client
+        .forward(forward(vec![seq(7, 0, Input::Hidden(hidden(3, HIDDEN)))]))
+        .await
+        .unwrap();
+
+    let mut bad_dtype = hidden(1, HIDDEN);
+    bad_dtype.dtype = 99;
+    let mut short = hidden(1, HIDDEN);
+    short.data.pop();
+    let cases: Vec<(&str, Vec<v1::SequenceInput>, Code, &str)> = vec![
+        (
+            "wrong shape",
+            vec![seq(1, 0, Input::Hidden(hidden(1, 100)))],
+            Code::InvalidArgument,
+            "expected [n_tokens, 576]",
+        ),
+        (
+            "unknown dtype",
+            vec![seq(1, 0, Input::Hidden(bad_dtype))],
+            Code::InvalidArgument,
+            "unknown tensor dtype 99",
+        ),
+        (
+            "bytes do not match the shape",
+            vec![seq(1, 0, Input::Hidden(short))],
+            Code::InvalidArgument,
+            "needs 2304 bytes",
+        ),
+        (
+            "unknown sequence",
+            vec![seq(42, 5, Input::Hidden(hidden(1, HIDDEN)))],
+            Code::NotFound,
+            "sequence 42 is not cached",
+        ),
+        (
+            "skipped position",
+            vec![seq(7, 5, Input::Hidden(hidden(1, HIDDEN)))],
+            Code::InvalidArgument,
+            "3 positions are cached",
+        ),
+        (
+            "rewritten position",
+            vec![seq(7, 0, Input::Hidden(hidden(1, HIDDEN)))],
+            Code::InvalidArgument,
+            "3 positions are cached",
+        ),
+        (
+            "tokens to a later stage",
+            vec![seq(1, 0, Input::Tokens(v1::TokenIds { ids: vec![1, 2] }))],
+            Code::InvalidArgument,
+            "takes hidden states",
+        ),
+        (
+            "unknown sequence far ahead",
+            vec![seq(1, 8190, Input::Hidden(hidden(1, HIDDEN)))],
+            Code::NotFound,
+            "not cached",
+        ),
+        (
+            "duplicate ids",
+            vec![
+                seq(7, 3, Input::Hidden(hidden(1, HIDDEN))),
+                seq(7, 3, Input::Hidden(hidden(1, HIDDEN))),
+            ],
+            Code::InvalidArgument,
+            "appears twice",
+        ),
+        (
+            "no input",
+            vec![v1::SequenceInput {
+                seq_id: 1,
+                start_pos: 0,
+                input: None,
+                sampling: None,
+                top_logprobs: 0,
+            }],
+            Code::InvalidArgument,
+            "neither token ids nor hidden states",
+        ),
+        ("empty batch", vec![], Code::InvalidArgument, "no sequences"),
+        // A valid sequence in the same batch as a bad one: the whole call is refused, nothing runs.
+        (
+            "one bad in a batch",
+            vec![
+                seq(7, 3, Input::Hidden(hidden(1, HIDDEN))),
+                seq(8, 0, Input::Hidden(hidden(2, 7))),
+            ],
+            Code::InvalidArgument,
+            "sequence 8",
+        ),
+    ];
+    for (what, sequences, code, message) in cases {
+        let err = client.forward(forward(sequences)).await.expect_err(what);
+        assert_eq!(err.code(), code, "{what}: {err:?}");
+        assert!(
+            err.message().contains(message),
+            "{what}: {:?} lacks {message:?}",
+            err.message()
+        );
+    }
+    let long = client
+        .forward(forward(vec![seq(
+            9,
+            0,
+            Input::Hidden(hidden(8193, HIDDEN)),
+        )]))
+        .await
+        .unwrap_err();
+    assert_eq!(long.code(), Code::InvalidArgument);
+    assert!(
+        long.message().contains("context length 8192"),
+        "{}",
+        long.message()
+    );
+
+    // Nothing was lost: sequence 7 continues at position 3 and the last stage samples a token.
+    let ok = client
+        .forward(forward(vec![seq(7, 3, Input::Hidden(hidden(1, HIDDEN)))]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.outputs.len(), 1);
+    assert!(matches!(
+        ok.outputs[0].output,
+        Some(v1::sequence_output::Output::Sampled(_))
+    ));
+    let info = client.info(v1::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!((info.active_sequences, info.cached_positions), (1, 4));
+
+    // Release is idempotent and frees the cache.
+    let released = client
+        .release(v1::ReleaseRequest {
+            seq_ids: vec![7, 7, 1000],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(released.released, 1);
+    assert_eq!(
+        client
+            .info(v1::InfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .active_sequences,
+        0
+    );
+
+    // Warmup leaves nothing behind.
+    client
+        .warmup(v1::WarmupRequest { tokens: 8 })
+        .await
+        .unwrap();
+    let info = client.info(v1::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!((info.active_sequences, info.cached_positions), (0, 0));
+    worker.stop().await.unwrap();
+}
