@@ -102,6 +102,8 @@ pub struct Finished {
     pub total: Duration,
     /// Device time per stage over the request's steps.
     pub stage_forward: Vec<Duration>,
+    /// Hop overhead per stage (round trip minus device time) over the request's steps.
+    pub stage_hop: Vec<Duration>,
     /// Text that belongs after the last token's text.
     pub trailing_text: String,
 }
@@ -130,6 +132,7 @@ pub struct Generation {
     /// Per token, the most likely alternatives (if asked for).
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
     pub stage_forward: Vec<Duration>,
+    pub stage_hop: Vec<Duration>,
 }
 
 impl Generation {
@@ -292,6 +295,7 @@ pub async fn collect(mut stream: TokenStream) -> Result<Generation, ClientError>
                     token_times,
                     top_logprobs,
                     stage_forward: f.stage_forward,
+                    stage_hop: f.stage_hop,
                 });
             }
         }
@@ -323,6 +327,11 @@ fn finished_from_wire(f: v1::GenerateFinished) -> Result<Finished, ClientError> 
         total: Duration::from_micros(f.total_us),
         stage_forward: f
             .stage_forward_us
+            .into_iter()
+            .map(Duration::from_micros)
+            .collect(),
+        stage_hop: f
+            .stage_hop_us
             .into_iter()
             .map(Duration::from_micros)
             .collect(),

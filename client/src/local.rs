@@ -18,6 +18,29 @@ use tokio::task::JoinHandle;
 /// The line a worker started with `--announce` prints on stdout once it listens.
 pub const ANNOUNCE_PREFIX: &str = "STRATA_LISTENING ";
 
+/// Finds the `strata` binary for programs that are not it (examples, benches): `$STRATA_BIN`, else
+/// `strata` beside the running executable or one directory up (cargo puts examples in
+/// `target/<profile>/examples/`).
+pub fn strata_binary() -> Result<PathBuf, String> {
+    if let Some(bin) = std::env::var_os("STRATA_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find the running executable: {e}"))?;
+    let name = format!("strata{}", std::env::consts::EXE_SUFFIX);
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(&name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            format!(
+                "no strata binary beside {}: run `cargo build --release` first, or set STRATA_BIN",
+                exe.display()
+            )
+        })
+}
+
 /// How to start a local cluster.
 #[derive(Debug, Clone)]
 pub struct LocalOptions {
@@ -31,6 +54,21 @@ pub struct LocalOptions {
     pub threads: Option<usize>,
     /// Extra arguments for every worker.
     pub worker_args: Vec<String>,
+}
+
+impl LocalOptions {
+    /// `workers` CPU workers on `model`, split evenly, warmed up, each using every core.
+    pub fn new(binary: PathBuf, workers: usize, model: PathBuf) -> Self {
+        Self {
+            binary,
+            workers,
+            model,
+            split: SplitSpec::Even,
+            warmup: true,
+            threads: None,
+            worker_args: Vec::new(),
+        }
+    }
 }
 
 /// A running local cluster. Stop it with [`LocalCluster::stop`]; dropping it kills the workers.

@@ -49,3 +49,48 @@ async fn concurrent_requests_match_solo_runs() {
     }
     cluster.stop().await.unwrap();
 }
+
+#[test]
+fn prompts_file_prints_one_json_line_per_prompt_matching_solo_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("prompts.txt");
+    let prompts = ["The capital of France is", "Once upon a time", "1, 2, 3,"];
+    std::fs::write(
+        &file,
+        format!("{}\n\n{}\n{}\n", prompts[0], prompts[1], prompts[2]),
+    )
+    .unwrap();
+    let model = common::default_model();
+    let model = model.to_str().unwrap();
+    let out = common::run(&[
+        "generate",
+        "--local",
+        "1",
+        "--model",
+        model,
+        "--max-tokens",
+        "8",
+        "--prompts-file",
+        file.to_str().unwrap(),
+    ]);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "one line per non-empty prompt");
+    for (i, (line, prompt)) in lines.iter().zip(prompts).enumerate() {
+        assert_eq!(line["index"], i);
+        assert_eq!(line["prompt"], prompt);
+        let solo = common::generate_json(&[
+            "--local",
+            "1",
+            "--model",
+            model,
+            "--max-tokens",
+            "8",
+            "--prompt",
+            prompt,
+        ]);
+        assert_eq!(common::ids(line), common::ids(&solo), "{prompt:?}");
+    }
+}

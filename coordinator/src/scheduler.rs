@@ -142,6 +142,7 @@ struct Sequence {
     started: Option<Instant>,
     first_token: Option<Instant>,
     stage_forward: Vec<Duration>,
+    stage_hop: Vec<Duration>,
 }
 
 struct Scheduler {
@@ -209,6 +210,7 @@ impl Scheduler {
                     started: None,
                     first_token: None,
                     stage_forward: vec![Duration::ZERO; num_stages],
+                    stage_hop: vec![Duration::ZERO; num_stages],
                 });
                 let _ = accepted.send(Ok(()));
             }
@@ -280,8 +282,14 @@ impl Scheduler {
         let mut finished = Vec::new();
         for (seq, (_, sampled)) in self.active.iter_mut().zip(result.sampled) {
             seq.cached = seq.tokens.len();
-            for (total, d) in seq.stage_forward.iter_mut().zip(&result.stage_forward) {
-                *total += *d;
+            for (i, (forward, round_trip)) in result
+                .stage_forward
+                .iter()
+                .zip(&result.stage_round_trip)
+                .enumerate()
+            {
+                seq.stage_forward[i] += *forward;
+                seq.stage_hop[i] += round_trip.saturating_sub(*forward);
             }
             if let Some(reason) = advance(seq, sampled, &self.tokenizer, self.context_length) {
                 finished.push((seq.id, reason));
@@ -371,6 +379,7 @@ fn finish(seq: &mut Sequence, reason: v1::FinishReason, tokenizer: &TextTokenize
         ttft_us: micros(seq.first_token.unwrap_or(now).duration_since(seq.arrived)),
         total_us: micros(now.duration_since(seq.arrived)),
         stage_forward_us: seq.stage_forward.iter().map(|d| micros(*d)).collect(),
+        stage_hop_us: seq.stage_hop.iter().map(|d| micros(*d)).collect(),
         trailing_text: trailing,
     };
     let _ = seq.events.send(Ok(v1::GenerateResponse {

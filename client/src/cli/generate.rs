@@ -1,36 +1,30 @@
 //! `strata generate`.
 
 use std::io::Write;
-use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Args;
 use futures::StreamExt;
 use serde_json::json;
 use strata_client::client::collect;
-use strata_client::{Event, GenerateParams, Generation, LocalCluster, LocalOptions, StrataClient};
-use strata_coordinator::plan::SplitSpec;
+use strata_client::{Event, GenerateParams, Generation, StrataClient};
+
+use super::cluster::ClusterArgs;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     /// The prompt text (used as is: no chat template, no BOS unless the model asks for one).
+    #[arg(
+        long,
+        required_unless_present = "prompts_file",
+        conflicts_with = "prompts_file"
+    )]
+    prompt: Option<String>,
+    /// Generate for every line of this file at once (a batch); prints one JSON line per prompt, in order.
     #[arg(long)]
-    prompt: String,
-    /// A running coordinator, e.g. http://127.0.0.1:7000.
-    #[arg(long, env = "STRATA_COORDINATOR", conflicts_with = "local")]
-    coordinator: Option<String>,
-    /// Start N local worker processes and a coordinator for this run (default 2 without --coordinator).
-    #[arg(long)]
-    local: Option<usize>,
-    /// Model for --local: a .gguf file or a safetensors directory. Default: SmolLM2-135M-Instruct Q4_1.
-    #[arg(long, env = "STRATA_MODEL")]
-    model: Option<PathBuf>,
-    /// Split for --local: `even` or ranges like `0-10,10-30`.
-    #[arg(long, default_value = "even")]
-    split: SplitSpec,
-    /// Compute threads per local worker (default: every core).
-    #[arg(long)]
-    threads: Option<usize>,
+    prompts_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Skip warming the local stages.
     #[arg(long)]
     no_warmup: bool,
@@ -76,26 +70,11 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         top_logprobs: if args.json { 5 } else { 0 },
         ignore_eos: args.ignore_eos,
     };
-    if let Some(url) = &args.coordinator {
+    if let Some(url) = &args.cluster.coordinator {
         let client = StrataClient::connect(url).await?;
         return generate(&client, &args, &params).await;
     }
-    let workers = args.local.unwrap_or(2);
-    if workers == 0 {
-        bail!("--local needs at least 1 worker");
-    }
-    let model = strata_client::model_cache::resolve_model(args.model.as_deref())?;
-    let cluster = LocalCluster::start(LocalOptions {
-        binary: std::env::current_exe().context("cannot find the strata binary")?,
-        workers,
-        model,
-        split: args.split.clone(),
-        warmup: !args.no_warmup,
-        threads: args.threads,
-        worker_args: Vec::new(),
-    })
-    .await
-    .map_err(anyhow::Error::msg)?;
+    let cluster = args.cluster.start_local(!args.no_warmup).await?;
     let client = StrataClient::connect(cluster.url()).await;
     let result = match client {
         Ok(client) => generate(&client, &args, &params).await,
@@ -111,7 +90,11 @@ async fn generate(
     args: &GenerateArgs,
     params: &GenerateParams,
 ) -> anyhow::Result<()> {
-    let stream = client.generate(&args.prompt, params).await?;
+    if let Some(path) = &args.prompts_file {
+        return generate_batch(client, path, params).await;
+    }
+    let prompt = args.prompt.as_deref().unwrap_or_default();
+    let stream = client.generate(prompt, params).await?;
     if args.json {
         let generation = collect(stream).await?;
         println!("{}", to_json(&generation));
@@ -147,6 +130,49 @@ async fn generate(
         }
     }
     bail!("the coordinator closed the stream before the end of generation")
+}
+
+/// `--prompts-file`: every non-empty line is a prompt; all run at once; JSON lines out in file order.
+async fn generate_batch(
+    client: &StrataClient,
+    path: &std::path::Path,
+    params: &GenerateParams,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let prompts: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(String::from)
+        .collect();
+    if prompts.is_empty() {
+        bail!("{} has no prompts (one per line)", path.display());
+    }
+    let params = GenerateParams {
+        top_logprobs: 5,
+        ..params.clone()
+    };
+    let results = client.generate_batch(&prompts, &params).await;
+    let mut failed = 0;
+    for (index, (prompt, result)) in prompts.iter().zip(results).enumerate() {
+        let line = match result {
+            Ok(g) => {
+                let mut v = to_json(&g);
+                v["index"] = json!(index);
+                v["prompt"] = json!(prompt);
+                v
+            }
+            Err(e) => {
+                failed += 1;
+                json!({ "index": index, "prompt": prompt, "error": e.to_string() })
+            }
+        };
+        println!("{line}");
+    }
+    if failed > 0 {
+        bail!("{failed} of {} prompts failed", prompts.len());
+    }
+    Ok(())
 }
 
 /// The `--json` object.

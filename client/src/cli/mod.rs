@@ -1,9 +1,12 @@
 //! The `strata` subcommands, one module each.
 
+mod bench;
+mod cluster;
 mod coordinator;
 mod fetch;
 mod generate;
 mod make_model;
+mod profile;
 mod tokenize;
 mod worker;
 
@@ -32,6 +35,10 @@ enum Command {
     FetchModel(fetch::FetchArgs),
     /// Write a random-weight Llama model of a real shape (safetensors), for tests and benchmarks.
     MakeModel(make_model::MakeModelArgs),
+    /// Profile a pipeline: cold vs warm start, output/input length scaling, sustained load, batches.
+    Profile(profile::ProfileArgs),
+    /// Benchmarks that print numbers and JSON.
+    Bench(bench::BenchArgs),
 }
 
 impl Cli {
@@ -59,6 +66,8 @@ impl Cli {
             Command::Tokenize(a) => tokenize::run(a),
             Command::FetchModel(a) => fetch::run(a),
             Command::MakeModel(a) => make_model::run(a),
+            Command::Profile(a) => profile::run(a).await,
+            Command::Bench(a) => bench::run(a).await,
         }
     }
 }

@@ -1,0 +1,55 @@
+//! The batch API: several prompts at once through the pipeline; each output equals its solo output.
+//! Run: cargo run --release --example test_batch_inference
+
+mod common;
+
+use std::time::Instant;
+
+use strata_client::{GenerateParams, StrataClient};
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let cluster = common::local_cluster(2).await?;
+    let client = StrataClient::connect(cluster.url()).await?;
+    let prompts: Vec<String> = [
+        "The capital of France is",
+        "Once upon a time, there was a",
+        "def add(a, b):",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let params = GenerateParams {
+        max_tokens: 16,
+        ignore_eos: true,
+        ..GenerateParams::default()
+    };
+    let started = Instant::now();
+    let mut solo = Vec::new();
+    for p in &prompts {
+        solo.push(client.generate_collect(p, &params).await?);
+    }
+    let solo_time = started.elapsed();
+    let started = Instant::now();
+    let batch = client.generate_batch(&prompts, &params).await;
+    let batch_time = started.elapsed();
+    for ((p, alone), together) in prompts.iter().zip(&solo).zip(&batch) {
+        let together = together.as_ref().map_err(|e| e.to_string())?;
+        println!("{p:?} →{:?}", together.text);
+        common::check(
+            together.token_ids == alone.token_ids,
+            "batched output equals the solo output",
+        )?;
+    }
+    println!(
+        "one after another {:.0} ms; as a batch {:.0} ms",
+        solo_time.as_secs_f64() * 1e3,
+        batch_time.as_secs_f64() * 1e3
+    );
+    common::check(
+        batch_time < solo_time,
+        "the batch ran concurrently (faster than one after another)",
+    )?;
+    cluster.stop().await?;
+    Ok(())
+}

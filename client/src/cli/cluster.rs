@@ -1,0 +1,63 @@
+//! Arguments shared by the commands that either start a local cluster or use a running coordinator.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use strata_client::{LocalCluster, LocalOptions};
+use strata_coordinator::plan::SplitSpec;
+
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// A running coordinator, e.g. http://127.0.0.1:7000.
+    #[arg(long, env = "STRATA_COORDINATOR", conflicts_with = "local")]
+    pub coordinator: Option<String>,
+    /// Start N local worker processes and a coordinator (default 2 without --coordinator).
+    #[arg(long)]
+    pub local: Option<usize>,
+    /// Model for --local: a .gguf file or a safetensors directory. Default: SmolLM2-135M-Instruct Q4_1.
+    #[arg(long, env = "STRATA_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Split for --local: `even` or ranges like `0-10,10-30`.
+    #[arg(long, default_value = "even")]
+    pub split: SplitSpec,
+    /// Compute threads per local worker (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl ClusterArgs {
+    /// The local cluster these arguments describe, with extra worker flags.
+    pub fn local_options(
+        &self,
+        warmup: bool,
+        worker_args: Vec<String>,
+    ) -> anyhow::Result<LocalOptions> {
+        let workers = self.local.unwrap_or(2);
+        anyhow::ensure!(workers > 0, "--local needs at least 1 worker");
+        Ok(LocalOptions {
+            binary: std::env::current_exe().context("cannot find the strata binary")?,
+            workers,
+            model: strata_client::model_cache::resolve_model(self.model.as_deref())?,
+            split: self.split.clone(),
+            warmup,
+            threads: self.threads,
+            worker_args,
+        })
+    }
+
+    /// Starts the local cluster these arguments describe, with extra worker flags.
+    pub async fn start_local_with(
+        &self,
+        warmup: bool,
+        worker_args: Vec<String>,
+    ) -> anyhow::Result<LocalCluster> {
+        LocalCluster::start(self.local_options(warmup, worker_args)?)
+            .await
+            .map_err(anyhow::Error::msg)
+    }
+
+    pub async fn start_local(&self, warmup: bool) -> anyhow::Result<LocalCluster> {
+        self.start_local_with(warmup, Vec::new()).await
+    }
+}
