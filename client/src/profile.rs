@@ -74,6 +74,9 @@ pub enum ProfileError {
     Cluster(String),
 }
 
+/// Fresh clusters per cold and warm start phase.
+const COLD_WARM_ROUNDS: usize = 3;
+
 fn params(max_tokens: u32) -> GenerateParams {
     GenerateParams {
         max_tokens,
@@ -82,7 +85,7 @@ fn params(max_tokens: u32) -> GenerateParams {
     }
 }
 
-/// Runs every phase: cold and warm start (local only), output lengths 5/10/20/50, input lengths
+/// Runs every phase: cold and warm start (local only; the first request on fresh workers, 3 times), output lengths 5/10/20/50, input lengths
 /// 4/8/16/128/512, 10 sequential requests, and `batch` requests at once. `on_phase` sees each report
 /// as soon as it is measured.
 pub async fn profile(
@@ -100,24 +103,42 @@ pub async fn profile(
     let client = match target {
         Target::Remote(url) => StrataClient::connect(&url).await?,
         Target::Local(options) => {
-            for (phase, warmup) in [("cold start (no warmup)", false), ("warm start", true)] {
-                let c = LocalCluster::start(LocalOptions {
-                    warmup,
-                    ..options.clone()
-                })
-                .await
-                .map_err(ProfileError::Cluster)?;
-                let client = StrataClient::connect(c.url()).await?;
-                record(
-                    sequential(&client, phase, std::slice::from_ref(&short), &params(10)).await?,
-                    &mut phases,
-                );
-                if warmup {
-                    cluster = Some(c);
-                } else {
-                    c.stop().await.map_err(ProfileError::Cluster)?;
+            // A first request on fresh workers, with and without warmup, several times interleaved:
+            // one sample each would be at the mercy of the machine's noise.
+            let (mut cold, mut warm) = (Vec::new(), Vec::new());
+            let mut wall = [Duration::ZERO; 2];
+            for round in 0..COLD_WARM_ROUNDS {
+                for (i, warmup) in [false, true].into_iter().enumerate() {
+                    let c = LocalCluster::start(LocalOptions {
+                        warmup,
+                        ..options.clone()
+                    })
+                    .await
+                    .map_err(ProfileError::Cluster)?;
+                    let client = StrataClient::connect(c.url()).await?;
+                    let started = Instant::now();
+                    let g = client.generate_collect(&short, &params(10)).await?;
+                    wall[i] += started.elapsed();
+                    if warmup {
+                        warm.push(g)
+                    } else {
+                        cold.push(g)
+                    }
+                    if warmup && round + 1 == COLD_WARM_ROUNDS {
+                        cluster = Some(c);
+                    } else {
+                        c.stop().await.map_err(ProfileError::Cluster)?;
+                    }
                 }
             }
+            record(
+                PhaseReport::from_generations("cold start (no warmup)", &cold, wall[0]),
+                &mut phases,
+            );
+            record(
+                PhaseReport::from_generations("warm start", &warm, wall[1]),
+                &mut phases,
+            );
             StrataClient::connect(cluster.as_ref().expect("the warm cluster").url()).await?
         }
     };

@@ -164,6 +164,14 @@ impl Layer {
             group * len,
             self.head_dim,
         ))?;
+        // The cache views are strided (`[kv_heads, kv_len, head_dim]` out of a longer buffer). CPU and
+        // CUDA matmuls take them as they are; Metal's matmul wants contiguous operands (the seed's
+        // "explicit tensor contiguity"), so only there do we pay for the copy.
+        let (k, v) = if k.device().is_metal() {
+            (k.contiguous()?, v.contiguous()?)
+        } else {
+            (k.clone(), v.clone())
+        };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
         let scores = if len > 1 {
@@ -176,7 +184,7 @@ impl Layer {
             scores
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(v)?;
+        let out = probs.matmul(&v)?;
         out.reshape((self.num_heads, len, self.head_dim))?
             .transpose(0, 1)?
             .reshape((len, self.num_heads * self.head_dim))
