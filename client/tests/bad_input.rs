@@ -236,6 +236,20 @@ async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
     let info = client.info(v1::InfoRequest {}).await.unwrap().into_inner();
     assert_eq!((info.active_sequences, info.cached_positions), (1, 4));
 
+    // Warmup while a sequence is in flight leaves it alone and adds nothing.
+    client
+        .warmup(v1::WarmupRequest { tokens: 8 })
+        .await
+        .unwrap();
+    let info = client.info(v1::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!((info.active_sequences, info.cached_positions), (1, 4));
+    let ok = client
+        .forward(forward(vec![seq(7, 4, Input::Hidden(hidden(1, HIDDEN)))]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.outputs.len(), 1);
+
     // Release is idempotent and frees the cache.
     let released = client
         .release(v1::ReleaseRequest {
