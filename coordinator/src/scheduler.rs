@@ -1,21 +1,25 @@
 //! The scheduler: one task owns every sequence and drives the pipeline step by step.
 //!
 //! Client handlers talk to it through a [`SchedulerHandle`] (commands over a channel, replies on
-//! oneshots); nothing else touches sequence state. Each step takes every active sequence (prefill for
-//! new ones, one token for the others) as one micro-batch, so requests that arrive while others run
-//! join at the next step, and finished or cancelled ones leave at once, releasing their caches.
+//! oneshots); nothing else touches sequence state. Active sequences are split into one group per stage,
+//! and each group travels the pipeline as a micro-batch (prefill chunks for new sequences, one token
+//! for the others) while the other groups occupy the other stages. A group that comes back is
+//! re-formed with whatever is ready, so requests that arrive join at the next step, and finished or
+//! cancelled ones leave at once, releasing their caches.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
 use strata_model::TextTokenizer;
 use strata_proto::v1;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use crate::detokenize::{IncrementalDecoder, StopCheck, StopMatcher};
-use crate::pipeline::{Pipeline, StepEntry};
+use crate::pipeline::{Pipeline, StepEntry, StepResult};
 use crate::CoordinatorError;
 
 /// The events a client's stream receives.
@@ -28,6 +32,9 @@ pub struct SchedulerLimits {
     pub max_active: usize,
     /// Requests waiting; more are refused with RESOURCE_EXHAUSTED.
     pub max_queued: usize,
+    /// Prompt tokens of one sequence fed per step: a long prompt is prefilled over several steps so
+    /// the sequences sharing its micro-batch keep decoding meanwhile.
+    pub max_prefill_chunk: usize,
 }
 
 impl Default for SchedulerLimits {
@@ -35,6 +42,7 @@ impl Default for SchedulerLimits {
         Self {
             max_active: 64,
             max_queued: 1024,
+            max_prefill_chunk: 512,
         }
     }
 }
@@ -113,12 +121,15 @@ pub fn spawn(
     let (commands, inbox) = mpsc::channel(256);
     let scheduler = Scheduler {
         inbox,
-        pipeline,
+        pipeline: Arc::new(pipeline),
         tokenizer,
         limits,
         context_length,
         waiting: VecDeque::new(),
-        active: Vec::new(),
+        ready: Vec::new(),
+        in_flight: FuturesUnordered::new(),
+        in_flight_sequences: 0,
+        inbox_closed: false,
         next_seq_id: 1,
         next_step_id: 1,
     };
@@ -147,34 +158,58 @@ struct Sequence {
 
 struct Scheduler {
     inbox: mpsc::Receiver<Command>,
-    pipeline: Pipeline,
+    pipeline: Arc<Pipeline>,
     tokenizer: Arc<TextTokenizer>,
     limits: SchedulerLimits,
     context_length: usize,
     waiting: VecDeque<Sequence>,
-    active: Vec<Sequence>,
+    /// Admitted sequences not in a step right now.
+    ready: Vec<Sequence>,
+    /// Micro-batches travelling through the pipeline; each owns its sequences until it returns.
+    in_flight: FuturesUnordered<BoxFuture<'static, FinishedStep>>,
+    /// Sequences inside `in_flight`.
+    in_flight_sequences: usize,
+    inbox_closed: bool,
     next_seq_id: u64,
     next_step_id: u64,
 }
 
+/// A micro-batch back from the pipeline, with the sequences it carried.
+struct FinishedStep {
+    sequences: Vec<Sequence>,
+    /// How many positions of each sequence the step fed.
+    fed: Vec<usize>,
+    result: Result<StepResult, CoordinatorError>,
+}
+
 impl Scheduler {
+    fn active(&self) -> usize {
+        self.ready.len() + self.in_flight_sequences
+    }
+
     async fn run(mut self) {
         loop {
-            if self.active.is_empty() && self.waiting.is_empty() {
+            if self.active() == 0 && self.waiting.is_empty() {
                 match self.inbox.recv().await {
                     Some(command) => self.handle(command),
                     None => return,
+                }
+            } else if !self.in_flight.is_empty() {
+                tokio::select! {
+                    command = self.inbox.recv(), if !self.inbox_closed => match command {
+                        Some(command) => self.handle(command),
+                        // Every handle is gone (shutdown): finish what is in flight, then stop.
+                        None => self.inbox_closed = true,
+                    },
+                    Some(done) = self.in_flight.next() => self.complete(done),
                 }
             }
             while let Ok(command) = self.inbox.try_recv() {
                 self.handle(command);
             }
-            self.drop_cancelled().await;
+            self.drop_cancelled();
             self.admit();
-            if self.active.is_empty() {
-                continue;
-            }
-            self.step().await;
+            self.launch();
         }
     }
 
@@ -216,7 +251,7 @@ impl Scheduler {
             }
             Command::Stats(reply) => {
                 let _ = reply.send(SchedulerStats {
-                    active: self.active.len(),
+                    active: self.active(),
                     queued: self.waiting.len(),
                 });
             }
@@ -224,7 +259,7 @@ impl Scheduler {
     }
 
     fn admit(&mut self) {
-        while self.active.len() < self.limits.max_active {
+        while self.active() < self.limits.max_active.max(1) {
             let Some(mut seq) = self.waiting.pop_front() else {
                 break;
             };
@@ -232,56 +267,94 @@ impl Scheduler {
                 continue;
             }
             seq.started = Some(Instant::now());
-            self.active.push(seq);
+            self.ready.push(seq);
         }
     }
 
-    /// Drops sequences whose client went away and frees their caches on every stage.
-    async fn drop_cancelled(&mut self) {
+    /// Drops waiting and ready sequences whose client went away, freeing their caches on every stage.
+    /// (Sequences in flight are checked when their step returns.)
+    fn drop_cancelled(&mut self) {
         self.waiting.retain(|s| !s.events.is_closed());
-        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.active)
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.ready)
             .into_iter()
             .partition(|s| s.events.is_closed());
-        self.active = kept;
+        self.ready = kept;
         let ids: Vec<u64> = gone.iter().filter(|s| s.cached > 0).map(|s| s.id).collect();
         if !ids.is_empty() {
             tracing::debug!(?ids, "client left; releasing");
-            self.pipeline.release(ids).await;
+            self.release(ids);
         }
     }
 
-    async fn step(&mut self) {
-        let entries: Vec<StepEntry> = self
-            .active
-            .iter()
-            .map(|s| StepEntry {
-                seq_id: s.id,
-                start_pos: s.cached as u32,
-                tokens: s.tokens[s.cached..].to_vec(),
-                sampling: s.request.sampling,
-                top_logprobs: s.request.top_logprobs,
-            })
-            .collect();
-        let step_id = self.next_step_id;
-        self.next_step_id += 1;
-        let result = match self.pipeline.step(step_id, &entries).await {
+    /// Frees sequences on every stage without holding up the scheduler.
+    fn release(&self, ids: Vec<u64>) {
+        if ids.is_empty() {
+            return;
+        }
+        let pipeline = self.pipeline.clone();
+        tokio::spawn(async move { pipeline.release(ids).await });
+    }
+
+    /// Starts micro-batches while fewer than one per stage are in flight: with `S` stages and `N`
+    /// active sequences, `S` groups of about `N / S` keep every stage busy (stage `s` runs group `g`
+    /// while stage `s + 1` runs group `g - 1`). With fewer sequences than stages there is less to
+    /// overlap, and each group is a single sequence.
+    fn launch(&mut self) {
+        let stages = self.pipeline.stages().len();
+        while !self.ready.is_empty() && self.in_flight.len() < stages {
+            let group = self.active().div_ceil(stages).max(1).min(self.ready.len());
+            let sequences: Vec<Sequence> = self.ready.drain(..group).collect();
+            let chunk = self.limits.max_prefill_chunk.max(1);
+            let fed: Vec<usize> = sequences
+                .iter()
+                .map(|s| (s.tokens.len() - s.cached).min(chunk))
+                .collect();
+            let entries: Vec<StepEntry> = sequences
+                .iter()
+                .zip(&fed)
+                .map(|(s, &n)| StepEntry {
+                    seq_id: s.id,
+                    start_pos: s.cached as u32,
+                    tokens: s.tokens[s.cached..s.cached + n].to_vec(),
+                    sampling: s.request.sampling,
+                    top_logprobs: s.request.top_logprobs,
+                })
+                .collect();
+            let step_id = self.next_step_id;
+            self.next_step_id += 1;
+            self.in_flight_sequences += sequences.len();
+            let pipeline = self.pipeline.clone();
+            self.in_flight.push(Box::pin(async move {
+                let result = pipeline.step(step_id, &entries).await;
+                FinishedStep {
+                    sequences,
+                    fed,
+                    result,
+                }
+            }));
+        }
+    }
+
+    /// Takes a micro-batch back: streams its tokens, finishes sequences, returns the rest to `ready`.
+    fn complete(&mut self, done: FinishedStep) {
+        self.in_flight_sequences -= done.sequences.len();
+        let result = match done.result {
             Ok(result) => result,
             Err(e) => {
                 tracing::error!(error = %e, "step failed");
                 let status = Status::from(e);
-                let failed = std::mem::take(&mut self.active);
-                for seq in &failed {
+                for seq in &done.sequences {
                     let _ = seq.events.send(Err(status.clone()));
                 }
-                self.pipeline
-                    .release(failed.iter().map(|s| s.id).collect())
-                    .await;
+                self.release(done.sequences.iter().map(|s| s.id).collect());
                 return;
             }
         };
         let mut finished = Vec::new();
-        for (seq, (_, sampled)) in self.active.iter_mut().zip(result.sampled) {
-            seq.cached = seq.tokens.len();
+        for ((mut seq, fed), (_, sampled)) in
+            done.sequences.into_iter().zip(done.fed).zip(result.sampled)
+        {
+            seq.cached += fed;
             for (i, (forward, round_trip)) in result
                 .stage_forward
                 .iter()
@@ -291,24 +364,24 @@ impl Scheduler {
                 seq.stage_forward[i] += *forward;
                 seq.stage_hop[i] += round_trip.saturating_sub(*forward);
             }
-            if let Some(reason) = advance(seq, sampled, &self.tokenizer, self.context_length) {
-                finished.push((seq.id, reason));
+            if seq.events.is_closed() {
+                finished.push(seq.id);
+                continue;
+            }
+            // A prompt fed in chunks samples a token only after its last chunk.
+            if seq.cached < seq.tokens.len() {
+                self.ready.push(seq);
+                continue;
+            }
+            match advance(&mut seq, sampled, &self.tokenizer, self.context_length) {
+                Some(reason) => {
+                    finish(&mut seq, reason, &self.tokenizer);
+                    finished.push(seq.id);
+                }
+                None => self.ready.push(seq),
             }
         }
-        if finished.is_empty() {
-            return;
-        }
-        let mut done = Vec::new();
-        self.active
-            .retain_mut(|seq| match finished.iter().find(|(id, _)| *id == seq.id) {
-                Some((_, reason)) => {
-                    finish(seq, *reason, &self.tokenizer);
-                    done.push(seq.id);
-                    false
-                }
-                None => true,
-            });
-        self.pipeline.release(done).await;
+        self.release(finished);
     }
 }
 

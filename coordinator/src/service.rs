@@ -2,6 +2,7 @@
 //! the scheduler as domain types.
 
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use futures::Stream;
@@ -177,7 +178,8 @@ impl v1::coordinator_server::Coordinator for CoordinatorService {
             .stages()
             .iter()
             .zip(active)
-            .map(|(s, active)| v1::StageInfo {
+            .zip(self.pipeline.counters())
+            .map(|((s, active), c)| v1::StageInfo {
                 worker: s.address.clone(),
                 device: s.device.clone(),
                 layers: Some(v1::LayerRange {
@@ -185,6 +187,9 @@ impl v1::coordinator_server::Coordinator for CoordinatorService {
                     end: s.layers.end as u32,
                 }),
                 active_sequences: active.unwrap_or(0),
+                forward_ns_total: c.forward_ns.load(Ordering::Relaxed),
+                round_trip_ns_total: c.round_trip_ns.load(Ordering::Relaxed),
+                steps_total: c.steps.load(Ordering::Relaxed),
             })
             .collect();
         Ok(Response::new(v1::CoordinatorInfo {

@@ -135,12 +135,18 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the compute thread for `model` on `device`.
+    /// Starts the compute thread for `model` on `device`, with `threads` CPU threads for tensor work.
+    ///
+    /// The compute loop runs *inside* its own rayon pool: parallel kernels called from it then run on
+    /// the calling thread plus the pool's other workers, instead of injecting every matmul into a
+    /// foreign pool and sleeping until it is done (two context switches per matmul, ~40% of a decode
+    /// step when measured with perf).
     pub fn start(
         model: ModelFile,
         device: Device,
         options: StageOptions,
         limits: EngineLimits,
+        threads: usize,
     ) -> Result<Self, WorkerError> {
         let (jobs, queue) = mpsc::channel();
         let name = format!("strata-compute-{}", crate::device::name(&device));
@@ -153,14 +159,17 @@ impl Engine {
             output_dtype: DType::F32,
             sequences: HashMap::new(),
         };
-        std::thread::Builder::new()
-            .name(name)
-            .spawn(move || {
-                while let Ok(job) = queue.recv() {
-                    state.run(job);
-                }
-            })
-            .map_err(|e| WorkerError::Internal(format!("cannot start compute thread: {e}")))?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(move |i| format!("{name}-{i}"))
+            .build()
+            .map_err(|e| WorkerError::Internal(format!("cannot start compute threads: {e}")))?;
+        // The loop holds one pool thread for the worker's lifetime; it ends when every handle is gone.
+        pool.spawn(move || {
+            while let Ok(job) = queue.recv() {
+                state.run(job);
+            }
+        });
         Ok(Self { jobs })
     }
 

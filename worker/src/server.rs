@@ -52,7 +52,7 @@ pub async fn run(
         layers = model.config.num_layers,
         "worker listening"
     );
-    let engine = Engine::start(model, device, config.options, config.limits)?;
+    let engine = Engine::start(model, device, config.options, config.limits, config.threads)?;
     let service = WorkerServer::new(WorkerService::new(engine, identity))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);

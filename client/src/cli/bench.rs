@@ -5,20 +5,79 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde_json::json;
-use strata_client::bench::{optimizations, render_optimizations, OptimizationWorkload};
+use strata_client::bench::{
+    optimizations, render_optimizations, throughput, throughput_single, OptimizationWorkload,
+};
+use strata_client::single_process::SingleProcess;
+use strata_client::StrataClient;
 
 use super::cluster::ClusterArgs;
 
+/// Without a subcommand: aggregate throughput at several concurrency levels.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
     #[command(subcommand)]
-    which: Bench,
+    which: Option<Bench>,
+    #[command(flatten)]
+    throughput: ThroughputArgs,
+}
+
+impl BenchArgs {
+    /// Compute threads of this process (the single-process baseline computes here).
+    pub fn compute_threads(&self) -> Option<usize> {
+        match self.which {
+            None if self.throughput.single_process => self.throughput.cluster.threads,
+            Some(Bench::Kernels(ref k)) => k.threads,
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct ThroughputArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Concurrent streams to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    concurrency: Vec<usize>,
+    /// New tokens per stream (end-of-generation ignored).
+    #[arg(long, default_value_t = 64)]
+    max_tokens: u32,
+    /// All layers in this process, no gRPC: the baseline that pipeline overhead is measured against.
+    #[arg(long)]
+    single_process: bool,
+    /// Write the rows as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Bench {
     /// The same workload with each per-stage optimization (RoPE table, mask cache, warmup) on and off.
     Optimizations(OptimizationArgs),
+    /// Per-core speed: strata's whole model in this process vs candle's `quantized_llama` on the same
+    /// GGUF file and threads (prompt processing and decoding of one sequence).
+    Kernels(KernelArgs),
+}
+
+#[derive(Debug, Args)]
+struct KernelArgs {
+    /// A GGUF model. Default: SmolLM2-135M-Instruct Q4_1.
+    #[arg(long, env = "STRATA_MODEL")]
+    model: Option<PathBuf>,
+    /// Compute threads (for both engines).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Interleaved rounds; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -44,8 +103,69 @@ struct OptimizationArgs {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.which {
-        Bench::Optimizations(a) => run_optimizations(a).await,
+        Some(Bench::Optimizations(a)) => run_optimizations(a).await,
+        Some(Bench::Kernels(a)) => run_kernels(a).await,
+        None => run_throughput(args.throughput).await,
     }
+}
+
+async fn run_throughput(args: ThroughputArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.concurrency.iter().all(|&c| c > 0),
+        "--concurrency levels must be at least 1"
+    );
+    let mut rows = Vec::new();
+    if args.single_process {
+        let model = strata_client::model_cache::resolve_model(args.cluster.model.as_deref())?;
+        let threads = args
+            .cluster
+            .threads
+            .map_or("every core".to_string(), |t| format!("{t} threads"));
+        let setup = format!("single process ({threads})");
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let single = SingleProcess::load(&model, args.cluster.threads.unwrap_or(cores))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        for &c in &args.concurrency {
+            let row = throughput_single(&single, &setup, c, args.max_tokens).await?;
+            println!("{}", row.render());
+            rows.push(row);
+        }
+    } else {
+        let (cluster, url, setup) = match &args.cluster.coordinator {
+            Some(url) => (None, url.clone(), format!("coordinator {url}")),
+            None => {
+                let c = args.cluster.start_local(true).await?;
+                let url = c.url().to_string();
+                let threads = args
+                    .cluster
+                    .threads
+                    .map_or("every core".to_string(), |t| format!("{t} threads"));
+                (
+                    Some(c),
+                    url,
+                    format!("{} stages ({threads})", args.cluster.local.unwrap_or(2)),
+                )
+            }
+        };
+        let client = StrataClient::connect(&url).await?;
+        for &c in &args.concurrency {
+            let row = throughput(&client, &setup, c, args.max_tokens).await?;
+            println!("{}", row.render());
+            rows.push(row);
+        }
+        if let Some(c) = cluster {
+            c.stop().await.map_err(anyhow::Error::msg)?;
+        }
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&json!({ "max_tokens": args.max_tokens, "rows": rows }))?,
+        )
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 async fn run_optimizations(args: OptimizationArgs) -> anyhow::Result<()> {
@@ -77,6 +197,57 @@ async fn run_optimizations(args: OptimizationArgs) -> anyhow::Result<()> {
         let out = json!({
             "workers": options.workers, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
             "rounds": args.rounds, "requests": args.requests, "variants": results,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+async fn run_kernels(args: KernelArgs) -> anyhow::Result<()> {
+    use strata_client::bench::median;
+    use strata_client::candle_reference;
+    let model = strata_client::model_cache::resolve_model(args.model.as_deref())?;
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let prompt = candle_reference::probe_prompt(args.prompt_tokens);
+    let ours = SingleProcess::load(&model, threads)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let (mut s_prompt, mut s_decode, mut c_prompt, mut c_decode) = (vec![], vec![], vec![], vec![]);
+    for round in 0..args.rounds {
+        let s = ours
+            .measure_ids(&prompt, args.decode_tokens)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let (m, p, d) = (model.clone(), prompt.clone(), args.decode_tokens);
+        let c = tokio::task::spawn_blocking(move || candle_reference::measure(&m, &p, d)).await??;
+        println!(
+            "round {round}: strata prompt {:7.1} tok/s decode {:6.1} tok/s | candle quantized_llama prompt {:7.1} tok/s decode {:6.1} tok/s",
+            s.prompt_tok_s, s.decode_tok_s, c.prompt_tok_s, c.decode_tok_s
+        );
+        s_prompt.push(s.prompt_tok_s);
+        s_decode.push(s.decode_tok_s);
+        c_prompt.push(c.prompt_tok_s);
+        c_decode.push(c.decode_tok_s);
+    }
+    let (sp, sd, cp, cd) = (
+        median(&mut s_prompt),
+        median(&mut s_decode),
+        median(&mut c_prompt),
+        median(&mut c_decode),
+    );
+    println!(
+        "medians, {threads} threads, prompt {} tokens, decode {} tokens:\n  strata  prompt {sp:7.1} tok/s  decode {sd:6.1} tok/s\n  candle  prompt {cp:7.1} tok/s  decode {cd:6.1} tok/s\n  strata / candle: prompt {:.2}x, decode {:.2}x",
+        args.prompt_tokens, args.decode_tokens, sp / cp, sd / cd
+    );
+    if let Some(path) = &args.json {
+        let out = json!({
+            "threads": threads, "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens,
+            "strata": {"prompt_tok_s": sp, "decode_tok_s": sd},
+            "candle_quantized_llama": {"prompt_tok_s": cp, "decode_tok_s": cd},
+            "prompt_ratio": sp / cp, "decode_ratio": sd / cd,
         });
         std::fs::write(path, serde_json::to_string_pretty(&out)?)
             .with_context(|| format!("cannot write {}", path.display()))?;

@@ -36,6 +36,9 @@ pub struct CoordinatorArgs {
     /// Requests that may wait; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "STRATA_MAX_QUEUED", default_value_t = SchedulerLimits::default().max_queued)]
     max_queued: usize,
+    /// Prompt tokens of one sequence per step; longer prompts are prefilled over several steps.
+    #[arg(long, env = "STRATA_MAX_PREFILL_CHUNK", default_value_t = SchedulerLimits::default().max_prefill_chunk)]
+    max_prefill_chunk: usize,
     /// The most new tokens one request may ask for.
     #[arg(long, env = "STRATA_MAX_NEW_TOKENS", default_value_t = RequestLimits::default().max_new_tokens)]
     max_new_tokens: usize,
@@ -54,6 +57,7 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         scheduler: SchedulerLimits {
             max_active: args.max_active,
             max_queued: args.max_queued,
+            max_prefill_chunk: args.max_prefill_chunk,
         },
         requests: RequestLimits {
             max_new_tokens: args.max_new_tokens,

@@ -46,6 +46,7 @@ impl Cli {
     pub fn compute_threads(&self) -> Option<usize> {
         match &self.command {
             Command::Worker(a) => a.threads,
+            Command::Bench(a) => a.compute_threads(),
             _ => None,
         }
     }

@@ -38,6 +38,9 @@ pub struct WorkerArgs {
     /// Build causal masks every step instead of reusing them (only to measure the cache).
     #[arg(long, hide = true)]
     no_mask_reuse: bool,
+    /// Run Q4_1 weights with candle's CPU kernel instead of strata's (only to measure the difference).
+    #[arg(long, hide = true)]
+    candle_kernels: bool,
     /// Print `STRATA_LISTENING <addr>` on stdout once listening (for the process that started us).
     #[arg(long, hide = true)]
     announce: bool,
@@ -68,6 +71,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         options: StageOptions {
             reuse_rope: !args.no_rope_reuse,
             reuse_masks: !args.no_mask_reuse,
+            fast_kernels: !args.candle_kernels,
         },
         limits: EngineLimits {
             max_sequences: args.max_sequences,

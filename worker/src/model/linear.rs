@@ -1,7 +1,11 @@
 //! A linear layer whose weight is either quantized (GGUF) or dense (safetensors).
 
-use candle_core::quantized::{QMatMul, QTensor};
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Module, Result, Tensor};
+
+use super::q4_1::Q4_1Matrix;
 
 /// `y = x Wᵀ` without bias, as every Llama projection is.
 #[derive(Debug, Clone)]
@@ -10,10 +14,24 @@ pub enum Linear {
     Quantized(QMatMul),
     /// A dense weight `[out, in]` in the stage's compute dtype.
     Dense(Tensor),
+    /// A Q4_1 weight on the CPU, run by strata's AVX2 kernel (see `q4_1.rs`).
+    Q4_1(Arc<Q4_1Matrix>),
 }
 
 impl Linear {
-    pub fn quantized(weight: QTensor) -> Result<Self> {
+    /// A GGUF weight: Q4_1 on an AVX2 CPU goes to strata's kernel when `fast_kernels` is on; every
+    /// other case to candle's quantized matmul.
+    pub fn quantized(weight: QTensor, fast_kernels: bool) -> Result<Self> {
+        if fast_kernels
+            && weight.dtype() == GgmlDType::Q4_1
+            && weight.device().is_cpu()
+            && Q4_1Matrix::supported()
+        {
+            let (n, k) = weight.shape().dims2()?;
+            let matrix = Q4_1Matrix::from_gguf_bytes(&weight.data()?, n, k)
+                .map_err(candle_core::Error::msg)?;
+            return Ok(Self::Q4_1(Arc::new(matrix)));
+        }
         Ok(Self::Quantized(QMatMul::from_qtensor(weight)?))
     }
 
@@ -22,6 +40,11 @@ impl Linear {
         match self {
             Self::Quantized(w) => w.forward(x),
             Self::Dense(w) => x.matmul(&w.t()?),
+            Self::Q4_1(w) => {
+                let rows = x.dim(0)?;
+                let input = x.flatten_all()?.to_vec1::<f32>()?;
+                Tensor::from_vec(w.matmul(&input, rows), (rows, w.rows()), x.device())
+            }
         }
     }
 
@@ -32,6 +55,7 @@ impl Linear {
             Self::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) | Self::Dense(t) => {
                 t.elem_count() * t.dtype().size_in_bytes()
             }
+            Self::Q4_1(w) => w.bytes(),
         }
     }
 }

@@ -4,12 +4,14 @@
 //! - [`layer`]: one transformer block on a ragged micro-batch.
 //! - [`kv_cache`], [`rope`], [`mask`]: per-sequence caches and per-stage tables.
 //! - [`weights`], [`linear`]: reading tensors from GGUF or safetensors; quantized or dense projections.
+//! - [`q4_1`]: strata's AVX2 matmul for Q4_1 weights on the CPU.
 //! - [`sampling`]: choosing the next token from logits on the last stage.
 
 pub mod kv_cache;
 pub mod layer;
 pub mod linear;
 pub mod mask;
+pub mod q4_1;
 pub mod rope;
 pub mod sampling;
 pub mod stage;

@@ -21,6 +21,8 @@ pub struct StageOptions {
     pub reuse_rope: bool,
     /// Keep causal masks per `(q_len, kv_len)` instead of building one per step and layer.
     pub reuse_masks: bool,
+    /// Run Q4_1 weights on the CPU with strata's AVX2 kernel instead of candle's.
+    pub fast_kernels: bool,
 }
 
 impl Default for StageOptions {
@@ -28,6 +30,7 @@ impl Default for StageOptions {
         Self {
             reuse_rope: true,
             reuse_masks: true,
+            fast_kernels: true,
         }
     }
 }
@@ -78,7 +81,7 @@ impl Stage {
                 layers.start, layers.end, config.num_layers
             )));
         }
-        let mut w = WeightLoader::open(model, device, dtype)?;
+        let mut w = WeightLoader::open(model, device, dtype, options.fast_kernels)?;
         let is_first = layers.start == 0;
         let is_last = layers.end == config.num_layers;
         let embedding = if is_first {

@@ -97,10 +97,17 @@ pub struct WeightLoader<'a> {
     device: Device,
     /// The dtype of dense weights and norms on the device.
     dtype: DType,
+    /// Use strata's own CPU kernels where they exist (Q4_1).
+    fast_kernels: bool,
 }
 
 impl<'a> WeightLoader<'a> {
-    pub fn open(model: &'a ModelFile, device: &Device, dtype: DType) -> Result<Self, WorkerError> {
+    pub fn open(
+        model: &'a ModelFile,
+        device: &Device,
+        dtype: DType,
+        fast_kernels: bool,
+    ) -> Result<Self, WorkerError> {
         let source = match model.format {
             ModelFormat::Gguf => {
                 let content = model.gguf_content()?;
@@ -127,6 +134,7 @@ impl<'a> WeightLoader<'a> {
             source,
             device: device.clone(),
             dtype,
+            fast_kernels,
         })
     }
 
@@ -159,7 +167,7 @@ impl<'a> WeightLoader<'a> {
                     .tensor(reader, &name, &self.device)
                     .map_err(|e| missing(self.model, &name, e))?;
                 self.check_shape(role, &name, q.shape().dims())?;
-                Ok(Linear::quantized(q)?)
+                Ok(Linear::quantized(q, self.fast_kernels)?)
             }
             WeightSource::Safetensors(_) => Ok(Linear::Dense(self.dense(role)?)),
         }
