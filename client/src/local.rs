@@ -54,6 +54,8 @@ pub struct LocalOptions {
     pub threads: Option<usize>,
     /// Extra arguments for every worker.
     pub worker_args: Vec<String>,
+    /// The coordinator's admission bounds.
+    pub scheduler: SchedulerLimits,
 }
 
 impl LocalOptions {
@@ -67,6 +69,7 @@ impl LocalOptions {
             warmup: true,
             threads: None,
             worker_args: Vec::new(),
+            scheduler: SchedulerLimits::default(),
         }
     }
 }
@@ -197,7 +200,7 @@ impl LocalCluster {
             workers: workers.iter().map(|w| w.address.clone()).collect(),
             split: options.split.clone(),
             warmup: options.warmup,
-            scheduler: SchedulerLimits::default(),
+            scheduler: options.scheduler,
             requests: RequestLimits::default(),
             max_message_bytes: strata_worker::server::DEFAULT_MAX_MESSAGE_BYTES,
         };

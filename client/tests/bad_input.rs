@@ -44,13 +44,8 @@ fn forward(sequences: Vec<v1::SequenceInput>) -> v1::ForwardRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
     let options = LocalOptions {
-        binary: common::strata(),
-        workers: 1,
-        model: common::default_model(),
-        split: SplitSpec::Even,
         warmup: false,
-        threads: None,
-        worker_args: Vec::new(),
+        ..LocalOptions::new(common::strata(), 1, common::default_model())
     };
     let worker = WorkerProcess::spawn(&options).await.unwrap();
     let mut client = WorkerClient::connect(format!("http://{}", worker.address))

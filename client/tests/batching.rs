@@ -8,13 +8,8 @@ use strata_coordinator::plan::SplitSpec;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_match_solo_runs() {
     let cluster = LocalCluster::start(LocalOptions {
-        binary: common::strata(),
-        workers: 2,
-        model: common::default_model(),
-        split: SplitSpec::Even,
         warmup: true,
-        threads: None,
-        worker_args: Vec::new(),
+        ..LocalOptions::new(common::strata(), 2, common::default_model())
     })
     .await
     .unwrap();

@@ -15,13 +15,8 @@ use tokio::process::Command;
 
 fn worker_options() -> LocalOptions {
     LocalOptions {
-        binary: common::strata(),
-        workers: 1,
-        model: common::default_model(),
-        split: SplitSpec::Even,
         warmup: true,
-        threads: None,
-        worker_args: Vec::new(),
+        ..LocalOptions::new(common::strata(), 1, common::default_model())
     }
 }
 

@@ -43,6 +43,7 @@ impl ClusterArgs {
             warmup,
             threads: self.threads,
             worker_args,
+            scheduler: Default::default(),
         })
     }
 

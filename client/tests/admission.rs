@@ -1,0 +1,127 @@
+//! Cancellation frees caches on every stage at once; a flood past the admission bounds is refused
+//! with RESOURCE_EXHAUSTED while the admitted requests come out right and the workers live on.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use strata_client::{ClientError, Event, GenerateParams, LocalCluster, LocalOptions, StrataClient};
+use strata_coordinator::scheduler::SchedulerLimits;
+
+async fn active_per_stage(client: &StrataClient) -> Vec<u32> {
+    client
+        .info()
+        .await
+        .unwrap()
+        .stages
+        .iter()
+        .map(|s| s.active_sequences)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_stream_frees_its_caches_on_every_stage() {
+    let cluster = LocalCluster::start(LocalOptions::new(
+        common::strata(),
+        2,
+        common::default_model(),
+    ))
+    .await
+    .unwrap();
+    let client = StrataClient::connect(cluster.url()).await.unwrap();
+    let params = GenerateParams {
+        max_tokens: 500,
+        ignore_eos: true,
+        ..GenerateParams::default()
+    };
+    let mut stream = client
+        .generate("Tell me a long story about the sea.", &params)
+        .await
+        .unwrap();
+    let mut tokens = 0;
+    while let Some(event) = stream.next().await {
+        if let Event::Token(_) = event.unwrap() {
+            tokens += 1;
+            if tokens == 3 {
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        active_per_stage(&client).await,
+        vec![1, 1],
+        "the sequence holds caches while it runs"
+    );
+    drop(stream);
+    let dropped = Instant::now();
+    // One decode step is ~20 ms here; allow a generous bound for a loaded machine.
+    loop {
+        if active_per_stage(&client).await == vec![0, 0] {
+            break;
+        }
+        assert!(
+            dropped.elapsed() < Duration::from_secs(2),
+            "caches still held {:?} after the client left",
+            dropped.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!(
+        "caches freed {:?} after the stream was dropped",
+        dropped.elapsed()
+    );
+    cluster.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_past_the_bounds_is_refused_and_the_rest_is_right() {
+    let options = LocalOptions {
+        scheduler: SchedulerLimits {
+            max_active: 2,
+            max_queued: 2,
+            ..SchedulerLimits::default()
+        },
+        ..LocalOptions::new(common::strata(), 2, common::default_model())
+    };
+    let cluster = LocalCluster::start(options).await.unwrap();
+    let client = StrataClient::connect(cluster.url()).await.unwrap();
+    // Long enough that all requests arrive while the first ones still run.
+    let params = GenerateParams {
+        max_tokens: 48,
+        ignore_eos: true,
+        ..GenerateParams::default()
+    };
+    let prompts: Vec<String> = (0..16)
+        .map(|i| format!("Request number {i} asks:"))
+        .collect();
+    let results = client.generate_batch(&prompts, &params).await;
+    let mut refused = 0;
+    let mut served = Vec::new();
+    for (prompt, result) in prompts.iter().zip(results) {
+        match result {
+            Ok(g) => served.push((prompt.clone(), g.token_ids)),
+            Err(ClientError::Status(s)) if s.code() == tonic::Code::ResourceExhausted => {
+                assert!(s.message().contains("waiting"), "{}", s.message());
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    eprintln!("{refused} refused, {} served", served.len());
+    assert!(
+        refused > 0,
+        "16 requests at once against 2 active + 2 queued should refuse some"
+    );
+    assert!(
+        served.len() >= 4,
+        "at least the bounds' worth must be served, got {}",
+        served.len()
+    );
+    for (prompt, ids) in served {
+        let alone = client.generate_collect(&prompt, &params).await.unwrap();
+        assert_eq!(alone.token_ids, ids, "{prompt:?}");
+    }
+    assert_eq!(active_per_stage(&client).await, vec![0, 0]);
+    cluster.stop().await.unwrap();
+}
