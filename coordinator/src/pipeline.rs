@@ -282,8 +282,15 @@ impl Pipeline {
             let mut client = s.client.clone();
             let seq_ids = seq_ids.clone();
             async move {
-                if let Err(status) = client.release(v1::ReleaseRequest { seq_ids }).await {
-                    tracing::warn!(worker = %s.address, error = %status.message(), "release failed");
+                match client.release(v1::ReleaseRequest { seq_ids }).await {
+                    Ok(_) => {}
+                    // An unreachable worker holds no caches any more: nothing was lost.
+                    Err(status) if status.code() == tonic::Code::Unavailable => {
+                        tracing::debug!(worker = %s.address, error = %status.message(), "release: worker gone")
+                    }
+                    Err(status) => {
+                        tracing::warn!(worker = %s.address, error = %status.message(), "release failed")
+                    }
                 }
             }
         });

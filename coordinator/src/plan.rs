@@ -13,6 +13,55 @@ pub enum SplitSpec {
     Even,
     /// Explicit ranges, e.g. `0-15,15-30`.
     Explicit(Vec<Range<usize>>),
+    /// Balanced by each worker's measured speed, within its memory ([`balanced`]).
+    Auto,
+}
+
+/// What the planner knows of a worker: its measured speed and its memory (see `Calibrate`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WorkerProfile {
+    /// Time of one layer for the calibration micro-batch.
+    pub layer_ms: f64,
+    /// Extra time of the embedding (first stage).
+    pub embedding_ms: f64,
+    /// Extra time of the final norm and output head (last stage).
+    pub head_ms: f64,
+    pub layer_bytes: u64,
+    pub embedding_bytes: u64,
+    pub head_bytes: u64,
+    /// Memory the stage may take on this worker.
+    pub memory_bytes: u64,
+}
+
+impl WorkerProfile {
+    fn time(&self, range: &Range<usize>, num_layers: usize) -> f64 {
+        range.len() as f64 * self.layer_ms
+            + if range.start == 0 {
+                self.embedding_ms
+            } else {
+                0.0
+            }
+            + if range.end == num_layers {
+                self.head_ms
+            } else {
+                0.0
+            }
+    }
+
+    fn fits(&self, range: &Range<usize>, num_layers: usize) -> bool {
+        let bytes = range.len() as u64 * self.layer_bytes
+            + if range.start == 0 {
+                self.embedding_bytes
+            } else {
+                0
+            }
+            + if range.end == num_layers {
+                self.head_bytes
+            } else {
+                0
+            };
+        bytes <= self.memory_bytes
+    }
 }
 
 /// Why a plan cannot be made or is wrong.
@@ -30,6 +79,10 @@ pub enum PlanError {
     Syntax { spec: String, reason: String },
     #[error("invalid plan: {0}")]
     Invalid(String),
+    #[error("the model does not fit: no split of {layers} layers over these workers stays within their memory")]
+    DoesNotFit { layers: usize },
+    #[error("--split auto needs every worker's calibration")]
+    NotCalibrated,
 }
 
 impl std::str::FromStr for SplitSpec {
@@ -40,6 +93,9 @@ impl std::str::FromStr for SplitSpec {
         let spec = spec.trim();
         if spec.eq_ignore_ascii_case("even") {
             return Ok(Self::Even);
+        }
+        if spec.eq_ignore_ascii_case("auto") {
+            return Ok(Self::Auto);
         }
         let syntax = |reason: String| PlanError::Syntax {
             spec: spec.to_string(),
@@ -75,6 +131,7 @@ pub fn plan(
 ) -> Result<Vec<Range<usize>>, PlanError> {
     let ranges = match spec {
         SplitSpec::Even => even(num_layers, workers)?,
+        SplitSpec::Auto => return Err(PlanError::NotCalibrated),
         SplitSpec::Explicit(ranges) => {
             if ranges.len() != workers {
                 return Err(PlanError::WrongCount {
@@ -111,6 +168,61 @@ pub fn even(num_layers: usize, workers: usize) -> Result<Vec<Range<usize>>, Plan
             range
         })
         .collect())
+}
+
+/// The split that minimizes the slowest stage's time (the pipeline's pace), with every stage within its
+/// worker's memory. Exact, by dynamic programming over (worker, first layer not yet placed).
+pub fn balanced(
+    num_layers: usize,
+    workers: &[WorkerProfile],
+) -> Result<Vec<Range<usize>>, PlanError> {
+    let w = workers.len();
+    if w == 0 {
+        return Err(PlanError::NoWorkers);
+    }
+    if w > num_layers {
+        return Err(PlanError::TooManyWorkers {
+            layers: num_layers,
+            workers: w,
+        });
+    }
+    // best[i][j]: the smallest possible slowest-stage time with layers 0..j on workers 0..i.
+    let mut best = vec![vec![f64::INFINITY; num_layers + 1]; w + 1];
+    let mut cut = vec![vec![0usize; num_layers + 1]; w + 1];
+    best[0][0] = 0.0;
+    for i in 1..=w {
+        // Worker i-1 takes k..j; every worker keeps at least one layer.
+        for j in i..=num_layers - (w - i) {
+            for k in (i - 1)..j {
+                if !best[i - 1][k].is_finite() {
+                    continue;
+                }
+                let range = k..j;
+                let p = &workers[i - 1];
+                if !p.fits(&range, num_layers) {
+                    continue;
+                }
+                let pace = best[i - 1][k].max(p.time(&range, num_layers));
+                // On ties prefer more layers earlier (stable, deterministic plans).
+                if pace < best[i][j] - 1e-12 {
+                    best[i][j] = pace;
+                    cut[i][j] = k;
+                }
+            }
+        }
+    }
+    if !best[w][num_layers].is_finite() {
+        return Err(PlanError::DoesNotFit { layers: num_layers });
+    }
+    let mut ranges = vec![0..0; w];
+    let mut end = num_layers;
+    for i in (1..=w).rev() {
+        let start = cut[i][end];
+        ranges[i - 1] = start..end;
+        end = start;
+    }
+    validate(&ranges, num_layers)?;
+    Ok(ranges)
 }
 
 /// Checks that `ranges` cover `0..num_layers` exactly once, in order, each non-empty.
@@ -170,6 +282,83 @@ mod tests {
                 assert!(max - min <= 1, "{sizes:?}");
             }
         }
+    }
+
+    fn profile(layer_ms: f64, head_ms: f64) -> WorkerProfile {
+        WorkerProfile {
+            layer_ms,
+            embedding_ms: 0.0,
+            head_ms,
+            layer_bytes: 10,
+            embedding_bytes: 0,
+            head_bytes: 100,
+            memory_bytes: u64::MAX,
+        }
+    }
+
+    #[test]
+    fn balanced_plans_equalize_stage_times() {
+        let table: &[(&str, usize, Vec<WorkerProfile>, Vec<Range<usize>>)] = &[
+            (
+                "equal workers, free head",
+                30,
+                vec![profile(1.0, 0.0); 2],
+                vec![0..15, 15..30],
+            ),
+            // The head costs 8 layers: the last stage gives up 4 layers.
+            (
+                "equal workers, heavy head",
+                30,
+                vec![profile(1.0, 8.0); 2],
+                vec![0..19, 19..30],
+            ),
+            // A device 3x faster takes 3x the layers.
+            (
+                "a fast and a slow worker",
+                32,
+                vec![profile(1.0, 0.0), profile(3.0, 0.0)],
+                vec![0..24, 24..32],
+            ),
+            (
+                "slow, fast, slow",
+                30,
+                vec![profile(4.0, 0.0), profile(1.0, 0.0), profile(4.0, 0.0)],
+                vec![0..5, 5..25, 25..30],
+            ),
+            ("one worker", 7, vec![profile(1.0, 3.0)], vec![0..7]),
+        ];
+        for (what, layers, workers, want) in table {
+            assert_eq!(&balanced(*layers, workers).unwrap(), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn balanced_plans_respect_memory() {
+        // The fast worker would take 24 layers but holds only 10.
+        let mut fast = profile(1.0, 0.0);
+        fast.memory_bytes = 10 * 10;
+        let slow = profile(3.0, 0.0);
+        assert_eq!(balanced(32, &[fast, slow]).unwrap(), vec![0..10, 10..32]);
+        // The head (100 bytes) must fit on the last worker too.
+        let mut small_last = profile(1.0, 0.0);
+        small_last.memory_bytes = 110; // one layer plus the head
+        assert_eq!(
+            balanced(20, &[profile(1.0, 0.0), small_last]).unwrap(),
+            vec![0..19, 19..20]
+        );
+        let mut tiny = profile(1.0, 0.0);
+        tiny.memory_bytes = 5;
+        assert_eq!(
+            balanced(10, &[tiny, tiny]),
+            Err(PlanError::DoesNotFit { layers: 10 })
+        );
+        assert_eq!(
+            balanced(2, &[profile(1.0, 0.0); 3]),
+            Err(PlanError::TooManyWorkers {
+                layers: 2,
+                workers: 3
+            })
+        );
     }
 
     #[test]

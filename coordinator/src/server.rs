@@ -67,7 +67,13 @@ impl Coordinator {
                 });
             }
         }
-        let plan = plan::plan(&config.split, model.config.num_layers, workers.len())?;
+        let plan = match config.split {
+            SplitSpec::Auto => {
+                let profiles = calibrate(&workers).await?;
+                plan::balanced(model.config.num_layers, &profiles)?
+            }
+            ref spec => plan::plan(spec, model.config.num_layers, workers.len())?,
+        };
         for (w, range) in workers.iter().zip(&plan) {
             tracing::info!(worker = %w.address, device = %w.info.device, layers = ?range, "plan");
         }
@@ -122,6 +128,45 @@ impl Coordinator {
             .await
             .map_err(|e| CoordinatorError::Protocol(format!("server failed: {e}")))
     }
+}
+
+/// Calibrates every worker, one at a time (workers that share a host would otherwise slow each
+/// other's measurement), and turns the results into planner inputs.
+async fn calibrate(
+    workers: &[pipeline::ConnectedWorker],
+) -> Result<Vec<plan::WorkerProfile>, CoordinatorError> {
+    let mut profiles = Vec::with_capacity(workers.len());
+    for (i, w) in workers.iter().enumerate() {
+        let c = w
+            .client
+            .clone()
+            .calibrate(v1::CalibrateRequest {
+                rows: 4,
+                context: 64,
+            })
+            .await
+            .map_err(|status| CoordinatorError::stage(i, &w.address, status))?
+            .into_inner();
+        tracing::info!(
+            worker = %w.address,
+            layer_ms = c.layer_ms,
+            embedding_ms = c.embedding_ms,
+            head_ms = c.head_ms,
+            memory_mib = c.memory_available_bytes >> 20,
+            "calibrated"
+        );
+        profiles.push(plan::WorkerProfile {
+            layer_ms: c.layer_ms,
+            embedding_ms: c.embedding_ms,
+            head_ms: c.head_ms,
+            layer_bytes: c.layer_bytes,
+            embedding_bytes: c.embedding_bytes,
+            head_bytes: c.head_bytes,
+            // Leave room for KV caches and activations.
+            memory_bytes: c.memory_available_bytes / 10 * 9,
+        });
+    }
+    Ok(profiles)
 }
 
 /// Starts a coordinator and serves it on `listener` until `shutdown` resolves.

@@ -126,6 +126,23 @@ enum Job {
     Stats {
         reply: Reply<EngineStats>,
     },
+    Calibrate {
+        rows: usize,
+        context: usize,
+        reply: Reply<Calibration>,
+    },
+}
+
+/// A worker's measured speed and sizes for the planner (see `Calibrate` in worker.proto).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Calibration {
+    pub rows: usize,
+    pub layer: Duration,
+    pub embedding: Duration,
+    pub head: Duration,
+    pub layer_bytes: usize,
+    pub embedding_bytes: usize,
+    pub head_bytes: usize,
 }
 
 /// A handle to the compute thread. Cheap to clone; the thread ends when every handle is dropped.
@@ -213,6 +230,16 @@ impl Engine {
     pub async fn stats(&self) -> Result<EngineStats, WorkerError> {
         self.call(|reply| Job::Stats { reply }).await
     }
+
+    /// Times one layer, the embedding and the head on probe stages (the loaded stage is untouched).
+    pub async fn calibrate(&self, rows: usize, context: usize) -> Result<Calibration, WorkerError> {
+        self.call(|reply| Job::Calibrate {
+            rows,
+            context,
+            reply,
+        })
+        .await
+    }
 }
 
 /// Everything the compute thread owns.
@@ -254,6 +281,11 @@ impl State {
             Job::Stats { reply } => {
                 let _ = reply.send(Ok(self.stats()));
             }
+            Job::Calibrate {
+                rows,
+                context,
+                reply,
+            } => guarded!(reply, self.calibrate(rows, context)),
         }
     }
 
@@ -421,6 +453,78 @@ impl State {
         stage.clear_scratch();
         Ok(started.elapsed())
     }
+}
+
+impl State {
+    /// Loads probe stages and times decode-shaped micro-batches through them: `1..2` is one bare
+    /// layer, `0..1` adds the embedding, `n-1..n` adds the head; differences give each part.
+    fn calibrate(&mut self, rows: usize, context: usize) -> Result<Calibration, WorkerError> {
+        let n = self.model.config.num_layers;
+        let rows = rows.clamp(1, 64);
+        let context = context.clamp(1, self.model.config.context_length.saturating_sub(8).max(1));
+        let probe = |range: Range<usize>| -> Result<(Duration, usize), WorkerError> {
+            let mut stage =
+                Stage::load(&self.model, range, &self.device, DType::F32, self.options)?;
+            let time = time_decode(&mut stage, rows, context)?;
+            Ok((time, stage.weight_bytes()))
+        };
+        let (bare, bare_bytes) = if n >= 3 { probe(1..2)? } else { probe(0..1)? };
+        let (first, first_bytes) = probe(0..1)?;
+        let (last, last_bytes) = probe(n - 1..n)?;
+        Ok(Calibration {
+            rows,
+            layer: bare,
+            embedding: first.saturating_sub(bare),
+            head: last.saturating_sub(bare),
+            layer_bytes: bare_bytes,
+            embedding_bytes: first_bytes.saturating_sub(bare_bytes),
+            head_bytes: last_bytes.saturating_sub(bare_bytes),
+        })
+    }
+}
+
+/// The fastest of a few decode steps of `rows` sequences holding `context` positions each.
+fn time_decode(stage: &mut Stage, rows: usize, context: usize) -> Result<Duration, WorkerError> {
+    let hidden = stage.config().hidden_size;
+    let input = |stage: &Stage, len: usize| -> candle_core::Result<StageInput> {
+        Ok(if stage.is_first() {
+            StageInput::Tokens(vec![1; len])
+        } else {
+            StageInput::Hidden(Tensor::zeros((len, hidden), stage.dtype(), stage.device())?)
+        })
+    };
+    let mut caches = (0..rows)
+        .map(|_| stage.new_cache(context + 4))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let prefill: Vec<Segment> = (0..rows)
+        .map(|i| Segment {
+            offset: i * context,
+            len: context,
+            start_pos: 0,
+        })
+        .collect();
+    let x = input(stage, rows * context)?;
+    stage
+        .forward(x, &prefill, &mut caches)?
+        .to_device(&Device::Cpu)?;
+    let mut best = Duration::MAX;
+    for step in 0..3 {
+        let segments: Vec<Segment> = (0..rows)
+            .map(|i| Segment {
+                offset: i,
+                len: 1,
+                start_pos: context + step,
+            })
+            .collect();
+        let x = input(stage, rows)?;
+        let started = Instant::now();
+        stage
+            .forward(x, &segments, &mut caches)?
+            .to_device(&Device::Cpu)?;
+        best = best.min(started.elapsed());
+    }
+    stage.clear_scratch();
+    Ok(best)
 }
 
 /// Checks a whole micro-batch against the stage and the cached sequences before anything changes.

@@ -23,6 +23,8 @@ pub struct WorkerService {
     engine: Engine,
     identity: WorkerIdentity,
     system: std::sync::Mutex<sysinfo::System>,
+    /// The last calibration, reported by `Info`.
+    calibration: std::sync::Mutex<Option<v1::Calibration>>,
 }
 
 impl WorkerService {
@@ -31,6 +33,7 @@ impl WorkerService {
             engine,
             identity,
             system: std::sync::Mutex::new(sysinfo::System::new()),
+            calibration: std::sync::Mutex::new(None),
         }
     }
 
@@ -118,6 +121,7 @@ impl v1::worker_server::Worker for WorkerService {
             cached_positions: stats.cached_positions as u64,
             threads: self.identity.threads as u32,
             version: env!("CARGO_PKG_VERSION").into(),
+            calibration: *self.calibration.lock().unwrap_or_else(|e| e.into_inner()),
         }))
     }
 
@@ -235,6 +239,34 @@ impl v1::worker_server::Worker for WorkerService {
         Ok(Response::new(v1::WarmupResponse {
             duration_ns: duration.as_nanos() as u64,
         }))
+    }
+
+    async fn calibrate(
+        &self,
+        request: Request<v1::CalibrateRequest>,
+    ) -> Result<Response<v1::Calibration>, Status> {
+        let r = request.into_inner();
+        let rows = if r.rows == 0 { 4 } else { r.rows as usize };
+        let context = if r.context == 0 {
+            64
+        } else {
+            r.context as usize
+        };
+        let c = self.engine.calibrate(rows, context).await?;
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        let calibration = v1::Calibration {
+            layer_ms: ms(c.layer),
+            embedding_ms: ms(c.embedding),
+            head_ms: ms(c.head),
+            layer_bytes: c.layer_bytes as u64,
+            embedding_bytes: c.embedding_bytes as u64,
+            head_bytes: c.head_bytes as u64,
+            rows: c.rows as u32,
+            memory_available_bytes: self.memory().1,
+        };
+        tracing::info!(?calibration, "calibrated");
+        *self.calibration.lock().unwrap_or_else(|e| e.into_inner()) = Some(calibration);
+        Ok(Response::new(calibration))
     }
 
     async fn health(

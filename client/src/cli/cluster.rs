@@ -18,8 +18,9 @@ pub struct ClusterArgs {
     /// Model for --local: a .gguf file or a safetensors directory. Default: SmolLM2-135M-Instruct Q4_1.
     #[arg(long, env = "STRATA_MODEL")]
     pub model: Option<PathBuf>,
-    /// Split for --local: `even` or ranges like `0-10,10-30`.
-    #[arg(long, default_value = "even")]
+    /// Split for --local: `auto` (balanced by each worker's measured speed and memory), `even`, or
+    /// half-open ranges like `0-10,10-30`.
+    #[arg(long, default_value = "auto")]
     pub split: SplitSpec,
     /// Compute threads per local worker (default: every core).
     #[arg(long)]

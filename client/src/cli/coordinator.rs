@@ -24,8 +24,9 @@ pub struct CoordinatorArgs {
     /// SmolLM2-135M-Instruct Q4_1.
     #[arg(long, env = "STRATA_MODEL")]
     model: Option<PathBuf>,
-    /// How to split the layers: `even`, or explicit half-open ranges like `0-10,10-30`.
-    #[arg(long, env = "STRATA_SPLIT", default_value = "even")]
+    /// How to split the layers: `auto` (each worker is calibrated, then stage times are balanced
+    /// within each worker's memory), `even`, or explicit half-open ranges like `0-10,10-30`.
+    #[arg(long, env = "STRATA_SPLIT", default_value = "auto")]
     split: SplitSpec,
     /// Serve without warming the stages first (the first request pays for kernel compilation).
     #[arg(long, env = "STRATA_NO_WARMUP")]
