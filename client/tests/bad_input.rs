@@ -4,7 +4,6 @@ mod common;
 
 use strata_client::local::WorkerProcess;
 use strata_client::LocalOptions;
-use strata_coordinator::plan::SplitSpec;
 use strata_proto::v1;
 use strata_proto::v1::worker_client::WorkerClient;
 use tonic::Code;

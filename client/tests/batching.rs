@@ -3,7 +3,6 @@
 mod common;
 
 use strata_client::{GenerateParams, LocalCluster, LocalOptions, StrataClient};
-use strata_coordinator::plan::SplitSpec;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_match_solo_runs() {

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use strata_client::local::{WorkerProcess, ANNOUNCE_PREFIX};
 use strata_client::{Event, GenerateParams, LocalOptions, StrataClient};
-use strata_coordinator::plan::SplitSpec;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
