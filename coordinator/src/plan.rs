@@ -296,9 +296,13 @@ mod tests {
         }
     }
 
+    /// What a case is about, layers, workers, the expected plan.
+    type Case = (&'static str, usize, Vec<WorkerProfile>, Vec<Range<usize>>);
+
     #[test]
+    #[allow(clippy::single_range_in_vec_init)] // a one-stage plan is one range
     fn balanced_plans_equalize_stage_times() {
-        let table: &[(&str, usize, Vec<WorkerProfile>, Vec<Range<usize>>)] = &[
+        let table: &[Case] = &[
             (
                 "equal workers, free head",
                 30,
