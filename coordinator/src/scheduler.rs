@@ -247,6 +247,9 @@ impl Scheduler {
                     stage_forward: vec![Duration::ZERO; num_stages],
                     stage_hop: vec![Duration::ZERO; num_stages],
                 });
+                // Free active slots are taken at once, so the queue bound counts only the requests that
+                // really wait, however many arrive together.
+                self.admit();
                 let _ = accepted.send(Ok(()));
             }
             Command::Stats(reply) => {
