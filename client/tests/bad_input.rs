@@ -272,3 +272,51 @@ async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
     assert_eq!((info.active_sequences, info.cached_positions), (0, 0));
     worker.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_memory_past_the_bound_is_refused_not_a_crash() {
+    let options = LocalOptions {
+        worker_args: vec!["--max-cache-mib".into(), "1".into()],
+        ..LocalOptions::new(common::strata(), 1, common::default_model())
+    };
+    let worker = WorkerProcess::spawn(&options).await.unwrap();
+    let mut client = WorkerClient::connect(format!("http://{}", worker.address))
+        .await
+        .unwrap();
+    let fingerprint = client
+        .info(v1::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .model
+        .unwrap()
+        .fingerprint;
+    client
+        .load_stage(v1::LoadStageRequest {
+            model_fingerprint: fingerprint,
+            layers: Some(v1::LayerRange { start: 15, end: 30 }),
+            output_dtype: 0,
+        })
+        .await
+        .unwrap();
+    use v1::sequence_input::Input;
+    // 15 layers × 3 kv heads × 64 × 4 bytes × 2 (k, v) = 23 KiB per position: 64 positions could
+    // need ~3 MiB, over the 1 MiB bound.
+    let err = client
+        .forward(forward(vec![seq(1, 0, Input::Hidden(hidden(64, HIDDEN)))]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("KV caches would grow past"),
+        "{}",
+        err.message()
+    );
+    client
+        .forward(forward(vec![seq(1, 0, Input::Hidden(hidden(8, HIDDEN)))]))
+        .await
+        .unwrap();
+    let info = client.info(v1::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!((info.active_sequences, info.cached_positions), (1, 8));
+    worker.stop().await.unwrap();
+}

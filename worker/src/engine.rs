@@ -29,6 +29,8 @@ pub struct EngineLimits {
     pub max_sequences: usize,
     /// Rows (new positions over all sequences) in one Forward.
     pub max_batch_rows: usize,
+    /// Bytes all KV caches together may take; a Forward that could grow them past it is refused.
+    pub max_cache_bytes: usize,
 }
 
 impl Default for EngineLimits {
@@ -36,6 +38,7 @@ impl Default for EngineLimits {
         Self {
             max_sequences: 256,
             max_batch_rows: 16_384,
+            max_cache_bytes: usize::MAX,
         }
     }
 }
@@ -629,6 +632,24 @@ fn validate(
         return Err(WorkerError::ResourceExhausted(format!(
             "Forward of {rows} positions is over this worker's limit of {}",
             limits.max_batch_rows
+        )));
+    }
+    // Caches grow by doubling, so a step of `rows` positions may allocate up to twice their size.
+    let config = stage.config();
+    let per_position = 2
+        * stage.layers().len()
+        * config.num_kv_heads
+        * config.head_dim
+        * stage.dtype().size_in_bytes();
+    let held: usize = sequences.values().map(SequenceKv::bytes).sum();
+    let could_need = held.saturating_add(rows.saturating_mul(per_position).saturating_mul(2));
+    if could_need > limits.max_cache_bytes {
+        return Err(WorkerError::ResourceExhausted(format!(
+            "KV caches would grow past this worker's limit of {} MiB (holding {} MiB for {} sequences); \
+             retry when sequences finish",
+            limits.max_cache_bytes >> 20,
+            held >> 20,
+            sequences.len()
         )));
     }
     if sequences.len() + new_sequences > limits.max_sequences {
