@@ -180,18 +180,3 @@ pub async fn run(
         .serve(listener, shutdown)
         .await
 }
-
-/// The wire description of a model.
-pub fn model_info(model: &ModelFile) -> v1::ModelInfo {
-    let c = &model.config;
-    v1::ModelInfo {
-        fingerprint: model.fingerprint.clone(),
-        name: model.name.clone(),
-        architecture: "llama".into(),
-        format: model.format.as_str().into(),
-        num_layers: c.num_layers as u32,
-        hidden_size: c.hidden_size as u32,
-        vocab_size: c.vocab_size as u32,
-        context_length: c.context_length as u32,
-    }
-}

@@ -193,7 +193,7 @@ impl v1::coordinator_server::Coordinator for CoordinatorService {
             })
             .collect();
         Ok(Response::new(v1::CoordinatorInfo {
-            model: Some(crate::server::model_info(&self.model)),
+            model: Some(strata_model::wire::model_info(&self.model)),
             stages,
             active_sequences: stats.active as u32,
             queued_requests: stats.queued as u32,

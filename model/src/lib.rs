@@ -6,6 +6,7 @@
 //! - [`synthetic`]: random-weight models of real shapes, for tests and benchmarks.
 //! - [`tokenizer`]: the text tokenizer, built from GGUF metadata or `tokenizer.json`, plus the model's
 //!   end-of-generation tokens.
+//! - [`wire`]: the model's description as `Info` reports it.
 //!
 //! Workers use the config and fingerprint to load their layers; the coordinator uses the config, the
 //! fingerprint and the tokenizer. The tensor math lives in `strata-worker` alone.
@@ -15,6 +16,7 @@ pub mod error;
 pub mod file;
 pub mod synthetic;
 pub mod tokenizer;
+pub mod wire;
 
 pub use config::LlamaConfig;
 pub use error::ModelError;

@@ -44,21 +44,6 @@ impl WorkerService {
     }
 }
 
-/// The model description shared by `WorkerInfo` and `CoordinatorInfo`.
-pub fn model_info(model: &ModelFile) -> v1::ModelInfo {
-    let c = &model.config;
-    v1::ModelInfo {
-        fingerprint: model.fingerprint.clone(),
-        name: model.name.clone(),
-        architecture: "llama".into(),
-        format: model.format.as_str().into(),
-        num_layers: c.num_layers as u32,
-        hidden_size: c.hidden_size as u32,
-        vocab_size: c.vocab_size as u32,
-        context_length: c.context_length as u32,
-    }
-}
-
 fn step_from_wire(s: v1::SequenceInput) -> Result<SequenceStep, WorkerError> {
     let input = match s.input {
         Some(v1::sequence_input::Input::Tokens(t)) => StepInput::Tokens(t.ids),
@@ -110,7 +95,7 @@ impl v1::worker_server::Worker for WorkerService {
         Ok(Response::new(v1::WorkerInfo {
             device: self.identity.device.clone(),
             compute_dtype: v1::DType::DtypeF32 as i32,
-            model: Some(model_info(&self.identity.model)),
+            model: Some(strata_model::wire::model_info(&self.identity.model)),
             loaded: stats.loaded.map(|r| v1::LayerRange {
                 start: r.start as u32,
                 end: r.end as u32,
