@@ -68,22 +68,13 @@ pub fn decode(t: &v1::Tensor) -> Result<Tensor, WorkerError> {
     )?)
 }
 
-/// Encodes rows `[offset, offset + len)` of each of the given row ranges of `t: [rows, width]`, already
-/// converted to the output dtype and on the CPU, as one wire tensor per range.
-pub fn encode_rows(t: &Tensor, ranges: &[(usize, usize)]) -> Result<Vec<v1::Tensor>, WorkerError> {
-    let (_, width) = t.dims2()?;
-    let dtype = t.dtype();
-    let wire = dtype_to_wire(dtype)? as i32;
-    let bytes = to_le_bytes(t)?;
-    let row_bytes = width * dtype.size_in_bytes();
-    Ok(ranges
-        .iter()
-        .map(|&(offset, len)| v1::Tensor {
-            data: bytes[offset * row_bytes..(offset + len) * row_bytes].to_vec(),
-            dtype: wire,
-            shape: vec![len as u32, width as u32],
-        })
-        .collect())
+/// Encodes a tensor (on the CPU, already in the output dtype) as a wire tensor.
+pub fn encode(t: &Tensor) -> Result<v1::Tensor, WorkerError> {
+    Ok(v1::Tensor {
+        data: to_le_bytes(t)?,
+        dtype: dtype_to_wire(t.dtype())? as i32,
+        shape: t.dims().iter().map(|&d| d as u32).collect(),
+    })
 }
 
 fn to_le_bytes(t: &Tensor) -> Result<Vec<u8>, WorkerError> {
@@ -116,9 +107,9 @@ mod tests {
     fn round_trip_each_dtype() -> Result<(), WorkerError> {
         let t = Tensor::arange(0f32, 12.0, &Device::Cpu)?.reshape((4, 3))?;
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            let wire = encode_rows(&t.to_dtype(dtype)?, &[(1, 2), (3, 1)])?;
-            assert_eq!(wire[0].shape, vec![2, 3]);
-            let back = decode(&wire[0])?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            let wire = encode(&t.narrow(0, 1, 2)?.to_dtype(dtype)?)?;
+            assert_eq!(wire.shape, vec![2, 3]);
+            let back = decode(&wire)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
             assert_eq!(back, vec![vec![3.0, 4.0, 5.0], vec![6.0, 7.0, 8.0]]);
         }
         Ok(())

@@ -168,11 +168,7 @@ impl v1::worker_server::Worker for WorkerService {
         let mut outputs = Vec::with_capacity(result.outputs.len());
         for (seq_id, output) in result.outputs {
             let output = match output {
-                StepOutput::Hidden(t) => {
-                    let rows = t.dims()[0];
-                    let mut encoded = codec::encode_rows(&t, &[(0, rows)])?;
-                    v1::sequence_output::Output::Hidden(encoded.remove(0))
-                }
+                StepOutput::Hidden(t) => v1::sequence_output::Output::Hidden(codec::encode(&t)?),
                 StepOutput::Sampled(s) => v1::sequence_output::Output::Sampled(v1::SampledToken {
                     id: s.id,
                     logprob: s.logprob,
