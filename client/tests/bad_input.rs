@@ -40,16 +40,41 @@ fn forward(sequences: Vec<v1::SequenceInput>) -> v1::ForwardRequest {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
+/// A fresh worker process (extra flags appended) and a raw gRPC client to it.
+async fn spawn_worker(args: &[&str]) -> (WorkerProcess, WorkerClient<tonic::transport::Channel>) {
     let options = LocalOptions {
-        warmup: false,
+        worker_args: args.iter().map(|a| a.to_string()).collect(),
         ..LocalOptions::new(common::strata(), 1, common::default_model())
     };
     let worker = WorkerProcess::spawn(&options).await.unwrap();
-    let mut client = WorkerClient::connect(format!("http://{}", worker.address))
+    let client = WorkerClient::connect(format!("http://{}", worker.address))
         .await
         .unwrap();
+    (worker, client)
+}
+
+async fn fingerprint(client: &mut WorkerClient<tonic::transport::Channel>) -> String {
+    client
+        .info(v1::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .model
+        .unwrap()
+        .fingerprint
+}
+
+fn load(model_fingerprint: &str, start: u32, end: u32) -> v1::LoadStageRequest {
+    v1::LoadStageRequest {
+        model_fingerprint: model_fingerprint.into(),
+        layers: Some(v1::LayerRange { start, end }),
+        output_dtype: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
+    let (worker, mut client) = spawn_worker(&[]).await;
     use v1::sequence_input::Input;
 
     // Before LoadStage there is nothing to run.
@@ -60,20 +85,9 @@ async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("LoadStage"), "{}", err.message());
 
-    let fingerprint = client
-        .info(v1::InfoRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .model
-        .unwrap()
-        .fingerprint;
+    let fingerprint = fingerprint(&mut client).await;
     let err = client
-        .load_stage(v1::LoadStageRequest {
-            model_fingerprint: "not-this-model".into(),
-            layers: Some(v1::LayerRange { start: 15, end: 30 }),
-            output_dtype: 0,
-        })
+        .load_stage(load("not-this-model", 15, 30))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -83,22 +97,11 @@ async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
         err.message()
     );
     let err = client
-        .load_stage(v1::LoadStageRequest {
-            model_fingerprint: fingerprint.clone(),
-            layers: Some(v1::LayerRange { start: 20, end: 31 }),
-            output_dtype: 0,
-        })
+        .load_stage(load(&fingerprint, 20, 31))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    client
-        .load_stage(v1::LoadStageRequest {
-            model_fingerprint: fingerprint,
-            layers: Some(v1::LayerRange { start: 15, end: 30 }),
-            output_dtype: 0,
-        })
-        .await
-        .unwrap();
+    client.load_stage(load(&fingerprint, 15, 30)).await.unwrap();
 
     // A sequence with 3 cached positions, to check that rejected calls leave it alone.
     client
@@ -275,30 +278,9 @@ async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_memory_past_the_bound_is_refused_not_a_crash() {
-    let options = LocalOptions {
-        worker_args: vec!["--max-cache-mib".into(), "1".into()],
-        ..LocalOptions::new(common::strata(), 1, common::default_model())
-    };
-    let worker = WorkerProcess::spawn(&options).await.unwrap();
-    let mut client = WorkerClient::connect(format!("http://{}", worker.address))
-        .await
-        .unwrap();
-    let fingerprint = client
-        .info(v1::InfoRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .model
-        .unwrap()
-        .fingerprint;
-    client
-        .load_stage(v1::LoadStageRequest {
-            model_fingerprint: fingerprint,
-            layers: Some(v1::LayerRange { start: 15, end: 30 }),
-            output_dtype: 0,
-        })
-        .await
-        .unwrap();
+    let (worker, mut client) = spawn_worker(&["--max-cache-mib", "1"]).await;
+    let fingerprint = fingerprint(&mut client).await;
+    client.load_stage(load(&fingerprint, 15, 30)).await.unwrap();
     use v1::sequence_input::Input;
     // 15 layers × 3 kv heads × 64 × 4 bytes × 2 (k, v) = 23 KiB per position: 64 positions could
     // need ~3 MiB, over the 1 MiB bound.
