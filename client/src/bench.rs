@@ -359,13 +359,7 @@ pub async fn throughput_single(
         .ttft
         .iter()
         .zip(&run.generated)
-        .map(|(t, &n)| {
-            if n > 1 {
-                (n - 1) as f64 / (wall - t.as_secs_f64())
-            } else {
-                0.0
-            }
-        })
+        .map(|(&t, &n)| crate::client::decode_rate(n, t, run.wall))
         .sum::<f64>()
         / concurrency as f64;
     let (p50, p99) = ttft_percentiles(run.ttft.iter().map(|t| t.as_secs_f64() * 1e3).collect());

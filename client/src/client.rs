@@ -138,12 +138,7 @@ pub struct Generation {
 impl Generation {
     /// Decode speed: tokens after the first over the time after the first.
     pub fn decode_tokens_per_s(&self) -> f64 {
-        let n = self.token_ids.len();
-        let decode = self.total.saturating_sub(self.ttft).as_secs_f64();
-        if n < 2 || decode <= 0.0 {
-            return 0.0;
-        }
-        (n - 1) as f64 / decode
+        decode_rate(self.token_ids.len(), self.ttft, self.total)
     }
 
     /// End-to-end speed: tokens over the whole request time.
@@ -154,6 +149,16 @@ impl Generation {
         }
         self.token_ids.len() as f64 / total
     }
+}
+
+/// Decode speed of a stream of `tokens` whose first came at `ttft` and last at `total`: the tokens
+/// after the first over the time after the first (0 when there is nothing to measure).
+pub fn decode_rate(tokens: usize, ttft: Duration, total: Duration) -> f64 {
+    let decode = total.saturating_sub(ttft).as_secs_f64();
+    if tokens < 2 || decode <= 0.0 {
+        return 0.0;
+    }
+    (tokens - 1) as f64 / decode
 }
 
 /// A connection to a coordinator. Cheap to clone; clones share the connection.

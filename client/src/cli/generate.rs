@@ -112,12 +112,7 @@ async fn generate(
             }
             Event::Finished(f) => {
                 writeln!(stdout, "{}", f.trailing_text)?;
-                let decode = f.total.saturating_sub(f.ttft).as_secs_f64();
-                let rate = if tokens > 1 && decode > 0.0 {
-                    (tokens - 1) as f64 / decode
-                } else {
-                    0.0
-                };
+                let rate = strata_client::client::decode_rate(tokens, f.ttft, f.total);
                 eprintln!(
                     "[{} prompt tokens, {tokens} generated ({}), TTFT {:.0} ms, {:.1} tokens/s]",
                     f.prompt_ids.len(),
