@@ -26,14 +26,10 @@ pub fn measure(model: &Path, prompt: &[u32], decode: usize) -> candle_core::Resu
     let content = gguf_file::Content::read(&mut file)?;
     let device = Device::Cpu;
     let mut weights = ModelWeights::from_gguf(content, &mut file, &device)?;
-    // Warm up the same shapes once (thread pools, allocations), as strata's stages are warmed.
+    // Warm up once (thread pools, allocations), as strata's stages are warmed. The measured prefill
+    // below starts at position 0, where quantized_llama drops whatever its caches held.
     let warm = Tensor::new(&prompt[..prompt.len().min(8)], &device)?.unsqueeze(0)?;
     weights.forward(&warm, 0)?.to_vec2::<f32>()?;
-    let mut weights = {
-        let mut file = std::fs::File::open(model)?;
-        let content = gguf_file::Content::read(&mut file)?;
-        ModelWeights::from_gguf(content, &mut file, &device)?
-    };
     let started = Instant::now();
     let input = Tensor::new(prompt, &device)?.unsqueeze(0)?;
     let logits = weights.forward(&input, 0)?.squeeze(0)?.to_vec1::<f32>()?;
