@@ -291,11 +291,22 @@ impl Scheduler {
 
     /// Frees sequences on every stage without holding up the scheduler.
     fn release(&self, ids: Vec<u64>) {
-        if ids.is_empty() {
+        self.release_then_finish(ids, Vec::new());
+    }
+
+    /// Frees sequences on every stage, then sends their final events: a client that has seen its
+    /// `finished` event finds its caches gone from every worker. Runs beside the scheduler.
+    fn release_then_finish(&self, ids: Vec<u64>, finals: Vec<(EventSender, v1::GenerateResponse)>) {
+        if ids.is_empty() && finals.is_empty() {
             return;
         }
         let pipeline = self.pipeline.clone();
-        tokio::spawn(async move { pipeline.release(ids).await });
+        tokio::spawn(async move {
+            pipeline.release(ids).await;
+            for (events, last) in finals {
+                let _ = events.send(Ok(last));
+            }
+        });
     }
 
     /// Starts micro-batches while fewer than one per stage are in flight: with `S` stages and `N`
@@ -354,6 +365,7 @@ impl Scheduler {
             }
         };
         let mut finished = Vec::new();
+        let mut finals = Vec::new();
         for ((mut seq, fed), (_, sampled)) in
             done.sequences.into_iter().zip(done.fed).zip(result.sampled)
         {
@@ -378,13 +390,16 @@ impl Scheduler {
             }
             match advance(&mut seq, sampled, &self.tokenizer, self.context_length) {
                 Some(reason) => {
-                    finish(&mut seq, reason, &self.tokenizer);
+                    finals.push((
+                        seq.events.clone(),
+                        finish(&mut seq, reason, &self.tokenizer),
+                    ));
                     finished.push(seq.id);
                 }
                 None => self.ready.push(seq),
             }
         }
-        self.release(finished);
+        self.release_then_finish(finished, finals);
     }
 }
 
@@ -434,8 +449,12 @@ fn advance(
     }
 }
 
-/// Sends the final event of a sequence.
-fn finish(seq: &mut Sequence, reason: v1::FinishReason, tokenizer: &TextTokenizer) {
+/// The final event of a sequence.
+fn finish(
+    seq: &mut Sequence,
+    reason: v1::FinishReason,
+    tokenizer: &TextTokenizer,
+) -> v1::GenerateResponse {
     let trailing = if reason == v1::FinishReason::Stop {
         String::new()
     } else {
@@ -458,7 +477,7 @@ fn finish(seq: &mut Sequence, reason: v1::FinishReason, tokenizer: &TextTokenize
         stage_hop_us: seq.stage_hop.iter().map(|d| micros(*d)).collect(),
         trailing_text: trailing,
     };
-    let _ = seq.events.send(Ok(v1::GenerateResponse {
+    v1::GenerateResponse {
         event: Some(v1::generate_response::Event::Finished(finished)),
-    }));
+    }
 }
