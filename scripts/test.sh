@@ -6,10 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --disable-pip-version-check -r client/tests/python/requirements.txt
 cargo build --release --locked --workspace --bins --examples
-./target/release/strata fetch-model >/dev/null
+release="${CARGO_TARGET_DIR:-target}/release"
+"$release/strata" fetch-model >/dev/null
 cargo test --release --locked --workspace
 for example in test_pipeline test_batch_inference test_streaming_inference profile_pipeline benchmark_optimizations; do
   echo "=== example $example"
-  "./target/release/examples/$example"
+  "$release/examples/$example"
 done
 echo "examples: 5 passed, 0 failed"
