@@ -5,12 +5,12 @@ mod common;
 
 use std::time::Instant;
 
-use strata_client::{GenerateParams, StrataClient};
+use strata_client::GenerateParams;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cluster = common::local_cluster(2).await?;
-    let client = StrataClient::connect(cluster.url()).await?;
+    let client = cluster.client().await?;
     let prompts: Vec<String> = [
         "The capital of France is",
         "Once upon a time, there was a",

@@ -3,7 +3,7 @@
 
 mod common;
 
-use strata_client::{GenerateParams, StrataClient};
+use strata_client::GenerateParams;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -16,7 +16,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for workers in [1, 2] {
         let cluster = common::local_cluster(workers).await?;
         println!("{workers} stage(s): {:?}", cluster.plan());
-        let client = StrataClient::connect(cluster.url()).await?;
+        let client = cluster.client().await?;
         let g = client.generate_collect(prompt, &params).await?;
         println!("  {prompt}{}", g.text);
         println!(

@@ -8,13 +8,13 @@ use std::io::Write;
 use std::time::Instant;
 
 use futures::StreamExt;
-use strata_client::{Event, GenerateParams, StrataClient};
+use strata_client::{Event, GenerateParams};
 use strata_model::{ModelFile, TextTokenizer};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cluster = common::local_cluster(2).await?;
-    let client = StrataClient::connect(cluster.url()).await?;
+    let client = cluster.client().await?;
     let prompt = "Translate to French: I love coffee and cake.\nFrench:";
     let params = GenerateParams {
         max_tokens: 32,

@@ -88,7 +88,7 @@ pub async fn optimizations(
             let cluster = LocalCluster::start(opts)
                 .await
                 .map_err(ProfileError::Cluster)?;
-            let client = StrataClient::connect(cluster.url()).await?;
+            let client = cluster.client().await?;
             let params = GenerateParams {
                 max_tokens: w.max_tokens,
                 ignore_eos: true,

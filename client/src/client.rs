@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use strata_proto::v1;
 use strata_proto::v1::coordinator_client::CoordinatorClient;
-use tonic::transport::{Channel, Endpoint};
+use strata_transport::{AuthChannel, Security, TransportError};
 
 /// What can go wrong talking to a coordinator.
 #[derive(Debug, thiserror::Error)]
@@ -164,28 +164,31 @@ pub fn decode_rate(tokens: usize, ttft: Duration, total: Duration) -> f64 {
 /// A connection to a coordinator. Cheap to clone; clones share the connection.
 #[derive(Debug, Clone)]
 pub struct StrataClient {
-    inner: CoordinatorClient<Channel>,
+    inner: CoordinatorClient<AuthChannel>,
 }
 
 impl StrataClient {
-    /// Connects to `url` (`http://host:port`, or `host:port`).
+    /// Connects to `url` (`http://host:port`, or `host:port`) without TLS or a token.
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let url = if url.contains("://") {
-            url.to_string()
-        } else {
-            format!("http://{url}")
-        };
-        let fail = |reason: String| ClientError::Connect {
-            url: url.clone(),
-            reason,
-        };
-        let channel = Endpoint::from_shared(url.clone())
-            .map_err(|e| fail(e.to_string()))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .connect()
+        Self::connect_with(url, &Security::none()).await
+    }
+
+    /// Connects to `url` with `security`: TLS when it trusts a CA (then `host:port` means https),
+    /// and its token on every call.
+    pub async fn connect_with(url: &str, security: &Security) -> Result<Self, ClientError> {
+        let channel = security
+            .connect(url, Duration::from_secs(5))
             .await
-            .map_err(|e| fail(error_chain(&e)))?;
+            .map_err(|e| match e {
+                TransportError::Connect { address, reason } => ClientError::Connect {
+                    url: address,
+                    reason,
+                },
+                other => ClientError::Connect {
+                    url: url.to_string(),
+                    reason: other.to_string(),
+                },
+            })?;
         Ok(Self {
             inner: CoordinatorClient::new(channel).max_decoding_message_size(64 << 20),
         })
@@ -342,16 +345,4 @@ fn finished_from_wire(f: v1::GenerateFinished) -> Result<Finished, ClientError> 
             .collect(),
         trailing_text: f.trailing_text,
     })
-}
-
-/// A transport error with its causes.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

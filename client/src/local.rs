@@ -15,6 +15,10 @@ use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use strata_transport::{AuthToken, Security, SecurityFiles};
+
+use crate::client::{ClientError, StrataClient};
+
 /// The line a worker started with `--announce` prints on stdout once it listens.
 pub const ANNOUNCE_PREFIX: &str = "STRATA_LISTENING ";
 
@@ -56,6 +60,9 @@ pub struct LocalOptions {
     pub worker_args: Vec<String>,
     /// The coordinator's admission bounds.
     pub scheduler: SchedulerLimits,
+    /// TLS files and token for every port. Without a token, the cluster makes one up, so other
+    /// users of this host cannot drive its workers.
+    pub security: SecurityFiles,
 }
 
 impl LocalOptions {
@@ -70,6 +77,7 @@ impl LocalOptions {
             threads: None,
             worker_args: Vec::new(),
             scheduler: SchedulerLimits::default(),
+            security: SecurityFiles::default(),
         }
     }
 }
@@ -81,6 +89,7 @@ pub struct LocalCluster {
     stop_coordinator: Option<oneshot::Sender<()>>,
     coordinator: Option<JoinHandle<Result<(), strata_coordinator::CoordinatorError>>>,
     plan: Vec<(String, std::ops::Range<usize>)>,
+    security: Security,
 }
 
 /// A worker child process.
@@ -113,6 +122,26 @@ impl WorkerProcess {
         if let Some(threads) = options.threads {
             command.args(["--threads", &threads.to_string()]);
         }
+        let files = &options.security;
+        for (flag, path) in [
+            ("--tls-cert", &files.cert),
+            ("--tls-key", &files.key),
+            ("--tls-ca", &files.ca),
+            ("--auth-token-file", &files.token_file),
+        ] {
+            if let Some(path) = path {
+                command.arg(flag).arg(path);
+            }
+        }
+        if files.mutual_tls {
+            command.arg("--mutual-tls");
+        }
+        // In the environment, not on the command line, where every user of the host could read it.
+        command.env_remove("STRATA_KEYS");
+        match &files.token {
+            Some(token) => command.env("STRATA_AUTH_TOKEN", token),
+            None => command.env_remove("STRATA_AUTH_TOKEN"),
+        };
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "warn");
         }
@@ -176,10 +205,15 @@ impl WorkerProcess {
 
 impl LocalCluster {
     /// Starts the workers, then a coordinator over them on a free loopback port.
-    pub async fn start(options: LocalOptions) -> Result<Self, String> {
+    pub async fn start(mut options: LocalOptions) -> Result<Self, String> {
         if options.workers == 0 {
             return Err("a local cluster needs at least one worker".into());
         }
+        if options.security.token.is_none() && options.security.token_file.is_none() {
+            let token = AuthToken::generate().map_err(|e| e.to_string())?;
+            options.security.token = Some(token.as_str().to_string());
+        }
+        let security = Security::load(&options.security).map_err(|e| e.to_string())?;
         let spawns = (0..options.workers).map(|_| WorkerProcess::spawn(&options));
         let mut workers = Vec::new();
         let mut failure = None;
@@ -203,6 +237,7 @@ impl LocalCluster {
             scheduler: options.scheduler,
             requests: RequestLimits::default(),
             max_message_bytes: strata_worker::server::DEFAULT_MAX_MESSAGE_BYTES,
+            security: security.clone(),
         };
         let coordinator = match Coordinator::start(config).await {
             Ok(c) => c,
@@ -222,7 +257,12 @@ impl LocalCluster {
             .await
             .map_err(|e| format!("cannot listen on loopback: {e}"))?;
         let url = format!(
-            "http://{}",
+            "{}://{}",
+            if security.tls_enabled() {
+                "https"
+            } else {
+                "http"
+            },
             listener.local_addr().map_err(|e| e.to_string())?
         );
         let (stop_coordinator, stopped) = oneshot::channel::<()>();
@@ -235,7 +275,18 @@ impl LocalCluster {
             stop_coordinator: Some(stop_coordinator),
             coordinator: Some(server),
             plan,
+            security,
         })
+    }
+
+    /// A client of this cluster's coordinator, with its TLS and token.
+    pub async fn client(&self) -> Result<StrataClient, ClientError> {
+        StrataClient::connect_with(&self.url, &self.security).await
+    }
+
+    /// The TLS and token every port of this cluster requires.
+    pub fn security(&self) -> &Security {
+        &self.security
     }
 
     /// The coordinator's URL.

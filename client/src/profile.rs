@@ -13,8 +13,8 @@ use crate::{ClientError, GenerateParams, Generation, LocalCluster, LocalOptions,
 pub enum Target {
     /// Fresh local clusters (needed for the cold and warm start phases).
     Local(LocalOptions),
-    /// A running coordinator.
-    Remote(String),
+    /// A running coordinator, and the TLS and token to reach it with.
+    Remote(String, strata_transport::Security),
 }
 
 /// The summary the original profiler printed at the end.
@@ -101,7 +101,7 @@ pub async fn profile(
     let short = "The quick brown fox jumps over the lazy dog".to_string();
     let mut cluster: Option<LocalCluster> = None;
     let client = match target {
-        Target::Remote(url) => StrataClient::connect(&url).await?,
+        Target::Remote(url, security) => StrataClient::connect_with(&url, &security).await?,
         Target::Local(options) => {
             // A first request on fresh workers, with and without warmup, several times interleaved:
             // one sample each would be at the mercy of the machine's noise.
@@ -115,7 +115,7 @@ pub async fn profile(
                     })
                     .await
                     .map_err(ProfileError::Cluster)?;
-                    let client = StrataClient::connect(c.url()).await?;
+                    let client = c.client().await?;
                     let started = Instant::now();
                     let g = client.generate_collect(&short, &params(10)).await?;
                     wall[i] += started.elapsed();
@@ -139,7 +139,7 @@ pub async fn profile(
                 PhaseReport::from_generations("warm start", &warm, wall[1]),
                 &mut phases,
             );
-            StrataClient::connect(cluster.as_ref().expect("the warm cluster").url()).await?
+            cluster.as_ref().expect("the warm cluster").client().await?
         }
     };
     for n in [5u32, 10, 20, 50] {

@@ -29,7 +29,7 @@ async fn dropping_a_stream_frees_its_caches_on_every_stage() {
     ))
     .await
     .unwrap();
-    let client = StrataClient::connect(cluster.url()).await.unwrap();
+    let client = cluster.client().await.unwrap();
     let params = GenerateParams {
         max_tokens: 500,
         ignore_eos: true,
@@ -85,7 +85,7 @@ async fn a_flood_past_the_bounds_is_refused_and_the_rest_is_right() {
         ..LocalOptions::new(common::strata(), 2, common::default_model())
     };
     let cluster = LocalCluster::start(options).await.unwrap();
-    let client = StrataClient::connect(cluster.url()).await.unwrap();
+    let client = cluster.client().await.unwrap();
     // Long enough that all requests arrive while the first ones still run.
     let params = GenerateParams {
         max_tokens: 48,

@@ -2,7 +2,7 @@
 
 mod common;
 
-use strata_client::{GenerateParams, LocalCluster, LocalOptions, StrataClient};
+use strata_client::{GenerateParams, LocalCluster, LocalOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_match_solo_runs() {
@@ -12,7 +12,7 @@ async fn concurrent_requests_match_solo_runs() {
     })
     .await
     .unwrap();
-    let client = StrataClient::connect(cluster.url()).await.unwrap();
+    let client = cluster.client().await.unwrap();
     let prompts: Vec<String> = [
         "The capital of France is",
         "Once upon a time, there was a little",

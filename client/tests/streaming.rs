@@ -4,7 +4,7 @@
 mod common;
 
 use futures::StreamExt;
-use strata_client::{Event, GenerateParams, LocalCluster, LocalOptions, StrataClient};
+use strata_client::{Event, GenerateParams, LocalCluster, LocalOptions};
 use strata_model::{ModelFile, TextTokenizer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -14,7 +14,7 @@ async fn deltas_reassemble_multi_byte_characters() {
     let cluster = LocalCluster::start(LocalOptions::new(common::strata(), 1, model))
         .await
         .unwrap();
-    let client = StrataClient::connect(cluster.url()).await.unwrap();
+    let client = cluster.client().await.unwrap();
     // SmolLM2 answers this with 4-byte emoji, each spread over several byte-level tokens.
     let prompt = "Emoji of a rocket: 🚀. Emoji of a cat:";
     let params = GenerateParams {

@@ -30,6 +30,9 @@ pub enum CoordinatorError {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Model(#[from] strata_model::ModelError),
+    /// TLS or token setup is wrong.
+    #[error(transparent)]
+    Transport(#[from] strata_transport::TransportError),
     /// The client's request is not valid.
     #[error("{0}")]
     InvalidRequest(String),
@@ -85,7 +88,8 @@ impl From<CoordinatorError> for Status {
             }
             CoordinatorError::ModelMismatch { .. }
             | CoordinatorError::Plan(_)
-            | CoordinatorError::Model(_) => Code::FailedPrecondition,
+            | CoordinatorError::Model(_)
+            | CoordinatorError::Transport(_) => Code::FailedPrecondition,
             CoordinatorError::Protocol(_) => Code::Internal,
         };
         Status::new(code, e.to_string())

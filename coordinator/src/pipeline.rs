@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures::future::try_join_all;
 use strata_proto::v1;
 use strata_proto::v1::worker_client::WorkerClient;
-use tonic::transport::{Channel, Endpoint};
+use strata_transport::{AuthChannel, Security};
 
 use crate::CoordinatorError;
 
@@ -22,7 +22,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct StageHandle {
     /// The address the user gave.
     pub address: String,
-    pub client: WorkerClient<Channel>,
+    pub client: WorkerClient<AuthChannel>,
     pub device: String,
     pub layers: Range<usize>,
 }
@@ -31,7 +31,7 @@ pub struct StageHandle {
 #[derive(Debug, Clone)]
 pub struct ConnectedWorker {
     pub address: String,
-    pub client: WorkerClient<Channel>,
+    pub client: WorkerClient<AuthChannel>,
     pub info: v1::WorkerInfo,
 }
 
@@ -55,28 +55,24 @@ pub struct StepResult {
     pub stage_round_trip: Vec<Duration>,
 }
 
-/// Connects to a worker and asks for its `Info`; an unreachable address is an error naming it.
+/// Connects to a worker (with the cluster's TLS and token) and asks for its `Info`; an unreachable
+/// address is an error naming it.
 pub async fn connect(
     address: &str,
+    security: &Security,
     max_message_bytes: usize,
 ) -> Result<ConnectedWorker, CoordinatorError> {
-    let url = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
-    };
     let unreachable = |reason: String| CoordinatorError::WorkerUnreachable {
         address: address.to_string(),
         reason,
     };
-    let endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| unreachable(format!("invalid address {url:?}: {e}")))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true);
-    let channel = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect())
+    let channel = security
+        .connect(address, CONNECT_TIMEOUT)
         .await
-        .map_err(|_| unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
-        .map_err(|e| unreachable(error_chain(&e)))?;
+        .map_err(|e| match e {
+            strata_transport::TransportError::Connect { reason, .. } => unreachable(reason),
+            other => unreachable(other.to_string()),
+        })?;
     let mut client = WorkerClient::new(channel)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
@@ -311,16 +307,4 @@ impl Pipeline {
         });
         futures::future::join_all(calls).await
     }
-}
-
-/// A transport error with its causes, which is where the useful part ("connection refused") is.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

@@ -9,6 +9,7 @@ use futures::future::try_join_all;
 use strata_model::{ModelFile, TextTokenizer};
 use strata_proto::v1;
 use strata_proto::v1::coordinator_server::CoordinatorServer;
+use strata_transport::Security;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
@@ -32,11 +33,14 @@ pub struct CoordinatorConfig {
     pub requests: RequestLimits,
     /// Largest gRPC message to and from workers, in bytes.
     pub max_message_bytes: usize,
+    /// TLS and token: for dialing the workers and for serving clients.
+    pub security: Security,
 }
 
 /// A coordinator whose pipeline is loaded and whose scheduler runs; ready to serve.
 pub struct Coordinator {
     service: CoordinatorService,
+    security: Security,
 }
 
 impl Coordinator {
@@ -44,13 +48,11 @@ impl Coordinator {
     pub async fn start(config: CoordinatorConfig) -> Result<Self, CoordinatorError> {
         let model = ModelFile::open(&config.model)?;
         let tokenizer = Arc::new(TextTokenizer::load(&model)?);
-        let workers = try_join_all(
-            config
-                .workers
-                .iter()
-                .map(|address| pipeline::connect(address, config.max_message_bytes)),
-        )
-        .await?;
+        let workers =
+            try_join_all(config.workers.iter().map(|address| {
+                pipeline::connect(address, &config.security, config.max_message_bytes)
+            }))
+            .await?;
         for w in &workers {
             let theirs = w
                 .info
@@ -99,6 +101,7 @@ impl Coordinator {
                 pipeline,
                 limits: config.requests,
             },
+            security: config.security,
         })
     }
 
@@ -115,10 +118,18 @@ impl Coordinator {
     ) -> Result<(), CoordinatorError> {
         tracing::info!(
             address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            tls = self.security.tls_enabled(),
+            auth = self.security.token().is_some(),
             "coordinator listening"
         );
-        tonic::transport::Server::builder()
-            .add_service(CoordinatorServer::new(self.service))
+        let mut server = self
+            .security
+            .configure_server(tonic::transport::Server::builder())?;
+        server
+            .add_service(
+                self.security
+                    .server_auth(CoordinatorServer::new(self.service)),
+            )
             // Token-at-a-time traffic is latency-bound: without TCP_NODELAY, Nagle's algorithm and
             // delayed ACKs add ~40 ms to every hop.
             .serve_with_incoming_shutdown(

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use strata_model::ModelFile;
 use strata_proto::v1::worker_server::WorkerServer;
+use strata_transport::Security;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
@@ -26,6 +27,8 @@ pub struct WorkerConfig {
     pub limits: EngineLimits,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
+    /// TLS and the token every call must carry.
+    pub security: Security,
 }
 
 /// The default message limit: a 4096-token prefill of a 4096-wide f32 model, with room to spare.
@@ -50,14 +53,20 @@ pub async fn run(
         device = %identity.device,
         model = %model.path.display(),
         layers = model.config.num_layers,
+        tls = config.security.tls_enabled(),
+        auth = config.security.token().is_some(),
         "worker listening"
     );
     let engine = Engine::start(model, device, config.options, config.limits, config.threads)?;
     let service = WorkerServer::new(WorkerService::new(engine, identity))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    tonic::transport::Server::builder()
-        .add_service(service)
+    let mut server = config
+        .security
+        .configure_server(tonic::transport::Server::builder())
+        .map_err(|e| WorkerError::Internal(e.to_string()))?;
+    server
+        .add_service(config.security.server_auth(service))
         // Token-at-a-time traffic is latency-bound: without TCP_NODELAY, Nagle's algorithm and
         // delayed ACKs add ~40 ms to every hop.
         .serve_with_incoming_shutdown(

@@ -9,7 +9,6 @@ use strata_client::bench::{
     optimizations, render_optimizations, throughput, throughput_single, OptimizationWorkload,
 };
 use strata_client::single_process::SingleProcess;
-use strata_client::StrataClient;
 
 use super::cluster::ClusterArgs;
 
@@ -52,6 +51,8 @@ struct ThroughputArgs {
     json: Option<PathBuf>,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Bench {
     /// The same workload with each per-stage optimization (RoPE table, mask cache, warmup) on and off.
@@ -132,23 +133,26 @@ async fn run_throughput(args: ThroughputArgs) -> anyhow::Result<()> {
             rows.push(row);
         }
     } else {
-        let (cluster, url, setup) = match &args.cluster.coordinator {
-            Some(url) => (None, url.clone(), format!("coordinator {url}")),
+        let (cluster, client, setup) = match &args.cluster.coordinator {
+            Some(url) => (
+                None,
+                args.cluster.connect(url).await?,
+                format!("coordinator {url}"),
+            ),
             None => {
                 let c = args.cluster.start_local(true).await?;
-                let url = c.url().to_string();
+                let client = c.client().await?;
                 let threads = args
                     .cluster
                     .threads
                     .map_or("every core".to_string(), |t| format!("{t} threads"));
                 (
                     Some(c),
-                    url,
+                    client,
                     format!("{} stages ({threads})", args.cluster.local.unwrap_or(2)),
                 )
             }
         };
-        let client = StrataClient::connect(&url).await?;
         for &c in &args.concurrency {
             let row = throughput(&client, &setup, c, args.max_tokens).await?;
             println!("{}", row.render());

@@ -4,8 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use strata_client::{LocalCluster, LocalOptions};
+use strata_client::{LocalCluster, LocalOptions, StrataClient};
 use strata_coordinator::plan::SplitSpec;
+
+use super::security::SecurityArgs;
 
 #[derive(Debug, Args)]
 pub struct ClusterArgs {
@@ -25,6 +27,8 @@ pub struct ClusterArgs {
     /// Compute threads per local worker (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
+    #[command(flatten)]
+    pub security: SecurityArgs,
 }
 
 impl ClusterArgs {
@@ -45,7 +49,13 @@ impl ClusterArgs {
             threads: self.threads,
             worker_args,
             scheduler: Default::default(),
+            security: self.security.files(),
         })
+    }
+
+    /// Connects to `url` with these TLS and token settings.
+    pub async fn connect(&self, url: &str) -> anyhow::Result<StrataClient> {
+        Ok(StrataClient::connect_with(url, &self.security.load()?).await?)
     }
 
     /// Starts the local cluster these arguments describe, with extra worker flags.

@@ -10,6 +10,7 @@ use strata_coordinator::service::RequestLimits;
 use strata_coordinator::CoordinatorConfig;
 use tokio::net::TcpListener;
 
+use super::security::SecurityArgs;
 use super::shutdown_signal;
 
 #[derive(Debug, Args)]
@@ -43,6 +44,12 @@ pub struct CoordinatorArgs {
     /// The most new tokens one request may ask for.
     #[arg(long, env = "STRATA_MAX_NEW_TOKENS", default_value_t = RequestLimits::default().max_new_tokens)]
     max_new_tokens: usize,
+    #[command(flatten)]
+    security: SecurityArgs,
+    /// Allow listening beyond loopback without TLS and a token (anyone who can reach the port can
+    /// use it).
+    #[arg(long, env = "STRATA_INSECURE")]
+    insecure: bool,
     /// Print `STRATA_LISTENING <addr>` on stdout once serving (for the process that started us).
     #[arg(long, hide = true)]
     announce: bool,
@@ -50,6 +57,12 @@ pub struct CoordinatorArgs {
 
 pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     let model = strata_client::model_cache::resolve_model(args.model.as_deref())?;
+    let security = args.security.load()?;
+    // Check the listen address before loading anything, so a refused bind fails at once.
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    security.check_listen(listener.local_addr()?, args.insecure)?;
     let config = CoordinatorConfig {
         model,
         workers: args.workers,
@@ -65,6 +78,7 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
             ..RequestLimits::default()
         },
         max_message_bytes: strata_worker::server::DEFAULT_MAX_MESSAGE_BYTES,
+        security,
     };
     let coordinator = strata_coordinator::Coordinator::start(config).await?;
     for s in coordinator.stages() {
@@ -73,9 +87,6 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
             s.layers.start, s.layers.end, s.address, s.device
         );
     }
-    let listener = TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
     if args.announce {
         println!(
             "{}{}",

@@ -71,11 +71,11 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ignore_eos: args.ignore_eos,
     };
     if let Some(url) = &args.cluster.coordinator {
-        let client = StrataClient::connect(url).await?;
+        let client = args.cluster.connect(url).await?;
         return generate(&client, &args, &params).await;
     }
     let cluster = args.cluster.start_local(!args.no_warmup).await?;
-    let client = StrataClient::connect(cluster.url()).await;
+    let client = cluster.client().await;
     let result = match client {
         Ok(client) => generate(&client, &args, &params).await,
         Err(e) => Err(e.into()),

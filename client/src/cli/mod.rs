@@ -5,8 +5,10 @@ mod cluster;
 mod coordinator;
 mod fetch;
 mod generate;
+mod keys;
 mod make_model;
 mod profile;
+mod security;
 mod tokenize;
 mod worker;
 
@@ -21,6 +23,8 @@ pub struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve a stage of a model on one device (the coordinator decides which layers).
@@ -39,6 +43,8 @@ enum Command {
     Profile(profile::ProfileArgs),
     /// Benchmarks that print numbers and JSON.
     Bench(bench::BenchArgs),
+    /// Write a private CA, a node certificate and a shared token for a secure cluster.
+    Keys(keys::KeysArgs),
 }
 
 impl Cli {
@@ -69,6 +75,7 @@ impl Cli {
             Command::MakeModel(a) => make_model::run(a),
             Command::Profile(a) => profile::run(a).await,
             Command::Bench(a) => bench::run(a).await,
+            Command::Keys(a) => keys::run(a),
         }
     }
 }

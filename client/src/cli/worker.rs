@@ -9,6 +9,7 @@ use strata_worker::model::StageOptions;
 use strata_worker::WorkerConfig;
 use tokio::net::TcpListener;
 
+use super::security::SecurityArgs;
 use super::shutdown_signal;
 
 #[derive(Debug, Args)]
@@ -45,6 +46,12 @@ pub struct WorkerArgs {
     /// Run Q4_1 weights with candle's CPU kernel instead of strata's (only to measure the difference).
     #[arg(long, hide = true)]
     candle_kernels: bool,
+    #[command(flatten)]
+    security: SecurityArgs,
+    /// Allow listening beyond loopback without TLS and a token (anyone who can reach the port can
+    /// use it).
+    #[arg(long, env = "STRATA_INSECURE")]
+    insecure: bool,
     /// Print `STRATA_LISTENING <addr>` on stdout once listening (for the process that started us).
     #[arg(long, hide = true)]
     announce: bool,
@@ -58,6 +65,8 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let security = args.security.load()?;
+    security.check_listen(listener.local_addr()?, args.insecure)?;
     if args.announce {
         println!(
             "{}{}",
@@ -85,6 +94,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             ..EngineLimits::default()
         },
         max_message_bytes: args.max_message_mib << 20,
+        security,
     };
     strata_worker::run(listener, config, shutdown_signal(args.exit_on_stdin_eof)).await?;
     tracing::info!("worker stopped");

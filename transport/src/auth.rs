@@ -1,0 +1,195 @@
+//! The shared bearer token: read from a file or the environment, attached by clients, checked by
+//! servers on every call.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::{Request, Status};
+
+use crate::TransportError;
+
+/// Shortest token accepted: guessing must be out of reach.
+const MIN_TOKEN_CHARS: usize = 16;
+
+/// A cluster's shared secret. `Debug` never prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AuthToken(Arc<str>);
+
+impl fmt::Debug for AuthToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AuthToken(<redacted>)")
+    }
+}
+
+impl AuthToken {
+    /// Checks that `token` is long enough and fits in an HTTP header.
+    pub fn new(token: &str) -> Result<Self, TransportError> {
+        let token = token.trim();
+        if token.chars().count() < MIN_TOKEN_CHARS {
+            return Err(TransportError::Invalid(format!(
+                "the auth token has {} characters; use at least {MIN_TOKEN_CHARS} (`strata keys` makes one)",
+                token.chars().count()
+            )));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(TransportError::Invalid(
+                "the auth token must be printable ASCII without spaces".into(),
+            ));
+        }
+        Ok(Self(token.into()))
+    }
+
+    /// The first line of `path`.
+    pub fn read(path: &Path) -> Result<Self, TransportError> {
+        let text = std::fs::read_to_string(path).map_err(|e| TransportError::Read {
+            what: "the auth token",
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Self::new(text.lines().next().unwrap_or_default())
+    }
+
+    /// A fresh random token (256 bits, hex).
+    pub fn generate() -> Result<Self, TransportError> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes)
+            .map_err(|e| TransportError::Invalid(format!("no randomness for a token: {e}")))?;
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Self::new(&hex)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Compares in time independent of where the first difference is.
+    fn matches(&self, presented: &[u8]) -> bool {
+        let expected = self.0.as_bytes();
+        if presented.len() != expected.len() {
+            return false;
+        }
+        presented
+            .iter()
+            .zip(expected)
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
+    }
+}
+
+/// Server side: rejects calls whose `authorization` header is not `Bearer <token>`.
+#[derive(Debug, Clone)]
+pub struct ServerAuth {
+    token: Option<AuthToken>,
+}
+
+impl ServerAuth {
+    pub fn new(token: Option<AuthToken>) -> Self {
+        Self { token }
+    }
+}
+
+impl Interceptor for ServerAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(token) = &self.token else {
+            return Ok(request);
+        };
+        let Some(header) = request.metadata().get("authorization") else {
+            return Err(Status::unauthenticated(
+                "this server requires an auth token: send `authorization: Bearer <token>` \
+                 (strata: --auth-token-file or --keys)",
+            ));
+        };
+        let presented = header.as_bytes();
+        let presented = presented
+            .strip_prefix(b"Bearer ")
+            .or_else(|| presented.strip_prefix(b"bearer "))
+            .unwrap_or(presented);
+        if token.matches(presented) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated("wrong auth token"))
+        }
+    }
+}
+
+/// Client side: adds `authorization: Bearer <token>` to every call (nothing without a token).
+#[derive(Debug, Clone)]
+pub struct ClientAuth {
+    header: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl ClientAuth {
+    pub fn new(token: Option<AuthToken>) -> Self {
+        // A token that passed `AuthToken::new` is printable ASCII, so the header always parses.
+        let header = token.and_then(|t| format!("Bearer {}", t.as_str()).parse().ok());
+        Self { header }
+    }
+}
+
+impl Interceptor for ClientAuth {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(header) = &self.header {
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+        }
+        Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(auth: &mut ServerAuth, header: Option<&str>) -> Result<(), Status> {
+        let mut request = Request::new(());
+        if let Some(h) = header {
+            request
+                .metadata_mut()
+                .insert("authorization", h.parse().unwrap());
+        }
+        auth.call(request).map(|_| ())
+    }
+
+    #[test]
+    fn server_checks_the_bearer_token() {
+        let token = AuthToken::new("0123456789abcdef0123").unwrap();
+        let mut auth = ServerAuth::new(Some(token));
+        assert!(call(&mut auth, Some("Bearer 0123456789abcdef0123")).is_ok());
+        let missing = call(&mut auth, None).unwrap_err();
+        assert_eq!(missing.code(), tonic::Code::Unauthenticated);
+        assert!(missing.message().contains("requires an auth token"));
+        let wrong = call(&mut auth, Some("Bearer 0123456789abcdef0124")).unwrap_err();
+        assert_eq!(wrong.message(), "wrong auth token");
+        assert!(call(&mut auth, Some("Bearer 0123456789abcdef012")).is_err());
+        assert!(call(&mut auth, Some("Bearer ")).is_err());
+    }
+
+    #[test]
+    fn without_a_token_every_call_passes() {
+        assert!(call(&mut ServerAuth::new(None), None).is_ok());
+    }
+
+    #[test]
+    fn client_attaches_what_the_server_expects() {
+        let token = AuthToken::generate().unwrap();
+        let mut client = ClientAuth::new(Some(token.clone()));
+        let request = client.call(Request::new(())).unwrap();
+        assert!(ServerAuth::new(Some(token)).call(request).is_ok());
+    }
+
+    #[test]
+    fn short_or_odd_tokens_are_refused() {
+        assert!(AuthToken::new("short").is_err());
+        assert!(AuthToken::new("has a space in the middle!").is_err());
+        assert!(AuthToken::new("  0123456789abcdef\n").is_ok());
+        assert_eq!(AuthToken::generate().unwrap().as_str().len(), 64);
+        assert_eq!(
+            format!("{:?}", AuthToken::generate().unwrap()),
+            "AuthToken(<redacted>)"
+        );
+    }
+}

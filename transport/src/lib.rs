@@ -1,0 +1,233 @@
+//! Security for every strata gRPC port: TLS (rustls) and a shared bearer token.
+//!
+//! Workers and coordinators build their servers with [`Security::configure_server`] and wrap each
+//! service in [`Security::server_auth`]; the coordinator and clients dial with [`Security::connect`],
+//! whose channel attaches the token to every call. `strata keys` writes a cluster's files with
+//! [`keys::generate`].
+
+mod auth;
+pub mod keys;
+mod tls;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint, Server};
+
+pub use auth::{AuthToken, ClientAuth, ServerAuth};
+pub use tls::TlsMaterial;
+
+/// A channel that carries the token on every call.
+pub type AuthChannel = InterceptedService<Channel, ClientAuth>;
+
+/// What can go wrong setting up security or dialing a peer.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot read {what} from {path}: {reason}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("invalid security setup: {0}")]
+    Invalid(String),
+    #[error(
+        "refusing to listen on {address} without TLS and an auth token: anyone who can reach it \
+         could use it. Run `strata keys --out DIR` and pass `--keys DIR` (or --tls-cert/--tls-key \
+         and --auth-token-file), or pass --insecure to accept the risk"
+    )]
+    InsecureBind { address: SocketAddr },
+    #[error("cannot connect to {address}: {reason}")]
+    Connect { address: String, reason: String },
+    #[error("cannot write {path}: {reason}")]
+    Write { path: PathBuf, reason: String },
+}
+
+/// Where a node's security material lives (all optional; each part works alone).
+#[derive(Debug, Clone, Default)]
+pub struct SecurityFiles {
+    /// This node's certificate chain (PEM); with `key`, enables TLS on its server and is presented as
+    /// a client certificate when it dials.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Certificates trusted for peers (PEM). Needed to dial a TLS peer whose certificate is not from
+    /// this CA... i.e. always when dialing TLS with self-made keys.
+    pub ca: Option<PathBuf>,
+    /// Servers also require clients to present a certificate signed by `ca` (mutual TLS).
+    pub mutual_tls: bool,
+    /// The shared token's file (its first line).
+    pub token_file: Option<PathBuf>,
+    /// The token itself (e.g. from an environment variable); `token_file` wins if both are set.
+    pub token: Option<String>,
+    /// The name to expect in peers' certificates instead of the host in their address.
+    pub server_name: Option<String>,
+}
+
+impl SecurityFiles {
+    /// The files `strata keys --out dir` writes.
+    pub fn from_keys_dir(dir: &Path) -> Self {
+        Self {
+            cert: Some(dir.join(keys::CERT_FILE)),
+            key: Some(dir.join(keys::KEY_FILE)),
+            ca: Some(dir.join(keys::CA_FILE)),
+            token_file: Some(dir.join(keys::TOKEN_FILE)),
+            ..Self::default()
+        }
+    }
+}
+
+/// A node's loaded security: TLS material and the shared token, either of which may be absent.
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    tls: Option<TlsMaterial>,
+    token: Option<AuthToken>,
+    server_name: Option<String>,
+}
+
+impl Security {
+    /// No TLS, no token: only for loopback or with `--insecure`.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// A token only (e.g. local workers started by one process).
+    pub fn with_token(token: AuthToken) -> Self {
+        Self {
+            token: Some(token),
+            ..Self::default()
+        }
+    }
+
+    /// Reads every file named in `files`.
+    pub fn load(files: &SecurityFiles) -> Result<Self, TransportError> {
+        let tls = TlsMaterial::load(files)?;
+        let token = match (&files.token_file, &files.token) {
+            (Some(path), _) => Some(AuthToken::read(path)?),
+            (None, Some(token)) => Some(AuthToken::new(token)?),
+            (None, None) => None,
+        };
+        Ok(Self {
+            tls,
+            token,
+            server_name: files.server_name.clone(),
+        })
+    }
+
+    pub fn tls_enabled(&self) -> bool {
+        self.tls.as_ref().is_some_and(TlsMaterial::can_serve)
+    }
+
+    pub fn token(&self) -> Option<&AuthToken> {
+        self.token.as_ref()
+    }
+
+    /// Refuses a non-loopback listen address unless both TLS and a token are on, or the user said
+    /// `--insecure` (then it warns).
+    pub fn check_listen(&self, address: SocketAddr, insecure: bool) -> Result<(), TransportError> {
+        if address.ip().is_loopback() || (self.tls_enabled() && self.token.is_some()) {
+            return Ok(());
+        }
+        if insecure {
+            tracing::warn!(
+                %address,
+                tls = self.tls_enabled(),
+                token = self.token.is_some(),
+                "listening beyond loopback without TLS and a token (--insecure)"
+            );
+            return Ok(());
+        }
+        Err(TransportError::InsecureBind { address })
+    }
+
+    /// Turns on TLS for a server when this node has a certificate and key.
+    pub fn configure_server(&self, server: Server) -> Result<Server, TransportError> {
+        match self.tls.as_ref().and_then(TlsMaterial::server_config) {
+            Some(config) => server
+                .tls_config(config)
+                .map_err(|e| TransportError::Invalid(format!("TLS server setup failed: {e}"))),
+            None => Ok(server),
+        }
+    }
+
+    /// Wraps a service so every call must carry the token (when one is set).
+    pub fn server_auth<S>(&self, service: S) -> InterceptedService<S, ServerAuth> {
+        InterceptedService::new(service, ServerAuth::new(self.token.clone()))
+    }
+
+    /// The endpoint for `address` (`host:port`, or a URL): https when this node trusts a CA.
+    pub fn endpoint(&self, address: &str) -> Result<Endpoint, TransportError> {
+        let connect_error = |reason: String| TransportError::Connect {
+            address: address.to_string(),
+            reason,
+        };
+        let tls = self
+            .tls
+            .as_ref()
+            .and_then(|t| t.client_config(self.server_name.as_deref()));
+        let url = if address.contains("://") {
+            address.to_string()
+        } else if tls.is_some() {
+            format!("https://{address}")
+        } else {
+            format!("http://{address}")
+        };
+        let mut endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| connect_error(format!("invalid address {url:?}: {e}")))?
+            .tcp_nodelay(true);
+        if let Some(config) = tls {
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|e| connect_error(format!("TLS setup failed: {e}")))?;
+        }
+        Ok(endpoint)
+    }
+
+    /// Connects to `address` within `timeout`; the channel attaches the token to every call.
+    pub async fn connect(
+        &self,
+        address: &str,
+        timeout: Duration,
+    ) -> Result<AuthChannel, TransportError> {
+        let endpoint = self.endpoint(address)?.connect_timeout(timeout);
+        let channel = tokio_timeout(timeout, endpoint.connect())
+            .await
+            .map_err(|_| TransportError::Connect {
+                address: address.to_string(),
+                reason: format!("no answer within {timeout:?}"),
+            })?
+            .map_err(|e| TransportError::Connect {
+                address: address.to_string(),
+                reason: error_chain(&e),
+            })?;
+        Ok(self.authorize(channel))
+    }
+
+    /// Attaches the token to every call on `channel`.
+    pub fn authorize(&self, channel: Channel) -> AuthChannel {
+        InterceptedService::new(channel, ClientAuth::new(self.token.clone()))
+    }
+}
+
+async fn tokio_timeout<F: std::future::Future>(
+    timeout: Duration,
+    future: F,
+) -> Result<F::Output, ()> {
+    tokio::time::timeout(timeout, future).await.map_err(|_| ())
+}
+
+/// An error and its sources on one line (tonic's transport errors hide the reason in the chain).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

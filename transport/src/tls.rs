@@ -1,0 +1,102 @@
+//! TLS material read from PEM files, turned into tonic's server and client configurations.
+
+use std::path::{Path, PathBuf};
+
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+use crate::{SecurityFiles, TransportError};
+
+/// A node's PEM files, loaded.
+#[derive(Debug, Clone)]
+pub struct TlsMaterial {
+    /// Certificate chain and private key: this node's identity as a server and as a client.
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// Trusted roots for peers.
+    ca: Option<Vec<u8>>,
+    mutual: bool,
+}
+
+impl TlsMaterial {
+    /// `None` when no TLS file is named.
+    pub fn load(files: &SecurityFiles) -> Result<Option<Self>, TransportError> {
+        let identity = match (&files.cert, &files.key) {
+            (Some(cert), Some(key)) => Some((
+                read_pem(cert, "the TLS certificate", "CERTIFICATE")?,
+                read_pem(key, "the TLS private key", "PRIVATE KEY")?,
+            )),
+            (None, None) => None,
+            _ => {
+                return Err(TransportError::Invalid(
+                    "--tls-cert and --tls-key go together".into(),
+                ))
+            }
+        };
+        let ca = match &files.ca {
+            Some(path) => Some(read_pem(path, "the TLS CA certificate", "CERTIFICATE")?),
+            None => None,
+        };
+        if files.mutual_tls && (ca.is_none() || identity.is_none()) {
+            return Err(TransportError::Invalid(
+                "mutual TLS needs --tls-ca (to check peers) and --tls-cert/--tls-key (to be checked)"
+                    .into(),
+            ));
+        }
+        if identity.is_none() && ca.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            identity,
+            ca,
+            mutual: files.mutual_tls,
+        }))
+    }
+
+    /// Whether this node serves TLS.
+    pub fn can_serve(&self) -> bool {
+        self.identity.is_some()
+    }
+
+    pub fn server_config(&self) -> Option<ServerTlsConfig> {
+        let (cert, key) = self.identity.as_ref()?;
+        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        if self.mutual {
+            if let Some(ca) = &self.ca {
+                config = config.client_ca_root(Certificate::from_pem(ca));
+            }
+        }
+        Some(config)
+    }
+
+    /// TLS for dialing, when this node trusts a CA; presents its own certificate too (for servers
+    /// that require mutual TLS).
+    pub fn client_config(&self, server_name: Option<&str>) -> Option<ClientTlsConfig> {
+        let ca = self.ca.as_ref()?;
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some((cert, key)) = &self.identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(name) = server_name {
+            config = config.domain_name(name);
+        }
+        Some(config)
+    }
+}
+
+/// Reads a PEM file and checks it holds a block of the expected kind, so a swapped or empty file
+/// is named here rather than failing later inside a handshake.
+fn read_pem(path: &Path, what: &'static str, label: &str) -> Result<Vec<u8>, TransportError> {
+    let read_error = |reason: String| TransportError::Read {
+        what,
+        path: PathBuf::from(path),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| read_error(e.to_string()))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let has_block = text
+        .lines()
+        .any(|line| line.starts_with("-----BEGIN ") && line.contains(label));
+    if !has_block {
+        return Err(read_error(format!("no PEM block with {label:?} in it")));
+    }
+    Ok(bytes)
+}
