@@ -275,6 +275,16 @@ impl StrataClient {
             .await?
             .into_inner())
     }
+
+    /// Whether the coordinator can serve now (`NOT_READY` with the reason while a stage is lost).
+    pub async fn health(&self) -> Result<v1::HealthResponse, ClientError> {
+        Ok(self
+            .inner
+            .clone()
+            .health(v1::HealthRequest {})
+            .await?
+            .into_inner())
+    }
 }
 
 /// Collects a stream into a [`Generation`].

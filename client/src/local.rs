@@ -101,12 +101,17 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     /// Starts `strata worker` on a free loopback port and waits until it listens.
     pub async fn spawn(options: &LocalOptions) -> Result<Self, String> {
+        Self::spawn_at(options, "127.0.0.1:0").await
+    }
+
+    /// Starts `strata worker` listening on `listen` (e.g. the address of one that died).
+    pub async fn spawn_at(options: &LocalOptions, listen: &str) -> Result<Self, String> {
         let mut command = Command::new(&options.binary);
         command
             .arg("worker")
             .args([
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--device",
                 "cpu",
                 "--announce",
@@ -238,6 +243,8 @@ impl LocalCluster {
             requests: RequestLimits::default(),
             max_message_bytes: strata_worker::server::DEFAULT_MAX_MESSAGE_BYTES,
             security: security.clone(),
+            spares: Vec::new(),
+            stage_timeout: Duration::from_secs(120),
         };
         let coordinator = match Coordinator::start(config).await {
             Ok(c) => c,

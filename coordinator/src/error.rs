@@ -42,6 +42,9 @@ pub enum CoordinatorError {
     /// A worker answered something that breaks the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A stage is down and no request can run until it is back.
+    #[error("{0}")]
+    Unavailable(String),
     /// The coordinator is stopping.
     #[error("the coordinator is shutting down")]
     ShuttingDown,
@@ -57,15 +60,28 @@ impl CoordinatorError {
         }
     }
 
-    /// Whether the failure means a worker is gone (as opposed to a request it refused).
+    /// Whether the failure means a worker is gone (as opposed to a request it refused): it cannot
+    /// be reached, it broke off, it hung, or it answers but has lost its stage (it was restarted).
     pub fn is_worker_loss(&self) -> bool {
         matches!(
             self,
             Self::Stage {
-                code: Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded,
+                code: Code::Unavailable
+                    | Code::Unknown
+                    | Code::Cancelled
+                    | Code::DeadlineExceeded
+                    | Code::FailedPrecondition,
                 ..
             }
         )
+    }
+
+    /// The stage a failure happened at.
+    pub fn stage_index(&self) -> Option<usize> {
+        match self {
+            Self::Stage { stage, .. } => Some(*stage),
+            _ => None,
+        }
     }
 }
 
@@ -74,9 +90,9 @@ impl From<CoordinatorError> for Status {
         let code = match &e {
             CoordinatorError::InvalidRequest(_) => Code::InvalidArgument,
             CoordinatorError::Overloaded(_) => Code::ResourceExhausted,
-            CoordinatorError::WorkerUnreachable { .. } | CoordinatorError::ShuttingDown => {
-                Code::Unavailable
-            }
+            CoordinatorError::WorkerUnreachable { .. }
+            | CoordinatorError::Unavailable(_)
+            | CoordinatorError::ShuttingDown => Code::Unavailable,
             e @ CoordinatorError::Stage { code, .. } => {
                 if e.is_worker_loss() {
                     Code::Unavailable

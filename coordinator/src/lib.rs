@@ -12,6 +12,7 @@ pub mod detokenize;
 pub mod error;
 pub mod pipeline;
 pub mod plan;
+pub mod recovery;
 pub mod scheduler;
 pub mod server;
 pub mod service;

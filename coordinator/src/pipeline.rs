@@ -88,6 +88,29 @@ pub async fn connect(
     })
 }
 
+/// Refuses a worker that holds another model than `fingerprint` (the coordinator's, from `path`).
+pub fn check_fingerprint(
+    worker: &ConnectedWorker,
+    fingerprint: &str,
+    path: &str,
+) -> Result<(), CoordinatorError> {
+    let theirs = worker
+        .info
+        .model
+        .as_ref()
+        .map(|m| m.fingerprint.clone())
+        .unwrap_or_default();
+    if theirs == fingerprint {
+        return Ok(());
+    }
+    Err(CoordinatorError::ModelMismatch {
+        address: worker.address.clone(),
+        theirs,
+        ours: fingerprint.to_string(),
+        path: path.to_string(),
+    })
+}
+
 /// Running totals of one stage's work, shared by every clone of the pipeline.
 #[derive(Debug, Default)]
 pub struct StageCounters {
@@ -103,6 +126,40 @@ pub struct StageCounters {
 pub struct Pipeline {
     stages: Vec<StageHandle>,
     counters: Arc<Vec<StageCounters>>,
+    /// Bumped each time a stage moves to another worker; caches made under an older generation are
+    /// incomplete.
+    generation: u64,
+    /// The longest a stage may take to answer one Forward before it counts as lost.
+    stage_timeout: Duration,
+}
+
+/// Loads `layers` on one worker as stage `index`.
+pub async fn load_stage(
+    index: usize,
+    worker: ConnectedWorker,
+    layers: Range<usize>,
+    fingerprint: &str,
+    hidden_dtype: v1::DType,
+) -> Result<StageHandle, CoordinatorError> {
+    let request = v1::LoadStageRequest {
+        model_fingerprint: fingerprint.to_string(),
+        layers: Some(v1::LayerRange {
+            start: layers.start as u32,
+            end: layers.end as u32,
+        }),
+        output_dtype: hidden_dtype as i32,
+    };
+    let mut client = worker.client.clone();
+    client
+        .load_stage(request)
+        .await
+        .map_err(|status| CoordinatorError::stage(index, &worker.address, status))?;
+    Ok(StageHandle {
+        address: worker.address,
+        client,
+        device: worker.info.device,
+        layers,
+    })
 }
 
 impl Pipeline {
@@ -112,37 +169,57 @@ impl Pipeline {
         plan: &[Range<usize>],
         fingerprint: &str,
         hidden_dtype: v1::DType,
+        stage_timeout: Duration,
     ) -> Result<Self, CoordinatorError> {
         let loads = workers
             .into_iter()
             .zip(plan)
             .enumerate()
-            .map(|(i, (w, range))| {
-                let request = v1::LoadStageRequest {
-                    model_fingerprint: fingerprint.to_string(),
-                    layers: Some(v1::LayerRange {
-                        start: range.start as u32,
-                        end: range.end as u32,
-                    }),
-                    output_dtype: hidden_dtype as i32,
-                };
-                async move {
-                    let mut client = w.client.clone();
-                    client
-                        .load_stage(request)
-                        .await
-                        .map_err(|status| CoordinatorError::stage(i, &w.address, status))?;
-                    Ok::<_, CoordinatorError>(StageHandle {
-                        address: w.address,
-                        client,
-                        device: w.info.device,
-                        layers: range.clone(),
-                    })
-                }
-            });
+            .map(|(i, (w, range))| load_stage(i, w, range.clone(), fingerprint, hidden_dtype));
         let stages = try_join_all(loads).await?;
         let counters = Arc::new(stages.iter().map(|_| StageCounters::default()).collect());
-        Ok(Self { stages, counters })
+        Ok(Self {
+            stages,
+            counters,
+            generation: 0,
+            stage_timeout,
+        })
+    }
+
+    /// The same pipeline with stage `index` on another worker (its busy counters carry on).
+    pub fn with_stage(&self, index: usize, stage: StageHandle) -> Self {
+        let mut next = self.clone();
+        next.stages[index] = stage;
+        next.generation += 1;
+        next
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Asks every stage's worker for `Health` (within `timeout`); the first stage that does not
+    /// answer `SERVING`, and why.
+    pub async fn first_unhealthy(&self, timeout: Duration) -> Option<(usize, String)> {
+        let calls = self.stages.iter().map(|s| {
+            let mut client = s.client.clone();
+            async move {
+                match tokio::time::timeout(timeout, client.health(v1::HealthRequest {})).await {
+                    Err(_) => Some(format!("no answer to Health within {timeout:?}")),
+                    Ok(Err(status)) => Some(status.message().to_string()),
+                    Ok(Ok(r)) => {
+                        let r = r.into_inner();
+                        (r.status != v1::health_response::Status::Serving as i32)
+                            .then(|| format!("not serving: {}", r.message))
+                    }
+                }
+            }
+        });
+        futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .enumerate()
+            .find_map(|(i, problem)| problem.map(|p| (i, p)))
     }
 
     /// Per stage: how busy it has been since the pipeline was loaded.
@@ -199,11 +276,17 @@ impl Pipeline {
                 })
                 .collect();
             let started = Instant::now();
-            let response = stage
-                .client
-                .clone()
-                .forward(v1::ForwardRequest { step_id, sequences })
+            let mut client = stage.client.clone();
+            let call = client.forward(v1::ForwardRequest { step_id, sequences });
+            let response = tokio::time::timeout(self.stage_timeout, call)
                 .await
+                .map_err(|_| {
+                    let waited = self.stage_timeout;
+                    let status = tonic::Status::deadline_exceeded(format!(
+                        "no answer to Forward within {waited:?}"
+                    ));
+                    CoordinatorError::stage(i, &stage.address, status)
+                })?
                 .map_err(|status| CoordinatorError::stage(i, &stage.address, status))?
                 .into_inner();
             let round_trip = started.elapsed();

@@ -6,10 +6,20 @@
 //! for the others) while the other groups occupy the other stages. A group that comes back is
 //! re-formed with whatever is ready, so requests that arrive join at the next step, and finished or
 //! cancelled ones leave at once, releasing their caches.
+//!
+//! When a stage's worker is lost (a step fails to reach it, or a health check finds it down), the
+//! scheduler stops launching steps and puts the stage back on a spare, or on the same address once
+//! its worker returns (`recovery.rs`). With a spare, every sequence waits and is then *replayed*:
+//! under a fresh id its prompt and the tokens generated so far are prefilled again, rebuilding the
+//! caches on every stage, and generation continues with the tokens it would have produced. Without
+//! one, the affected requests fail at once with UNAVAILABLE naming the stage and worker, new ones are
+//! refused until the stage is back, and the coordinator serves again as soon as it is.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use futures::FutureExt;
 
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -19,7 +29,8 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use crate::detokenize::{IncrementalDecoder, StopCheck, StopMatcher};
-use crate::pipeline::{Pipeline, StepEntry, StepResult};
+use crate::pipeline::{Pipeline, StageHandle, StepEntry, StepResult};
+use crate::recovery::{self, RecoveryConfig};
 use crate::CoordinatorError;
 
 /// The events a client's stream receives.
@@ -58,11 +69,15 @@ pub struct GenerationRequest {
     pub ignore_eos: bool,
 }
 
-/// A snapshot for `Info`.
-#[derive(Debug, Clone, Default)]
+/// A snapshot for `Info` and `Health`.
+#[derive(Debug, Clone)]
 pub struct SchedulerStats {
     pub active: usize,
     pub queued: usize,
+    /// The stages as they are now (a lost stage may have moved to a spare).
+    pub pipeline: Arc<Pipeline>,
+    /// Why the pipeline cannot serve right now, while a stage is lost.
+    pub outage: Option<String>,
 }
 
 enum Command {
@@ -117,8 +132,10 @@ pub fn spawn(
     tokenizer: Arc<TextTokenizer>,
     limits: SchedulerLimits,
     context_length: usize,
+    recovery: RecoveryConfig,
 ) -> SchedulerHandle {
     let (commands, inbox) = mpsc::channel(256);
+    let (loss_reports, losses) = mpsc::unbounded_channel();
     let scheduler = Scheduler {
         inbox,
         pipeline: Arc::new(pipeline),
@@ -132,9 +149,49 @@ pub fn spawn(
         inbox_closed: false,
         next_seq_id: 1,
         next_step_id: 1,
+        spares: recovery.spares.clone(),
+        recovery: Arc::new(recovery),
+        loss_reports,
+        losses,
+        outage: None,
+        replacing: None,
+        stalled: Vec::new(),
     };
+    scheduler.watch_health();
     tokio::spawn(scheduler.run());
     SchedulerHandle { commands }
+}
+
+/// A stage lost, and since when.
+struct Outage {
+    stage: usize,
+    address: String,
+    reason: String,
+    since: Instant,
+    /// Whether sequences wait for a replacement (a spare is configured and the wait is not over)
+    /// instead of failing at once.
+    replaying: bool,
+}
+
+impl Outage {
+    fn status(&self) -> Status {
+        let hint = if self.replaying {
+            "moving it to a spare worker"
+        } else {
+            "no spare worker took it (--spare); the coordinator reloads the stage as soon as the worker is back"
+        };
+        Status::unavailable(format!(
+            "stage {} (worker {}) is unavailable: {}; {hint}",
+            self.stage, self.address, self.reason
+        ))
+    }
+}
+
+/// A health check's report that a stage of pipeline `generation` is down.
+struct LossReport {
+    generation: u64,
+    stage: usize,
+    reason: String,
 }
 
 /// A sequence being generated.
@@ -156,6 +213,22 @@ struct Sequence {
     stage_hop: Vec<Duration>,
 }
 
+impl Sequence {
+    /// Positions the next step feeds: the prompt in chunks of `chunk`, then one token per step.
+    /// A replayed sequence (see `restart`) goes through exactly the steps it went through the first
+    /// time, so its caches, logits and tokens come out bit for bit the same (a generated token fed
+    /// as part of a longer prefill would go through differently shaped matmuls and could round
+    /// differently, and flip a near-tie).
+    fn next_feed(&self, chunk: usize) -> usize {
+        let prompt = self.request.prompt_ids.len();
+        if self.cached < prompt {
+            (prompt - self.cached).min(chunk)
+        } else {
+            1
+        }
+    }
+}
+
 struct Scheduler {
     inbox: mpsc::Receiver<Command>,
     pipeline: Arc<Pipeline>,
@@ -172,10 +245,22 @@ struct Scheduler {
     inbox_closed: bool,
     next_seq_id: u64,
     next_step_id: u64,
+    recovery: Arc<RecoveryConfig>,
+    /// Workers that may take over a lost stage, in order.
+    spares: Vec<String>,
+    loss_reports: mpsc::UnboundedSender<LossReport>,
+    losses: mpsc::UnboundedReceiver<LossReport>,
+    outage: Option<Outage>,
+    /// Loading the lost stage on another worker (or the same one, back).
+    replacing: Option<BoxFuture<'static, StageHandle>>,
+    /// Sequences waiting for the lost stage to be back, to be replayed.
+    stalled: Vec<Sequence>,
 }
 
 /// A micro-batch back from the pipeline, with the sequences it carried.
 struct FinishedStep {
+    /// The pipeline generation it ran on.
+    generation: u64,
     sequences: Vec<Sequence>,
     /// How many positions of each sequence the step fed.
     fed: Vec<usize>,
@@ -184,25 +269,36 @@ struct FinishedStep {
 
 impl Scheduler {
     fn active(&self) -> usize {
-        self.ready.len() + self.in_flight_sequences
+        self.ready.len() + self.in_flight_sequences + self.stalled.len()
     }
 
     async fn run(mut self) {
         loop {
-            if self.active() == 0 && self.waiting.is_empty() {
-                match self.inbox.recv().await {
+            if self.inbox_closed && self.active() == 0 && self.waiting.is_empty() {
+                return;
+            }
+            let replay_deadline = self
+                .outage
+                .as_ref()
+                .filter(|o| o.replaying)
+                .map(|o| o.since + self.recovery.replay_deadline);
+            tokio::select! {
+                command = self.inbox.recv(), if !self.inbox_closed => match command {
                     Some(command) => self.handle(command),
-                    None => return,
+                    // Every handle is gone (shutdown): finish what is in flight, then stop.
+                    None => self.inbox_closed = true,
+                },
+                Some(done) = self.in_flight.next(), if !self.in_flight.is_empty() => self.complete(done),
+                Some(loss) = self.losses.recv() => {
+                    if loss.generation == self.pipeline.generation() {
+                        self.lose_stage(loss.stage, loss.reason);
+                    }
                 }
-            } else if !self.in_flight.is_empty() {
-                tokio::select! {
-                    command = self.inbox.recv(), if !self.inbox_closed => match command {
-                        Some(command) => self.handle(command),
-                        // Every handle is gone (shutdown): finish what is in flight, then stop.
-                        None => self.inbox_closed = true,
-                    },
-                    Some(done) = self.in_flight.next() => self.complete(done),
+                handle = async { self.replacing.as_mut().expect("guarded").await }, if self.replacing.is_some() => {
+                    self.replacing = None;
+                    self.stage_back(handle);
                 }
+                _ = sleep_until_or_never(replay_deadline) => self.give_up_replay(),
             }
             while let Ok(command) = self.inbox.try_recv() {
                 self.handle(command);
@@ -213,6 +309,130 @@ impl Scheduler {
         }
     }
 
+    /// Health-checks the current pipeline in the background; a loss comes back as a [`LossReport`].
+    fn watch_health(&self) {
+        let reports = self.loss_reports.clone();
+        recovery::watch(
+            Arc::downgrade(&self.pipeline),
+            self.recovery.health_interval,
+            move |generation, stage, reason| {
+                reports
+                    .send(LossReport {
+                        generation,
+                        stage,
+                        reason,
+                    })
+                    .is_ok()
+            },
+        );
+    }
+
+    /// Stage `stage` of the current pipeline is gone: stop launching, start putting it back, and
+    /// either hold every sequence for replay (a spare exists) or fail them now.
+    fn lose_stage(&mut self, stage: usize, reason: String) {
+        if self.outage.is_some() {
+            return;
+        }
+        let lost = self.pipeline.stages()[stage].clone();
+        tracing::error!(stage, worker = %lost.address, %reason, spares = ?self.spares, "stage lost");
+        let mut candidates = self.spares.clone();
+        candidates.push(lost.address.clone());
+        self.replacing = Some(
+            recovery::replace_stage(
+                self.recovery.clone(),
+                stage,
+                lost.layers.clone(),
+                candidates,
+            )
+            .boxed(),
+        );
+        self.outage = Some(Outage {
+            stage,
+            address: lost.address,
+            reason,
+            since: Instant::now(),
+            replaying: !self.spares.is_empty(),
+        });
+        let ready = std::mem::take(&mut self.ready);
+        self.hold_for_replay(ready);
+    }
+
+    /// Sequences whose caches are incomplete: held for replay while replaying, else failed.
+    fn hold_for_replay(&mut self, sequences: Vec<Sequence>) {
+        let Some(outage) = &self.outage else {
+            // The stage is already back: replay at once.
+            for seq in sequences {
+                let seq = self.restart(seq);
+                self.ready.push(seq);
+            }
+            return;
+        };
+        if outage.replaying {
+            self.stalled.extend(sequences);
+            return;
+        }
+        let status = outage.status();
+        let ids = sequences
+            .iter()
+            .filter(|s| s.cached > 0)
+            .map(|s| s.id)
+            .collect();
+        for seq in sequences {
+            let _ = seq.events.send(Err(status.clone()));
+        }
+        self.release(ids);
+    }
+
+    /// The sequence under a fresh id with nothing cached, so its next steps prefill its prompt and
+    /// generated tokens again on every stage; its old caches are freed.
+    fn restart(&mut self, mut seq: Sequence) -> Sequence {
+        if seq.cached > 0 {
+            self.release(vec![seq.id]);
+            seq.id = self.next_seq_id;
+            self.next_seq_id += 1;
+            seq.cached = 0;
+        }
+        seq
+    }
+
+    /// The lost stage runs again on `handle`'s worker: swap it in and replay the held sequences.
+    fn stage_back(&mut self, handle: StageHandle) {
+        let Some(outage) = self.outage.take() else {
+            return;
+        };
+        tracing::info!(
+            stage = outage.stage,
+            worker = %handle.address,
+            down_ms = outage.since.elapsed().as_millis() as u64,
+            replaying = self.stalled.len(),
+            "stage back"
+        );
+        if handle.address != outage.address {
+            // The spare is now a stage; the lost worker may come back and be a spare.
+            self.spares.retain(|a| *a != handle.address);
+            self.spares.push(outage.address.clone());
+        }
+        self.pipeline = Arc::new(self.pipeline.with_stage(outage.stage, handle));
+        self.watch_health();
+        let stalled = std::mem::take(&mut self.stalled);
+        self.hold_for_replay(stalled);
+    }
+
+    /// Sequences waited for a replacement too long: fail them; from now on requests are refused
+    /// until the stage is back.
+    fn give_up_replay(&mut self) {
+        let Some(outage) = self.outage.as_mut() else {
+            return;
+        };
+        outage.replaying = false;
+        outage.reason = format!(
+            "{} (no worker took the stage within {:?})",
+            outage.reason, self.recovery.replay_deadline
+        );
+        let stalled = std::mem::take(&mut self.stalled);
+        self.hold_for_replay(stalled);
+    }
+
     fn handle(&mut self, command: Command) {
         match command {
             Command::Submit {
@@ -221,6 +441,12 @@ impl Scheduler {
                 arrived,
                 accepted,
             } => {
+                if let Some(outage) = self.outage.as_ref().filter(|o| !o.replaying) {
+                    let _ = accepted.send(Err(CoordinatorError::Unavailable(
+                        outage.status().message().to_string(),
+                    )));
+                    return;
+                }
                 if self.waiting.len() >= self.limits.max_queued {
                     let _ = accepted.send(Err(CoordinatorError::Overloaded(format!(
                         "{} requests are already waiting (limit {}); try again later",
@@ -256,6 +482,11 @@ impl Scheduler {
                 let _ = reply.send(SchedulerStats {
                     active: self.active(),
                     queued: self.waiting.len(),
+                    pipeline: self.pipeline.clone(),
+                    outage: self
+                        .outage
+                        .as_ref()
+                        .map(|o| o.status().message().to_string()),
                 });
             }
         }
@@ -278,6 +509,7 @@ impl Scheduler {
     /// (Sequences in flight are checked when their step returns.)
     fn drop_cancelled(&mut self) {
         self.waiting.retain(|s| !s.events.is_closed());
+        self.stalled.retain(|s| !s.events.is_closed());
         let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.ready)
             .into_iter()
             .partition(|s| s.events.is_closed());
@@ -314,15 +546,15 @@ impl Scheduler {
     /// while stage `s + 1` runs group `g - 1`). With fewer sequences than stages there is less to
     /// overlap, and each group is a single sequence.
     fn launch(&mut self) {
+        if self.outage.is_some() {
+            return;
+        }
         let stages = self.pipeline.stages().len();
         while !self.ready.is_empty() && self.in_flight.len() < stages {
             let group = self.active().div_ceil(stages).max(1).min(self.ready.len());
             let sequences: Vec<Sequence> = self.ready.drain(..group).collect();
             let chunk = self.limits.max_prefill_chunk.max(1);
-            let fed: Vec<usize> = sequences
-                .iter()
-                .map(|s| (s.tokens.len() - s.cached).min(chunk))
-                .collect();
+            let fed: Vec<usize> = sequences.iter().map(|s| s.next_feed(chunk)).collect();
             let entries: Vec<StepEntry> = sequences
                 .iter()
                 .zip(&fed)
@@ -341,6 +573,7 @@ impl Scheduler {
             self.in_flight.push(Box::pin(async move {
                 let result = pipeline.step(step_id, &entries).await;
                 FinishedStep {
+                    generation: pipeline.generation(),
                     sequences,
                     fed,
                     result,
@@ -354,6 +587,16 @@ impl Scheduler {
         self.in_flight_sequences -= done.sequences.len();
         let result = match done.result {
             Ok(result) => result,
+            Err(e) if e.is_worker_loss() => {
+                // The sequences keep what they had; the step is redone after the replay.
+                if done.generation == self.pipeline.generation() {
+                    if let Some(stage) = e.stage_index() {
+                        self.lose_stage(stage, e.to_string());
+                    }
+                }
+                self.hold_for_replay(done.sequences);
+                return;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "step failed");
                 let status = Status::from(e);
@@ -364,6 +607,10 @@ impl Scheduler {
                 return;
             }
         };
+        // A step that ran on a pipeline since lost (or being lost) produced valid tokens, but its
+        // sequences' caches are incomplete now.
+        let stale = done.generation != self.pipeline.generation() || self.outage.is_some();
+        let mut to_replay = Vec::new();
         let mut finished = Vec::new();
         let mut finals = Vec::new();
         for ((mut seq, fed), (_, sampled)) in
@@ -385,7 +632,11 @@ impl Scheduler {
             }
             // A prompt fed in chunks samples a token only after its last chunk.
             if seq.cached < seq.tokens.len() {
-                self.ready.push(seq);
+                if stale {
+                    to_replay.push(seq);
+                } else {
+                    self.ready.push(seq);
+                }
                 continue;
             }
             match advance(&mut seq, sampled, &self.tokenizer, self.context_length) {
@@ -396,10 +647,14 @@ impl Scheduler {
                     ));
                     finished.push(seq.id);
                 }
+                None if stale => to_replay.push(seq),
                 None => self.ready.push(seq),
             }
         }
         self.release_then_finish(finished, finals);
+        if !to_replay.is_empty() {
+            self.hold_for_replay(to_replay);
+        }
     }
 }
 
@@ -479,5 +734,13 @@ fn finish(
     };
     v1::GenerateResponse {
         event: Some(v1::generate_response::Event::Finished(finished)),
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_or_never(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }

@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
 use strata_model::{ModelFile, TextTokenizer};
@@ -15,6 +15,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::pipeline::{self, Pipeline};
 use crate::plan::{self, SplitSpec};
+use crate::recovery::RecoveryConfig;
 use crate::scheduler::{self, SchedulerLimits};
 use crate::service::{CoordinatorService, RequestLimits};
 use crate::CoordinatorError;
@@ -35,6 +36,10 @@ pub struct CoordinatorConfig {
     pub max_message_bytes: usize,
     /// TLS and token: for dialing the workers and for serving clients.
     pub security: Security,
+    /// Idle workers that take over the stage of a worker that is lost.
+    pub spares: Vec<String>,
+    /// The longest one stage may take to answer a Forward before its worker counts as lost.
+    pub stage_timeout: Duration,
 }
 
 /// A coordinator whose pipeline is loaded and whose scheduler runs; ready to serve.
@@ -53,21 +58,9 @@ impl Coordinator {
                 pipeline::connect(address, &config.security, config.max_message_bytes)
             }))
             .await?;
+        let path = model.path.display().to_string();
         for w in &workers {
-            let theirs = w
-                .info
-                .model
-                .as_ref()
-                .map(|m| m.fingerprint.clone())
-                .unwrap_or_default();
-            if theirs != model.fingerprint {
-                return Err(CoordinatorError::ModelMismatch {
-                    address: w.address.clone(),
-                    theirs,
-                    ours: model.fingerprint.clone(),
-                    path: model.path.display().to_string(),
-                });
-            }
+            pipeline::check_fingerprint(w, &model.fingerprint, &path)?;
         }
         let plan = match config.split {
             SplitSpec::Auto => {
@@ -80,34 +73,52 @@ impl Coordinator {
             tracing::info!(worker = %w.address, device = %w.info.device, layers = ?range, "plan");
         }
         let started = Instant::now();
-        let pipeline =
-            Pipeline::load(workers, &plan, &model.fingerprint, v1::DType::DtypeF32).await?;
+        let pipeline = Pipeline::load(
+            workers,
+            &plan,
+            &model.fingerprint,
+            v1::DType::DtypeF32,
+            config.stage_timeout,
+        )
+        .await?;
         tracing::info!(ms = started.elapsed().as_millis() as u64, "stages loaded");
         if config.warmup {
             let times = pipeline.warmup().await?;
             tracing::info!(ms = ?times.iter().map(|t| t.as_millis()).collect::<Vec<_>>(), "stages warmed up");
         }
+        let initial_stages = pipeline.stages().to_vec();
+        let recovery = RecoveryConfig {
+            spares: config.spares.clone(),
+            warmup: config.warmup,
+            ..RecoveryConfig::new(
+                config.security.clone(),
+                model.fingerprint.clone(),
+                path,
+                config.max_message_bytes,
+            )
+        };
         let scheduler = scheduler::spawn(
-            pipeline.clone(),
+            pipeline,
             tokenizer.clone(),
             config.scheduler,
             model.config.context_length,
+            recovery,
         );
         Ok(Self {
             service: CoordinatorService {
                 scheduler,
                 tokenizer,
                 model,
-                pipeline,
+                initial_stages,
                 limits: config.requests,
             },
             security: config.security,
         })
     }
 
-    /// The plan: each stage's worker and layers.
+    /// The plan: each stage's worker and layers, as loaded at start.
     pub fn stages(&self) -> &[pipeline::StageHandle] {
-        self.service.pipeline.stages()
+        &self.service.initial_stages
     }
 
     /// Serves the coordinator service on `listener` until `shutdown` resolves.

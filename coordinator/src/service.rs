@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::pipeline::Pipeline;
+use crate::pipeline::StageHandle;
 use crate::scheduler::{GenerationRequest, SchedulerHandle};
 use crate::CoordinatorError;
 
@@ -46,7 +46,8 @@ pub struct CoordinatorService {
     pub(crate) scheduler: SchedulerHandle,
     pub(crate) tokenizer: Arc<TextTokenizer>,
     pub(crate) model: ModelFile,
-    pub(crate) pipeline: Pipeline,
+    /// The stages as planned (the live ones come from the scheduler: a stage may move).
+    pub(crate) initial_stages: Vec<StageHandle>,
     pub(crate) limits: RequestLimits,
 }
 
@@ -172,13 +173,13 @@ impl v1::coordinator_server::Coordinator for CoordinatorService {
         _: Request<v1::CoordinatorInfoRequest>,
     ) -> Result<Response<v1::CoordinatorInfo>, Status> {
         let stats = self.scheduler.stats().await?;
-        let active = self.pipeline.active_sequences().await;
-        let stages = self
-            .pipeline
+        let pipeline = &stats.pipeline;
+        let active = pipeline.active_sequences().await;
+        let stages = pipeline
             .stages()
             .iter()
             .zip(active)
-            .zip(self.pipeline.counters())
+            .zip(pipeline.counters())
             .map(|((s, active), c)| v1::StageInfo {
                 worker: s.address.clone(),
                 device: s.device.clone(),
@@ -204,14 +205,21 @@ impl v1::coordinator_server::Coordinator for CoordinatorService {
         &self,
         _: Request<v1::HealthRequest>,
     ) -> Result<Response<v1::HealthResponse>, Status> {
-        self.scheduler.stats().await?;
-        Ok(Response::new(v1::HealthResponse {
-            status: v1::health_response::Status::Serving as i32,
-            message: format!(
-                "serving {} over {} stages",
-                self.model.name,
-                self.pipeline.stages().len()
+        let stats = self.scheduler.stats().await?;
+        let (status, message) = match stats.outage {
+            Some(outage) => (v1::health_response::Status::NotReady, outage),
+            None => (
+                v1::health_response::Status::Serving,
+                format!(
+                    "serving {} over {} stages",
+                    self.model.name,
+                    stats.pipeline.stages().len()
+                ),
             ),
+        };
+        Ok(Response::new(v1::HealthResponse {
+            status: status as i32,
+            message,
         }))
     }
 }

@@ -21,6 +21,13 @@ pub struct CoordinatorArgs {
     /// Worker addresses in pipeline order, comma-separated (host:port).
     #[arg(long, env = "STRATA_WORKERS", value_delimiter = ',', required = true)]
     workers: Vec<String>,
+    /// Idle workers (comma-separated) that take over the stage of a worker that is lost; the
+    /// affected requests continue with the same tokens after a replay of their caches.
+    #[arg(long = "spare", env = "STRATA_SPARES", value_delimiter = ',')]
+    spares: Vec<String>,
+    /// Seconds one stage may take to answer a step before its worker counts as lost.
+    #[arg(long, env = "STRATA_STAGE_TIMEOUT", default_value_t = 120)]
+    stage_timeout: u64,
     /// The same model the workers hold (for the tokenizer and to check fingerprints). Default:
     /// SmolLM2-135M-Instruct Q4_1.
     #[arg(long, env = "STRATA_MODEL")]
@@ -79,6 +86,8 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         },
         max_message_bytes: strata_worker::server::DEFAULT_MAX_MESSAGE_BYTES,
         security,
+        spares: args.spares,
+        stage_timeout: std::time::Duration::from_secs(args.stage_timeout.max(1)),
     };
     let coordinator = strata_coordinator::Coordinator::start(config).await?;
     for s in coordinator.stages() {

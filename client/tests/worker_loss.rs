@@ -1,0 +1,179 @@
+//! Losing a worker mid-generation, with real processes: with a spare the stream completes with the
+//! uninterrupted run's tokens; without one the client gets UNAVAILABLE naming the stage and worker
+//! within 5 s, and the coordinator serves again once the worker is back at its address.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use strata_client::local::WorkerProcess;
+use strata_client::{ClientError, Event, GenerateParams, LocalOptions, StrataClient};
+use strata_coordinator::plan::SplitSpec;
+use strata_coordinator::{Coordinator, CoordinatorConfig};
+use strata_proto::v1;
+use strata_transport::Security;
+use tokio::net::TcpListener;
+
+const PROMPT: &str = "Once upon a time, there was a little";
+
+fn options() -> LocalOptions {
+    LocalOptions {
+        threads: Some(1),
+        ..LocalOptions::new(common::strata(), 1, common::default_model())
+    }
+}
+
+fn params(seed: u64, temperature: f32) -> GenerateParams {
+    GenerateParams {
+        max_tokens: 64,
+        temperature,
+        seed,
+        ignore_eos: true,
+        ..GenerateParams::default()
+    }
+}
+
+/// A coordinator in this process over `workers` (even split) with `spares`; returns its client.
+async fn coordinator(workers: &[&WorkerProcess], spares: &[&WorkerProcess]) -> StrataClient {
+    let config = CoordinatorConfig {
+        model: common::default_model(),
+        workers: workers.iter().map(|w| w.address.clone()).collect(),
+        split: SplitSpec::Even,
+        warmup: true,
+        scheduler: Default::default(),
+        requests: Default::default(),
+        max_message_bytes: 64 << 20,
+        security: Security::none(),
+        spares: spares.iter().map(|w| w.address.clone()).collect(),
+        stage_timeout: Duration::from_secs(30),
+    };
+    let coordinator = Coordinator::start(config).await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(coordinator.serve(listener, std::future::pending()));
+    StrataClient::connect(&url).await.unwrap()
+}
+
+/// Streams a generation, calling `at_token(n)` after the n-th token; returns the ids, or the error
+/// and when it came.
+async fn stream_until(
+    client: &StrataClient,
+    params: &GenerateParams,
+    kill_after: usize,
+    victim: &mut WorkerProcess,
+) -> (Vec<u32>, Option<(ClientError, Duration)>) {
+    let mut stream = client.generate(PROMPT, params).await.unwrap();
+    let mut ids = Vec::new();
+    let mut killed_at = None;
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(Event::Token(t)) => {
+                ids.push(t.id);
+                if ids.len() == kill_after {
+                    victim.kill().await;
+                    killed_at = Some(Instant::now());
+                }
+            }
+            Ok(Event::Finished(_)) => break,
+            Err(e) => {
+                let waited = killed_at.map_or(Duration::ZERO, |t| t.elapsed());
+                return (ids, Some((e, waited)));
+            }
+        }
+    }
+    (ids, None)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_spare_the_stream_completes_with_the_same_tokens() {
+    let first = WorkerProcess::spawn(&options()).await.unwrap();
+    let mut second = WorkerProcess::spawn(&options()).await.unwrap();
+    let spare = WorkerProcess::spawn(&options()).await.unwrap();
+    let client = coordinator(&[&first, &second], &[&spare]).await;
+
+    let greedy = params(0, 0.0);
+    let expected = client
+        .generate_collect(PROMPT, &greedy)
+        .await
+        .unwrap()
+        .token_ids;
+    assert_eq!(expected.len(), 64);
+    let sampled = params(7, 0.8);
+    let expected_sampled = client
+        .generate_collect(PROMPT, &sampled)
+        .await
+        .unwrap()
+        .token_ids;
+
+    let (got, error) = stream_until(&client, &greedy, 10, &mut second).await;
+    assert!(error.is_none(), "the stream broke: {error:?}");
+    assert_eq!(got, expected, "tokens after the replay differ");
+
+    // The spare now holds the stage, and seeded sampling gives what it gave before the loss.
+    let again = client.generate_collect(PROMPT, &sampled).await.unwrap();
+    assert_eq!(again.token_ids, expected_sampled);
+    let info = client.info().await.unwrap();
+    assert_eq!(info.stages[1].worker, spare.address, "{info:?}");
+    assert_eq!(info.active_sequences, 0);
+    first.stop().await.unwrap();
+    spare.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_spare_the_client_hears_at_once_and_service_resumes() {
+    let first = WorkerProcess::spawn(&options()).await.unwrap();
+    let mut second = WorkerProcess::spawn(&options()).await.unwrap();
+    let address = second.address.clone();
+    let client = coordinator(&[&first, &second], &[]).await;
+
+    let params = params(0, 0.0);
+    let expected = client
+        .generate_collect(PROMPT, &params)
+        .await
+        .unwrap()
+        .token_ids;
+    let (got, error) = stream_until(&client, &params, 10, &mut second).await;
+    let (error, waited) = error.expect("the stream should fail when its worker dies");
+    assert!(
+        waited < Duration::from_secs(5),
+        "UNAVAILABLE took {waited:?}"
+    );
+    let ClientError::Status(status) = &error else {
+        panic!("not a status: {error}");
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("stage 1") && status.message().contains(&address),
+        "{status:?}"
+    );
+    assert_eq!(got[..], expected[..got.len()]);
+
+    // While the stage is down, requests are refused at once with the same explanation.
+    let refused = client.generate_collect(PROMPT, &params).await.unwrap_err();
+    assert!(refused.to_string().contains(&address), "{refused}");
+
+    // The worker comes back at the same address; the coordinator reloads its stage by itself.
+    let restarted = WorkerProcess::spawn_at(&options(), &address).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let health = client.health().await.unwrap();
+        if health.status == v1::health_response::Status::Serving as i32 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not serving again: {}",
+            health.message
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = client
+        .generate_collect(PROMPT, &params)
+        .await
+        .unwrap()
+        .token_ids;
+    assert_eq!(after, expected);
+    first.stop().await.unwrap();
+    restarted.stop().await.unwrap();
+}
