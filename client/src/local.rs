@@ -202,6 +202,11 @@ impl WorkerProcess {
         let _ = self.child.kill().await;
     }
 
+    /// Waits for the process to exit by itself.
+    pub async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait().await
+    }
+
     /// The OS process id.
     pub fn pid(&self) -> Option<u32> {
         self.child.id()

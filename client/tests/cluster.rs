@@ -172,3 +172,87 @@ async fn a_coordinator_names_an_unreachable_worker() {
     );
     assert!(started.elapsed() < Duration::from_secs(15));
 }
+
+/// Sends SIGTERM to `pid`.
+fn terminate(pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Streams 64 tokens, sending SIGTERM to `pid` after the 5th; returns the tokens and the error, if
+/// the stream ended with one.
+async fn generate_through_sigterm(
+    client: &StrataClient,
+    pid: u32,
+) -> (usize, Option<strata_client::ClientError>) {
+    let params = GenerateParams {
+        max_tokens: 64,
+        ignore_eos: true,
+        ..GenerateParams::default()
+    };
+    let mut stream = client
+        .generate("The capital of France is", &params)
+        .await
+        .unwrap();
+    let mut tokens = 0;
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(Event::Token(_)) => {
+                tokens += 1;
+                if tokens == 5 {
+                    terminate(pid);
+                }
+            }
+            Ok(Event::Finished(_)) => return (tokens, None),
+            Err(e) => return (tokens, Some(e)),
+        }
+    }
+    (tokens, None)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_work_and_exits_0() {
+    let options = worker_options();
+    let w1 = WorkerProcess::spawn(&options).await.unwrap();
+    let mut w2 = WorkerProcess::spawn(&options).await.unwrap();
+    let workers = vec![w1.address.clone(), w2.address.clone()];
+
+    // The coordinator: the running stream completes, then the process exits 0.
+    let (mut coordinator, address) = start_coordinator(&workers, &[]).await;
+    let client = StrataClient::connect(&address).await.unwrap();
+    let (tokens, error) = generate_through_sigterm(&client, coordinator.id().unwrap()).await;
+    assert!(error.is_none(), "in-flight request broke: {error:?}");
+    assert_eq!(tokens, 64);
+    let status = tokio::time::timeout(Duration::from_secs(30), coordinator.wait())
+        .await
+        .expect("the coordinator did not exit after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "coordinator exit: {status}");
+    assert!(
+        StrataClient::connect(&address).await.is_err(),
+        "still accepting after SIGTERM"
+    );
+
+    // A worker: its step in flight completes; the request then ends with a clear UNAVAILABLE
+    // naming the stage (or completes), and the worker exits 0.
+    let (_coordinator, address) = start_coordinator(&workers, &[]).await;
+    let client = StrataClient::connect(&address).await.unwrap();
+    let (tokens, error) = generate_through_sigterm(&client, w2.pid().unwrap()).await;
+    if let Some(error) = error {
+        let text = error.to_string();
+        assert!(
+            text.contains("Unavailable") || text.contains("unavailable"),
+            "after {tokens} tokens: {text}"
+        );
+        assert!(text.contains(&w2.address), "{text}");
+    }
+    let status = tokio::time::timeout(Duration::from_secs(30), w2.wait())
+        .await
+        .expect("the worker did not exit after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "worker exit: {status}");
+    w1.stop().await.unwrap();
+}
