@@ -1,0 +1,334 @@
+//! Fuzzing the worker's Forward path: structured random and mutated `ForwardRequest`s (arbitrary
+//! sequence ids, positions, token ids, tensor bytes/shape/dtype, sampling numbers) and `Release`s go
+//! through the real service and engine of two stages of a tiny model. A panic, a crash or an
+//! `INTERNAL` status is a failure; every refusal must be a client-error status with a message.
+//!
+//! `STRATA_FUZZ_EXECS` sets the number of calls (CI runs the default; `BENCHMARKS.md` records a long
+//! run), `STRATA_FUZZ_SEED` replays a run.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use candle_core::Device;
+use strata_model::synthetic::{write_safetensors_model, SyntheticConfig};
+use strata_model::ModelFile;
+use strata_proto::v1;
+use strata_proto::v1::worker_server::Worker;
+use strata_worker::engine::{Engine, EngineLimits};
+use strata_worker::model::StageOptions;
+use strata_worker::service::{WorkerIdentity, WorkerService};
+use tonic::{Code, Request};
+
+const HIDDEN: u32 = 64;
+const VOCAB: u32 = 512;
+
+/// xorshift64*: fast, seedable, good enough to pick cases.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// One stage under test, and where it believes each sequence is.
+struct Target {
+    service: WorkerService,
+    first: bool,
+    positions: HashMap<u64, u32>,
+}
+
+fn tensor(rng: &mut Rng, rows: u32) -> v1::Tensor {
+    let dtype = if rng.chance(80) {
+        v1::DType::DtypeF32 as i32
+    } else {
+        rng.pick(&[0, 1, 2, 3, 4, -1, 99, i32::MAX, i32::MIN])
+    };
+    let shape: Vec<u32> = if rng.chance(75) {
+        vec![rows, HIDDEN]
+    } else {
+        let rank = rng.below(4) as usize;
+        (0..rank)
+            .map(|_| rng.pick(&[0, 1, rows, HIDDEN, HIDDEN + 1, 65_536, u32::MAX]))
+            .collect()
+    };
+    let elements: u64 = shape
+        .iter()
+        .map(|&d| d as u64)
+        .fold(1u64, |a, d| a.saturating_mul(d))
+        .min(1 << 16);
+    let mut bytes = (elements * 4) as usize;
+    if rng.chance(15) {
+        bytes = rng.below(4 * 4096) as usize;
+    }
+    let mut data = vec![0u8; bytes];
+    if rng.chance(50) {
+        for b in data.iter_mut() {
+            *b = rng.next() as u8;
+        }
+    }
+    v1::Tensor { data, dtype, shape }
+}
+
+fn sampling(rng: &mut Rng, hostile: bool) -> Option<v1::SamplingParams> {
+    if !hostile {
+        return Some(v1::SamplingParams {
+            temperature: rng.pick(&[0.0, 0.7, 1.0, 1.5]),
+            top_k: rng.pick(&[0, 1, 5, 40]),
+            top_p: rng.pick(&[1.0, 0.9, 0.5]),
+            seed: rng.next(),
+        });
+    }
+    if rng.chance(10) {
+        return None;
+    }
+    Some(v1::SamplingParams {
+        temperature: rng.pick(&[
+            0.0,
+            0.0,
+            0.7,
+            1.0,
+            -1.0,
+            f32::NAN,
+            f32::INFINITY,
+            1e30,
+            1e-30,
+        ]),
+        top_k: rng.pick(&[0, 0, 1, 5, VOCAB, VOCAB + 1, u32::MAX]),
+        top_p: rng.pick(&[1.0, 1.0, 0.9, 0.0, -1.0, 2.0, f32::NAN]),
+        seed: rng.next(),
+    })
+}
+
+/// A sequence's part of a request: a plausible continuation, or (`hostile`) anything at all.
+fn sequence(rng: &mut Rng, target: &Target, hostile: bool) -> v1::SequenceInput {
+    if !hostile {
+        let seq_id = rng.below(6);
+        let longest = if rng.chance(10) { 40 } else { 3 };
+        let rows = 1 + rng.below(longest) as u32;
+        let input = if target.first {
+            let ids = (0..rows).map(|_| rng.below(VOCAB as u64) as u32).collect();
+            v1::sequence_input::Input::Tokens(v1::TokenIds { ids })
+        } else {
+            let data = (0..rows * HIDDEN)
+                .flat_map(|_| ((rng.below(2000) as f32 - 1000.0) / 100.0).to_le_bytes())
+                .collect();
+            v1::sequence_input::Input::Hidden(v1::Tensor {
+                data,
+                dtype: v1::DType::DtypeF32 as i32,
+                shape: vec![rows, HIDDEN],
+            })
+        };
+        return v1::SequenceInput {
+            seq_id,
+            start_pos: target.positions.get(&seq_id).copied().unwrap_or(0),
+            input: Some(input),
+            sampling: sampling(rng, false),
+            top_logprobs: rng.pick(&[0, 1, 5, 20]),
+        };
+    }
+    let seq_id = if rng.chance(95) {
+        rng.below(6)
+    } else {
+        rng.next()
+    };
+    let known = target.positions.get(&seq_id).copied().unwrap_or(0);
+    let start_pos = match rng.below(10) {
+        0..=5 => known,
+        6 => known.saturating_sub(1),
+        7 => known.saturating_add(1),
+        8 => rng.below(600) as u32,
+        _ => rng.next() as u32,
+    };
+    let rows = if rng.chance(80) {
+        1 + rng.below(4) as u32
+    } else {
+        rng.pick(&[0, 7, 33, 600])
+    };
+    let tokens_wanted = if target.first {
+        rng.chance(90)
+    } else {
+        rng.chance(10)
+    };
+    let input = if rng.chance(3) {
+        None
+    } else if tokens_wanted {
+        let ids = (0..rows)
+            .map(|_| {
+                if rng.chance(95) {
+                    rng.below(VOCAB as u64) as u32
+                } else {
+                    rng.pick(&[VOCAB, VOCAB + 1, u32::MAX])
+                }
+            })
+            .collect();
+        Some(v1::sequence_input::Input::Tokens(v1::TokenIds { ids }))
+    } else {
+        Some(v1::sequence_input::Input::Hidden(tensor(rng, rows)))
+    };
+    v1::SequenceInput {
+        seq_id,
+        start_pos,
+        input,
+        sampling: sampling(rng, true),
+        top_logprobs: rng.pick(&[0, 0, 1, 5, 20, 21, u32::MAX]),
+    }
+}
+
+fn rows_of(input: &Option<v1::sequence_input::Input>) -> u32 {
+    match input {
+        Some(v1::sequence_input::Input::Tokens(t)) => t.ids.len() as u32,
+        Some(v1::sequence_input::Input::Hidden(h)) => h.shape.first().copied().unwrap_or(0),
+        None => 0,
+    }
+}
+
+async fn stage(model: &ModelFile, layers: std::ops::Range<usize>) -> Target {
+    let limits = EngineLimits {
+        max_sequences: 8,
+        max_batch_rows: 256,
+        max_cache_bytes: 8 << 20,
+    };
+    let engine = Engine::start(
+        model.clone(),
+        Device::Cpu,
+        StageOptions::default(),
+        limits,
+        1,
+    )
+    .unwrap();
+    let first = layers.start == 0;
+    engine.load(layers, None).await.unwrap();
+    let identity = WorkerIdentity {
+        device: "cpu".into(),
+        model: model.clone(),
+        threads: 1,
+    };
+    Target {
+        service: WorkerService::new(engine, identity),
+        first,
+        positions: HashMap::new(),
+    }
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_survives_arbitrary_requests() {
+    let execs = env_u64("STRATA_FUZZ_EXECS").unwrap_or(50_000);
+    let seed = env_u64("STRATA_FUZZ_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            | 1
+    });
+    eprintln!("fuzz_forward: seed {seed}, {execs} calls (STRATA_FUZZ_SEED={seed} replays)");
+    let dir = tempfile::tempdir().unwrap();
+    let config = SyntheticConfig {
+        num_layers: 2,
+        ..SyntheticConfig::tiny()
+    };
+    write_safetensors_model(dir.path(), &config).unwrap();
+    let model = ModelFile::open(dir.path()).unwrap();
+    let mut targets = [stage(&model, 0..1).await, stage(&model, 1..2).await];
+
+    let mut rng = Rng(seed);
+    let mut outcomes: HashMap<String, u64> = HashMap::new();
+    let started = Instant::now();
+    for exec in 0..execs {
+        let target = &mut targets[rng.below(2) as usize];
+        if rng.chance(5) {
+            let ids: Vec<u64> = if rng.chance(30) {
+                (0..6).collect()
+            } else {
+                vec![rng.below(8)]
+            };
+            let request = Request::new(v1::ReleaseRequest {
+                seq_ids: ids.clone(),
+            });
+            target.service.release(request).await.unwrap();
+            for id in ids {
+                target.positions.remove(&id);
+            }
+            *outcomes.entry("release".into()).or_default() += 1;
+            continue;
+        }
+        let count = if rng.chance(97) {
+            rng.below(4) as usize
+        } else {
+            rng.pick(&[9, 300])
+        };
+        // Half the calls are plausible, so that state builds up and the compute, cache growth,
+        // sampling and limits are reached; the other half may be anything.
+        let hostile = rng.chance(50);
+        let mut sequences: Vec<v1::SequenceInput> = (0..count)
+            .map(|_| sequence(&mut rng, target, hostile))
+            .collect();
+        if !hostile {
+            // A sequence appears once per call.
+            let mut seen = std::collections::HashSet::new();
+            sequences.retain(|s| seen.insert(s.seq_id));
+        }
+        let advanced: Vec<(u64, u32)> = sequences
+            .iter()
+            .map(|s| (s.seq_id, s.start_pos.saturating_add(rows_of(&s.input))))
+            .collect();
+        let request = Request::new(v1::ForwardRequest {
+            step_id: rng.next(),
+            sequences,
+        });
+        match target.service.forward(request).await {
+            Ok(response) => {
+                let response = response.into_inner();
+                assert_eq!(
+                    response.outputs.len(),
+                    advanced.len(),
+                    "exec {exec}, seed {seed}"
+                );
+                for (id, pos) in advanced {
+                    target.positions.insert(id, pos);
+                }
+                *outcomes.entry("ok".into()).or_default() += 1;
+            }
+            Err(status) => {
+                assert!(
+                    matches!(
+                        status.code(),
+                        Code::InvalidArgument
+                            | Code::NotFound
+                            | Code::OutOfRange
+                            | Code::ResourceExhausted
+                            | Code::FailedPrecondition
+                    ),
+                    "exec {exec}, seed {seed}: {:?} {}",
+                    status.code(),
+                    status.message()
+                );
+                assert!(!status.message().is_empty(), "exec {exec}, seed {seed}");
+                *outcomes.entry(format!("{:?}", status.code())).or_default() += 1;
+            }
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut summary: Vec<_> = outcomes.into_iter().collect();
+    summary.sort();
+    eprintln!(
+        "fuzz_forward: {execs} calls in {elapsed:.1} s ({:.0}/s), 0 panics, 0 internal errors; {summary:?}",
+        execs as f64 / elapsed
+    );
+}
