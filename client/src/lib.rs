@@ -18,6 +18,7 @@ pub mod local;
 pub mod model_cache;
 pub mod profile;
 pub mod single_process;
+pub mod soak;
 
 pub use client::{
     ClientError, Event, FinishReason, GenerateParams, Generation, StrataClient, Token,

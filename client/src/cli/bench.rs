@@ -60,6 +60,38 @@ enum Bench {
     /// Per-core speed: strata's whole model in this process vs candle's `quantized_llama` on the same
     /// GGUF file and threads (prompt processing and decoding of one sequence).
     Kernels(KernelArgs),
+    /// Many concurrent clients with random prompts and lengths, some hanging up mid-stream; checks
+    /// that every completed request equals its prompt's solo output, none was lost, and the workers
+    /// return to their after-warmup state. Exits non-zero if any check fails.
+    Soak(SoakArgs),
+}
+
+#[derive(Debug, Args)]
+struct SoakArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Requests each client sends, one after another.
+    #[arg(long, default_value_t = 20)]
+    requests: usize,
+    /// Fraction of requests cancelled mid-stream.
+    #[arg(long, default_value_t = 0.1)]
+    cancel: f64,
+    /// New tokens per request are drawn from 1..=this.
+    #[arg(long, default_value_t = 32)]
+    max_tokens: u32,
+    /// Distinct random prompts.
+    #[arg(long, default_value_t = 16)]
+    prompts: usize,
+    /// Allowed growth of a worker's resident memory over the run, as a fraction.
+    #[arg(long, default_value_t = 0.10)]
+    rss_tolerance: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -106,6 +138,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.which {
         Some(Bench::Optimizations(a)) => run_optimizations(a).await,
         Some(Bench::Kernels(a)) => run_kernels(a).await,
+        Some(Bench::Soak(a)) => run_soak(a).await,
         None => run_throughput(args.throughput).await,
     }
 }
@@ -256,5 +289,47 @@ async fn run_kernels(args: KernelArgs) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&out)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
+    Ok(())
+}
+
+async fn run_soak(args: SoakArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.cancel),
+        "--cancel is a fraction between 0 and 1"
+    );
+    anyhow::ensure!(args.max_tokens > 0, "--max-tokens must be at least 1");
+    let options = args.cluster.local_options(true, Vec::new())?;
+    let mut cluster = strata_client::LocalCluster::start(options)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let soak_options = strata_client::soak::SoakOptions {
+        clients: args.clients,
+        requests_per_client: args.requests,
+        cancel_fraction: args.cancel,
+        max_tokens: args.max_tokens,
+        prompts: args.prompts,
+        seed: args.seed,
+    };
+    let report = strata_client::soak::soak(&mut cluster, &soak_options).await;
+    cluster.stop().await.map_err(anyhow::Error::msg)?;
+    let report = report?;
+    println!("{}", report.render());
+    for problem in report.problems.iter().take(10) {
+        println!("  problem: {problem}");
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    anyhow::ensure!(
+        report.passed(args.rss_tolerance),
+        "soak failed: {} wrong, {} lost, active after {:?}, RSS growth {:.1}% (allowed {:.0}%)",
+        report.wrong,
+        report.lost,
+        report.active_after,
+        report.rss_growth * 100.0,
+        args.rss_tolerance * 100.0
+    );
+    println!("soak passed");
     Ok(())
 }
