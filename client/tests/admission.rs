@@ -125,3 +125,56 @@ async fn a_flood_past_the_bounds_is_refused_and_the_rest_is_right() {
     assert_eq!(active_per_stage(&client).await, vec![0, 0]);
     cluster.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_grpc_timeout_ends_with_deadline_exceeded_and_frees_its_caches() {
+    use strata_proto::v1;
+    let cluster = LocalCluster::start(LocalOptions::new(
+        common::strata(),
+        2,
+        common::default_model(),
+    ))
+    .await
+    .unwrap();
+    let channel = cluster
+        .security()
+        .connect(cluster.url(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut raw = v1::coordinator_client::CoordinatorClient::new(channel);
+    let mut request = tonic::Request::new(v1::GenerateRequest {
+        prompt: "Tell me a long story about the sea.".into(),
+        max_tokens: 4000,
+        ignore_eos: true,
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(700));
+    let started = Instant::now();
+    let mut stream = raw.generate(request).await.unwrap().into_inner();
+    let mut tokens = 0;
+    let status = loop {
+        match stream.next().await {
+            Some(Ok(_)) => tokens += 1,
+            Some(Err(status)) => break status,
+            None => panic!("the stream ended without an error after {tokens} tokens"),
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("ran out of time"), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(tokens > 0 && tokens < 4000);
+    let client = cluster.client().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while active_per_stage(&client).await != vec![0, 0] {
+        assert!(
+            Instant::now() < deadline,
+            "caches not freed after the deadline"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.stop().await.unwrap();
+}

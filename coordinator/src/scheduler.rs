@@ -67,6 +67,8 @@ pub struct GenerationRequest {
     pub stop: Vec<String>,
     pub top_logprobs: u32,
     pub ignore_eos: bool,
+    /// When the request must be over, queueing included.
+    pub deadline: Instant,
 }
 
 /// A snapshot for `Info` and `Health`.
@@ -508,6 +510,7 @@ impl Scheduler {
     /// Drops waiting and ready sequences whose client went away, freeing their caches on every stage.
     /// (Sequences in flight are checked when their step returns.)
     fn drop_cancelled(&mut self) {
+        self.expire();
         self.waiting.retain(|s| !s.events.is_closed());
         self.stalled.retain(|s| !s.events.is_closed());
         let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.ready)
@@ -519,6 +522,41 @@ impl Scheduler {
             tracing::debug!(?ids, "client left; releasing");
             self.release(ids);
         }
+    }
+
+    /// Ends sequences past their deadline (not in flight: those are checked when they return) with
+    /// DEADLINE_EXCEEDED.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        for list in [&mut self.ready, &mut self.stalled] {
+            let (late, kept): (Vec<_>, Vec<_>) = std::mem::take(list)
+                .into_iter()
+                .partition(|s| s.request.deadline <= now);
+            *list = kept;
+            expired.extend(late);
+        }
+        let (late, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|s| s.request.deadline <= now);
+        self.waiting = kept;
+        expired.extend(late);
+        if expired.is_empty() {
+            return;
+        }
+        let ids = expired
+            .iter()
+            .filter(|s| s.cached > 0)
+            .map(|s| s.id)
+            .collect();
+        for seq in expired {
+            let _ = seq.events.send(Err(Status::deadline_exceeded(format!(
+                "the request ran out of time after {:.1} s and {} generated tokens",
+                seq.arrived.elapsed().as_secs_f64(),
+                seq.generated
+            ))));
+        }
+        self.release(ids);
     }
 
     /// Frees sequences on every stage without holding up the scheduler.

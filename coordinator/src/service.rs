@@ -4,6 +4,7 @@
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use strata_model::{ModelFile, TextTokenizer};
@@ -27,6 +28,9 @@ pub struct RequestLimits {
     pub max_prompt_bytes: usize,
     pub max_stop_strings: usize,
     pub max_stop_bytes: usize,
+    /// The longest a request may run, queueing included; a client's `grpc-timeout` can only
+    /// shorten it.
+    pub max_request_time: Duration,
 }
 
 impl Default for RequestLimits {
@@ -37,6 +41,7 @@ impl Default for RequestLimits {
             max_prompt_bytes: 1 << 20,
             max_stop_strings: 16,
             max_stop_bytes: 256,
+            max_request_time: Duration::from_secs(600),
         }
     }
 }
@@ -69,7 +74,11 @@ impl CoordinatorService {
             .map_err(|e| Status::internal(format!("tokenizer: {e}")))
     }
 
-    fn validate(&self, r: v1::GenerateRequest) -> Result<GenerationRequest, Status> {
+    fn validate(
+        &self,
+        r: v1::GenerateRequest,
+        client_timeout: Option<Duration>,
+    ) -> Result<GenerationRequest, Status> {
         let prompt_ids = self.tokenize(&r.prompt)?;
         if prompt_ids.is_empty() {
             return Err(invalid(
@@ -131,6 +140,9 @@ impl CoordinatorService {
                 self.limits.max_stop_bytes
             )));
         }
+        let time = client_timeout.map_or(self.limits.max_request_time, |t| {
+            t.min(self.limits.max_request_time)
+        });
         Ok(GenerationRequest {
             prompt_ids,
             max_tokens,
@@ -138,6 +150,7 @@ impl CoordinatorService {
             stop: r.stop,
             top_logprobs: r.top_logprobs,
             ignore_eos: r.ignore_eos,
+            deadline: Instant::now() + time,
         })
     }
 }
@@ -152,7 +165,12 @@ impl v1::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<v1::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let request = self.validate(request.into_inner())?;
+        let client_timeout = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        let request = self.validate(request.into_inner(), client_timeout)?;
         let (events, stream) = mpsc::unbounded_channel();
         self.scheduler.submit(request, events).await?;
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
@@ -221,5 +239,38 @@ impl v1::coordinator_server::Coordinator for CoordinatorService {
             status: status as i32,
             message,
         }))
+    }
+}
+
+/// A `grpc-timeout` header value (`100m`, `5S`, ...: at most 8 digits and a unit).
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("S"), None);
+        assert_eq!(parse_grpc_timeout("12x"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
     }
 }

@@ -57,6 +57,10 @@ pub struct CoordinatorArgs {
     /// use it).
     #[arg(long, env = "STRATA_INSECURE")]
     insecure: bool,
+    /// The longest a request may run, queueing included, in seconds (a client's grpc-timeout can
+    /// only shorten it); past it the request ends with DEADLINE_EXCEEDED.
+    #[arg(long, env = "STRATA_MAX_REQUEST_SECS", default_value_t = RequestLimits::default().max_request_time.as_secs())]
+    max_request_secs: u64,
     /// Print `STRATA_LISTENING <addr>` on stdout once serving (for the process that started us).
     #[arg(long, hide = true)]
     announce: bool,
@@ -82,6 +86,7 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         },
         requests: RequestLimits {
             max_new_tokens: args.max_new_tokens,
+            max_request_time: std::time::Duration::from_secs(args.max_request_secs.max(1)),
             ..RequestLimits::default()
         },
         max_message_bytes: strata_worker::server::DEFAULT_MAX_MESSAGE_BYTES,
