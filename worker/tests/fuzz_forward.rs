@@ -324,7 +324,7 @@ async fn forward_survives_arbitrary_requests() {
                     // What a coordinator does when a worker is full: free sequences. Without it
                     // the caches stay full and every later call stops at the bound.
                     let all = Request::new(v1::ReleaseRequest {
-                        seq_ids: (0..6).collect(),
+                        seq_ids: (0..6).chain(target.positions.keys().copied()).collect(),
                     });
                     target.service.release(all).await.unwrap();
                     target.positions.clear();
