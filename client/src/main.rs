@@ -5,6 +5,7 @@ mod cli;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    strata_worker::memory::configure_allocator();
     let args = cli::Cli::parse();
     // Compute threads must be fixed before any tensor work starts a thread pool.
     if let Some(threads) = args.compute_threads() {

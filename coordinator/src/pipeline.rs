@@ -199,18 +199,19 @@ impl Pipeline {
     }
 
     /// Asks every stage's worker for `Health` (within `timeout`); the first stage that does not
-    /// answer `SERVING`, and why.
-    pub async fn first_unhealthy(&self, timeout: Duration) -> Option<(usize, String)> {
+    /// answer `SERVING`, why, and whether it merely did not answer in time (a busy host) rather
+    /// than refusing or saying it lost its stage.
+    pub async fn first_unhealthy(&self, timeout: Duration) -> Option<(usize, String, bool)> {
         let calls = self.stages.iter().map(|s| {
             let mut client = s.client.clone();
             async move {
                 match tokio::time::timeout(timeout, client.health(v1::HealthRequest {})).await {
-                    Err(_) => Some(format!("no answer to Health within {timeout:?}")),
-                    Ok(Err(status)) => Some(status.message().to_string()),
+                    Err(_) => Some((format!("no answer to Health within {timeout:?}"), true)),
+                    Ok(Err(status)) => Some((status.message().to_string(), false)),
                     Ok(Ok(r)) => {
                         let r = r.into_inner();
                         (r.status != v1::health_response::Status::Serving as i32)
-                            .then(|| format!("not serving: {}", r.message))
+                            .then(|| (format!("not serving: {}", r.message), false))
                     }
                 }
             }
@@ -219,7 +220,7 @@ impl Pipeline {
             .await
             .into_iter()
             .enumerate()
-            .find_map(|(i, problem)| problem.map(|p| (i, p)))
+            .find_map(|(i, problem)| problem.map(|(why, slow)| (i, why, slow)))
     }
 
     /// Per stage: how busy it has been since the pipeline was loaded.

@@ -109,8 +109,12 @@ async fn load_on(
     Ok(handle)
 }
 
+/// Health checks in a row that may go unanswered before a stage counts as lost (a refusal, or a
+/// worker that says it lost its stage, counts at once).
+const SLOW_CHECKS_TOLERATED: u32 = 3;
+
 /// Checks every stage of `pipeline` each `interval` and calls `on_loss(generation, stage, reason)`
-/// for the first that is not serving. Ends when the pipeline is replaced (its last strong reference
+/// for the first that is down. Ends when the pipeline is replaced (its last strong reference
 /// dropped) or `on_loss` returns false (the scheduler is gone).
 pub fn watch(
     pipeline: Weak<Pipeline>,
@@ -118,15 +122,21 @@ pub fn watch(
     on_loss: impl Fn(u64, usize, String) -> bool + Send + 'static,
 ) {
     tokio::spawn(async move {
+        let mut slow_checks = 0;
         loop {
             tokio::time::sleep(interval).await;
             let Some(current) = pipeline.upgrade() else {
                 return;
             };
             let timeout = interval.max(Duration::from_secs(1));
-            if let Some((stage, reason)) = current.first_unhealthy(timeout).await {
-                if !on_loss(current.generation(), stage, reason) {
-                    return;
+            match current.first_unhealthy(timeout).await {
+                None => slow_checks = 0,
+                Some((_, _, true)) if slow_checks + 1 < SLOW_CHECKS_TOLERATED => slow_checks += 1,
+                Some((stage, reason, _)) => {
+                    slow_checks = 0;
+                    if !on_loss(current.generation(), stage, reason) {
+                        return;
+                    }
                 }
             }
         }

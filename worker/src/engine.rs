@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
@@ -126,9 +126,6 @@ enum Job {
         tokens: usize,
         reply: Reply<Duration>,
     },
-    Stats {
-        reply: Reply<EngineStats>,
-    },
     Calibrate {
         rows: usize,
         context: usize,
@@ -152,6 +149,9 @@ pub struct Calibration {
 #[derive(Clone)]
 pub struct Engine {
     jobs: mpsc::Sender<Job>,
+    /// The state after the last job, so `Info` and `Health` answer at once instead of queueing
+    /// behind compute (a health check stuck behind a long prefill looked like a dead worker).
+    published: Arc<Mutex<EngineStats>>,
 }
 
 impl Engine {
@@ -170,7 +170,9 @@ impl Engine {
     ) -> Result<Self, WorkerError> {
         let (jobs, queue) = mpsc::channel();
         let name = format!("strata-compute-{}", crate::device::name(&device));
+        let published = Arc::new(Mutex::new(EngineStats::default()));
         let mut state = State {
+            published: published.clone(),
             model,
             device,
             options,
@@ -190,7 +192,7 @@ impl Engine {
                 state.run(job);
             }
         });
-        Ok(Self { jobs })
+        Ok(Self { jobs, published })
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T, WorkerError> {
@@ -230,8 +232,12 @@ impl Engine {
         self.call(|reply| Job::Warmup { tokens, reply }).await
     }
 
-    pub async fn stats(&self) -> Result<EngineStats, WorkerError> {
-        self.call(|reply| Job::Stats { reply }).await
+    /// The state as of the last finished job; never waits for compute.
+    pub fn stats(&self) -> EngineStats {
+        self.published
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// Times one layer, the embedding and the head on probe stages (the loaded stage is untouched).
@@ -254,15 +260,27 @@ struct State {
     stage: Option<Stage>,
     output_dtype: DType,
     sequences: HashMap<u64, SequenceKv>,
+    published: Arc<Mutex<EngineStats>>,
 }
 
 impl State {
+    /// Publishes the state for `Engine::stats`; runs before each reply, so a caller that saw its
+    /// reply sees its effect in `Info`.
+    fn publish(&self) {
+        let stats = self.stats();
+        *self
+            .published
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = stats;
+    }
+
     fn run(&mut self, job: Job) {
         // A panic in tensor code must not take the worker down: the request fails, the thread lives.
         macro_rules! guarded {
             ($reply:expr, $body:expr) => {{
                 let result = std::panic::catch_unwind(AssertUnwindSafe(|| $body))
                     .unwrap_or_else(|panic| Err(WorkerError::Internal(panic_message(panic))));
+                self.publish();
                 let _ = $reply.send(result);
             }};
         }
@@ -278,12 +296,13 @@ impl State {
                     .iter()
                     .filter(|id| self.sequences.remove(id).is_some())
                     .count();
+                if released > 0 && self.sequences.is_empty() {
+                    crate::memory::return_freed_memory();
+                }
+                self.publish();
                 let _ = reply.send(Ok(released));
             }
             Job::Warmup { tokens, reply } => guarded!(reply, self.warmup(tokens)),
-            Job::Stats { reply } => {
-                let _ = reply.send(Ok(self.stats()));
-            }
             Job::Calibrate {
                 rows,
                 context,
@@ -671,3 +690,4 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".into());
     format!("compute panicked: {text}")
 }
+

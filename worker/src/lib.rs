@@ -12,6 +12,7 @@ pub mod codec;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod memory;
 pub mod model;
 pub mod server;
 pub mod service;

@@ -90,7 +90,7 @@ fn step_from_wire(s: v1::SequenceInput) -> Result<SequenceStep, WorkerError> {
 #[tonic::async_trait]
 impl v1::worker_server::Worker for WorkerService {
     async fn info(&self, _: Request<v1::InfoRequest>) -> Result<Response<v1::WorkerInfo>, Status> {
-        let stats = self.engine.stats().await?;
+        let stats = self.engine.stats();
         let (total, available) = self.memory();
         Ok(Response::new(v1::WorkerInfo {
             device: self.identity.device.clone(),
@@ -254,7 +254,7 @@ impl v1::worker_server::Worker for WorkerService {
         &self,
         _: Request<v1::HealthRequest>,
     ) -> Result<Response<v1::HealthResponse>, Status> {
-        let stats = self.engine.stats().await?;
+        let stats = self.engine.stats();
         let (status, message) = match stats.loaded {
             Some(r) => (
                 v1::health_response::Status::Serving,
