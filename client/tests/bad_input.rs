@@ -302,3 +302,47 @@ async fn kv_memory_past_the_bound_is_refused_not_a_crash() {
     assert_eq!((info.active_sequences, info.cached_positions), (1, 8));
     worker.stop().await.unwrap();
 }
+
+/// Regression (found by the soak): `Health` and `Info` used to queue behind compute, so a long
+/// prefill made a busy worker look dead to the coordinator's health checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_info_answer_while_a_long_forward_computes() {
+    use std::time::{Duration, Instant};
+    use v1::sequence_input::Input;
+    let (worker, mut client) = spawn_worker(&["--threads", "1"]).await;
+    let fingerprint = fingerprint(&mut client).await;
+    client.load_stage(load(&fingerprint, 0, 30)).await.unwrap();
+    let ids: Vec<u32> = (0..500).map(|i| 100 + (i % 1000)).collect();
+    let mut busy = client.clone();
+    let long = tokio::spawn(async move {
+        let started = Instant::now();
+        busy.forward(forward(vec![seq(
+            1,
+            0,
+            Input::Tokens(v1::TokenIds { ids }),
+        )]))
+        .await
+        .unwrap();
+        started.elapsed()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let health = client
+        .health(v1::HealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    client.info(v1::InfoRequest {}).await.unwrap();
+    let answered = started.elapsed();
+    let forward_took = long.await.unwrap();
+    assert_eq!(health.status, v1::health_response::Status::Serving as i32);
+    assert!(
+        forward_took > Duration::from_millis(800),
+        "the forward was too short to test anything: {forward_took:?}"
+    );
+    assert!(
+        answered < Duration::from_millis(250),
+        "Health+Info took {answered:?} while a {forward_took:?} forward ran"
+    );
+    worker.stop().await.unwrap();
+}

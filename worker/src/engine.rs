@@ -690,4 +690,3 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".into());
     format!("compute panicked: {text}")
 }
-
