@@ -12,6 +12,7 @@ pub mod layer;
 pub mod linear;
 pub mod mask;
 pub mod q4_1;
+pub mod q8_0;
 pub mod rope;
 pub mod sampling;
 pub mod stage;

@@ -14,8 +14,8 @@ use rayon::prelude::*;
 /// Elements per quantization block (Q4_1 and Q8_1 alike).
 pub const BLOCK: usize = 32;
 /// Activation rows that share one unpacked weight block.
-const ROW_TILE: usize = 4;
-/// Columns per parallel task.
+pub(crate) const ROW_TILE: usize = 4;
+/// Columns per parallel task, at least.
 const COLUMNS_PER_TASK: usize = 32;
 
 /// A GGUF Q4_1 block: `x = d * q + m` for 32 4-bit `q` (low nibbles are elements 0..16, high 16..32).
@@ -31,10 +31,10 @@ const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
 
 /// An activation block quantized to 8 bits: `x ≈ d * q`, with `s = d * Σq` kept for the Q4_1 minimum.
 #[derive(Debug, Clone, Copy)]
-struct BlockQ8_1 {
-    d: f32,
-    s: f32,
-    qs: [i8; BLOCK],
+pub(crate) struct BlockQ8_1 {
+    pub(crate) d: f32,
+    pub(crate) s: f32,
+    pub(crate) qs: [i8; BLOCK],
 }
 
 /// A Q4_1 weight matrix `[n, k]` (n output columns, k inputs), row-major in blocks.
@@ -98,38 +98,62 @@ impl Q4_1Matrix {
 
     /// `x: [m, k]` row-major → `x Wᵀ: [m, n]` row-major. Requires [`Q4_1Matrix::supported`].
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        assert_eq!(x.len(), m * self.k, "activation length");
         assert!(Self::supported(), "the Q4_1 kernel needs AVX2 and FMA");
-        let kb = self.k / BLOCK;
-        let act: Vec<BlockQ8_1> = x.chunks_exact(BLOCK).map(quantize_q8_1).collect();
-        // Column-major result: each task owns whole columns, so tasks never share memory.
-        let mut out_t = vec![0f32; self.n * m];
-        out_t
-            .par_chunks_mut(COLUMNS_PER_TASK * m)
-            .enumerate()
-            .for_each(|(task, chunk)| {
-                let first = task * COLUMNS_PER_TASK;
-                for (c, column) in chunk.chunks_exact_mut(m).enumerate() {
-                    let w = &self.blocks[(first + c) * kb..(first + c + 1) * kb];
-                    for row0 in (0..m).step_by(ROW_TILE) {
-                        let rows = ROW_TILE.min(m - row0);
-                        let a = &act[row0 * kb..(row0 + rows) * kb];
-                        // SAFETY: `supported()` was checked above.
-                        #[cfg(target_arch = "x86_64")]
-                        unsafe {
-                            dot_tile_avx2(w, a, kb, rows, &mut column[row0..row0 + rows])
-                        };
-                    }
-                }
-            });
-        let mut out = vec![0f32; m * self.n];
-        for (col, values) in out_t.chunks_exact(m).enumerate() {
-            for (row, v) in values.iter().enumerate() {
-                out[row * self.n + col] = *v;
-            }
-        }
-        out
+        // SAFETY: `supported()` was checked above.
+        #[cfg(target_arch = "x86_64")]
+        return matmul_tiles(
+            &self.blocks,
+            self.n,
+            self.k,
+            x,
+            m,
+            |w, a, kb, rows, out| unsafe { dot_tile_avx2(w, a, kb, rows, out) },
+        );
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("supported() is false off x86_64")
     }
+}
+
+/// The shared driver of strata's CPU kernels: activations quantized to Q8_1 blocks, columns spread
+/// over the thread pool, and `dot(weight column, activation rows, blocks per row, rows, out)` run
+/// on tiles of up to [`ROW_TILE`] rows so each weight block is unpacked once per tile.
+pub(crate) fn matmul_tiles<B: Sync>(
+    blocks: &[B],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+    dot: impl Fn(&[B], &[BlockQ8_1], usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    assert_eq!(x.len(), m * k, "activation length");
+    let kb = k / BLOCK;
+    let act: Vec<BlockQ8_1> = x.chunks_exact(BLOCK).map(quantize_q8_1).collect();
+    // Column-major result: each task owns whole columns, so tasks never share memory.
+    let mut out_t = vec![0f32; n * m];
+    // A few tasks per thread: enough to even out, few enough that scheduling stays negligible
+    // (the 49152-column output head in 32-column tasks spent more time in rayon than computing).
+    let per_task = COLUMNS_PER_TASK.max(n / (rayon::current_num_threads() * 4));
+    out_t
+        .par_chunks_mut(per_task * m)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let first = task * per_task;
+            for (c, column) in chunk.chunks_exact_mut(m).enumerate() {
+                let w = &blocks[(first + c) * kb..(first + c + 1) * kb];
+                for row0 in (0..m).step_by(ROW_TILE) {
+                    let rows = ROW_TILE.min(m - row0);
+                    let a = &act[row0 * kb..(row0 + rows) * kb];
+                    dot(w, a, kb, rows, &mut column[row0..row0 + rows]);
+                }
+            }
+        });
+    let mut out = vec![0f32; m * n];
+    for (col, values) in out_t.chunks_exact(m).enumerate() {
+        for (row, v) in values.iter().enumerate() {
+            out[row * n + col] = *v;
+        }
+    }
+    out
 }
 
 /// llama.cpp's `quantize_row_q8_1_ref`: `d = max|x| / 127`, `q = round(x / d)`, `s = d * Σq`, with `d`
