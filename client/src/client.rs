@@ -14,12 +14,29 @@ pub enum ClientError {
     /// The coordinator could not be reached.
     #[error("cannot connect to the coordinator at {url}: {reason}")]
     Connect { url: String, reason: String },
-    /// The coordinator answered with an error.
+    /// The coordinator answered with an error (not a `source`: its text is all there is, and
+    /// printing it as a cause too would repeat it).
     #[error("{}: {}", .0.code(), .0.message())]
-    Status(#[from] tonic::Status),
+    Status(tonic::Status),
     /// The stream broke the protocol (e.g. ended without a final message).
     #[error("protocol error: {0}")]
     Protocol(String),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> Self {
+        // A plaintext client talking to a TLS port sees the TLS handshake as a malformed HTTP/2
+        // frame; say what that usually means.
+        if strata_transport::error_chain(&status).contains("frame with invalid size") {
+            let message = format!(
+                "{}: the server's answer is not HTTP/2 (is it using TLS? dial it with --keys DIR or \
+                 --tls-ca, or an https:// address)",
+                status.message()
+            );
+            return Self::Status(tonic::Status::new(status.code(), message));
+        }
+        Self::Status(status)
+    }
 }
 
 /// How to generate.

@@ -143,6 +143,24 @@ async fn a_cluster_over_tls_with_a_token_generates_the_same_tokens() {
     let err = client.generate_collect(prompt, &params).await.unwrap_err();
     assert!(err.to_string().contains("auth token"), "{err}");
 
+    // Plaintext to the TLS port is refused (how h2 reports it varies: a frame-size error, which the
+    // client turns into a hint about TLS, or a cancelled call).
+    let plain_url = secure.url().replace("https://", "http://");
+    let plaintext = Security::load(&SecurityFiles {
+        token_file: files.token_file.clone(),
+        ..SecurityFiles::default()
+    })
+    .unwrap();
+    let err = match strata_client::StrataClient::connect_with(&plain_url, &plaintext).await {
+        Ok(c) => c
+            .generate_collect(prompt, &params)
+            .await
+            .unwrap_err()
+            .to_string(),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("TLS"), "{err}");
+
     // Mutual TLS: a client without a certificate is refused at the handshake.
     let no_cert = Security::load(&SecurityFiles {
         cert: None,
