@@ -9,7 +9,12 @@ command -v python3 >/dev/null || { echo "fetching the default model needs python
 cargo build --release --locked -p strata-client
 strata="${CARGO_TARGET_DIR:-target}/release/strata"
 "$strata" fetch-model >/dev/null
-if [ $# -eq 0 ]; then
-  set -- --prompt "Once upon a time, there was a little" --max-tokens 64
-fi
+case " $* " in
+  *" --prompt"*) ;;
+  *) set -- --prompt "Once upon a time, there was a little" "$@" ;;
+esac
+case " $* " in
+  *" --max-tokens"*) ;;
+  *) set -- "$@" --max-tokens 64 ;;
+esac
 exec "$strata" generate --local 2 --temperature 0 "$@"
