@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde::Serialize;
+use strata_model::rng::SplitMix64;
 
 use crate::client::{ClientError, Event, FinishReason, GenerateParams, StrataClient};
 use crate::local::LocalCluster;
@@ -79,28 +80,13 @@ impl SoakReport {
     }
 }
 
-/// A small deterministic generator, so a run can be replayed from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
 const WORDS: [&str; 24] = [
     "the", "river", "quiet", "engine", "over", "a", "mountain", "little", "robot", "paper", "sang",
     "under", "bright", "city", "of", "glass", "and", "slowly", "wind", "carried", "old", "stories",
     "to", "children",
 ];
 
-fn prompts(rng: &mut Rng, count: usize) -> Vec<String> {
+fn prompts(rng: &mut SplitMix64, count: usize) -> Vec<String> {
     (0..count)
         .map(|_| {
             let words = 2 + rng.below(40);
@@ -137,7 +123,7 @@ pub async fn soak(
     options: &SoakOptions,
 ) -> Result<SoakReport, ClientError> {
     let client = cluster.client().await?;
-    let mut rng = Rng(options.seed | 1);
+    let mut rng = SplitMix64::new(options.seed);
     let prompts = prompts(&mut rng, options.prompts.max(1));
     let greedy = |max_tokens: u32| GenerateParams {
         max_tokens,
@@ -163,7 +149,8 @@ pub async fn soak(
     let mut tasks = Vec::new();
     for c in 0..options.clients {
         let client = client.clone();
-        let mut rng = Rng(options.seed ^ ((c as u64 + 1) * 0x9e37_79b9_7f4a_7c15));
+        let mut rng =
+            SplitMix64::new(options.seed ^ (c as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let options = options.clone();
         let prompt_texts = prompts.clone();
         tasks.push(tokio::spawn(async move {

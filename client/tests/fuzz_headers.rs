@@ -10,25 +10,12 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::Content;
+use strata_model::rng::SplitMix64;
 use strata_model::synthetic::{write_safetensors_model, SyntheticConfig};
 use strata_model::{LlamaConfig, ModelFile, TextTokenizer};
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
 /// Flips bytes, writes boundary integers over length fields, or truncates.
-fn mutate(rng: &mut Rng, bytes: &mut Vec<u8>, hot: usize) {
+fn mutate(rng: &mut SplitMix64, bytes: &mut Vec<u8>, hot: usize) {
     for _ in 0..1 + rng.below(4) {
         let len = bytes.len();
         if len == 0 {
@@ -41,7 +28,7 @@ fn mutate(rng: &mut Rng, bytes: &mut Vec<u8>, hot: usize) {
             rng.below(len)
         };
         match rng.below(6) {
-            0 | 1 => bytes[at] = rng.next() as u8,
+            0 | 1 => bytes[at] = rng.next_u64() as u8,
             2 => bytes[at] ^= 1 << rng.below(8),
             3 | 4 => {
                 let values = [
@@ -94,7 +81,7 @@ fn gguf_headers_parse_or_fail_cleanly() {
     let header_len = content.tensor_data_offset as usize;
     let original = std::fs::read(&model).unwrap()[..header_len].to_vec();
     let (seed, execs) = (seed(), execs(1_000));
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64::new(seed);
     let (mut parsed, mut refused) = (0, 0);
     for exec in 0..execs {
         let mut bytes = original.clone();
@@ -136,7 +123,7 @@ fn safetensors_directories_parse_or_fail_cleanly() {
     let weights = std::fs::read(&weights_name).unwrap();
     let header = 8 + u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
     let (seed, execs) = (seed(), execs(2_000));
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64::new(seed);
     let dir = tempfile::tempdir().unwrap();
     let (mut parsed, mut refused) = (0, 0);
     for exec in 0..execs {

@@ -14,6 +14,7 @@
 pub mod config;
 pub mod error;
 pub mod file;
+pub mod rng;
 pub mod synthetic;
 pub mod tokenizer;
 pub mod wire;

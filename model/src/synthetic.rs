@@ -11,6 +11,7 @@ use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
+use crate::rng::SplitMix64;
 use crate::ModelError;
 
 /// The shape of a synthetic model.
@@ -225,32 +226,23 @@ fn write_tokenizer(path: &Path, vocab_size: usize) -> Result<(), ModelError> {
 
 /// Standard normal draws from a seeded SplitMix64 (Box–Muller), so the same seed writes the same model.
 struct Normal {
-    state: u64,
+    uniform: SplitMix64,
     spare: Option<f32>,
 }
 
 impl Normal {
     fn new(seed: u64) -> Self {
         Self {
-            state: seed,
+            uniform: SplitMix64::new(seed),
             spare: None,
         }
-    }
-
-    fn uniform(&mut self) -> f64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
 
     fn sample(&mut self) -> f32 {
         if let Some(s) = self.spare.take() {
             return s;
         }
-        let (u1, u2) = (self.uniform(), self.uniform());
+        let (u1, u2) = (self.uniform.uniform(), self.uniform.uniform());
         let r = (-2.0 * u1.ln()).sqrt();
         let theta = 2.0 * std::f64::consts::PI * u2;
         self.spare = Some((r * theta.sin()) as f32);

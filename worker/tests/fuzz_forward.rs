@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use candle_core::Device;
+use strata_model::rng::SplitMix64;
 use strata_model::synthetic::{write_safetensors_model, SyntheticConfig};
 use strata_model::ModelFile;
 use strata_proto::v1;
@@ -22,27 +23,6 @@ use tonic::{Code, Request};
 const HIDDEN: u32 = 64;
 const VOCAB: u32 = 512;
 
-/// xorshift64*: fast, seedable, good enough to pick cases.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-}
-
 /// One stage under test, and where it believes each sequence is.
 struct Target {
     service: WorkerService,
@@ -50,7 +30,7 @@ struct Target {
     positions: HashMap<u64, u32>,
 }
 
-fn tensor(rng: &mut Rng, rows: u32) -> v1::Tensor {
+fn tensor(rng: &mut SplitMix64, rows: u32) -> v1::Tensor {
     let dtype = if rng.chance(80) {
         v1::DType::DtypeF32 as i32
     } else {
@@ -59,7 +39,7 @@ fn tensor(rng: &mut Rng, rows: u32) -> v1::Tensor {
     let shape: Vec<u32> = if rng.chance(75) {
         vec![rows, HIDDEN]
     } else {
-        let rank = rng.below(4) as usize;
+        let rank = rng.below(4);
         (0..rank)
             .map(|_| rng.pick(&[0, 1, rows, HIDDEN, HIDDEN + 1, 65_536, u32::MAX]))
             .collect()
@@ -71,24 +51,24 @@ fn tensor(rng: &mut Rng, rows: u32) -> v1::Tensor {
         .min(1 << 16);
     let mut bytes = (elements * 4) as usize;
     if rng.chance(15) {
-        bytes = rng.below(4 * 4096) as usize;
+        bytes = rng.below(4 * 4096);
     }
     let mut data = vec![0u8; bytes];
     if rng.chance(50) {
         for b in data.iter_mut() {
-            *b = rng.next() as u8;
+            *b = rng.next_u64() as u8;
         }
     }
     v1::Tensor { data, dtype, shape }
 }
 
-fn sampling(rng: &mut Rng, hostile: bool) -> Option<v1::SamplingParams> {
+fn sampling(rng: &mut SplitMix64, hostile: bool) -> Option<v1::SamplingParams> {
     if !hostile {
         return Some(v1::SamplingParams {
             temperature: rng.pick(&[0.0, 0.7, 1.0, 1.5]),
             top_k: rng.pick(&[0, 1, 5, 40]),
             top_p: rng.pick(&[1.0, 0.9, 0.5]),
-            seed: rng.next(),
+            seed: rng.next_u64(),
         });
     }
     if rng.chance(10) {
@@ -108,18 +88,20 @@ fn sampling(rng: &mut Rng, hostile: bool) -> Option<v1::SamplingParams> {
         ]),
         top_k: rng.pick(&[0, 0, 1, 5, VOCAB, VOCAB + 1, u32::MAX]),
         top_p: rng.pick(&[1.0, 1.0, 0.9, 0.0, -1.0, 2.0, f32::NAN]),
-        seed: rng.next(),
+        seed: rng.next_u64(),
     })
 }
 
 /// A sequence's part of a request: a plausible continuation, or (`hostile`) anything at all.
-fn sequence(rng: &mut Rng, target: &Target, hostile: bool) -> v1::SequenceInput {
+fn sequence(rng: &mut SplitMix64, target: &Target, hostile: bool) -> v1::SequenceInput {
     if !hostile {
-        let seq_id = rng.below(6);
+        let seq_id = rng.below(6) as u64;
         let longest = if rng.chance(10) { 40 } else { 3 };
         let rows = 1 + rng.below(longest) as u32;
         let input = if target.first {
-            let ids = (0..rows).map(|_| rng.below(VOCAB as u64) as u32).collect();
+            let ids = (0..rows)
+                .map(|_| rng.below(VOCAB as usize) as u32)
+                .collect();
             v1::sequence_input::Input::Tokens(v1::TokenIds { ids })
         } else {
             let data = (0..rows * HIDDEN)
@@ -140,9 +122,9 @@ fn sequence(rng: &mut Rng, target: &Target, hostile: bool) -> v1::SequenceInput 
         };
     }
     let seq_id = if rng.chance(95) {
-        rng.below(6)
+        rng.below(6) as u64
     } else {
-        rng.next()
+        rng.next_u64()
     };
     let known = target.positions.get(&seq_id).copied().unwrap_or(0);
     let start_pos = match rng.below(10) {
@@ -150,7 +132,7 @@ fn sequence(rng: &mut Rng, target: &Target, hostile: bool) -> v1::SequenceInput 
         6 => known.saturating_sub(1),
         7 => known.saturating_add(1),
         8 => rng.below(600) as u32,
-        _ => rng.next() as u32,
+        _ => rng.next_u64() as u32,
     };
     let rows = if rng.chance(80) {
         1 + rng.below(4) as u32
@@ -168,7 +150,7 @@ fn sequence(rng: &mut Rng, target: &Target, hostile: bool) -> v1::SequenceInput 
         let ids = (0..rows)
             .map(|_| {
                 if rng.chance(95) {
-                    rng.below(VOCAB as u64) as u32
+                    rng.below(VOCAB as usize) as u32
                 } else {
                     rng.pick(&[VOCAB, VOCAB + 1, u32::MAX])
                 }
@@ -247,16 +229,16 @@ async fn forward_survives_arbitrary_requests() {
     let model = ModelFile::open(dir.path()).unwrap();
     let mut targets = [stage(&model, 0..1).await, stage(&model, 1..2).await];
 
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64::new(seed);
     let mut outcomes: HashMap<String, u64> = HashMap::new();
     let started = Instant::now();
     for exec in 0..execs {
-        let target = &mut targets[rng.below(2) as usize];
+        let target = &mut targets[rng.below(2)];
         if rng.chance(5) {
             let ids: Vec<u64> = if rng.chance(30) {
                 (0..6).collect()
             } else {
-                vec![rng.below(8)]
+                vec![rng.below(8) as u64]
             };
             let request = Request::new(v1::ReleaseRequest {
                 seq_ids: ids.clone(),
@@ -269,7 +251,7 @@ async fn forward_survives_arbitrary_requests() {
             continue;
         }
         let count = if rng.chance(97) {
-            rng.below(4) as usize
+            rng.below(4)
         } else {
             rng.pick(&[9, 300])
         };
@@ -289,7 +271,7 @@ async fn forward_survives_arbitrary_requests() {
             .map(|s| (s.seq_id, s.start_pos.saturating_add(rows_of(&s.input))))
             .collect();
         let request = Request::new(v1::ForwardRequest {
-            step_id: rng.next(),
+            step_id: rng.next_u64(),
             sequences,
         });
         match target.service.forward(request).await {
