@@ -48,19 +48,7 @@ pub struct Q4_1Matrix {
 impl Q4_1Matrix {
     /// Takes the raw bytes of a GGUF Q4_1 tensor of shape `[n, k]`.
     pub fn from_gguf_bytes(bytes: &[u8], n: usize, k: usize) -> Result<Self, String> {
-        if !k.is_multiple_of(BLOCK) {
-            return Err(format!(
-                "Q4_1 rows of {k} elements are not whole blocks of {BLOCK}"
-            ));
-        }
-        let count = n * k / BLOCK;
-        if bytes.len() != count * 20 {
-            return Err(format!(
-                "Q4_1 tensor [{n}, {k}] needs {} bytes, got {}",
-                count * 20,
-                bytes.len()
-            ));
-        }
+        check_block_bytes("Q4_1", bytes, n, k, 20)?;
         let blocks = bytes
             .chunks_exact(20)
             .map(|b| BlockQ4_1 {
@@ -204,12 +192,42 @@ unsafe fn dot_tile_avx2(w: &[BlockQ4_1], a: &[BlockQ8_1], kb: usize, rows: usize
         }
     }
     for r in 0..rows {
-        let v = acc[r];
-        let sum4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let sum2 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
-        let sum1 = _mm_add_ss(sum2, _mm_shuffle_ps(sum2, sum2, 1));
-        out[r] = _mm_cvtss_f32(sum1) + mins[r];
+        out[r] = hsum_avx2(acc[r]) + mins[r];
     }
+}
+
+/// The sum of a vector's eight lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn hsum_avx2(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let sum4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let sum2 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
+    let sum1 = _mm_add_ss(sum2, _mm_shuffle_ps(sum2, sum2, 1));
+    _mm_cvtss_f32(sum1)
+}
+
+/// Checks that `bytes` hold exactly the `block_bytes`-sized blocks of a `kind` tensor `[n, k]`.
+pub(crate) fn check_block_bytes(
+    kind: &str,
+    bytes: &[u8],
+    n: usize,
+    k: usize,
+    block_bytes: usize,
+) -> Result<(), String> {
+    if !k.is_multiple_of(BLOCK) {
+        return Err(format!(
+            "{kind} rows of {k} elements are not whole blocks of {BLOCK}"
+        ));
+    }
+    let needed = n * k / BLOCK * block_bytes;
+    if bytes.len() != needed {
+        return Err(format!(
+            "{kind} tensor [{n}, {k}] needs {needed} bytes, got {}",
+            bytes.len()
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,7 +5,9 @@
 
 use half::f16;
 
-use super::q4_1::{matmul_tiles, BlockQ8_1, Q4_1Matrix, BLOCK, ROW_TILE};
+#[cfg(target_arch = "x86_64")]
+use super::q4_1::hsum_avx2;
+use super::q4_1::{check_block_bytes, matmul_tiles, BlockQ8_1, Q4_1Matrix, BLOCK, ROW_TILE};
 
 /// A GGUF Q8_0 block: `x = d * q` for 32 signed bytes.
 #[derive(Debug, Clone, Copy)]
@@ -26,19 +28,7 @@ pub struct Q8_0Matrix {
 impl Q8_0Matrix {
     /// Takes the raw bytes of a GGUF Q8_0 tensor of shape `[n, k]`.
     pub fn from_gguf_bytes(bytes: &[u8], n: usize, k: usize) -> Result<Self, String> {
-        if !k.is_multiple_of(BLOCK) {
-            return Err(format!(
-                "Q8_0 rows of {k} elements are not whole blocks of {BLOCK}"
-            ));
-        }
-        let count = n * k / BLOCK;
-        if bytes.len() != count * 34 {
-            return Err(format!(
-                "Q8_0 tensor [{n}, {k}] needs {} bytes, got {}",
-                count * 34,
-                bytes.len()
-            ));
-        }
+        check_block_bytes("Q8_0", bytes, n, k, 34)?;
         let blocks = bytes
             .chunks_exact(34)
             .map(|b| BlockQ8_0 {
@@ -105,11 +95,7 @@ unsafe fn dot_tile_avx2(w: &[BlockQ8_0], a: &[BlockQ8_1], kb: usize, rows: usize
         }
     }
     for r in 0..rows {
-        let v = acc[r];
-        let sum4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let sum2 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
-        let sum1 = _mm_add_ss(sum2, _mm_shuffle_ps(sum2, sum2, 1));
-        out[r] = _mm_cvtss_f32(sum1);
+        out[r] = hsum_avx2(acc[r]);
     }
 }
 
