@@ -20,6 +20,24 @@ fn keys(dir: &Path) -> SecurityFiles {
     SecurityFiles::from_keys_dir(dir)
 }
 
+/// The same TLS setup without the token.
+fn without_token(files: &SecurityFiles) -> Security {
+    Security::load(&SecurityFiles {
+        token_file: None,
+        ..files.clone()
+    })
+    .unwrap()
+}
+
+async fn token_ids(cluster: &LocalCluster, prompt: &str, params: &GenerateParams) -> Vec<u32> {
+    let client = cluster.client().await.unwrap();
+    client
+        .generate_collect(prompt, params)
+        .await
+        .unwrap()
+        .token_ids
+}
+
 async fn info(security: &Security, address: &str) -> Result<v1::WorkerInfo, tonic::Status> {
     let channel = security
         .connect(address, Duration::from_secs(5))
@@ -45,11 +63,7 @@ async fn a_secure_worker_admits_only_tls_calls_with_the_token() {
     let good = Security::load(&files).unwrap();
     assert!(info(&good, &address).await.is_ok());
 
-    let no_token = Security::load(&SecurityFiles {
-        token_file: None,
-        ..files.clone()
-    })
-    .unwrap();
+    let no_token = without_token(&files);
     let status = info(&no_token, &address).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert!(
@@ -106,13 +120,7 @@ async fn a_cluster_over_tls_with_a_token_generates_the_same_tokens() {
     ))
     .await
     .unwrap();
-    let expected = plain
-        .client()
-        .await
-        .unwrap()
-        .generate_collect(prompt, &params)
-        .await
-        .unwrap();
+    let expected = token_ids(&plain, prompt, &params).await;
     plain.stop().await.unwrap();
 
     let secure = LocalCluster::start(LocalOptions {
@@ -122,21 +130,10 @@ async fn a_cluster_over_tls_with_a_token_generates_the_same_tokens() {
     .await
     .unwrap();
     assert!(secure.url().starts_with("https://"), "{}", secure.url());
-    let got = secure
-        .client()
-        .await
-        .unwrap()
-        .generate_collect(prompt, &params)
-        .await
-        .unwrap();
-    assert_eq!(got.token_ids, expected.token_ids);
+    assert_eq!(token_ids(&secure, prompt, &params).await, expected);
 
     // The coordinator's port wants the token too.
-    let no_token = Security::load(&SecurityFiles {
-        token_file: None,
-        ..files.clone()
-    })
-    .unwrap();
+    let no_token = without_token(&files);
     let client = strata_client::StrataClient::connect_with(secure.url(), &no_token)
         .await
         .unwrap();

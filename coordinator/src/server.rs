@@ -46,6 +46,8 @@ pub struct CoordinatorConfig {
 pub struct Coordinator {
     service: CoordinatorService,
     security: Security,
+    /// The stages as planned (the live ones are the scheduler's: a stage may move to a spare).
+    initial_stages: Vec<pipeline::StageHandle>,
 }
 
 impl Coordinator {
@@ -109,16 +111,16 @@ impl Coordinator {
                 scheduler,
                 tokenizer,
                 model,
-                initial_stages,
                 limits: config.requests,
             },
             security: config.security,
+            initial_stages,
         })
     }
 
     /// The plan: each stage's worker and layers, as loaded at start.
     pub fn stages(&self) -> &[pipeline::StageHandle] {
-        &self.service.initial_stages
+        &self.initial_stages
     }
 
     /// Serves the coordinator service on `listener` until `shutdown` resolves.

@@ -13,7 +13,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::pipeline::StageHandle;
 use crate::scheduler::{GenerationRequest, SchedulerHandle};
 use crate::CoordinatorError;
 
@@ -51,8 +50,6 @@ pub struct CoordinatorService {
     pub(crate) scheduler: SchedulerHandle,
     pub(crate) tokenizer: Arc<TextTokenizer>,
     pub(crate) model: ModelFile,
-    /// The stages as planned (the live ones come from the scheduler: a stage may move).
-    pub(crate) initial_stages: Vec<StageHandle>,
     pub(crate) limits: RequestLimits,
 }
 

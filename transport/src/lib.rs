@@ -52,8 +52,7 @@ pub struct SecurityFiles {
     /// a client certificate when it dials.
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
-    /// Certificates trusted for peers (PEM). Needed to dial a TLS peer whose certificate is not from
-    /// this CA... i.e. always when dialing TLS with self-made keys.
+    /// Certificates trusted for peers (PEM); dialing uses TLS when this is set.
     pub ca: Option<PathBuf>,
     /// Servers also require clients to present a certificate signed by `ca` (mutual TLS).
     pub mutual_tls: bool,
@@ -190,8 +189,8 @@ impl Security {
         address: &str,
         timeout: Duration,
     ) -> Result<AuthChannel, TransportError> {
-        let endpoint = self.endpoint(address)?.connect_timeout(timeout);
-        let channel = tokio_timeout(timeout, endpoint.connect())
+        let endpoint = self.endpoint(address)?;
+        let channel = tokio::time::timeout(timeout, endpoint.connect())
             .await
             .map_err(|_| TransportError::Connect {
                 address: address.to_string(),
@@ -208,13 +207,6 @@ impl Security {
     pub fn authorize(&self, channel: Channel) -> AuthChannel {
         InterceptedService::new(channel, ClientAuth::new(self.token.clone()))
     }
-}
-
-async fn tokio_timeout<F: std::future::Future>(
-    timeout: Duration,
-    future: F,
-) -> Result<F::Output, ()> {
-    tokio::time::timeout(timeout, future).await.map_err(|_| ())
 }
 
 /// An error and its sources on one line (tonic's transport errors hide the reason in the chain).
