@@ -217,7 +217,7 @@ struct Sequence {
 
 impl Sequence {
     /// Positions the next step feeds: the prompt in chunks of `chunk`, then one token per step.
-    /// A replayed sequence (see `restart`) goes through exactly the steps it went through the first
+    /// A replayed sequence (see `hold_for_replay`) goes through exactly the steps it went through the first
     /// time, so its caches, logits and tokens come out bit for bit the same (a generated token fed
     /// as part of a longer prefill would go through differently shaped matmuls and could round
     /// differently, and flip a near-tie).
@@ -362,9 +362,15 @@ impl Scheduler {
     /// Sequences whose caches are incomplete: held for replay while replaying, else failed.
     fn hold_for_replay(&mut self, sequences: Vec<Sequence>) {
         let Some(outage) = &self.outage else {
-            // The stage is already back: replay at once.
-            for seq in sequences {
-                let seq = self.restart(seq);
+            // The stage is back: replay at once, each under a fresh id with nothing cached, so its
+            // next steps prefill its prompt and generated tokens again on every stage. Always
+            // renumbered and released: even with `cached == 0`, a step that failed half-way may have
+            // left positions on the stages before the lost one.
+            self.release(sequences.iter().map(|s| s.id).collect());
+            for mut seq in sequences {
+                seq.id = self.next_seq_id;
+                self.next_seq_id += 1;
+                seq.cached = 0;
                 self.ready.push(seq);
             }
             return;
@@ -374,27 +380,18 @@ impl Scheduler {
             return;
         }
         let status = outage.status();
-        let ids = sequences
-            .iter()
-            .filter(|s| s.cached > 0)
-            .map(|s| s.id)
-            .collect();
-        for seq in sequences {
-            let _ = seq.events.send(Err(status.clone()));
-        }
-        self.release(ids);
+        self.fail(sequences, |_| status.clone());
     }
 
-    /// The sequence under a fresh id with nothing cached, so its next steps prefill its prompt and
-    /// generated tokens again on every stage; its old caches are freed.
-    fn restart(&mut self, mut seq: Sequence) -> Sequence {
-        if seq.cached > 0 {
-            self.release(vec![seq.id]);
-            seq.id = self.next_seq_id;
-            self.next_seq_id += 1;
-            seq.cached = 0;
+    /// Ends `sequences` with an error each (`status(seq)`) and frees whatever they cached. All are
+    /// released, not only those with `cached > 0`: a step that failed half-way may have left a
+    /// first chunk on the stages before the one that failed.
+    fn fail(&self, sequences: Vec<Sequence>, status: impl Fn(&Sequence) -> Status) {
+        let ids = sequences.iter().map(|s| s.id).collect();
+        for seq in &sequences {
+            let _ = seq.events.send(Err(status(seq)));
         }
-        seq
+        self.release(ids);
     }
 
     /// The lost stage runs again on `handle`'s worker: swap it in and replay the held sequences.
@@ -544,19 +541,13 @@ impl Scheduler {
         if expired.is_empty() {
             return;
         }
-        let ids = expired
-            .iter()
-            .filter(|s| s.cached > 0)
-            .map(|s| s.id)
-            .collect();
-        for seq in expired {
-            let _ = seq.events.send(Err(Status::deadline_exceeded(format!(
+        self.fail(expired, |seq| {
+            Status::deadline_exceeded(format!(
                 "the request ran out of time after {:.1} s and {} generated tokens",
                 seq.arrived.elapsed().as_secs_f64(),
                 seq.generated
-            ))));
-        }
-        self.release(ids);
+            ))
+        });
     }
 
     /// Frees sequences on every stage without holding up the scheduler.
@@ -638,10 +629,7 @@ impl Scheduler {
             Err(e) => {
                 tracing::error!(error = %e, "step failed");
                 let status = Status::from(e);
-                for seq in &done.sequences {
-                    let _ = seq.events.send(Err(status.clone()));
-                }
-                self.release(done.sequences.iter().map(|s| s.id).collect());
+                self.fail(done.sequences, |_| status.clone());
                 return;
             }
         };
