@@ -153,14 +153,17 @@ pub async fn soak(
             SplitMix64::new(options.seed ^ (c as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let options = options.clone();
         let prompt_texts = prompts.clone();
+        let solo_lengths: Vec<usize> = solo.iter().map(|g| g.token_ids.len()).collect();
         tasks.push(tokio::spawn(async move {
             let mut outcomes = Vec::new();
             for _ in 0..options.requests_per_client {
                 let prompt = rng.below(prompt_texts.len());
                 let max = 1 + rng.below(options.max_tokens as usize) as u32;
-                let cancel_after = ((rng.below(10_000) as f64)
-                    < options.cancel_fraction * 10_000.0)
-                    .then(|| 1 + rng.below(max as usize) as u32);
+                // Hang up before the last token the request will get (its prompt may end sooner
+                // than `max`), so every request picked for cancelling is cancelled mid-stream.
+                let length = solo_lengths[prompt].min(max as usize).max(1);
+                let cancel_after =
+                    (rng.uniform() < options.cancel_fraction).then(|| 1 + rng.below(length) as u32);
                 outcomes.push(
                     one_request(&client, &prompt_texts[prompt], prompt, max, cancel_after).await,
                 );
