@@ -55,6 +55,9 @@ pub struct GenerateParams {
     /// Alternatives to report per token (at most 20).
     pub top_logprobs: u32,
     pub ignore_eos: bool,
+    /// Send the prompt as one user message of a conversation, rendered by the coordinator with the
+    /// model's chat template.
+    pub chat: bool,
 }
 
 impl Default for GenerateParams {
@@ -68,6 +71,7 @@ impl Default for GenerateParams {
             stop: Vec::new(),
             top_logprobs: 0,
             ignore_eos: false,
+            chat: false,
         }
     }
 }
@@ -218,8 +222,18 @@ impl StrataClient {
         prompt: &str,
         params: &GenerateParams,
     ) -> Result<TokenStream, ClientError> {
+        let (prompt, messages) = if params.chat {
+            let message = v1::ChatMessage {
+                role: "user".into(),
+                content: prompt.to_string(),
+            };
+            (String::new(), vec![message])
+        } else {
+            (prompt.to_string(), Vec::new())
+        };
         let request = v1::GenerateRequest {
-            prompt: prompt.to_string(),
+            prompt,
+            messages,
             max_tokens: params.max_tokens,
             sampling: Some(v1::SamplingParams {
                 temperature: params.temperature,

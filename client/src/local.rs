@@ -63,6 +63,10 @@ pub struct LocalOptions {
     /// TLS files and token for every port. Without a token, the cluster makes one up, so other
     /// users of this host cannot drive its workers.
     pub security: SecurityFiles,
+    /// Where the coordinator's gRPC port listens (default: a free loopback port).
+    pub listen: String,
+    /// Where the coordinator's HTTP API (OpenAI, `/metrics`) listens, if anywhere.
+    pub http: Option<String>,
 }
 
 impl LocalOptions {
@@ -78,6 +82,8 @@ impl LocalOptions {
             worker_args: Vec::new(),
             scheduler: SchedulerLimits::default(),
             security: SecurityFiles::default(),
+            listen: "127.0.0.1:0".into(),
+            http: None,
         }
     }
 }
@@ -86,6 +92,7 @@ impl LocalOptions {
 pub struct LocalCluster {
     workers: Vec<WorkerProcess>,
     url: String,
+    http_url: Option<String>,
     stop_coordinator: Option<oneshot::Sender<()>>,
     coordinator: Option<JoinHandle<Result<(), strata_coordinator::CoordinatorError>>>,
     plan: Vec<(String, std::ops::Range<usize>)>,
@@ -213,6 +220,23 @@ impl WorkerProcess {
     }
 }
 
+/// Listens on `address` (refusing a non-loopback one without TLS and a token); the URL to reach it.
+async fn bind(address: &str, security: &Security) -> Result<(TcpListener, String), String> {
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|e| format!("cannot listen on {address}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    security
+        .check_listen(local, false)
+        .map_err(|e| e.to_string())?;
+    let scheme = if security.tls_enabled() {
+        "https"
+    } else {
+        "http"
+    };
+    Ok((listener, format!("{scheme}://{local}")))
+}
+
 impl LocalCluster {
     /// Starts the workers, then a coordinator over them on a free loopback port.
     pub async fn start(mut options: LocalOptions) -> Result<Self, String> {
@@ -242,6 +266,7 @@ impl LocalCluster {
         let config = CoordinatorConfig {
             model: options.model.clone(),
             workers: workers.iter().map(|w| w.address.clone()).collect(),
+            expected_devices: Vec::new(),
             split: options.split.clone(),
             warmup: options.warmup,
             scheduler: options.scheduler,
@@ -265,25 +290,22 @@ impl LocalCluster {
             .iter()
             .map(|s| (s.address.clone(), s.layers.clone()))
             .collect();
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| format!("cannot listen on loopback: {e}"))?;
-        let url = format!(
-            "{}://{}",
-            if security.tls_enabled() {
-                "https"
-            } else {
-                "http"
-            },
-            listener.local_addr().map_err(|e| e.to_string())?
-        );
+        let (listener, url) = bind(&options.listen, &security).await?;
+        let (http_listener, http_url) = match &options.http {
+            Some(address) => {
+                let (l, u) = bind(address, &security).await?;
+                (Some(l), Some(u))
+            }
+            None => (None, None),
+        };
         let (stop_coordinator, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(coordinator.serve(listener, async {
+        let server = tokio::spawn(coordinator.serve_with_http(listener, http_listener, async {
             let _ = stopped.await;
         }));
         Ok(Self {
             workers,
             url,
+            http_url,
             stop_coordinator: Some(stop_coordinator),
             coordinator: Some(server),
             plan,
@@ -304,6 +326,11 @@ impl LocalCluster {
     /// The coordinator's URL.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The HTTP API's base URL, when the cluster serves one.
+    pub fn http_url(&self) -> Option<&str> {
+        self.http_url.as_deref()
     }
 
     /// Each stage's worker address and layers.

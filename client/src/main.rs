@@ -11,7 +11,7 @@ fn main() -> std::process::ExitCode {
     if let Some(threads) = args.compute_threads() {
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
-    cli::init_logging(args.default_log_level());
+    cli::init_logging(args.default_log_level(), args.log_format());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

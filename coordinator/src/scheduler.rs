@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use crate::detokenize::{IncrementalDecoder, StopCheck, StopMatcher};
+use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, StageHandle, StepEntry, StepResult};
 use crate::recovery::{self, RecoveryConfig};
 use crate::CoordinatorError;
@@ -69,6 +70,8 @@ pub struct GenerationRequest {
     pub ignore_eos: bool,
     /// When the request must be over, queueing included.
     pub deadline: Instant,
+    /// Names the request in every log line about it, here and on the workers.
+    pub request_id: Arc<str>,
 }
 
 /// A snapshot for `Info` and `Health`.
@@ -80,6 +83,8 @@ pub struct SchedulerStats {
     pub pipeline: Arc<Pipeline>,
     /// Why the pipeline cannot serve right now, while a stage is lost.
     pub outage: Option<String>,
+    /// The stage that is lost, if one is.
+    pub lost_stage: Option<usize>,
 }
 
 enum Command {
@@ -135,6 +140,7 @@ pub fn spawn(
     limits: SchedulerLimits,
     context_length: usize,
     recovery: RecoveryConfig,
+    metrics: Arc<Metrics>,
 ) -> SchedulerHandle {
     let (commands, inbox) = mpsc::channel(256);
     let (loss_reports, losses) = mpsc::unbounded_channel();
@@ -158,6 +164,7 @@ pub fn spawn(
         outage: None,
         replacing: None,
         stalled: Vec::new(),
+        metrics,
     };
     scheduler.watch_health();
     tokio::spawn(scheduler.run());
@@ -257,6 +264,7 @@ struct Scheduler {
     replacing: Option<BoxFuture<'static, StageHandle>>,
     /// Sequences waiting for the lost stage to be back, to be replayed.
     stalled: Vec<Sequence>,
+    metrics: Arc<Metrics>,
 }
 
 /// A micro-batch back from the pipeline, with the sequences it carried.
@@ -389,7 +397,15 @@ impl Scheduler {
     fn fail(&self, sequences: Vec<Sequence>, status: impl Fn(&Sequence) -> Status) {
         let ids = sequences.iter().map(|s| s.id).collect();
         for seq in &sequences {
-            let _ = seq.events.send(Err(status(seq)));
+            let status = status(seq);
+            tracing::warn!(
+                request_id = %seq.request.request_id,
+                seq = seq.id,
+                code = ?status.code(),
+                message = status.message(),
+                "request failed"
+            );
+            let _ = seq.events.send(Err(status));
         }
         self.release(ids);
     }
@@ -456,6 +472,12 @@ impl Scheduler {
                 }
                 let id = self.next_seq_id;
                 self.next_seq_id += 1;
+                tracing::debug!(
+                    request_id = %request.request_id,
+                    seq = id,
+                    prompt_tokens = request.prompt_ids.len(),
+                    "request queued"
+                );
                 let num_stages = self.pipeline.stages().len();
                 self.waiting.push_back(Sequence {
                     id,
@@ -486,6 +508,7 @@ impl Scheduler {
                         .outage
                         .as_ref()
                         .map(|o| o.status().message().to_string()),
+                    lost_stage: self.outage.as_ref().map(|o| o.stage),
                 });
             }
         }
@@ -593,6 +616,7 @@ impl Scheduler {
                     tokens: s.tokens[s.cached..s.cached + n].to_vec(),
                     sampling: s.request.sampling,
                     top_logprobs: s.request.top_logprobs,
+                    request_id: (s.cached == 0).then(|| s.request.request_id.clone()),
                 })
                 .collect();
             let step_id = self.next_step_id;
@@ -636,6 +660,16 @@ impl Scheduler {
         // A step that ran on a pipeline since lost (or being lost) produced valid tokens, but its
         // sequences' caches are incomplete now.
         let stale = done.generation != self.pipeline.generation() || self.outage.is_some();
+        for (i, (forward, round_trip)) in result
+            .stage_forward
+            .iter()
+            .zip(&result.stage_round_trip)
+            .enumerate()
+        {
+            let hop = round_trip.saturating_sub(*forward);
+            self.metrics
+                .stage_step(i, forward.as_secs_f64(), hop.as_secs_f64());
+        }
         let mut to_replay = Vec::new();
         let mut finished = Vec::new();
         let mut finals = Vec::new();
@@ -747,6 +781,16 @@ fn finish(
     };
     let now = Instant::now();
     let micros = |d: Duration| d.as_micros() as u64;
+    tracing::info!(
+        request_id = %seq.request.request_id,
+        seq = seq.id,
+        reason = ?reason,
+        prompt_tokens = seq.request.prompt_ids.len(),
+        tokens = seq.generated,
+        ttft_ms = seq.first_token.map(|t| t.duration_since(seq.arrived).as_millis() as u64),
+        total_ms = now.duration_since(seq.arrived).as_millis() as u64,
+        "request finished"
+    );
     let finished = v1::GenerateFinished {
         reason: reason as i32,
         prompt_ids: seq.request.prompt_ids.clone(),

@@ -6,13 +6,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
-use strata_model::{ModelFile, TextTokenizer};
+use futures::FutureExt;
+use strata_model::{ChatTemplate, ModelFile, TextTokenizer};
 use strata_proto::v1;
 use strata_proto::v1::coordinator_server::CoordinatorServer;
 use strata_transport::Security;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
+use crate::metrics::Metrics;
 use crate::pipeline::{self, Pipeline};
 use crate::plan::{self, SplitSpec};
 use crate::recovery::RecoveryConfig;
@@ -27,6 +29,8 @@ pub struct CoordinatorConfig {
     pub model: PathBuf,
     /// Worker addresses, in pipeline order.
     pub workers: Vec<String>,
+    /// The device each worker must report (`None`: any), e.g. from `cluster.toml`.
+    pub expected_devices: Vec<Option<String>>,
     pub split: SplitSpec,
     /// Warm every stage before serving.
     pub warmup: bool,
@@ -55,14 +59,27 @@ impl Coordinator {
     pub async fn start(config: CoordinatorConfig) -> Result<Self, CoordinatorError> {
         let model = ModelFile::open(&config.model)?;
         let tokenizer = Arc::new(TextTokenizer::load(&model)?);
+        let chat = ChatTemplate::load(&model)?.map(Arc::new);
+        if chat.is_none() {
+            tracing::info!("the model has no chat template: chat requests will be refused");
+        }
+        let metrics = Arc::new(Metrics::new());
         let workers =
             try_join_all(config.workers.iter().map(|address| {
                 pipeline::connect(address, &config.security, config.max_message_bytes)
             }))
             .await?;
         let path = model.path.display().to_string();
-        for w in &workers {
+        for (i, w) in workers.iter().enumerate() {
             pipeline::check_fingerprint(w, &model.fingerprint, &path)?;
+            if let Some(expected) = config.expected_devices.get(i).and_then(Option::as_ref) {
+                if *expected != w.info.device {
+                    return Err(CoordinatorError::InvalidRequest(format!(
+                        "worker {} runs on {}, but the cluster says {expected}: start it with --device {expected}",
+                        w.address, w.info.device
+                    )));
+                }
+            }
         }
         let plan = match config.split {
             SplitSpec::Auto => {
@@ -105,13 +122,16 @@ impl Coordinator {
             config.scheduler,
             model.config.context_length,
             recovery,
+            metrics.clone(),
         );
         Ok(Self {
             service: CoordinatorService {
                 scheduler,
                 tokenizer,
-                model,
+                model: Arc::new(model),
+                chat,
                 limits: config.requests,
+                metrics,
             },
             security: config.security,
             initial_stages,
@@ -121,6 +141,30 @@ impl Coordinator {
     /// The plan: each stage's worker and layers, as loaded at start.
     pub fn stages(&self) -> &[pipeline::StageHandle] {
         &self.initial_stages
+    }
+
+    /// The service behind both APIs.
+    pub fn service(&self) -> &CoordinatorService {
+        &self.service
+    }
+
+    /// Serves gRPC on `grpc` and, when given, the HTTP API (OpenAI, `/health`, `/metrics`) on
+    /// `http`, until `shutdown` resolves; both ports stop together.
+    pub async fn serve_with_http(
+        self,
+        grpc: TcpListener,
+        http: Option<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), CoordinatorError> {
+        let Some(http) = http else {
+            return self.serve(grpc, shutdown).await;
+        };
+        let shutdown = shutdown.shared();
+        let service = self.service.clone();
+        let security = self.security.clone();
+        let http = crate::http::serve(http, service, &security, shutdown.clone());
+        let grpc = self.serve(grpc, shutdown);
+        futures::try_join!(grpc, http).map(|_| ())
     }
 
     /// Serves the coordinator service on `listener` until `shutdown` resolves.

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::Stream;
-use strata_model::{ModelFile, TextTokenizer};
+use strata_model::{ChatMessage, ChatTemplate, ModelFile, TextTokenizer};
 use strata_proto::v1;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::metrics::{Api, Metrics};
 use crate::scheduler::{GenerationRequest, SchedulerHandle};
 use crate::CoordinatorError;
 
@@ -45,12 +45,16 @@ impl Default for RequestLimits {
     }
 }
 
-/// The `strata.v1.Coordinator` service.
+/// The `strata.v1.Coordinator` service; the HTTP API shares it (`start_generation`, `info`).
+#[derive(Clone)]
 pub struct CoordinatorService {
     pub(crate) scheduler: SchedulerHandle,
     pub(crate) tokenizer: Arc<TextTokenizer>,
-    pub(crate) model: ModelFile,
+    pub(crate) model: Arc<ModelFile>,
+    /// The model's chat template, when its files carry one.
+    pub(crate) chat: Option<Arc<ChatTemplate>>,
     pub(crate) limits: RequestLimits,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 fn invalid(message: String) -> Status {
@@ -71,12 +75,52 @@ impl CoordinatorService {
             .map_err(|e| Status::internal(format!("tokenizer: {e}")))
     }
 
+    /// The prompt text: `prompt` as given, or `messages` rendered with the model's chat template.
+    fn prompt_text(&self, r: &v1::GenerateRequest) -> Result<String, Status> {
+        if r.messages.is_empty() {
+            return Ok(r.prompt.clone());
+        }
+        if !r.prompt.is_empty() {
+            return Err(invalid(
+                "give either a prompt or chat messages, not both".into(),
+            ));
+        }
+        let Some(template) = &self.chat else {
+            return Err(invalid(format!(
+                "{} has no chat template: send a plain prompt instead of messages",
+                self.model.name
+            )));
+        };
+        let messages: Vec<ChatMessage> = r
+            .messages
+            .iter()
+            .map(|m| ChatMessage {
+                role: m.role.clone(),
+                content: m.content.clone(),
+            })
+            .collect();
+        let bytes: usize = messages
+            .iter()
+            .map(|m| m.content.len() + m.role.len())
+            .sum();
+        if bytes > self.limits.max_prompt_bytes {
+            return Err(invalid(format!(
+                "messages of {bytes} bytes are over the limit of {}",
+                self.limits.max_prompt_bytes
+            )));
+        }
+        template
+            .render(&messages)
+            .map_err(|e| invalid(format!("chat messages: {e}")))
+    }
+
     fn validate(
         &self,
         r: v1::GenerateRequest,
         client_timeout: Option<Duration>,
+        request_id: Arc<str>,
     ) -> Result<GenerationRequest, Status> {
-        let prompt_ids = self.tokenize(&r.prompt)?;
+        let prompt_ids = self.tokenize(&self.prompt_text(&r)?)?;
         if prompt_ids.is_empty() {
             return Err(invalid(
                 "the prompt is empty: give at least one token of text".into(),
@@ -148,45 +192,47 @@ impl CoordinatorService {
             top_logprobs: r.top_logprobs,
             ignore_eos: r.ignore_eos,
             deadline: Instant::now() + time,
+            request_id,
         })
     }
-}
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<v1::GenerateResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl v1::coordinator_server::Coordinator for CoordinatorService {
-    type GenerateStream = EventStream;
-
-    async fn generate(
+    /// Validates, tokenizes and queues a request: the one way in for every API. Refusals and the
+    /// request's events are counted in the metrics under `api`.
+    pub async fn start_generation(
         &self,
-        request: Request<v1::GenerateRequest>,
-    ) -> Result<Response<Self::GenerateStream>, Status> {
-        let client_timeout = request
-            .metadata()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout);
-        let request = self.validate(request.into_inner(), client_timeout)?;
-        let (events, stream) = mpsc::unbounded_channel();
-        self.scheduler.submit(request, events).await?;
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
-            stream,
-        ))))
+        request: v1::GenerateRequest,
+        client_timeout: Option<Duration>,
+        request_id: Arc<str>,
+        api: Api,
+    ) -> Result<Events, Status> {
+        let started = async {
+            let request = self.validate(request, client_timeout, request_id)?;
+            let prompt_tokens = request.prompt_ids.len();
+            let (events, stream) = mpsc::unbounded_channel();
+            self.scheduler.submit(request, events).await?;
+            Ok::<_, Status>((stream, prompt_tokens))
+        }
+        .await;
+        match started {
+            Ok((stream, prompt_tokens)) => {
+                self.metrics.request_accepted(prompt_tokens);
+                Ok(Events {
+                    stream,
+                    metrics: self.metrics.clone(),
+                    api,
+                    last_token_us: None,
+                    ended: false,
+                })
+            }
+            Err(status) => {
+                self.metrics.request_ended(api, &code_label(status.code()));
+                Err(status)
+            }
+        }
     }
 
-    async fn tokenize(
-        &self,
-        request: Request<v1::TokenizeRequest>,
-    ) -> Result<Response<v1::TokenizeResponse>, Status> {
-        let ids = self.tokenize(&request.into_inner().text)?;
-        Ok(Response::new(v1::TokenizeResponse { ids }))
-    }
-
-    async fn info(
-        &self,
-        _: Request<v1::CoordinatorInfoRequest>,
-    ) -> Result<Response<v1::CoordinatorInfo>, Status> {
+    /// The coordinator's state: model, stages and their load.
+    pub async fn info(&self) -> Result<v1::CoordinatorInfo, Status> {
         let stats = self.scheduler.stats().await?;
         let pipeline = &stats.pipeline;
         let active = pipeline.active_sequences().await;
@@ -208,29 +254,215 @@ impl v1::coordinator_server::Coordinator for CoordinatorService {
                 steps_total: c.steps.load(Ordering::Relaxed),
             })
             .collect();
-        Ok(Response::new(v1::CoordinatorInfo {
+        Ok(v1::CoordinatorInfo {
             model: Some(strata_model::wire::model_info(&self.model)),
             stages,
             active_sequences: stats.active as u32,
             queued_requests: stats.queued as u32,
-        }))
+        })
     }
 
-    async fn health(
-        &self,
-        _: Request<v1::HealthRequest>,
-    ) -> Result<Response<v1::HealthResponse>, Status> {
+    /// Whether the pipeline serves, and a line saying so or why not.
+    pub async fn health(&self) -> Result<(bool, String), Status> {
         let stats = self.scheduler.stats().await?;
-        let (status, message) = match stats.outage {
-            Some(outage) => (v1::health_response::Status::NotReady, outage),
+        Ok(match stats.outage {
+            Some(outage) => (false, outage),
             None => (
-                v1::health_response::Status::Serving,
+                true,
                 format!(
                     "serving {} over {} stages",
                     self.model.name,
                     stats.pipeline.stages().len()
                 ),
             ),
+        })
+    }
+
+    /// `/metrics` in Prometheus' text format.
+    pub async fn metrics_text(&self) -> Result<String, Status> {
+        let stats = self.scheduler.stats().await?;
+        Ok(self.metrics.render(&stats))
+    }
+
+    pub fn model(&self) -> &ModelFile {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn limits(&self) -> &RequestLimits {
+        &self.limits
+    }
+}
+
+/// A request's events as the scheduler sends them, counted into the metrics as they pass. A stream
+/// dropped before its last event counts as a cancelled request.
+pub struct Events {
+    stream: mpsc::UnboundedReceiver<Result<v1::GenerateResponse, Status>>,
+    metrics: Arc<Metrics>,
+    api: Api,
+    last_token_us: Option<u64>,
+    ended: bool,
+}
+
+impl Events {
+    fn observe(&mut self, item: &Result<v1::GenerateResponse, Status>) {
+        use v1::generate_response::Event;
+        match item {
+            Ok(v1::GenerateResponse {
+                event: Some(Event::Token(token)),
+            }) => {
+                let gap = self
+                    .last_token_us
+                    .map(|last| token.elapsed_us.saturating_sub(last) as f64 / 1e6);
+                self.metrics.token(token.elapsed_us as f64 / 1e6, gap);
+                self.last_token_us = Some(token.elapsed_us);
+            }
+            Ok(v1::GenerateResponse {
+                event: Some(Event::Finished(finished)),
+            }) => {
+                self.ended = true;
+                self.metrics
+                    .request_finished(finished.total_us as f64 / 1e6);
+                let reason = v1::FinishReason::try_from(finished.reason)
+                    .unwrap_or(v1::FinishReason::Unspecified);
+                self.metrics.request_ended(self.api, finish_label(reason));
+            }
+            Ok(v1::GenerateResponse { event: None }) => {}
+            Err(status) => {
+                self.ended = true;
+                self.metrics
+                    .request_ended(self.api, &code_label(status.code()));
+            }
+        }
+    }
+}
+
+impl Stream for Events {
+    type Item = Result<v1::GenerateResponse, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let polled = self.stream.poll_recv(cx);
+        if let std::task::Poll::Ready(Some(item)) = &polled {
+            self.observe(item);
+        }
+        polled
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.metrics.request_ended(self.api, "cancelled");
+        }
+    }
+}
+
+/// The label of a finish reason in the metrics (and OpenAI's `finish_reason` mapping).
+pub fn finish_label(reason: v1::FinishReason) -> &'static str {
+    match reason {
+        v1::FinishReason::Eos => "eos",
+        v1::FinishReason::Length => "length",
+        v1::FinishReason::Stop => "stop",
+        v1::FinishReason::Context => "context",
+        v1::FinishReason::Unspecified => "unspecified",
+    }
+}
+
+/// A gRPC code as a metrics label: `ResourceExhausted` → `resource_exhausted`.
+fn code_label(code: tonic::Code) -> String {
+    let name = format!("{code:?}");
+    let mut label = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            label.push('_');
+        }
+        label.push(c.to_ascii_lowercase());
+    }
+    label
+}
+
+/// The id that names a request in logs: the caller's `x-request-id` when it is a sensible token
+/// (at most 64 characters of `[A-Za-z0-9._-]`), else 16 random hex digits.
+pub fn request_id(header: Option<&str>) -> Arc<str> {
+    if let Some(id) = header.filter(|id| {
+        !id.is_empty()
+            && id.len() <= 64
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    }) {
+        return id.into();
+    }
+    let mut bytes = [0u8; 8];
+    // Without OS randomness, ids are still unique enough by time for reading logs.
+    if getrandom::fill(&mut bytes).is_err() {
+        bytes = (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64)
+            .to_le_bytes();
+    }
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+        .into()
+}
+
+#[tonic::async_trait]
+impl v1::coordinator_server::Coordinator for CoordinatorService {
+    type GenerateStream = Events;
+
+    async fn generate(
+        &self,
+        request: Request<v1::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let metadata = request.metadata();
+        let client_timeout = metadata
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        let id = request_id(metadata.get("x-request-id").and_then(|v| v.to_str().ok()));
+        let events = self
+            .start_generation(request.into_inner(), client_timeout, id.clone(), Api::Grpc)
+            .await?;
+        let mut response = Response::new(events);
+        if let Ok(value) = id.parse() {
+            response.metadata_mut().insert("x-request-id", value);
+        }
+        Ok(response)
+    }
+
+    async fn tokenize(
+        &self,
+        request: Request<v1::TokenizeRequest>,
+    ) -> Result<Response<v1::TokenizeResponse>, Status> {
+        let ids = self.tokenize(&request.into_inner().text)?;
+        Ok(Response::new(v1::TokenizeResponse { ids }))
+    }
+
+    async fn info(
+        &self,
+        _: Request<v1::CoordinatorInfoRequest>,
+    ) -> Result<Response<v1::CoordinatorInfo>, Status> {
+        Ok(Response::new(CoordinatorService::info(self).await?))
+    }
+
+    async fn health(
+        &self,
+        _: Request<v1::HealthRequest>,
+    ) -> Result<Response<v1::HealthResponse>, Status> {
+        let (serving, message) = CoordinatorService::health(self).await?;
+        let status = if serving {
+            v1::health_response::Status::Serving
+        } else {
+            v1::health_response::Status::NotReady
         };
         Ok(Response::new(v1::HealthResponse {
             status: status as i32,
@@ -269,5 +501,25 @@ mod tests {
         assert_eq!(parse_grpc_timeout("S"), None);
         assert_eq!(parse_grpc_timeout("12x"), None);
         assert_eq!(parse_grpc_timeout("123456789S"), None);
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_sensible_and_made_up_otherwise() {
+        assert_eq!(&*request_id(Some("req-42.a_b")), "req-42.a_b");
+        for bad in [None, Some(""), Some("has space"), Some("x\ny")] {
+            let id = request_id(bad);
+            assert_eq!(id.len(), 16, "{bad:?} -> {id}");
+            assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        }
+        assert_ne!(request_id(None), request_id(None));
+    }
+
+    #[test]
+    fn code_labels_are_snake_case() {
+        assert_eq!(
+            code_label(tonic::Code::ResourceExhausted),
+            "resource_exhausted"
+        );
+        assert_eq!(code_label(tonic::Code::Unavailable), "unavailable");
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! - [`file`]: opens a GGUF file or a Hugging Face safetensors directory and reads its [`LlamaConfig`]
 //!   and fingerprint (the model identity every worker must agree on).
+//! - [`chat`]: the model's chat template, rendered with minijinja.
 //! - [`config`]: the shape of a Llama-family model, read from GGUF metadata or `config.json`.
 //! - [`synthetic`]: random-weight models of real shapes, for tests and benchmarks.
 //! - [`tokenizer`]: the text tokenizer, built from GGUF metadata or `tokenizer.json`, plus the model's
@@ -11,6 +12,7 @@
 //! Workers use the config and fingerprint to load their layers; the coordinator uses the config, the
 //! fingerprint and the tokenizer. The tensor math lives in `strata-worker` alone.
 
+pub mod chat;
 pub mod config;
 pub mod error;
 pub mod file;
@@ -19,6 +21,7 @@ pub mod synthetic;
 pub mod tokenizer;
 pub mod wire;
 
+pub use chat::{ChatMessage, ChatTemplate};
 pub use config::LlamaConfig;
 pub use error::ModelError;
 pub use file::{ModelFile, ModelFormat};

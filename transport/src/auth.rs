@@ -91,27 +91,39 @@ impl ServerAuth {
     }
 }
 
-impl Interceptor for ServerAuth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+impl ServerAuth {
+    /// Checks an `authorization` header value (`Bearer <token>`); the one rule for every port,
+    /// gRPC and HTTP alike. The error is the message to show the caller.
+    pub fn check(&self, header: Option<&[u8]>) -> Result<(), &'static str> {
         let Some(token) = &self.token else {
-            return Ok(request);
+            return Ok(());
         };
-        let Some(header) = request.metadata().get("authorization") else {
-            return Err(Status::unauthenticated(
+        let Some(presented) = header else {
+            return Err(
                 "this server requires an auth token: send `authorization: Bearer <token>` \
                  (strata: --auth-token-file or --keys)",
-            ));
+            );
         };
-        let presented = header.as_bytes();
         let presented = presented
             .strip_prefix(b"Bearer ")
             .or_else(|| presented.strip_prefix(b"bearer "))
             .unwrap_or(presented);
         if token.matches(presented) {
-            Ok(request)
+            Ok(())
         } else {
-            Err(Status::unauthenticated("wrong auth token"))
+            Err("wrong auth token")
         }
+    }
+}
+
+impl Interceptor for ServerAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .map(|h| h.as_bytes());
+        self.check(header).map_err(Status::unauthenticated)?;
+        Ok(request)
     }
 }
 

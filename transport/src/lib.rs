@@ -11,6 +11,7 @@ mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::service::interceptor::InterceptedService;
@@ -147,6 +148,20 @@ impl Security {
                 .tls_config(config)
                 .map_err(|e| TransportError::Invalid(format!("TLS server setup failed: {e}"))),
             None => Ok(server),
+        }
+    }
+
+    /// The token check for ports that are not gRPC (the HTTP API).
+    pub fn auth_check(&self) -> ServerAuth {
+        ServerAuth::new(self.token.clone())
+    }
+
+    /// A rustls configuration for serving HTTP over TLS with the same certificate (and client
+    /// checks, with mutual TLS) as the gRPC port; `None` without a certificate.
+    pub fn http_tls_config(&self) -> Result<Option<Arc<rustls::ServerConfig>>, TransportError> {
+        match &self.tls {
+            Some(tls) if tls.can_serve() => tls.rustls_server_config().map(Some),
+            _ => Ok(None),
         }
     }
 

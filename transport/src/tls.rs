@@ -2,6 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 use crate::{SecurityFiles, TransportError};
@@ -65,6 +69,48 @@ impl TlsMaterial {
             }
         }
         Some(config)
+    }
+
+    /// The same server identity (and client checks) as a rustls configuration, for the HTTP port.
+    /// Offers HTTP/2 and HTTP/1.1.
+    pub fn rustls_server_config(&self) -> Result<Arc<rustls::ServerConfig>, TransportError> {
+        let invalid = |e: String| TransportError::Invalid(format!("TLS server setup failed: {e}"));
+        let (cert, key) = self
+            .identity
+            .as_ref()
+            .ok_or_else(|| invalid("no certificate and key".into()))?;
+        let chain = CertificateDer::pem_slice_iter(cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(format!("certificate: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| invalid(format!("key: {e}")))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid(e.to_string()))?;
+        let builder = match (&self.ca, self.mutual) {
+            (Some(ca), true) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_slice_iter(ca) {
+                    let c = c.map_err(|e| invalid(format!("CA certificate: {e}")))?;
+                    roots
+                        .add(c)
+                        .map_err(|e| invalid(format!("CA certificate: {e}")))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| invalid(e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        let mut config = builder
+            .with_single_cert(chain, key)
+            .map_err(|e| invalid(e.to_string()))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
     }
 
     /// TLS for dialing, when this node trusts a CA; presents its own certificate too (for servers

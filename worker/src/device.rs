@@ -6,6 +6,25 @@ use crate::WorkerError;
 
 /// Opens `cpu`, `cuda:N` or `metal:N`. Accelerators need the matching cargo feature.
 pub fn open(spec: &str) -> Result<Device, WorkerError> {
+    let (kind, index) = parse(spec)?;
+    match kind {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda(index),
+        _ => metal(index),
+    }
+}
+
+/// The canonical name of a device spec (`cuda` → `cuda:0`), as `Info` reports it once opened;
+/// checks the spec without opening anything.
+pub fn canonical(spec: &str) -> Result<String, WorkerError> {
+    let (kind, index) = parse(spec)?;
+    Ok(match kind {
+        "cpu" => "cpu".into(),
+        _ => format!("{kind}:{index}"),
+    })
+}
+
+fn parse(spec: &str) -> Result<(&str, usize), WorkerError> {
     let (kind, index) = match spec.split_once(':') {
         Some((kind, index)) => {
             let index = index.parse::<usize>().map_err(|_| {
@@ -16,9 +35,7 @@ pub fn open(spec: &str) -> Result<Device, WorkerError> {
         None => (spec, 0),
     };
     match kind {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => cuda(index),
-        "metal" => metal(index),
+        "cpu" | "cuda" | "metal" => Ok((kind, index)),
         _ => Err(WorkerError::invalid(format!(
             "unknown device {spec:?}; expected cpu, cuda:N or metal:N"
         ))),

@@ -45,6 +45,16 @@ impl WorkerService {
 }
 
 fn step_from_wire(s: v1::SequenceInput) -> Result<SequenceStep, WorkerError> {
+    if !s.request_id.is_empty() {
+        // The coordinator names the request on a sequence's first step, so a request can be
+        // followed from the coordinator's log into each worker's.
+        tracing::debug!(
+            request_id = s.request_id.get(..64).unwrap_or(&s.request_id),
+            seq = s.seq_id,
+            start_pos = s.start_pos,
+            "sequence step for request"
+        );
+    }
     let input = match s.input {
         Some(v1::sequence_input::Input::Tokens(t)) => StepInput::Tokens(t.ids),
         Some(v1::sequence_input::Input::Hidden(h)) => StepInput::Hidden(codec::decode(&h)?),

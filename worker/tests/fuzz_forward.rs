@@ -119,6 +119,7 @@ fn sequence(rng: &mut SplitMix64, target: &Target, hostile: bool) -> v1::Sequenc
             input: Some(input),
             sampling: sampling(rng, false),
             top_logprobs: rng.pick(&[0, 1, 5, 20]),
+            request_id: String::new(),
         };
     }
     let seq_id = if rng.chance(95) {
@@ -166,6 +167,19 @@ fn sequence(rng: &mut SplitMix64, target: &Target, hostile: bool) -> v1::Sequenc
         input,
         sampling: sampling(rng, true),
         top_logprobs: rng.pick(&[0, 0, 1, 5, 20, 21, u32::MAX]),
+        request_id: request_id(rng),
+    }
+}
+
+/// Request ids are only logged; odd ones (long, multi-byte at the cut, control characters) must
+/// not matter.
+fn request_id(rng: &mut SplitMix64) -> String {
+    match rng.below(6) {
+        0 | 1 => String::new(),
+        2 => "req-1".into(),
+        3 => "é".repeat(40),
+        4 => "x".repeat(10_000),
+        _ => "a\nb\u{0}\u{1b}[31m".into(),
     }
 }
 

@@ -50,6 +50,8 @@ impl ClusterArgs {
             worker_args,
             scheduler: Default::default(),
             security: self.security.files(),
+            listen: "127.0.0.1:0".into(),
+            http: None,
         })
     }
 

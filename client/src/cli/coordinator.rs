@@ -1,6 +1,7 @@
 //! `strata coordinator`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
@@ -10,41 +11,60 @@ use strata_coordinator::service::RequestLimits;
 use strata_coordinator::CoordinatorConfig;
 use tokio::net::TcpListener;
 
+use super::cluster_file::ClusterFile;
 use super::security::SecurityArgs;
 use super::shutdown_signal;
 
 #[derive(Debug, Args)]
 pub struct CoordinatorArgs {
-    /// Address clients connect to.
-    #[arg(long, env = "STRATA_LISTEN", default_value = "127.0.0.1:7000")]
-    listen: String,
+    /// A cluster file (see deploy/cluster.toml): workers, devices, split, addresses, TLS and token.
+    /// Flags given here override its values.
+    #[arg(long, env = "STRATA_CLUSTER")]
+    cluster: Option<PathBuf>,
+    /// Read and check the cluster file and flags, print the resulting settings, and exit without
+    /// connecting to anything.
+    #[arg(long)]
+    check_config: bool,
+    /// Address clients connect to [default: 127.0.0.1:7000].
+    #[arg(long, env = "STRATA_LISTEN")]
+    listen: Option<String>,
+    /// Also serve the HTTP API here: OpenAI-compatible /v1/completions, /v1/chat/completions and
+    /// /v1/models, plus /health and Prometheus /metrics (same TLS and token as the gRPC port).
+    #[arg(long, env = "STRATA_HTTP")]
+    http: Option<String>,
     /// Worker addresses in pipeline order, comma-separated (host:port).
-    #[arg(long, env = "STRATA_WORKERS", value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        env = "STRATA_WORKERS",
+        value_delimiter = ',',
+        required_unless_present = "cluster"
+    )]
     workers: Vec<String>,
     /// Idle workers (comma-separated) that take over the stage of a worker that is lost; the
     /// affected requests continue with the same tokens after a replay of their caches.
     #[arg(long = "spare", env = "STRATA_SPARES", value_delimiter = ',')]
     spares: Vec<String>,
-    /// Seconds one stage may take to answer a step before its worker counts as lost.
-    #[arg(long, env = "STRATA_STAGE_TIMEOUT", default_value_t = 120)]
-    stage_timeout: u64,
+    /// Seconds one stage may take to answer a step before its worker counts as lost [default: 120].
+    #[arg(long, env = "STRATA_STAGE_TIMEOUT")]
+    stage_timeout: Option<u64>,
     /// The same model the workers hold (for the tokenizer and to check fingerprints). Default:
     /// SmolLM2-135M-Instruct Q4_1.
     #[arg(long, env = "STRATA_MODEL")]
     model: Option<PathBuf>,
     /// How to split the layers: `auto` (each worker is calibrated, then stage times are balanced
-    /// within each worker's memory), `even`, or explicit half-open ranges like `0-10,10-30`.
-    #[arg(long, env = "STRATA_SPLIT", default_value = "auto")]
-    split: SplitSpec,
+    /// within each worker's memory), `even`, or explicit half-open ranges like `0-10,10-30`
+    /// [default: auto].
+    #[arg(long, env = "STRATA_SPLIT")]
+    split: Option<SplitSpec>,
     /// Serve without warming the stages first (the first request pays for kernel compilation).
     #[arg(long, env = "STRATA_NO_WARMUP")]
     no_warmup: bool,
-    /// Sequences generating at once; more wait in a queue.
-    #[arg(long, env = "STRATA_MAX_ACTIVE", default_value_t = SchedulerLimits::default().max_active)]
-    max_active: usize,
-    /// Requests that may wait; more are refused with RESOURCE_EXHAUSTED.
-    #[arg(long, env = "STRATA_MAX_QUEUED", default_value_t = SchedulerLimits::default().max_queued)]
-    max_queued: usize,
+    /// Sequences generating at once; more wait in a queue [default: 64].
+    #[arg(long, env = "STRATA_MAX_ACTIVE")]
+    max_active: Option<usize>,
+    /// Requests that may wait; more are refused with RESOURCE_EXHAUSTED [default: 1024].
+    #[arg(long, env = "STRATA_MAX_QUEUED")]
+    max_queued: Option<usize>,
     /// Prompt tokens of one sequence per step; longer prompts are prefilled over several steps.
     #[arg(long, env = "STRATA_MAX_PREFILL_CHUNK", default_value_t = SchedulerLimits::default().max_prefill_chunk)]
     max_prefill_chunk: usize,
@@ -58,47 +78,163 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "STRATA_INSECURE")]
     insecure: bool,
     /// The longest a request may run, queueing included, in seconds (a client's grpc-timeout can
-    /// only shorten it); past it the request ends with DEADLINE_EXCEEDED.
-    #[arg(long, env = "STRATA_MAX_REQUEST_SECS", default_value_t = RequestLimits::default().max_request_time.as_secs())]
-    max_request_secs: u64,
+    /// only shorten it); past it the request ends with DEADLINE_EXCEEDED [default: 600].
+    #[arg(long, env = "STRATA_MAX_REQUEST_SECS")]
+    max_request_secs: Option<u64>,
     /// Print `STRATA_LISTENING <addr>` on stdout once serving (for the process that started us).
     #[arg(long, hide = true)]
     announce: bool,
 }
 
+impl CoordinatorArgs {
+    /// Fills every setting the command line left out from the cluster file.
+    fn merge(mut self, file: ClusterFile) -> Self {
+        if self.workers.is_empty() {
+            self.workers = file.workers.iter().map(|w| w.address.clone()).collect();
+        }
+        if self.spares.is_empty() {
+            self.spares = file.spares;
+        }
+        self.model = self.model.or(file.model);
+        self.listen = self.listen.or(file.listen);
+        self.http = self.http.or(file.http);
+        self.split = self
+            .split
+            .or_else(|| file.split.and_then(|s| s.parse().ok()));
+        self.stage_timeout = self.stage_timeout.or(file.stage_timeout_secs);
+        self.max_active = self.max_active.or(file.max_active);
+        self.max_queued = self.max_queued.or(file.max_queued);
+        self.max_request_secs = self.max_request_secs.or(file.max_request_secs);
+        self.insecure |= file.insecure;
+        let s = &mut self.security;
+        let f = file.security;
+        s.keys = s.keys.take().or(f.keys);
+        s.tls_cert = s.tls_cert.take().or(f.tls_cert);
+        s.tls_key = s.tls_key.take().or(f.tls_key);
+        s.tls_ca = s.tls_ca.take().or(f.tls_ca);
+        s.mutual_tls |= f.mutual_tls;
+        s.tls_server_name = s.tls_server_name.take().or(f.tls_server_name);
+        s.auth_token_file = s.auth_token_file.take().or(f.auth_token_file);
+        self
+    }
+}
+
 pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let (args, expected_devices) = match &args.cluster {
+        Some(path) => {
+            let file = ClusterFile::read(path)?;
+            let devices: Vec<Option<String>> = file
+                .workers
+                .iter()
+                .map(|w| {
+                    w.device
+                        .as_deref()
+                        .map(strata_worker::device::canonical)
+                        .transpose()
+                })
+                .collect::<Result<_, _>>()?;
+            // Devices pair with the file's workers; workers given by flag replace that list.
+            let devices = if args.workers.is_empty() {
+                devices
+            } else {
+                Vec::new()
+            };
+            (args.merge(file), devices)
+        }
+        None => (args, Vec::new()),
+    };
+    let listen = args.listen.as_deref().unwrap_or("127.0.0.1:7000");
+    let split = args.split.clone().unwrap_or(SplitSpec::Auto);
+    if args.check_config {
+        println!("workers: {}", args.workers.join(", "));
+        println!("devices: {expected_devices:?}");
+        println!("spares: {}", args.spares.join(", "));
+        println!("split: {split:?}");
+        println!(
+            "listen: {listen}; http: {}",
+            args.http.as_deref().unwrap_or("off")
+        );
+        let files = args.security.files();
+        println!(
+            "tls: {}; token: {}; mutual tls: {}",
+            files.cert.is_some(),
+            files.token_file.is_some() || files.token.is_some(),
+            files.mutual_tls
+        );
+        return Ok(());
+    }
     let model = strata_client::model_cache::resolve_model(args.model.as_deref())?;
     let security = args.security.load()?;
-    // Check the listen address before loading anything, so a refused bind fails at once.
-    let listener = TcpListener::bind(&args.listen)
+    // Check the listen addresses before loading anything, so a refused bind fails at once.
+    let listener = TcpListener::bind(listen)
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+        .with_context(|| format!("cannot listen on {listen}"))?;
     security.check_listen(listener.local_addr()?, args.insecure)?;
+    let http = match &args.http {
+        Some(address) => {
+            let l = TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on {address} (--http)"))?;
+            security.check_listen(l.local_addr()?, args.insecure)?;
+            Some(l)
+        }
+        None => None,
+    };
+    let tls = security.tls_enabled();
+    let scheduler_defaults = SchedulerLimits::default();
+    let request_defaults = RequestLimits::default();
     let config = CoordinatorConfig {
         model,
         workers: args.workers,
-        split: args.split,
+        expected_devices,
+        split,
         warmup: !args.no_warmup,
         scheduler: SchedulerLimits {
-            max_active: args.max_active,
-            max_queued: args.max_queued,
+            max_active: args.max_active.unwrap_or(scheduler_defaults.max_active),
+            max_queued: args.max_queued.unwrap_or(scheduler_defaults.max_queued),
             max_prefill_chunk: args.max_prefill_chunk,
         },
         requests: RequestLimits {
             max_new_tokens: args.max_new_tokens,
-            max_request_time: std::time::Duration::from_secs(args.max_request_secs.max(1)),
-            ..RequestLimits::default()
+            max_request_time: args
+                .max_request_secs
+                .map_or(request_defaults.max_request_time, |s| {
+                    Duration::from_secs(s.max(1))
+                }),
+            ..request_defaults
         },
         max_message_bytes: strata_worker::server::DEFAULT_MAX_MESSAGE_BYTES,
         security,
         spares: args.spares,
-        stage_timeout: std::time::Duration::from_secs(args.stage_timeout.max(1)),
+        stage_timeout: Duration::from_secs(args.stage_timeout.unwrap_or(120).max(1)),
     };
-    let coordinator = strata_coordinator::Coordinator::start(config).await?;
-    for s in coordinator.stages() {
+    // Connecting, calibrating, loading and warming up take seconds to minutes on big models; on a
+    // terminal a spinner says so (the log lines say which step it is in).
+    let spinner = indicatif::ProgressBar::new_spinner().with_message(format!(
+        "connecting to {} workers, planning, loading and warming up the stages",
+        config.workers.len()
+    ));
+    spinner.enable_steady_tick(Duration::from_millis(120));
+    let started = strata_coordinator::Coordinator::start(config).await;
+    spinner.finish_and_clear();
+    let coordinator = started?;
+    eprintln!("strata: plan");
+    for (i, s) in coordinator.stages().iter().enumerate() {
         eprintln!(
-            "strata: stage layers {:>3}..{:<3} on {} ({})",
-            s.layers.start, s.layers.end, s.address, s.device
+            "strata:   stage {i}: layers {:>3}..{:<3} on {} ({}), {:.1} MiB of weights",
+            s.layers.start,
+            s.layers.end,
+            s.address,
+            s.device,
+            s.weight_bytes as f64 / (1 << 20) as f64
+        );
+    }
+    let scheme = if tls { "https" } else { "http" };
+    eprintln!("strata: gRPC API at {scheme}://{}", listener.local_addr()?);
+    if let Some(l) = &http {
+        eprintln!(
+            "strata: OpenAI-compatible API at {scheme}://{}/v1 (metrics at /metrics)",
+            l.local_addr()?
         );
     }
     if args.announce {
@@ -108,7 +244,9 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
             listener.local_addr()?
         );
     }
-    coordinator.serve(listener, shutdown_signal(false)).await?;
+    coordinator
+        .serve_with_http(listener, http, shutdown_signal(false))
+        .await?;
     tracing::info!("coordinator stopped");
     Ok(())
 }

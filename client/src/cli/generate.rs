@@ -13,7 +13,7 @@ use super::cluster::ClusterArgs;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// The prompt text (used as is: no chat template, no BOS unless the model asks for one).
+    /// The prompt text (used as is unless --chat: no template, no BOS unless the model asks for one).
     #[arg(
         long,
         required_unless_present = "prompts_file",
@@ -49,6 +49,9 @@ pub struct GenerateArgs {
     /// Keep going past the model's end-of-generation token.
     #[arg(long)]
     ignore_eos: bool,
+    /// Send the prompt as a user message in the model's chat template (as the OpenAI chat API does).
+    #[arg(long)]
+    chat: bool,
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -69,6 +72,7 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         stop: args.stop.clone(),
         top_logprobs: if args.json { 5 } else { 0 },
         ignore_eos: args.ignore_eos,
+        chat: args.chat,
     };
     if let Some(url) = &args.cluster.coordinator {
         let client = args.cluster.connect(url).await?;

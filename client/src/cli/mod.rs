@@ -2,6 +2,7 @@
 
 mod bench;
 mod cluster;
+mod cluster_file;
 mod coordinator;
 mod fetch;
 mod generate;
@@ -9,6 +10,7 @@ mod keys;
 mod make_model;
 mod profile;
 mod security;
+mod serve;
 mod tokenize;
 mod worker;
 
@@ -21,6 +23,16 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format on stderr: `text` for people, `json` (one object per line) for log collectors.
+    /// Filter with RUST_LOG, e.g. `RUST_LOG=strata_coordinator=debug,info`.
+    #[arg(long, global = true, env = "STRATA_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 // Parsed once per process: the size of the largest variant does not matter.
@@ -31,6 +43,8 @@ enum Command {
     Worker(worker::WorkerArgs),
     /// Plan the split, load the stages on the workers and serve clients.
     Coordinator(coordinator::CoordinatorArgs),
+    /// Start local workers and serve the gRPC and OpenAI-compatible HTTP APIs until interrupted.
+    Serve(serve::ServeArgs),
     /// Generate text, from a running coordinator or on local workers started for the purpose.
     Generate(generate::GenerateArgs),
     /// Print the token ids of a text as generation would encode it.
@@ -60,7 +74,7 @@ impl Cli {
     /// Servers log at info; client commands only warn, so their output stays clean.
     pub fn default_log_level(&self) -> &'static str {
         match self.command {
-            Command::Worker(_) | Command::Coordinator(_) => "info",
+            Command::Worker(_) | Command::Coordinator(_) | Command::Serve(_) => "info",
             _ => "warn",
         }
     }
@@ -69,6 +83,7 @@ impl Cli {
         match self.command {
             Command::Worker(a) => worker::run(a).await,
             Command::Coordinator(a) => coordinator::run(a).await,
+            Command::Serve(a) => serve::run(a).await,
             Command::Generate(a) => generate::run(a).await,
             Command::Tokenize(a) => tokenize::run(a),
             Command::FetchModel(a) => fetch::run(a),
@@ -80,14 +95,23 @@ impl Cli {
     }
 }
 
-/// Logs go to stderr, filtered by `RUST_LOG` (default: `level`).
-pub fn init_logging(level: &str) {
+impl Cli {
+    pub fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default: `level`), as text or JSON lines.
+pub fn init_logging(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 /// Resolves when the process is asked to stop: Ctrl-C, SIGTERM, or (with `stdin_eof`) stdin closing,

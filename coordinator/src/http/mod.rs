@@ -1,0 +1,188 @@
+//! The coordinator's HTTP port (`--http ADDR`): the OpenAI-compatible API, `/health` and
+//! `/metrics`, with the same TLS certificate and bearer token as the gRPC port.
+//!
+//! Handlers go through [`CoordinatorService`] exactly like gRPC calls do (one validation, one
+//! scheduler, one set of metrics); `openai.rs` converts OpenAI's JSON to and from it.
+
+mod openai;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use strata_transport::{Security, ServerAuth};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::service::CoordinatorService;
+use crate::CoordinatorError;
+
+pub use openai::model_id;
+
+/// How long a client may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long running requests may take to finish after shutdown is asked for.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone)]
+struct AppState {
+    service: CoordinatorService,
+    auth: ServerAuth,
+}
+
+/// The routes, with the token check in front of everything but `/health` (load balancers and
+/// orchestrators probe it without credentials; it says only whether the pipeline serves).
+fn router(service: CoordinatorService, auth: ServerAuth) -> Router {
+    let state = AppState { service, auth };
+    let protected = Router::new()
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/models", get(openai::models))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/health", get(health))
+        .merge(protected)
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    match state.auth.check(header) {
+        Ok(()) => next.run(request).await,
+        Err(message) => openai::ApiError::unauthorized(message).into_response(),
+    }
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    match state.service.health().await {
+        Ok((true, message)) => {
+            axum::Json(serde_json::json!({"status": "ok", "message": message})).into_response()
+        }
+        Ok((false, message)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"status": "unavailable", "message": message})),
+        )
+            .into_response(),
+        Err(status) => openai::ApiError::from(status).into_response(),
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    match state.service.metrics_text().await {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(status) => openai::ApiError::from(status).into_response(),
+    }
+}
+
+async fn not_found(request: Request) -> Response {
+    openai::ApiError::not_found(format!(
+        "no route {} {}: strata serves /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics",
+        request.method(),
+        request.uri().path()
+    ))
+    .into_response()
+}
+
+/// Serves the HTTP API on `listener` until `shutdown` resolves, then lets running requests finish
+/// (up to 30 s).
+pub async fn serve(
+    listener: TcpListener,
+    service: CoordinatorService,
+    security: &Security,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CoordinatorError> {
+    let tls = security
+        .http_tls_config()?
+        .map(|config| TlsAcceptor::from(Arc::clone(&config)));
+    let address = listener.local_addr().ok();
+    tracing::info!(
+        address = ?address,
+        tls = tls.is_some(),
+        auth = security.token().is_some(),
+        "HTTP API listening"
+    );
+    let app = router(service, security.auth_check());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        let tls = tls.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let service = TowerToHyperService::new(app);
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let result = match tls {
+                Some(acceptor) => {
+                    let stream =
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => return log_handshake_failure(peer, &e.to_string()),
+                            Err(_) => return log_handshake_failure(peer, "timed out"),
+                        };
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    watcher.watch(connection).await
+                }
+                None => {
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+                        .into_owned();
+                    watcher.watch(connection).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP requests still running after {DRAIN_TIMEOUT:?}; closing them");
+    }
+    Ok(())
+}
+
+fn log_handshake_failure(peer: SocketAddr, why: &str) {
+    // A plaintext client on the TLS port lands here: worth a line, not an error.
+    tracing::info!(%peer, why, "HTTP TLS handshake failed");
+}

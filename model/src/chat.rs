@@ -1,0 +1,197 @@
+//! The model's own chat template (GGUF `tokenizer.chat_template`, or `chat_template` in a Hugging
+//! Face `tokenizer_config.json`), rendered with minijinja the way `transformers` renders it.
+
+use std::path::Path;
+
+use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
+use serde::Serialize;
+
+use crate::{ModelError, ModelFile, ModelFormat};
+
+/// One turn of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// A compiled chat template and the special-token texts it may refer to.
+#[derive(Debug)]
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+const TEMPLATE_NAME: &str = "chat";
+
+impl ChatTemplate {
+    /// The model's template, or `None` when its files carry none.
+    pub fn load(model: &ModelFile) -> Result<Option<Self>, ModelError> {
+        let found = match model.format {
+            ModelFormat::Gguf => from_gguf(model)?,
+            ModelFormat::Safetensors => from_hf_dir(&model.path)?,
+        };
+        found
+            .map(|(source, bos, eos)| Self::new(&model.path, source, bos, eos))
+            .transpose()
+    }
+
+    /// Compiles `source`; `path` names the model in errors.
+    pub fn new(
+        path: &Path,
+        source: String,
+        bos_token: String,
+        eos_token: String,
+    ) -> Result<Self, ModelError> {
+        let mut env = Environment::new();
+        // Hugging Face templates call Python string methods (`.strip()`, `.startswith()` ...).
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, JinjaError> {
+                Err(JinjaError::new(ErrorKind::InvalidOperation, message))
+            },
+        );
+        env.add_template_owned(TEMPLATE_NAME, source)
+            .map_err(|e| ModelError::invalid(path, format!("chat template: {e}")))?;
+        Ok(Self {
+            env,
+            bos_token,
+            eos_token,
+        })
+    }
+
+    /// The prompt for `messages`, ending where the assistant's reply begins. A template that
+    /// refuses the conversation (e.g. roles out of order) says why in the error.
+    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, String> {
+        let template = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|e| e.to_string())?;
+        template
+            .render(context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => &self.bos_token,
+                eos_token => &self.eos_token,
+            })
+            .map_err(|e| match e.kind() {
+                ErrorKind::InvalidOperation => e.detail().unwrap_or("refused").to_string(),
+                _ => format!("the model's chat template failed: {e}"),
+            })
+    }
+}
+
+type Found = Option<(String, String, String)>;
+
+fn from_gguf(model: &ModelFile) -> Result<Found, ModelError> {
+    let content = model.gguf_content()?;
+    let md = &content.metadata;
+    let Some(source) = md
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+    else {
+        return Ok(None);
+    };
+    let token_text = |key: &str| -> String {
+        let id = md.get(key).and_then(|v| v.to_u32().ok());
+        let tokens = md
+            .get("tokenizer.ggml.tokens")
+            .and_then(|v| v.to_vec().ok());
+        match (id, tokens) {
+            (Some(id), Some(tokens)) => tokens
+                .get(id as usize)
+                .and_then(|t| t.to_string().ok())
+                .cloned()
+                .unwrap_or_default(),
+            _ => String::new(),
+        }
+    };
+    Ok(Some((
+        source,
+        token_text("tokenizer.ggml.bos_token_id"),
+        token_text("tokenizer.ggml.eos_token_id"),
+    )))
+}
+
+fn from_hf_dir(dir: &Path) -> Result<Found, ModelError> {
+    let file = dir.join("tokenizer_config.json");
+    let Ok(text) = std::fs::read_to_string(&file) else {
+        return Ok(None);
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ModelError::invalid(&file, e.to_string()))?;
+    // Either one template, or a list of named ones of which "default" is the chat template.
+    let source = match &json["chat_template"] {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(list) => list
+            .iter()
+            .find(|t| t["name"] == "default")
+            .and_then(|t| t["template"].as_str())
+            .map(str::to_string),
+        _ => None,
+    };
+    // Special tokens appear as plain strings or as `{"content": ...}` objects.
+    let token = |key: &str| match &json[key] {
+        serde_json::Value::String(s) => s.clone(),
+        v => v["content"].as_str().unwrap_or_default().to_string(),
+    };
+    Ok(source.map(|s| (s, token("bos_token"), token("eos_token"))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // SmolLM2-Instruct's template, as its GGUF file carries it.
+    const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    fn user(content: &str) -> ChatMessage {
+        ChatMessage {
+            role: "user".into(),
+            content: content.into(),
+        }
+    }
+
+    #[test]
+    fn renders_the_smollm2_template_like_transformers() {
+        let t = ChatTemplate::new(Path::new("m"), SMOLLM2.into(), String::new(), String::new())
+            .unwrap();
+        assert_eq!(
+            t.render(&[user("Hi")]).unwrap(),
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+             <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn python_methods_and_raise_exception_work() {
+        let source = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first message must be from the user') }}{% endif %}\
+                      {{ bos_token }}{{ messages[0]['content'].strip() }}";
+        let t =
+            ChatTemplate::new(Path::new("m"), source.into(), "<s>".into(), "</s>".into()).unwrap();
+        assert_eq!(t.render(&[user("  x  ")]).unwrap(), "<s>x");
+        let system = ChatMessage {
+            role: "system".into(),
+            content: "s".into(),
+        };
+        assert_eq!(
+            t.render(&[system]).unwrap_err(),
+            "first message must be from the user"
+        );
+    }
+
+    #[test]
+    fn a_broken_template_is_named_at_load() {
+        let e = ChatTemplate::new(
+            Path::new("m"),
+            "{% for %}".into(),
+            String::new(),
+            String::new(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("chat template"), "{e}");
+    }
+}
