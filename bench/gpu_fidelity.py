@@ -1,0 +1,59 @@
+"""Compares strata's greedy tokens and reported log-probabilities with transformers fp32 (and
+transformers bf16 as the yardstick for bf16 error) on the same weights. Called by gpu-fidelity.sh."""
+
+import json
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM
+
+model_dir, out, configs = sys.argv[1], sys.argv[2], sys.argv[3:]
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
+hf_bf16 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+
+
+def rel_l2(a, b):
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+report = {}
+for name in configs:
+    rows = [json.loads(l) for l in open(f"{out}/{name}.jsonl")]
+    results = []
+    for r in rows:
+        prompt, tokens = r["prompt_ids"], r["token_ids"]
+        ids = torch.tensor([prompt + tokens], device="cuda")
+        with torch.no_grad():
+            logits = hf(ids).logits[0].float()
+            free = hf.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=len(tokens),
+                               min_new_tokens=len(tokens), do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[0, len(prompt):].tolist()
+            bf16_logits = hf_bf16(ids).logits[0].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        # Position len(prompt)-1+t predicts generated token t.
+        first = len(prompt) - 1
+        max_lp_diff = 0.0
+        for t, top in enumerate(r["top_logprobs"]):
+            for alt in top:
+                ref = float(logprobs[first + t, alt["id"]])
+                max_lp_diff = max(max_lp_diff, abs(ref - alt["logprob"]))
+        teacher_forced = logits[first:first + len(tokens)].argmax(-1).tolist()
+        last = first + len(tokens) - 1
+        results.append({
+            "prompt_tokens": len(prompt),
+            "identical_to_transformers_generate": free == tokens,
+            "first_difference": next((i for i, (x, y) in enumerate(zip(free, tokens)) if x != y), None),
+            "teacher_forced_argmax_agree": sum(int(x == y) for x, y in zip(teacher_forced, tokens)),
+            "max_abs_logprob_diff_top5": max_lp_diff,
+            "transformers_bf16_vs_fp32_rel_l2_last": rel_l2(bf16_logits[last], logits[last]),
+        })
+    report[name] = results
+    same = sum(r["identical_to_transformers_generate"] for r in results)
+    print(f"{name:10s} greedy 32 tokens identical to transformers fp32: {same}/{len(results)} prompts; "
+          f"teacher-forced argmax agreement {[r['teacher_forced_argmax_agree'] for r in results]}/32; "
+          f"max |logprob diff| over reported top-5: {max(r['max_abs_logprob_diff_top5'] for r in results):.2e}")
+print("transformers' own bf16 vs fp32 logits, rel L2 at the last position:",
+      [round(r["transformers_bf16_vs_fp32_rel_l2_last"], 4) for r in report[configs[0]]])
+json.dump(report, open(f"{out}/fidelity.json", "w"), indent=1)
