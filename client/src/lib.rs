@@ -2,6 +2,7 @@
 //!
 //! - [`bench`]: the optimization on/off benchmark.
 //! - [`candle_reference`]: candle's own `quantized_llama`, the fixed point for per-core speed.
+//! - [`candle_llama`]: candle's own `llama` on safetensors, the fixed point for GPU speed.
 //! - [`client`]: connect to a coordinator, generate (a `Stream` of tokens), collect, batch, tokenize.
 //! - [`local`]: a cluster on this machine (worker processes plus an in-process coordinator), for
 //!   `--local N`, the examples and the tests.
@@ -12,6 +13,7 @@
 //! The binary (`src/main.rs`, `src/cli/`) only parses arguments and calls into these crates.
 
 pub mod bench;
+pub mod candle_llama;
 pub mod candle_reference;
 pub mod client;
 pub mod local;

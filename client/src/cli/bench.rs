@@ -60,10 +60,35 @@ enum Bench {
     /// Per-core speed: strata's whole model in this process vs candle's `quantized_llama` on the same
     /// GGUF file and threads (prompt processing and decoding of one sequence).
     Kernels(KernelArgs),
+    /// candle-transformers' own `llama` on a safetensors model, on any device: the fixed reference
+    /// point for GPU speed (batches of same-length prompts; greedy).
+    CandleLlama(CandleLlamaArgs),
     /// Many concurrent clients with random prompts and lengths, some hanging up mid-stream; checks
     /// that every completed request equals its prompt's solo output, none was lost, and the workers
     /// return to their after-warmup state. Exits non-zero if any check fails.
     Soak(SoakArgs),
+}
+
+#[derive(Debug, Args)]
+struct CandleLlamaArgs {
+    /// A Hugging Face safetensors directory (e.g. from `strata make-model`).
+    #[arg(long)]
+    model: PathBuf,
+    /// `cpu`, `cuda:N` or `metal:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute dtype: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    batch: Vec<usize>,
+    #[arg(long, default_value_t = 16)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    decode_tokens: usize,
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -139,6 +164,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(Bench::Optimizations(a)) => run_optimizations(a).await,
         Some(Bench::Kernels(a)) => run_kernels(a).await,
         Some(Bench::Soak(a)) => run_soak(a).await,
+        Some(Bench::CandleLlama(a)) => run_candle_llama(a).await,
         None => run_throughput(args.throughput).await,
     }
 }
@@ -238,6 +264,39 @@ async fn run_optimizations(args: OptimizationArgs) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&out)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
+    Ok(())
+}
+
+async fn run_candle_llama(args: CandleLlamaArgs) -> anyhow::Result<()> {
+    let dtype = match args.dtype.as_str() {
+        "f32" => candle_core::DType::F32,
+        "f16" => candle_core::DType::F16,
+        "bf16" => candle_core::DType::BF16,
+        other => anyhow::bail!("unknown dtype {other:?}; expected f32, f16 or bf16"),
+    };
+    let device = strata_worker::device::open(&args.device)?;
+    let results = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<_>> {
+        let llama = strata_client::candle_llama::CandleLlama::load(&args.model, device, dtype)?;
+        // Warm up (kernel compilation, allocations) with every batch size measured.
+        for &b in &args.batch {
+            llama.measure(b, args.prompt_tokens, 4)?;
+        }
+        let mut results = Vec::new();
+        for &b in &args.batch {
+            let r = llama.measure(b, args.prompt_tokens, args.decode_tokens)?;
+            println!(
+                "candle llama {} batch {:<3} prefill {:7.1} ms  decode {:8.1} tok/s aggregate",
+                args.dtype, b, r.prefill_ms, r.decode_tok_s
+            );
+            results.push(r);
+        }
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
+        }
+        Ok(results)
+    })
+    .await??;
+    anyhow::ensure!(!results.is_empty(), "no batch size given");
     Ok(())
 }
 
