@@ -660,13 +660,14 @@ impl Scheduler {
         // A step that ran on a pipeline since lost (or being lost) produced valid tokens, but its
         // sequences' caches are incomplete now.
         let stale = done.generation != self.pipeline.generation() || self.outage.is_some();
-        for (i, (forward, round_trip)) in result
+        // Per stage: network, serialization and queueing around the worker's own compute.
+        let stage_hop: Vec<Duration> = result
             .stage_forward
             .iter()
             .zip(&result.stage_round_trip)
-            .enumerate()
-        {
-            let hop = round_trip.saturating_sub(*forward);
+            .map(|(forward, round_trip)| round_trip.saturating_sub(*forward))
+            .collect();
+        for (i, (forward, hop)) in result.stage_forward.iter().zip(&stage_hop).enumerate() {
             self.metrics
                 .stage_step(i, forward.as_secs_f64(), hop.as_secs_f64());
         }
@@ -677,14 +678,9 @@ impl Scheduler {
             done.sequences.into_iter().zip(done.fed).zip(result.sampled)
         {
             seq.cached += fed;
-            for (i, (forward, round_trip)) in result
-                .stage_forward
-                .iter()
-                .zip(&result.stage_round_trip)
-                .enumerate()
-            {
+            for (i, (forward, hop)) in result.stage_forward.iter().zip(&stage_hop).enumerate() {
                 seq.stage_forward[i] += *forward;
-                seq.stage_hop[i] += round_trip.saturating_sub(*forward);
+                seq.stage_hop[i] += *hop;
             }
             if seq.events.is_closed() {
                 finished.push(seq.id);

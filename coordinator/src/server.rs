@@ -143,11 +143,6 @@ impl Coordinator {
         &self.initial_stages
     }
 
-    /// The service behind both APIs.
-    pub fn service(&self) -> &CoordinatorService {
-        &self.service
-    }
-
     /// Serves gRPC on `grpc` and, when given, the HTTP API (OpenAI, `/health`, `/metrics`) on
     /// `http`, until `shutdown` resolves; both ports stop together.
     pub async fn serve_with_http(

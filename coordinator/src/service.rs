@@ -287,14 +287,6 @@ impl CoordinatorService {
     pub fn model(&self) -> &ModelFile {
         &self.model
     }
-
-    pub fn tokenizer(&self) -> &TextTokenizer {
-        &self.tokenizer
-    }
-
-    pub fn limits(&self) -> &RequestLimits {
-        &self.limits
-    }
 }
 
 /// A request's events as the scheduler sends them, counted into the metrics as they pass. A stream
@@ -399,20 +391,20 @@ pub fn request_id(header: Option<&str>) -> Arc<str> {
     }) {
         return id.into();
     }
+    format!("{:016x}", random_u64()).into()
+}
+
+/// 64 random bits from the OS (request ids, the seeds of requests that name none); the clock's
+/// nanoseconds if the OS has no randomness to give.
+pub(crate) fn random_u64() -> u64 {
     let mut bytes = [0u8; 8];
-    // Without OS randomness, ids are still unique enough by time for reading logs.
-    if getrandom::fill(&mut bytes).is_err() {
-        bytes = (std::time::SystemTime::now()
+    match getrandom::fill(&mut bytes) {
+        Ok(()) => u64::from_le_bytes(bytes),
+        Err(_) => std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
-            .as_nanos() as u64)
-            .to_le_bytes();
+            .as_nanos() as u64,
     }
-    bytes
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>()
-        .into()
 }
 
 #[tonic::async_trait]

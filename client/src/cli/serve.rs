@@ -32,12 +32,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut options = args.cluster.local_options(!args.no_warmup, Vec::new())?;
     options.listen = args.listen.clone();
     options.http = Some(args.http.clone());
-    // A token made up here must be shown, or nobody could use the API.
+    // Without a token the local cluster makes one up; it must be shown, or nobody could use the API.
     let made_up_token = options.security.token.is_none() && options.security.token_file.is_none();
-    if made_up_token {
-        let token = strata_transport::AuthToken::generate()?;
-        options.security.token = Some(token.as_str().to_string());
-    }
     let cluster = strata_client::LocalCluster::start(options)
         .await
         .map_err(anyhow::Error::msg)?;

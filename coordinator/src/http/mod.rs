@@ -19,9 +19,10 @@ use axum::routing::{get, post};
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use strata_transport::{Security, ServerAuth};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -145,30 +146,14 @@ pub async fn serve(
         let tls = tls.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let service = TowerToHyperService::new(app);
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let result = match tls {
-                Some(acceptor) => {
-                    let stream =
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                            Ok(Ok(stream)) => stream,
-                            Ok(Err(e)) => return log_handshake_failure(peer, &e.to_string()),
-                            Err(_) => return log_handshake_failure(peer, "timed out"),
-                        };
-                    let connection = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    watcher.watch(connection).await
-                }
-                None => {
-                    let connection = builder
-                        .serve_connection_with_upgrades(TokioIo::new(tcp), service)
-                        .into_owned();
-                    watcher.watch(connection).await
-                }
+            let Some(acceptor) = tls else {
+                return serve_connection(tcp, app, watcher, peer).await;
             };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => serve_connection(stream, app, watcher, peer).await,
+                // A plaintext client on the TLS port lands here: worth a line, not an error.
+                Ok(Err(e)) => tracing::info!(%peer, error = %e, "HTTP TLS handshake failed"),
+                Err(_) => tracing::info!(%peer, "HTTP TLS handshake timed out"),
             }
         });
     }
@@ -182,7 +167,15 @@ pub async fn serve(
     Ok(())
 }
 
-fn log_handshake_failure(peer: SocketAddr, why: &str) {
-    // A plaintext client on the TLS port lands here: worth a line, not an error.
-    tracing::info!(%peer, why, "HTTP TLS handshake failed");
+/// Serves HTTP/1.1 or HTTP/2 on one (plain or TLS) connection until it closes or shutdown drains it.
+async fn serve_connection<I>(io: I, app: Router, watcher: Watcher, peer: SocketAddr)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let connection = auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(app))
+        .into_owned();
+    if let Err(e) = watcher.watch(connection).await {
+        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+    }
 }

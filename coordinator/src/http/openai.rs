@@ -20,7 +20,7 @@ use tonic::{Code, Status};
 
 use super::AppState;
 use crate::metrics::Api;
-use crate::service::{request_id, Events};
+use crate::service::{random_u64, request_id, Events};
 
 /// The id clients name the model by: the file's name without `.gguf`, or the directory's name.
 pub fn model_id(model: &ModelFile) -> String {
@@ -143,6 +143,13 @@ impl OneOrMany {
         match self {
             OneOrMany::One(s) => vec![s],
             OneOrMany::Many(v) => v,
+        }
+    }
+
+    fn to_vec(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
         }
     }
 }
@@ -283,11 +290,7 @@ impl Common {
         }
         // OpenAI samples at temperature 1 unless told otherwise, with a fresh seed each time.
         let temperature = self.temperature.unwrap_or(1.0);
-        let seed = self.seed.unwrap_or_else(|| {
-            let mut bytes = [0u8; 8];
-            let _ = getrandom::fill(&mut bytes);
-            u64::from_le_bytes(bytes)
-        });
+        let seed = self.seed.unwrap_or_else(random_u64);
         Ok(v1::GenerateRequest {
             prompt: String::new(),
             max_tokens: max_tokens.unwrap_or(0),
@@ -297,7 +300,11 @@ impl Common {
                 top_p: self.top_p.unwrap_or(1.0),
                 seed,
             }),
-            stop: self.stop.take_vec(),
+            stop: self
+                .stop
+                .as_ref()
+                .map(OneOrMany::to_vec)
+                .unwrap_or_default(),
             top_logprobs: 0,
             ignore_eos: self.ignore_eos,
             messages: Vec::new(),
@@ -308,20 +315,6 @@ impl Common {
         self.stream_options
             .as_ref()
             .is_some_and(|o| o.include_usage)
-    }
-}
-
-trait TakeVec {
-    fn take_vec(&self) -> Vec<String>;
-}
-
-impl TakeVec for Option<OneOrMany> {
-    fn take_vec(&self) -> Vec<String> {
-        match self {
-            None => Vec::new(),
-            Some(OneOrMany::One(s)) => vec![s.clone()],
-            Some(OneOrMany::Many(v)) => v.clone(),
-        }
     }
 }
 
@@ -378,91 +371,110 @@ fn sse(
     model: String,
     include_usage: bool,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let created = now_secs();
-    let object = match flavor {
-        Flavor::Completion => "text_completion",
-        Flavor::Chat => "chat.completion.chunk",
+    let mut writer = ChunkWriter {
+        flavor,
+        id,
+        model,
+        created: now_secs(),
+        include_usage,
+        first: true,
+        done: false,
     };
-    let chunk = move |choice: Value, usage: Option<Value>| {
+    // A `None` after the last event tells a stream that ended early from one that finished.
+    let body = events
+        .map(Some)
+        .chain(futures::stream::once(async { None }))
+        .flat_map(move |item| futures::stream::iter(writer.write(item).into_iter().map(Ok)));
+    Sse::new(body).keep_alive(KeepAlive::default())
+}
+
+/// Turns a generation's events into OpenAI's streamed chunks.
+struct ChunkWriter {
+    flavor: Flavor,
+    id: String,
+    model: String,
+    created: u64,
+    include_usage: bool,
+    /// No chunk written yet (chat's first delta carries the role).
+    first: bool,
+    /// The final chunk (or an error) is written; nothing more is.
+    done: bool,
+}
+
+impl ChunkWriter {
+    /// The chunks for one event (`None`: the events ended).
+    fn write(&mut self, item: Option<Result<v1::GenerateResponse, Status>>) -> Vec<SseEvent> {
+        use v1::generate_response::Event;
+        if self.done {
+            return Vec::new();
+        }
+        let event = match item {
+            Some(Ok(response)) => response.event,
+            Some(Err(status)) => return self.error(status),
+            None => {
+                return self.error(Status::internal(
+                    "the generation ended without a final event",
+                ))
+            }
+        };
+        match event {
+            Some(Event::Token(t)) if t.text.is_empty() && !self.first => Vec::new(),
+            Some(Event::Token(t)) => vec![self.chunk(Some(&t.text), None)],
+            Some(Event::Finished(f)) => {
+                self.done = true;
+                let text = (!f.trailing_text.is_empty()).then_some(&*f.trailing_text);
+                let mut out = vec![self.chunk(text, Some(finish_reason(f.reason)))];
+                if self.include_usage {
+                    let usage = usage(f.prompt_ids.len(), f.generated_tokens);
+                    out.push(self.event(json!([]), Some(usage)));
+                }
+                out.push(SseEvent::default().data("[DONE]"));
+                out
+            }
+            None => Vec::new(),
+        }
+    }
+
+    fn error(&mut self, status: Status) -> Vec<SseEvent> {
+        self.done = true;
+        vec![SseEvent::default().data(ApiError::from(status).body().to_string())]
+    }
+
+    /// A chunk with one choice: `text` (as chat's delta content), and the finish reason if any.
+    fn chunk(&mut self, text: Option<&str>, finish: Option<&str>) -> SseEvent {
+        let choice = match self.flavor {
+            Flavor::Completion => json!({
+                "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish,
+            }),
+            Flavor::Chat => {
+                let mut delta = json!({});
+                if self.first {
+                    delta["role"] = json!("assistant");
+                }
+                if let Some(t) = text {
+                    delta["content"] = json!(t);
+                }
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+        };
+        self.first = false;
+        self.event(json!([choice]), None)
+    }
+
+    fn event(&self, choices: Value, usage: Option<Value>) -> SseEvent {
+        let object = match self.flavor {
+            Flavor::Completion => "text_completion",
+            Flavor::Chat => "chat.completion.chunk",
+        };
         let mut body = json!({
-            "id": id, "object": object, "created": created, "model": model,
-            "choices": if choice.is_null() { json!([]) } else { json!([choice]) },
+            "id": self.id, "object": object, "created": self.created, "model": self.model,
+            "choices": choices,
         });
         if let Some(u) = usage {
             body["usage"] = u;
         }
         SseEvent::default().data(body.to_string())
-    };
-    let choice = move |text: Option<&str>, finish: Option<&str>, first: bool| match flavor {
-        Flavor::Completion => json!({
-            "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish,
-        }),
-        Flavor::Chat => {
-            let mut delta = json!({});
-            if first {
-                delta["role"] = json!("assistant");
-            }
-            if let Some(t) = text {
-                delta["content"] = json!(t);
-            }
-            json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
-        }
-    };
-    let mut first = true;
-    let mut done = false;
-    let body = events
-        .map(Some)
-        .chain(futures::stream::once(async { None }))
-        .filter_map(move |item| {
-            let out: Vec<SseEvent> = if done {
-                Vec::new()
-            } else {
-                match item {
-                    Some(Ok(v1::GenerateResponse { event })) => match event {
-                        Some(v1::generate_response::Event::Token(t)) => {
-                            if t.text.is_empty() && !first {
-                                Vec::new()
-                            } else {
-                                let c = chunk(choice(Some(&t.text), None, first), None);
-                                first = false;
-                                vec![c]
-                            }
-                        }
-                        Some(v1::generate_response::Event::Finished(f)) => {
-                            done = true;
-                            let text = (!f.trailing_text.is_empty()).then_some(&*f.trailing_text);
-                            let mut out = vec![chunk(
-                                choice(text, Some(finish_reason(f.reason)), first),
-                                None,
-                            )];
-                            if include_usage {
-                                out.push(chunk(
-                                    Value::Null,
-                                    Some(usage(f.prompt_ids.len(), f.generated_tokens)),
-                                ));
-                            }
-                            out.push(SseEvent::default().data("[DONE]"));
-                            out
-                        }
-                        None => Vec::new(),
-                    },
-                    Some(Err(status)) => {
-                        done = true;
-                        vec![SseEvent::default().data(ApiError::from(status).body().to_string())]
-                    }
-                    None => {
-                        done = true;
-                        let e = ApiError::from(Status::internal(
-                            "the generation ended without a final event",
-                        ));
-                        vec![SseEvent::default().data(e.body().to_string())]
-                    }
-                }
-            };
-            futures::future::ready(Some(futures::stream::iter(out.into_iter().map(Ok))))
-        })
-        .flatten();
-    Sse::new(body).keep_alive(KeepAlive::default())
+    }
 }
 
 /// Starts a generation for an HTTP request; the request id comes from `x-request-id` or is made up.
@@ -653,7 +665,7 @@ mod tests {
         let r: CompletionRequest =
             serde_json::from_str(r#"{"model":"m","prompt":["a"],"stop":"x","unknown":1}"#).unwrap();
         assert_eq!(r.prompt.into_vec(), vec!["a"]);
-        assert_eq!(r.common.stop.take_vec(), vec!["x"]);
+        assert_eq!(r.common.stop.unwrap().to_vec(), vec!["x"]);
         let r: ChatRequest = serde_json::from_str(
             r#"{"messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],"stream":true}"#,
         )
