@@ -1,12 +1,14 @@
 //! The model's own chat template (GGUF `tokenizer.chat_template`, or `chat_template` in a Hugging
 //! Face `tokenizer_config.json`), rendered with minijinja the way `transformers` renders it.
 
+use std::collections::HashMap;
 use std::path::Path;
 
+use candle_core::quantized::gguf_file::Value;
 use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
 use serde::Serialize;
 
-use crate::{ModelError, ModelFile, ModelFormat};
+use crate::{ModelError, ModelFile};
 
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -25,15 +27,29 @@ pub struct ChatTemplate {
 
 const TEMPLATE_NAME: &str = "chat";
 
+/// A chat template as a model's files carry it, with the special-token texts it may refer to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatTemplateSource {
+    pub source: String,
+    pub bos_token: String,
+    pub eos_token: String,
+}
+
 impl ChatTemplate {
-    /// The model's template, or `None` when its files carry none.
+    /// The model's template (read when the model was opened), compiled; `None` when its files
+    /// carry none.
     pub fn load(model: &ModelFile) -> Result<Option<Self>, ModelError> {
-        let found = match model.format {
-            ModelFormat::Gguf => from_gguf(model)?,
-            ModelFormat::Safetensors => from_hf_dir(&model.path)?,
-        };
-        found
-            .map(|(source, bos, eos)| Self::new(&model.path, source, bos, eos))
+        model
+            .chat_template
+            .as_ref()
+            .map(|t| {
+                Self::new(
+                    &model.path,
+                    t.source.clone(),
+                    t.bos_token.clone(),
+                    t.eos_token.clone(),
+                )
+            })
             .transpose()
     }
 
@@ -83,40 +99,30 @@ impl ChatTemplate {
     }
 }
 
-type Found = Option<(String, String, String)>;
-
-fn from_gguf(model: &ModelFile) -> Result<Found, ModelError> {
-    let content = model.gguf_content()?;
-    let md = &content.metadata;
-    let Some(source) = md
-        .get("tokenizer.chat_template")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-    else {
-        return Ok(None);
-    };
+/// GGUF's `tokenizer.chat_template`, and the texts of its BOS and EOS tokens.
+pub(crate) fn from_gguf_metadata(md: &HashMap<String, Value>) -> Option<ChatTemplateSource> {
+    let source = md.get("tokenizer.chat_template")?.to_string().ok()?.clone();
+    let tokens = md
+        .get("tokenizer.ggml.tokens")
+        .and_then(|v| v.to_vec().ok());
     let token_text = |key: &str| -> String {
-        let id = md.get(key).and_then(|v| v.to_u32().ok());
-        let tokens = md
-            .get("tokenizer.ggml.tokens")
-            .and_then(|v| v.to_vec().ok());
-        match (id, tokens) {
-            (Some(id), Some(tokens)) => tokens
-                .get(id as usize)
-                .and_then(|t| t.to_string().ok())
-                .cloned()
-                .unwrap_or_default(),
-            _ => String::new(),
-        }
+        md.get(key)
+            .and_then(|v| v.to_u32().ok())
+            .zip(tokens)
+            .and_then(|(id, tokens)| tokens.get(id as usize))
+            .and_then(|t| t.to_string().ok())
+            .cloned()
+            .unwrap_or_default()
     };
-    Ok(Some((
+    Some(ChatTemplateSource {
         source,
-        token_text("tokenizer.ggml.bos_token_id"),
-        token_text("tokenizer.ggml.eos_token_id"),
-    )))
+        bos_token: token_text("tokenizer.ggml.bos_token_id"),
+        eos_token: token_text("tokenizer.ggml.eos_token_id"),
+    })
 }
 
-fn from_hf_dir(dir: &Path) -> Result<Found, ModelError> {
+/// `chat_template` in a Hugging Face directory's `tokenizer_config.json`, if the file has one.
+pub(crate) fn from_hf_dir(dir: &Path) -> Result<Option<ChatTemplateSource>, ModelError> {
     let file = dir.join("tokenizer_config.json");
     let Ok(text) = std::fs::read_to_string(&file) else {
         return Ok(None);
@@ -138,7 +144,11 @@ fn from_hf_dir(dir: &Path) -> Result<Found, ModelError> {
         serde_json::Value::String(s) => s.clone(),
         v => v["content"].as_str().unwrap_or_default().to_string(),
     };
-    Ok(source.map(|s| (s, token("bos_token"), token("eos_token"))))
+    Ok(source.map(|source| ChatTemplateSource {
+        source,
+        bos_token: token("bos_token"),
+        eos_token: token("eos_token"),
+    }))
 }
 
 #[cfg(test)]

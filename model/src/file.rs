@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file;
 use sha2::{Digest, Sha256};
 
+use crate::chat::ChatTemplateSource;
 use crate::{LlamaConfig, ModelError};
 
 /// How a model is stored on disk.
@@ -39,6 +40,9 @@ pub struct ModelFile {
     pub fingerprint: String,
     /// A human name for messages.
     pub name: String,
+    /// The chat template the model's files carry, if any (read with the rest of the header, so
+    /// the coordinator parses the GGUF header no extra time for it).
+    pub chat_template: Option<ChatTemplateSource>,
 }
 
 impl ModelFile {
@@ -72,6 +76,7 @@ impl ModelFile {
             config,
             fingerprint: hex(&Sha256::digest(&header)),
             name,
+            chat_template: crate::chat::from_gguf_metadata(&content.metadata),
         })
     }
 
@@ -94,6 +99,7 @@ impl ModelFile {
             config,
             fingerprint: hex(&hasher.finalize()),
             name: file_stem(dir),
+            chat_template: crate::chat::from_hf_dir(dir)?,
         })
     }
 

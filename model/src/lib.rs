@@ -21,7 +21,7 @@ pub mod synthetic;
 pub mod tokenizer;
 pub mod wire;
 
-pub use chat::{ChatMessage, ChatTemplate};
+pub use chat::{ChatMessage, ChatTemplate, ChatTemplateSource};
 pub use config::LlamaConfig;
 pub use error::ModelError;
 pub use file::{ModelFile, ModelFormat};
