@@ -18,7 +18,8 @@ pub struct ClusterFile {
     /// The HTTP API's listen address.
     pub http: Option<String>,
     /// `auto`, `even` or ranges like `0-10,10-30`.
-    pub split: Option<String>,
+    #[serde(default, deserialize_with = "parse_split")]
+    pub split: Option<SplitSpec>,
     #[serde(default)]
     pub workers: Vec<WorkerEntry>,
     #[serde(default)]
@@ -39,8 +40,10 @@ pub struct ClusterFile {
 pub struct WorkerEntry {
     /// `host:port` of the worker's gRPC port.
     pub address: String,
-    /// The device the worker must report (`cpu`, `cuda:0`, `metal:0`); checked at start, so a
-    /// worker started on the wrong device is refused instead of silently slow.
+    /// The device the worker must report (`cpu`, `cuda:0`, `metal:0`; kept in the canonical form
+    /// workers report); checked at start, so a worker on the wrong device is refused instead of
+    /// silently slow.
+    #[serde(default, deserialize_with = "parse_device")]
     pub device: Option<String>,
 }
 
@@ -99,11 +102,6 @@ impl ClusterFile {
         );
         for w in &self.workers {
             check_address(&w.address).with_context(|| format!("worker {:?}", w.address))?;
-            if let Some(device) = &w.device {
-                strata_worker::device::canonical(device)
-                    .map_err(anyhow::Error::new)
-                    .with_context(|| format!("worker {:?}", w.address))?;
-            }
         }
         for s in &self.spares {
             check_address(s).with_context(|| format!("spare {s:?}"))?;
@@ -114,11 +112,6 @@ impl ClusterFile {
                     .with_context(|| format!("{name} = {a:?} is not an ip:port address"))?;
             }
         }
-        if let Some(split) = &self.split {
-            split
-                .parse::<SplitSpec>()
-                .with_context(|| format!("split = {split:?}"))?;
-        }
         let s = &self.security;
         anyhow::ensure!(
             s.tls_cert.is_some() == s.tls_key.is_some(),
@@ -126,6 +119,20 @@ impl ClusterFile {
         );
         Ok(())
     }
+}
+
+fn parse_split<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SplitSpec>, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse()
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("split {text:?}: {e}")))
+}
+
+fn parse_device<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let text = String::deserialize(d)?;
+    strata_worker::device::canonical(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 /// `host:port` with a port number.

@@ -98,9 +98,7 @@ impl CoordinatorArgs {
         self.model = self.model.or(file.model);
         self.listen = self.listen.or(file.listen);
         self.http = self.http.or(file.http);
-        self.split = self
-            .split
-            .or_else(|| file.split.and_then(|s| s.parse().ok()));
+        self.split = self.split.or(file.split);
         self.stage_timeout = self.stage_timeout.or(file.stage_timeout_secs);
         self.max_active = self.max_active.or(file.max_active);
         self.max_queued = self.max_queued.or(file.max_queued);
@@ -123,19 +121,9 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     let (args, expected_devices) = match &args.cluster {
         Some(path) => {
             let file = ClusterFile::read(path)?;
-            let devices: Vec<Option<String>> = file
-                .workers
-                .iter()
-                .map(|w| {
-                    w.device
-                        .as_deref()
-                        .map(strata_worker::device::canonical)
-                        .transpose()
-                })
-                .collect::<Result<_, _>>()?;
             // Devices pair with the file's workers; workers given by flag replace that list.
             let devices = if args.workers.is_empty() {
-                devices
+                file.workers.iter().map(|w| w.device.clone()).collect()
             } else {
                 Vec::new()
             };
