@@ -4,9 +4,7 @@
 # Usage (on the GPU host, with a `--features cuda` strata binary): bench/gpu-smoke.sh BINARY [OUT_DIR]
 set -uo pipefail
 bin=${1:?strata binary}; out=${2:-/tmp/strata-gpu}; mkdir -p "$out"
-# candle's CUDA build links the CUDA 13 runtime: use the toolkit's or PyTorch's copy.
-torchlibs=$(python3 -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))" 2>/dev/null)
-export LD_LIBRARY_PATH="${torchlibs:+$torchlibs:}/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+source "$(dirname "$0")/gpu-common.sh"
 nvidia-smi -L
 "$bin" make-model --config tiny --out "$out/tiny" >/dev/null
 "$bin" worker --listen 127.0.0.1:7171 --device cuda:0 --model "$out/tiny" 2>"$out/w-cuda.log" &

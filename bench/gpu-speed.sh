@@ -9,34 +9,21 @@
 set -uo pipefail
 bin=${1:?strata binary}; out=${2:-/tmp/strata-speed}; mkdir -p "$out"
 here="$(cd "$(dirname "$0")" && pwd)"
-torchlibs=$(python3 -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))" 2>/dev/null)
-export LD_LIBRARY_PATH="${torchlibs:+$torchlibs:}/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+source "$here/gpu-common.sh"
 export STRATA_AUTH_TOKEN=speed-test-token-0123456789abc
 nvidia-smi -L 2>/dev/null
 model="$out/tinyllama-1.1b"
 [[ -f "$model/model.safetensors" ]] || "$bin" make-model --config tinyllama-1.1b --out "$model" >/dev/null
-worker() {  # port device
-    "$bin" worker --listen "127.0.0.1:$1" --device "$2" --model "$model" </dev/null >/dev/null \
-        2>>"$out/workers.log" &
-}
 bench_config() {  # name workers...
     local name="$1"; shift
-    local addrs; addrs=$(IFS=,; echo "$*")
-    sleep 3
-    "$bin" coordinator --listen 127.0.0.1:7400 --workers "$addrs" --split even --model "$model" \
-        </dev/null >/dev/null 2>"$out/coord-$name.log" &
-    local coord=$!
-    for _ in $(seq 180); do
-        "$bin" generate --coordinator http://127.0.0.1:7400 --prompt hi --max-tokens 1 >/dev/null 2>&1 && break
-        sleep 1
-    done
+    start_coordinator 7400 "$name" even "$@"
     "$bin" bench --coordinator http://127.0.0.1:7400 --concurrency 1,8,32 --max-tokens 128 \
         --json "$out/strata-$name.json" 2>&1 | grep -E "c=" | sed "s/^/$name: /"
-    kill "$coord"; wait "$coord" 2>/dev/null
+    kill "$coordinator_pid"; wait "$coordinator_pid" 2>/dev/null
 }
-worker 7401 cuda:0; bench_config one-stage 127.0.0.1:7401
+start_worker 7401 cuda:0; bench_config one-stage 127.0.0.1:7401
 kill %1 2>/dev/null
-worker 7402 cuda:0; worker 7403 cuda:0; bench_config two-stage-one-gpu 127.0.0.1:7402 127.0.0.1:7403
+start_worker 7402 cuda:0; start_worker 7403 cuda:0; bench_config two-stage-one-gpu 127.0.0.1:7402 127.0.0.1:7403
 kill $(jobs -p) 2>/dev/null
 sleep 2
 for dtype in f32 bf16; do

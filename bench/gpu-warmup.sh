@@ -4,8 +4,7 @@
 # on a fresh machine (where the driver's cache is empty). Usage: bench/gpu-warmup.sh BINARY [ROUNDS]
 set -uo pipefail
 bin=${1:?strata binary}; rounds=${2:-2}; out=/tmp/strata-warmup; mkdir -p "$out"
-torchlibs=$(python3 -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))" 2>/dev/null)
-export LD_LIBRARY_PATH="${torchlibs:+$torchlibs:}/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+source "$(dirname "$0")/gpu-common.sh"
 [ -d "$out/tiny" ] || "$bin" make-model --config tiny --out "$out/tiny" >/dev/null
 for r in $(seq "$rounds"); do
   for mode in cold warm; do

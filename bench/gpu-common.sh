@@ -1,0 +1,29 @@
+# Sourced by the bench/gpu-*.sh scripts: the CUDA runtime libraries on the loader path, and helpers
+# that start workers and a coordinator for `$bin` on `$model`, logging into `$out`.
+
+# candle's CUDA build links the CUDA 13 runtime: use the toolkit's or PyTorch's copy.
+torchlibs=$(python3 -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))" 2>/dev/null)
+export LD_LIBRARY_PATH="${torchlibs:+$torchlibs:}/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+
+# start_worker PORT DEVICE: a worker on 127.0.0.1:PORT in the background.
+start_worker() {
+    "$bin" worker --listen "127.0.0.1:$1" --device "$2" --model "$model" </dev/null >/dev/null \
+        2>>"$out/workers.log" &
+}
+
+# start_coordinator PORT NAME SPLIT ADDR...: a coordinator on 127.0.0.1:PORT over the workers, once it
+# answers a request; its pid in $coordinator_pid, its log in $out/coord-NAME.log.
+start_coordinator() {
+    local port="$1" name="$2" split="$3"; shift 3
+    local addrs; addrs=$(IFS=,; echo "$*")
+    sleep 3
+    "$bin" coordinator --listen "127.0.0.1:$port" --workers "$addrs" --split "$split" --model "$model" \
+        </dev/null >/dev/null 2>"$out/coord-$name.log" &
+    coordinator_pid=$!
+    for _ in $(seq 180); do
+        "$bin" generate --coordinator "http://127.0.0.1:$port" --prompt hi --max-tokens 1 >/dev/null 2>&1 && return 0
+        sleep 1
+    done
+    echo "coordinator $name did not start; see $out/coord-$name.log" >&2
+    return 1
+}
