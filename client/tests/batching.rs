@@ -4,15 +4,24 @@ mod common;
 
 use strata_client::{GenerateParams, LocalCluster, LocalOptions};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_requests_match_solo_runs() {
+/// Nine prompts of different lengths (one long enough to be prefilled in chunks), started 25 ms
+/// apart so they join a running batch at different steps, on workers with the given KV layout.
+///
+/// `exact`: every one must get exactly its solo tokens (contiguous caches compute each sequence
+/// alone, bit for bit). Otherwise (paged caches pad histories to the batch's longest, so sums run in
+/// another order and Q4_1's 8-bit activations can round the other way) a sequence may depart from
+/// its solo tokens only where the solo run's top two were within 0.3 nats: a near-tie, the
+/// reference rule of `reference.rs`.
+async fn staggered_requests_match_solo_runs(kv_layout: &str, exact: bool) {
     let cluster = LocalCluster::start(LocalOptions {
         warmup: true,
+        worker_args: vec!["--kv-layout".into(), kv_layout.into()],
         ..LocalOptions::new(common::strata(), 2, common::default_model())
     })
     .await
     .unwrap();
     let client = cluster.client().await.unwrap();
+    let long = "Summarize the following text in one sentence. ".repeat(12);
     let prompts: Vec<String> = [
         "The capital of France is",
         "Once upon a time, there was a little",
@@ -20,6 +29,9 @@ async fn concurrent_requests_match_solo_runs() {
         "Write a haiku about the sea:\n",
         "def fibonacci(n):",
         "Q: What is the boiling point of water?\nA:",
+        "Hi",
+        long.as_str(),
+        "List three colors: red,",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -27,21 +39,55 @@ async fn concurrent_requests_match_solo_runs() {
     let params = GenerateParams {
         max_tokens: 16,
         ignore_eos: true,
+        top_logprobs: 2,
         ..GenerateParams::default()
     };
     let mut solo = Vec::new();
     for p in &prompts {
-        solo.push(client.generate_collect(p, &params).await.unwrap().token_ids);
+        solo.push(client.generate_collect(p, &params).await.unwrap());
     }
-    let batch = client.generate_batch(&prompts, &params).await;
-    for ((p, alone), together) in prompts.iter().zip(&solo).zip(batch) {
-        assert_eq!(
-            &together.unwrap().token_ids,
-            alone,
-            "{p:?} changed when batched"
-        );
+    let runs = prompts.iter().enumerate().map(|(i, p)| {
+        let client = client.clone();
+        let params = params.clone();
+        async move {
+            tokio::time::sleep(std::time::Duration::from_millis(25 * i as u64)).await;
+            client.generate_collect(p, &params).await
+        }
+    });
+    let together = futures::future::join_all(runs).await;
+    for ((p, alone), together) in prompts.iter().zip(&solo).zip(together) {
+        let together = together.unwrap().token_ids;
+        if exact {
+            assert_eq!(
+                together, alone.token_ids,
+                "{p:?} changed when batched ({kv_layout} caches)"
+            );
+            continue;
+        }
+        assert_eq!(together.len(), alone.token_ids.len(), "{p:?}");
+        if let Some(n) = (0..together.len()).find(|&n| together[n] != alone.token_ids[n]) {
+            let top = &alone.top_logprobs[n];
+            let gap = top[0].1 - top[1].1;
+            assert!(
+                gap < 0.3,
+                "{p:?} departs from its solo run at token {n} where the top-2 gap is {gap:.3} nats: a bug, not a near-tie"
+            );
+            eprintln!("{p:?}: departs at token {n}, a near-tie of {gap:.3} nats");
+        }
     }
     cluster.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_match_solo_runs() {
+    staggered_requests_match_solo_runs("contiguous", true).await;
+}
+
+/// The layout GPU stages use by default, run here on the CPU: batched decode attention over a
+/// shared page pool, with prefill chunks and decode rows in the same steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_match_solo_runs_with_paged_caches() {
+    staggered_requests_match_solo_runs("paged", false).await;
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use strata_worker::engine::EngineLimits;
-use strata_worker::model::StageOptions;
+use strata_worker::model::{KvLayout, StageOptions};
 use strata_worker::WorkerConfig;
 use tokio::net::TcpListener;
 
@@ -37,6 +37,15 @@ pub struct WorkerArgs {
     /// Largest gRPC message, in MiB.
     #[arg(long, env = "STRATA_MAX_MESSAGE_MIB", default_value_t = strata_worker::server::DEFAULT_MAX_MESSAGE_BYTES >> 20)]
     max_message_mib: usize,
+    /// Compute dtype of a safetensors stage: f32, bf16 or f16 (default: bf16 on CUDA, f16 on Metal,
+    /// f32 on the CPU). GGUF stages keep their weights quantized and compute in f32.
+    #[arg(long, env = "STRATA_DTYPE", value_parser = strata_worker::model::stage::parse_dtype)]
+    dtype: Option<candle_core::DType>,
+    /// Where keys and values live: `paged` (one pool for all sequences; decode attention runs as one
+    /// batch, a few kernels per layer), `contiguous` (a tensor per sequence, attention per sequence,
+    /// no copies), or `auto`: paged on GPUs, where kernel launches dominate, contiguous on the CPU.
+    #[arg(long, env = "STRATA_KV_LAYOUT", default_value = "auto")]
+    kv_layout: KvLayout,
     /// Compute RoPE cos/sin every step instead of slicing a table (only to measure the table).
     #[arg(long, hide = true)]
     no_rope_reuse: bool,
@@ -85,6 +94,8 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             reuse_rope: !args.no_rope_reuse,
             reuse_masks: !args.no_mask_reuse,
             fast_kernels: !args.candle_kernels,
+            kv_layout: args.kv_layout,
+            dtype: args.dtype,
         },
         limits: EngineLimits {
             max_sequences: args.max_sequences,

@@ -3,6 +3,8 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use super::kv_pool::PageList;
+
 /// Keys and values of one layer for one sequence, `[kv_heads, capacity, head_dim]`.
 #[derive(Debug)]
 pub struct LayerKv {
@@ -54,15 +56,24 @@ impl LayerKv {
     }
 }
 
-/// Everything one sequence holds on a stage: a cache per layer and its length.
+/// Where a sequence's keys and values live.
+#[derive(Debug)]
+enum Store {
+    /// Its own growing tensors per layer (CPU stages).
+    Contiguous(Vec<LayerKv>),
+    /// Pages of the stage's shared pool (accelerators; see `kv_pool.rs`).
+    Paged(PageList),
+}
+
+/// Everything one sequence holds on a stage: its keys and values for every layer, and its length.
 #[derive(Debug)]
 pub struct SequenceKv {
-    layers: Vec<LayerKv>,
+    store: Store,
     len: usize,
 }
 
 impl SequenceKv {
-    /// Empty caches for `num_layers` layers, with room for `initial` positions.
+    /// Empty per-sequence caches for `num_layers` layers, with room for `initial` positions.
     pub fn new(
         num_layers: usize,
         kv_heads: usize,
@@ -75,7 +86,18 @@ impl SequenceKv {
         let layers = (0..num_layers)
             .map(|_| LayerKv::with_capacity(shape, dtype, device))
             .collect::<Result<_>>()?;
-        Ok(Self { layers, len: 0 })
+        Ok(Self {
+            store: Store::Contiguous(layers),
+            len: 0,
+        })
+    }
+
+    /// An empty sequence whose keys and values go to pages of a shared pool.
+    pub fn paged(pages: PageList) -> Self {
+        Self {
+            store: Store::Paged(pages),
+            len: 0,
+        }
     }
 
     /// Positions cached.
@@ -87,31 +109,56 @@ impl SequenceKv {
         self.len == 0
     }
 
-    /// The cache of the stage's `i`-th layer.
-    pub fn layer(&mut self, i: usize) -> &mut LayerKv {
-        &mut self.layers[i]
+    /// The cache of the stage's `i`-th layer; `None` for a paged sequence.
+    pub fn layer(&mut self, i: usize) -> Option<&mut LayerKv> {
+        match &mut self.store {
+            Store::Contiguous(layers) => Some(&mut layers[i]),
+            Store::Paged(_) => None,
+        }
+    }
+
+    /// The pages of a paged sequence.
+    pub fn pages(&self) -> Option<&PageList> {
+        match &self.store {
+            Store::Paged(pages) => Some(pages),
+            Store::Contiguous(_) => None,
+        }
+    }
+
+    pub fn pages_mut(&mut self) -> Option<&mut PageList> {
+        match &mut self.store {
+            Store::Paged(pages) => Some(pages),
+            Store::Contiguous(_) => None,
+        }
     }
 
     /// Records that a step of `n` positions went through every layer.
     pub fn advance(&mut self, n: usize) {
         self.len += n;
-        debug_assert!(self.layers.iter().all(|l| l.len == self.len));
+        if let Store::Contiguous(layers) = &self.store {
+            debug_assert!(layers.iter().all(|l| l.len == self.len));
+        }
     }
 
     /// Forgets everything after `len` positions: undoes a step that failed half-way.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
-        for layer in &mut self.layers {
-            layer.len = layer.len.min(len);
+        if let Store::Contiguous(layers) = &mut self.store {
+            for layer in layers {
+                layer.len = layer.len.min(len);
+            }
         }
     }
 
     /// Bytes held on the device.
     pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| 2 * l.k.elem_count() * l.k.dtype().size_in_bytes())
-            .sum()
+        match &self.store {
+            Store::Contiguous(layers) => layers
+                .iter()
+                .map(|l| 2 * l.k.elem_count() * l.k.dtype().size_in_bytes())
+                .sum(),
+            Store::Paged(pages) => pages.bytes(),
+        }
     }
 }
 
@@ -130,7 +177,7 @@ mod tests {
                 .map(|i| (step * 100 + i as u32) as f32)
                 .collect();
             let k = Tensor::from_vec(vals.clone(), (2, n, 3), &dev)?;
-            let (ks, vs) = kv.layer(0).append(&k, &k, 1000)?;
+            let (ks, vs) = kv.layer(0).expect("contiguous").append(&k, &k, 1000)?;
             kv.advance(n);
             all.push(k);
             let want = Tensor::cat(&all, 1)?;

@@ -4,13 +4,18 @@
 //! are read once per step, whatever the number of sequences); attention runs per sequence against that
 //! sequence's own cache. Rows of one sequence never meet rows of another, so no padding and no
 //! cross-sequence masks are needed, and a sequence's result does not depend on its batch-mates.
+//!
+//! With a paged pool (accelerators, `kv_pool.rs`) attention instead reads every decoding sequence's
+//! history in one gather and runs as one padded batch: a few kernels per layer, not a few per sequence.
 
 use candle_core::{Result, Tensor};
 use strata_model::LlamaConfig;
 
 use super::kv_cache::SequenceKv;
+use super::kv_pool::KvPool;
 use super::linear::Linear;
 use super::mask::MaskCache;
+use super::paged_step::{DecodeBatch, PagedStep};
 use super::rope::RopeTable;
 use super::weights::{Role, WeightLoader};
 use crate::WorkerError;
@@ -35,24 +40,27 @@ pub struct StepContext<'a> {
     pub rope: &'a RopeTable,
     pub masks: &'a mut MaskCache,
     pub max_len: usize,
+    /// The stage's pool and this step's indexes into it, when the stage keeps paged caches.
+    pub paged: Option<(&'a KvPool, &'a PagedStep)>,
 }
 
 /// A transformer block.
 #[derive(Debug)]
 pub struct Layer {
     attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// Query, key and value projections.
+    qkv: Projections,
     o: Linear,
     ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// Gate and up projections.
+    gate_up: Projections,
     down: Linear,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
     eps: f32,
+    /// Whether the query weights already carry attention's `1/sqrt(head_dim)` (see `Layer::load`).
+    q_prescaled: bool,
 }
 
 impl Layer {
@@ -61,32 +69,38 @@ impl Layer {
         i: usize,
         c: &LlamaConfig,
     ) -> std::result::Result<Self, WorkerError> {
+        // With dense weights and a power-of-two scale (head_dim 64, 256, ...) the query projection
+        // can carry the scale exactly (RoPE is linear and scaling by 2^-k rounds nothing): one
+        // kernel fewer per layer, bit-identical results.
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let (q, q_prescaled) = match w.linear(Role::Query(i))? {
+            Linear::Dense(weight) if scale.log2().fract() == 0.0 => {
+                (Linear::Dense((weight * scale)?), true)
+            }
+            other => (other, false),
+        };
         Ok(Self {
             attn_norm: w.dense(Role::AttnNorm(i))?,
-            q: w.linear(Role::Query(i))?,
-            k: w.linear(Role::Key(i))?,
-            v: w.linear(Role::Value(i))?,
+            qkv: Projections::new(vec![q, w.linear(Role::Key(i))?, w.linear(Role::Value(i))?])?,
             o: w.linear(Role::AttnOutput(i))?,
             ffn_norm: w.dense(Role::FfnNorm(i))?,
-            gate: w.linear(Role::Gate(i))?,
-            up: w.linear(Role::Up(i))?,
+            gate_up: Projections::new(vec![w.linear(Role::Gate(i))?, w.linear(Role::Up(i))?])?,
             down: w.linear(Role::Down(i))?,
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
             eps: c.rms_norm_eps as f32,
+            q_prescaled,
         })
     }
 
     pub fn weight_bytes(&self) -> usize {
         let norms = (self.attn_norm.elem_count() + self.ffn_norm.elem_count())
             * self.attn_norm.dtype().size_in_bytes();
-        [
-            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
-        ]
-        .iter()
-        .map(|l| l.weight_bytes())
-        .sum::<usize>()
+        self.qkv.weight_bytes()
+            + self.o.weight_bytes()
+            + self.gate_up.weight_bytes()
+            + self.down.weight_bytes()
             + norms
     }
 
@@ -101,21 +115,35 @@ impl Layer {
     ) -> Result<Tensor> {
         let rows = x.dim(0)?;
         let h = candle_nn::ops::rms_norm(x, &self.attn_norm, self.eps)?;
-        let q = self
-            .q
-            .forward(&h)?
-            .reshape((rows, self.num_heads, 1, self.head_dim))?;
-        let k = self
-            .k
-            .forward(&h)?
-            .reshape((rows, self.num_kv_heads, 1, self.head_dim))?;
-        let v = self
-            .v
-            .forward(&h)?
-            .reshape((rows, self.num_kv_heads, self.head_dim))?;
+        let [q, k, v] = self.qkv.forward::<3>(&h)?;
+        let q = q.reshape((rows, self.num_heads, 1, self.head_dim))?;
+        let k = k.reshape((rows, self.num_kv_heads, 1, self.head_dim))?;
+        let v = v.reshape((rows, self.num_kv_heads, self.head_dim))?;
         let q = ctx.rope.apply(&q, &ctx.cos, &ctx.sin)?.squeeze(2)?;
         let k = ctx.rope.apply(&k, &ctx.cos, &ctx.sin)?.squeeze(2)?;
 
+        let attn = match ctx.paged {
+            Some((pool, step)) => self.attend_paged(&q, &k, &v, pool, layer, step, ctx)?,
+            None => self.attend_each(&q, &k, &v, layer, caches, ctx)?,
+        };
+        let x = (x + self.o.forward(&attn)?)?;
+
+        let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, self.eps)?;
+        let [gate, up] = self.gate_up.forward::<2>(&h)?;
+        let ffn = (candle_nn::ops::silu(&gate)? * up)?;
+        x + self.down.forward(&ffn)?
+    }
+
+    /// Attention with per-sequence caches: each sequence appends to and reads its own tensors.
+    fn attend_each(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layer: usize,
+        caches: &mut [SequenceKv],
+        ctx: &mut StepContext<'_>,
+    ) -> Result<Tensor> {
         let mut outputs = Vec::with_capacity(ctx.segments.len());
         for (seg, cache) in ctx.segments.iter().zip(caches.iter_mut()) {
             let q = q.narrow(0, seg.offset, seg.len)?;
@@ -127,19 +155,97 @@ impl Layer {
                 .narrow(0, seg.offset, seg.len)?
                 .transpose(0, 1)?
                 .contiguous()?;
-            let (k_all, v_all) = cache.layer(layer).append(&k, &v, ctx.max_len)?;
+            let cache = cache
+                .layer(layer)
+                .ok_or_else(|| candle_core::Error::msg("a paged cache in a contiguous step"))?;
+            let (k_all, v_all) = cache.append(&k, &v, ctx.max_len)?;
             outputs.push(self.attend(&q, &k_all, &v_all, seg, ctx.masks)?);
+        }
+        if outputs.len() == 1 {
+            Ok(outputs.pop().expect("one output"))
+        } else {
+            Tensor::cat(&outputs, 0)
+        }
+    }
+
+    /// Attention with the paged pool: one scatter writes every new row, decoding sequences attend as
+    /// one padded batch, prefill segments one by one (they are few and long).
+    #[allow(clippy::too_many_arguments)]
+    fn attend_paged(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        pool: &KvPool,
+        layer: usize,
+        step: &PagedStep,
+        ctx: &mut StepContext<'_>,
+    ) -> Result<Tensor> {
+        let (keys, values) = pool.layer(layer);
+        keys.scatter_set(&step.write, &k.transpose(0, 1)?.contiguous()?, 1)?;
+        values.scatter_set(&step.write, &v.transpose(0, 1)?.contiguous()?, 1)?;
+        let mut outputs = Vec::with_capacity(1 + step.prefill.len());
+        if let Some(batch) = &step.decode {
+            let q = match &batch.rows {
+                Some(rows) => q.index_select(rows, 0)?,
+                None => q.clone(),
+            };
+            outputs.push(self.attend_batch(&q, keys, values, batch)?);
+        }
+        for read in &step.prefill {
+            let seg = ctx.segments[read.segment];
+            let q = q.narrow(0, seg.offset, seg.len)?;
+            let k_all = keys.index_select(&read.gather, 1)?;
+            let v_all = values.index_select(&read.gather, 1)?;
+            outputs.push(self.attend(&q, &k_all, &v_all, &seg, ctx.masks)?);
         }
         let attn = if outputs.len() == 1 {
             outputs.pop().expect("one output")
         } else {
             Tensor::cat(&outputs, 0)?
         };
-        let x = (x + self.o.forward(&attn)?)?;
+        match &step.restore {
+            Some(order) => attn.index_select(order, 0),
+            None => Ok(attn),
+        }
+    }
 
-        let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, self.eps)?;
-        let ffn = (candle_nn::ops::silu(&self.gate.forward(&h)?)? * self.up.forward(&h)?)?;
-        x + self.down.forward(&ffn)?
+    /// Decode attention of `batch.sequences` sequences at once: `q: [sequences, heads, head_dim]`
+    /// against their histories gathered from the pool and padded to the longest (padding masked).
+    fn attend_batch(
+        &self,
+        q: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        batch: &DecodeBatch,
+    ) -> Result<Tensor> {
+        let (n, len) = (batch.sequences, batch.len);
+        let group = self.num_heads / self.num_kv_heads;
+        let q = q
+            .reshape((n, self.num_kv_heads, group, self.head_dim))?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let shape = (self.num_kv_heads, n, len, self.head_dim);
+        let k = keys.index_select(&batch.gather, 1)?.reshape(shape)?;
+        let v = values.index_select(&batch.gather, 1)?.reshape(shape)?;
+        let scores = self.scaled(q.matmul(&k.t()?)?)?;
+        let scores = match &batch.mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        probs
+            .matmul(&v)?
+            .transpose(0, 1)?
+            .reshape((n, self.num_heads * self.head_dim))
+    }
+
+    /// Attention scores `q·k` scaled by `1/sqrt(head_dim)`, unless the query weights carry it.
+    fn scaled(&self, scores: Tensor) -> Result<Tensor> {
+        if self.q_prescaled {
+            return Ok(scores);
+        }
+        scores * (1.0 / (self.head_dim as f64).sqrt())
     }
 
     /// Attention of one sequence: `q: [len, heads, head_dim]` against its whole history
@@ -172,8 +278,7 @@ impl Layer {
         } else {
             (k.clone(), v.clone())
         };
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = self.scaled(q.matmul(&k.t()?)?)?;
         let scores = if len > 1 {
             let mask = masks.get(len, kv_len, scores.dtype(), scores.device())?;
             scores
@@ -188,5 +293,67 @@ impl Layer {
         out.reshape((self.num_heads, len, self.head_dim))?
             .transpose(0, 1)?
             .reshape((len, self.num_heads * self.head_dim))
+    }
+}
+
+/// Projections of the same input. Dense weights are concatenated at load time so one matmul
+/// computes them all (fewer kernel launches: what a GPU step's time is made of); quantized ones run
+/// one by one.
+#[derive(Debug)]
+enum Projections {
+    /// One weight `[Σ outputs, in]`; `widths` are the outputs of each part, in order.
+    Fused {
+        weight: Linear,
+        widths: Vec<usize>,
+    },
+    Separate(Vec<Linear>),
+}
+
+impl Projections {
+    fn new(parts: Vec<Linear>) -> std::result::Result<Self, WorkerError> {
+        let dense: Vec<&Tensor> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Linear::Dense(w) => Some(w),
+                _ => None,
+            })
+            .collect();
+        if dense.len() != parts.len() {
+            return Ok(Self::Separate(parts));
+        }
+        let widths = dense.iter().map(|w| w.dim(0)).collect::<Result<Vec<_>>>()?;
+        Ok(Self::Fused {
+            weight: Linear::Dense(Tensor::cat(&dense, 0)?),
+            widths,
+        })
+    }
+
+    /// The `N` outputs for `x: [rows, in]`, each `[rows, out_i]` (views of one result when fused).
+    fn forward<const N: usize>(&self, x: &Tensor) -> Result<[Tensor; N]> {
+        let outputs: Vec<Tensor> = match self {
+            Self::Fused { weight, widths } => {
+                let y = weight.forward(x)?;
+                let mut start = 0;
+                widths
+                    .iter()
+                    .map(|&w| {
+                        let part = y.narrow(1, start, w);
+                        start += w;
+                        part
+                    })
+                    .collect::<Result<_>>()?
+            }
+            Self::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect::<Result<_>>()?,
+        };
+        outputs.try_into().map_err(|v: Vec<Tensor>| {
+            candle_core::Error::msg(format!("{} projections, not {N}", v.len()))
+        })
+    }
+
+    fn weight_bytes(&self) -> usize {
+        match self {
+            Self::Fused { weight, .. } => weight.weight_bytes(),
+            Self::Separate(parts) => parts.iter().map(Linear::weight_bytes).sum(),
+        }
     }
 }

@@ -2,15 +2,18 @@
 //!
 //! - [`stage`]: the stage itself (embedding, blocks, head) and its forward pass.
 //! - [`layer`]: one transformer block on a ragged micro-batch.
-//! - [`kv_cache`], [`rope`], [`mask`]: per-sequence caches and per-stage tables.
+//! - [`kv_cache`], [`kv_pool`], [`rope`], [`mask`]: per-sequence caches (CPU), the paged pool
+//!   (accelerators) and per-stage tables.
 //! - [`weights`], [`linear`]: reading tensors from GGUF or safetensors; quantized or dense projections.
 //! - [`q4_1`]: strata's AVX2 matmul for Q4_1 weights on the CPU.
 //! - [`sampling`]: choosing the next token from logits on the last stage.
 
 pub mod kv_cache;
+pub mod kv_pool;
 pub mod layer;
 pub mod linear;
 pub mod mask;
+pub mod paged_step;
 pub mod q4_1;
 pub mod q8_0;
 pub mod rope;
@@ -19,4 +22,4 @@ pub mod stage;
 pub mod weights;
 
 pub use layer::Segment;
-pub use stage::{Stage, StageInput, StageOptions};
+pub use stage::{KvLayout, Stage, StageInput, StageOptions};

@@ -4,12 +4,14 @@
 use std::ops::Range;
 
 use candle_core::{DType, Device, Result, Tensor};
-use strata_model::{LlamaConfig, ModelFile};
+use strata_model::{LlamaConfig, ModelFile, ModelFormat};
 
 use super::kv_cache::SequenceKv;
+use super::kv_pool::KvPool;
 use super::layer::{Layer, Segment, StepContext};
 use super::linear::Linear;
 use super::mask::MaskCache;
+use super::paged_step::PagedStep;
 use super::rope::RopeTable;
 use super::weights::{Role, WeightLoader};
 use crate::WorkerError;
@@ -23,6 +25,83 @@ pub struct StageOptions {
     pub reuse_masks: bool,
     /// Run Q4_1 weights on the CPU with strata's AVX2 kernel instead of candle's.
     pub fast_kernels: bool,
+    /// How sequences' keys and values are stored (and so how attention is batched).
+    pub kv_layout: KvLayout,
+    /// Compute dtype of safetensors stages; `None` chooses per device (see [`StageOptions::compute_dtype`]).
+    pub dtype: Option<DType>,
+}
+
+impl StageOptions {
+    /// The dtype a stage of `model` computes in on `device`: GGUF stages always use f32 activations
+    /// (their weights stay quantized); safetensors stages use `dtype` if given, else bf16 on CUDA,
+    /// f16 on Metal and f32 on the CPU (where half-precision matmuls are slower, not faster).
+    pub fn compute_dtype(
+        &self,
+        model: &ModelFile,
+        device: &Device,
+    ) -> std::result::Result<DType, WorkerError> {
+        match (model.format, self.dtype) {
+            (ModelFormat::Gguf, None | Some(DType::F32)) => Ok(DType::F32),
+            (ModelFormat::Gguf, Some(other)) => Err(WorkerError::invalid(format!(
+                "--dtype {} applies to safetensors models: a GGUF stage keeps its weights quantized \
+                 and computes activations in f32",
+                dtype_name(other)
+            ))),
+            (_, Some(dtype)) => Ok(dtype),
+            (_, None) if device.is_cuda() => Ok(DType::BF16),
+            (_, None) if device.is_metal() => Ok(DType::F16),
+            (_, None) => Ok(DType::F32),
+        }
+    }
+}
+
+/// Parses `f32`, `bf16` or `f16` (what `--dtype` takes).
+pub fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        other => Err(format!(
+            "unknown dtype {other:?}; expected f32, bf16 or f16"
+        )),
+    }
+}
+
+/// The name `--dtype` uses for a dtype.
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "other",
+    }
+}
+
+/// Where a stage keeps keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvLayout {
+    /// Paged on accelerators, contiguous on the CPU.
+    #[default]
+    Auto,
+    /// A growing tensor per sequence and layer; attention per sequence, reading the cache in place.
+    Contiguous,
+    /// One pool of pages per layer for all sequences; decode attention batched (`kv_pool.rs`).
+    Paged,
+}
+
+impl std::str::FromStr for KvLayout {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "contiguous" => Ok(Self::Contiguous),
+            "paged" => Ok(Self::Paged),
+            other => Err(format!(
+                "unknown KV layout {other:?}; expected auto, contiguous or paged"
+            )),
+        }
+    }
 }
 
 impl Default for StageOptions {
@@ -31,6 +110,8 @@ impl Default for StageOptions {
             reuse_rope: true,
             reuse_masks: true,
             fast_kernels: true,
+            kv_layout: KvLayout::Auto,
+            dtype: None,
         }
     }
 }
@@ -60,6 +141,8 @@ pub struct Stage {
     head: Option<Head>,
     rope: RopeTable,
     masks: MaskCache,
+    /// Every sequence's keys and values, when the stage keeps them paged.
+    pool: Option<KvPool>,
     device: Device,
     dtype: DType,
     weight_bytes: usize,
@@ -112,8 +195,25 @@ impl Stage {
                 .as_ref()
                 .map_or(0, |e| e.elem_count() * dtype.size_in_bytes())
             + head.as_ref().map_or(0, |h| h.output.weight_bytes());
+        let paged = match options.kv_layout {
+            KvLayout::Auto => !device.is_cpu(),
+            KvLayout::Contiguous => false,
+            KvLayout::Paged => true,
+        };
+        let pool = paged
+            .then(|| {
+                KvPool::new(
+                    blocks.len(),
+                    config.num_kv_heads,
+                    config.head_dim,
+                    dtype,
+                    device,
+                )
+            })
+            .transpose()?;
         Ok(Self {
             rope: RopeTable::new(&config, dtype, device, options.reuse_rope)?,
+            pool,
             masks: MaskCache::new(options.reuse_masks),
             config,
             layers,
@@ -154,8 +254,16 @@ impl Stage {
         self.weight_bytes
     }
 
+    /// Bytes of the shared KV pool, used or not (0 with per-sequence caches).
+    pub fn pool_bytes(&self) -> usize {
+        self.pool.as_ref().map_or(0, KvPool::capacity_bytes)
+    }
+
     /// Empty caches for a new sequence with room for `initial` positions.
     pub fn new_cache(&self, initial: usize) -> Result<SequenceKv> {
+        if let Some(pool) = &self.pool {
+            return Ok(SequenceKv::paged(pool.sequence()));
+        }
         SequenceKv::new(
             self.blocks.len(),
             self.config.num_kv_heads,
@@ -191,6 +299,25 @@ impl Stage {
             }
         };
         let (cos, sin) = self.rope.rows(&positions, &self.device)?;
+        let paged_step = match &mut self.pool {
+            Some(pool) => {
+                for (seg, cache) in segments.iter().zip(caches.iter_mut()) {
+                    let pages = cache.pages_mut().ok_or_else(|| {
+                        candle_core::Error::msg("a contiguous cache sent to a paged stage")
+                    })?;
+                    pool.reserve(pages, seg.start_pos + seg.len)?;
+                }
+                Some(PagedStep::plan(
+                    segments,
+                    caches,
+                    self.config.num_kv_heads,
+                    self.config.head_dim,
+                    self.dtype,
+                    &self.device,
+                )?)
+            }
+            None => None,
+        };
         let mut ctx = StepContext {
             segments,
             cos,
@@ -198,6 +325,7 @@ impl Stage {
             rope: &self.rope,
             masks: &mut self.masks,
             max_len: self.config.context_length,
+            paged: self.pool.as_ref().zip(paged_step.as_ref()),
         };
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.forward(&x, i, caches, &mut ctx)?;

@@ -1,0 +1,148 @@
+//! The index tensors a paged step shares across its layers: where each new row goes in the pool, and
+//! which pool rows each sequence reads. Built once per step on the host and uploaded once, so every
+//! layer's attention is a fixed number of kernels however many sequences the micro-batch holds.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::kv_cache::SequenceKv;
+use super::layer::Segment;
+
+/// Sequences that add one position this step, attended together as one padded batch.
+#[derive(Debug)]
+pub struct DecodeBatch {
+    /// Batch rows of these sequences, when the batch also holds prefill rows.
+    pub rows: Option<Tensor>,
+    /// Pool rows to read, `[sequences × len]`; past a sequence's own length, its first row again.
+    pub gather: Tensor,
+    /// Additive mask `[1, sequences, 1, len]`: 0 for a sequence's own positions, -inf for padding;
+    /// `None` when every history is `len` long (nothing padded).
+    pub mask: Option<Tensor>,
+    pub sequences: usize,
+    /// The longest history in the batch, new position included.
+    pub len: usize,
+}
+
+/// A sequence that adds several positions (a prompt or a chunk of one).
+#[derive(Debug)]
+pub struct PrefillRead {
+    /// Index into the step's segments.
+    pub segment: usize,
+    /// Pool rows of its whole history, new positions included, `[kv_len]`.
+    pub gather: Tensor,
+}
+
+#[derive(Debug)]
+pub struct PagedStep {
+    /// Pool row of every new row, broadcast to `[kv_heads, rows, head_dim]` (scatter wants its
+    /// indexes shaped like its source).
+    pub write: Tensor,
+    pub decode: Option<DecodeBatch>,
+    pub prefill: Vec<PrefillRead>,
+    /// When both kinds are present: for each batch row, its row in `[decode rows, prefill rows...]`.
+    pub restore: Option<Tensor>,
+}
+
+impl PagedStep {
+    /// `caches[s]` holds pages for every position of `segments[s]` (reserved by the caller).
+    pub fn plan(
+        segments: &[Segment],
+        caches: &[SequenceKv],
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let pages = |s: usize| {
+            caches[s]
+                .pages()
+                .ok_or_else(|| candle_core::Error::msg("a paged step needs paged caches"))
+        };
+        let rows: usize = segments.iter().map(|s| s.len).sum();
+        let mut write_rows = Vec::with_capacity(rows);
+        for (s, seg) in segments.iter().enumerate() {
+            let pages = pages(s)?;
+            write_rows.extend((seg.start_pos..seg.start_pos + seg.len).map(|p| pages.row(p)));
+        }
+        let write = Tensor::from_vec(write_rows, (1, rows, 1), device)?
+            .broadcast_as((kv_heads, rows, head_dim))?
+            .contiguous()?;
+
+        let decoding: Vec<usize> = (0..segments.len())
+            .filter(|&s| segments[s].len == 1)
+            .collect();
+        let decode = if decoding.is_empty() {
+            None
+        } else {
+            let len = decoding
+                .iter()
+                .map(|&s| segments[s].start_pos + 1)
+                .max()
+                .unwrap_or(1);
+            let mut gather = Vec::with_capacity(decoding.len() * len);
+            let mut mask = Vec::with_capacity(decoding.len() * len);
+            for &s in &decoding {
+                let pages = pages(s)?;
+                let own = segments[s].start_pos + 1;
+                gather.extend((0..len).map(|p| pages.row(if p < own { p } else { 0 })));
+                mask.extend((0..len).map(|p| if p < own { 0f32 } else { f32::NEG_INFINITY }));
+            }
+            let n = decoding.len();
+            let padded = decoding.iter().any(|&s| segments[s].start_pos + 1 < len);
+            let rows = (n < segments.len())
+                .then(|| {
+                    let rows: Vec<u32> = decoding
+                        .iter()
+                        .map(|&s| segments[s].offset as u32)
+                        .collect();
+                    Tensor::from_vec(rows, n, device)
+                })
+                .transpose()?;
+            Some(DecodeBatch {
+                rows,
+                gather: Tensor::from_vec(gather, n * len, device)?,
+                mask: padded
+                    .then(|| Tensor::from_vec(mask, (1, n, 1, len), device)?.to_dtype(dtype))
+                    .transpose()?,
+                sequences: n,
+                len,
+            })
+        };
+
+        let mut prefill = Vec::new();
+        for (s, seg) in segments.iter().enumerate().filter(|(_, seg)| seg.len != 1) {
+            let pages = pages(s)?;
+            let rows: Vec<u32> = (0..seg.start_pos + seg.len).map(|p| pages.row(p)).collect();
+            let n = rows.len();
+            prefill.push(PrefillRead {
+                segment: s,
+                gather: Tensor::from_vec(rows, n, device)?,
+            });
+        }
+
+        let restore = if decode.is_some() && !prefill.is_empty() {
+            // Outputs come out as [decode rows in segment order, then each prefill segment's rows].
+            let mut order = vec![0u32; rows];
+            let mut next = 0u32;
+            for &s in &decoding {
+                order[segments[s].offset] = next;
+                next += 1;
+            }
+            for read in &prefill {
+                let seg = segments[read.segment];
+                for slot in &mut order[seg.offset..seg.offset + seg.len] {
+                    *slot = next;
+                    next += 1;
+                }
+            }
+            Some(Tensor::from_vec(order, rows, device)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            write,
+            decode,
+            prefill,
+            restore,
+        })
+    }
+}
