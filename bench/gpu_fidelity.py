@@ -56,4 +56,39 @@ for name in configs:
           f"max |logprob diff| over reported top-5: {max(r['max_abs_logprob_diff_top5'] for r in results):.2e}")
 print("transformers' own bf16 vs fp32 logits, rel L2 at the last position:",
       [round(r["transformers_bf16_vs_fp32_rel_l2_last"], 4) for r in report[configs[0]]])
+
+# Whole last-position logits from `strata bench logits` against transformers fp32 (and bf16).
+prompts = json.load(open(f"{out}/logit-prompts.json"))
+ref, ref_bf16 = [], []
+with torch.no_grad():
+    for p in prompts:
+        ids = torch.tensor([p], device="cuda")
+        ref.append(hf(ids).logits[0, -1].float().cpu())
+        ref_bf16.append(hf_bf16(ids).logits[0, -1].float().cpu())
+hf_bf16_err = [rel_l2(b, r) for b, r in zip(ref_bf16, ref)]
+logit_report = {"transformers_bf16": hf_bf16_err}
+failures = []
+for name in ("f32-one-stage", "f32-two-stage", "f32-mixed", "bf16-one-stage", "bf16-two-stage", "bf16-mixed"):
+    rows = json.load(open(f"{out}/logits-{name}.json"))
+    errs = [rel_l2(torch.tensor(row), r) for row, r in zip(rows, ref)]
+    logit_report[name] = errs
+    if name.startswith("f32"):
+        ok = max(errs) <= 1e-3
+        target = "<= 1e-3"
+    else:
+        ratios = [e / h for e, h in zip(errs, hf_bf16_err)]
+        logit_report[name + "_over_transformers_bf16"] = ratios
+        ok = max(ratios) <= 1.5
+        target = f"<= 1.5x transformers bf16 (ratios {[round(x, 2) for x in ratios]})"
+    print(f"logits {name:15s} rel L2 vs transformers fp32: {[f'{e:.2e}' for e in errs]}  target {target}: {'ok' if ok else 'MISSED'}")
+    if not ok:
+        failures.append(name)
+print("transformers bf16 vs fp32, rel L2:", [f"{e:.2e}" for e in hf_bf16_err])
+for name, results in report.items():
+    if not all(r["identical_to_transformers_generate"] for r in results):
+        failures.append(name + " tokens")
+report["logits"] = logit_report
 json.dump(report, open(f"{out}/fidelity.json", "w"), indent=1)
+if failures:
+    print("FIDELITY TARGETS MISSED:", failures)
+    sys.exit(1)

@@ -4,6 +4,7 @@
 //! - [`candle_reference`]: candle's own `quantized_llama`, the fixed point for per-core speed.
 //! - [`candle_llama`]: candle's own `llama` on safetensors, the fixed point for GPU speed.
 //! - [`client`]: connect to a coordinator, generate (a `Stream` of tokens), collect, batch, tokenize.
+//! - [`logits`]: whole last-position logits from the stages in one process, for fidelity checks.
 //! - [`local`]: a cluster on this machine (worker processes plus an in-process coordinator), for
 //!   `--local N`, the examples and the tests.
 //! - [`profile`]: phase reports (TTFT, throughput, latency percentiles) for `strata profile` and the benches.
@@ -17,6 +18,7 @@ pub mod candle_llama;
 pub mod candle_reference;
 pub mod client;
 pub mod local;
+pub mod logits;
 pub mod model_cache;
 pub mod profile;
 pub mod single_process;

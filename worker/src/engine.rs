@@ -11,6 +11,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 use strata_model::ModelFile;
 use tokio::sync::oneshot;
 
@@ -328,7 +329,7 @@ impl State {
         let started = Instant::now();
         self.stage = None;
         self.sequences.clear();
-        let dtype = DType::F32;
+        let dtype = self.options.compute_dtype(&self.model, &self.device)?;
         let stage = Stage::load(&self.model, layers, &self.device, dtype, self.options)?;
         self.output_dtype = output_dtype.unwrap_or(dtype);
         let report = LoadReport {
@@ -392,7 +393,11 @@ impl State {
             };
             caches.push(cache);
         }
+        let prepared = started.elapsed();
         let result = stage.forward(input, &segments, &mut caches);
+        // On an accelerator this is the time to queue the step's kernels; the device finishes them
+        // while the output is copied back below.
+        let queued = started.elapsed();
         let output = match result {
             Ok(output) => output,
             Err(e) => {
@@ -412,8 +417,10 @@ impl State {
 
         let outputs = if stage.is_last() {
             let logits = output.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+            // Rows sample independently: on a GPU worker's many host threads this is most of a
+            // large batch's host work, so spread it over the compute pool.
             steps
-                .iter()
+                .par_iter()
                 .zip(logits)
                 .map(|(step, row)| {
                     let params = step.sampling.unwrap_or(SamplingParams::GREEDY);
@@ -437,9 +444,18 @@ impl State {
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?
         };
+        let forward_time = started.elapsed();
+        tracing::debug!(
+            sequences = steps.len(),
+            rows = offset,
+            prepare_us = prepared.as_micros() as u64,
+            queue_us = (queued - prepared).as_micros() as u64,
+            finish_us = (forward_time - queued).as_micros() as u64,
+            "forward timing"
+        );
         Ok(ForwardResult {
             outputs,
-            forward_time: started.elapsed(),
+            forward_time,
         })
     }
 
@@ -484,9 +500,9 @@ impl State {
         let n = self.model.config.num_layers;
         let rows = rows.clamp(1, 64);
         let context = context.clamp(1, self.model.config.context_length.saturating_sub(8).max(1));
+        let dtype = self.options.compute_dtype(&self.model, &self.device)?;
         let probe = |range: Range<usize>| -> Result<(Duration, usize), WorkerError> {
-            let mut stage =
-                Stage::load(&self.model, range, &self.device, DType::F32, self.options)?;
+            let mut stage = Stage::load(&self.model, range, &self.device, dtype, self.options)?;
             let time = time_decode(&mut stage, rows, context)?;
             Ok((time, stage.weight_bytes()))
         };

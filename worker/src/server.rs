@@ -43,7 +43,9 @@ pub async fn run(
 ) -> Result<(), WorkerError> {
     let model = ModelFile::open(&config.model)?;
     let device = crate::device::open(&config.device)?;
+    let dtype = config.options.compute_dtype(&model, &device)?;
     let identity = WorkerIdentity {
+        dtype,
         device: crate::device::name(&device),
         model: model.clone(),
         threads: if device.is_cpu() { config.threads } else { 0 },
@@ -53,6 +55,7 @@ pub async fn run(
         device = %identity.device,
         model = %model.path.display(),
         layers = model.config.num_layers,
+        dtype = crate::model::stage::dtype_name(dtype),
         tls = config.security.tls_enabled(),
         auth = config.security.token().is_some(),
         "worker listening"

@@ -14,6 +14,8 @@ use crate::{codec, WorkerError};
 #[derive(Debug, Clone)]
 pub struct WorkerIdentity {
     pub device: String,
+    /// What the stage computes in.
+    pub dtype: candle_core::DType,
     pub model: ModelFile,
     pub threads: usize,
 }
@@ -104,7 +106,8 @@ impl v1::worker_server::Worker for WorkerService {
         let (total, available) = self.memory();
         Ok(Response::new(v1::WorkerInfo {
             device: self.identity.device.clone(),
-            compute_dtype: v1::DType::DtypeF32 as i32,
+            compute_dtype: codec::dtype_to_wire(self.identity.dtype)
+                .unwrap_or(v1::DType::DtypeUnspecified) as i32,
             model: Some(strata_model::wire::model_info(&self.identity.model)),
             loaded: stats.loaded.map(|r| v1::LayerRange {
                 start: r.start as u32,

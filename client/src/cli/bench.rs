@@ -67,6 +67,28 @@ enum Bench {
     /// that every completed request equals its prompt's solo output, none was lost, and the workers
     /// return to their after-warmup state. Exits non-zero if any check fails.
     Soak(SoakArgs),
+    /// Whole last-position logits of prompts (token ids), from strata's stages run in this process
+    /// on the given devices, as JSON: what fidelity checks compare with other engines (the pipeline
+    /// itself reports only the top 20 log-probabilities).
+    Logits(LogitsArgs),
+}
+
+#[derive(Debug, Args)]
+struct LogitsArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// One stage per device, layers split evenly, e.g. `cuda:0,cpu`.
+    #[arg(long, value_delimiter = ',', default_value = "cpu")]
+    devices: Vec<String>,
+    /// Compute dtype of safetensors stages: f32, bf16 or f16 (default: per device, as workers choose).
+    #[arg(long, value_parser = strata_worker::model::stage::parse_dtype)]
+    dtype: Option<candle_core::DType>,
+    /// A JSON file holding a list of prompts, each a list of token ids.
+    #[arg(long)]
+    prompts: PathBuf,
+    /// Where to write `[[logit, ...], ...]`, one row per prompt.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -164,6 +186,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(Bench::Optimizations(a)) => run_optimizations(a).await,
         Some(Bench::Kernels(a)) => run_kernels(a).await,
         Some(Bench::Soak(a)) => run_soak(a).await,
+        Some(Bench::Logits(a)) => tokio::task::spawn_blocking(move || run_logits(a)).await?,
         Some(Bench::CandleLlama(a)) => run_candle_llama(a).await,
         None => run_throughput(args.throughput).await,
     }
@@ -264,6 +287,37 @@ async fn run_optimizations(args: OptimizationArgs) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&out)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
+    Ok(())
+}
+
+fn run_logits(args: LogitsArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.prompts)
+        .with_context(|| format!("cannot read {}", args.prompts.display()))?;
+    let prompts: Vec<Vec<u32>> = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a JSON list of token-id lists",
+            args.prompts.display()
+        )
+    })?;
+    let options = strata_worker::model::StageOptions {
+        dtype: args.dtype,
+        ..Default::default()
+    };
+    let mut pipeline =
+        strata_client::logits::LogitsPipeline::load(&args.model, &args.devices, options)?;
+    let rows = prompts
+        .iter()
+        .map(|p| pipeline.last_logits(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    std::fs::write(&args.out, serde_json::to_string(&rows)?)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    eprintln!(
+        "{} logit rows of {} from {} stage(s) on {}",
+        rows.len(),
+        rows.first().map_or(0, Vec::len),
+        args.devices.len(),
+        args.devices.join(",")
+    );
     Ok(())
 }
 

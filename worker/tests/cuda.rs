@@ -1,0 +1,129 @@
+//! CUDA-only checks of a stage on the GPU against the same stage on the CPU.
+//!
+//! Marked `ignore` unless the crate is built with `--features cuda`, so CI (a CPU build) lists them as
+//! ignored with the reason; `bench/gpu.sh` builds and runs them on the GPU host.
+
+use candle_core::{DType, Device, Tensor};
+use strata_model::synthetic::{write_safetensors_model, SyntheticConfig};
+use strata_model::ModelFile;
+use strata_worker::model::{KvLayout, Segment, Stage, StageInput, StageOptions};
+
+/// Logits of a 3-sequence micro-batch (a prefill beside two decodes) after two priming steps.
+fn logits(model: &ModelFile, device: &Device, dtype: DType, layout: KvLayout) -> Vec<f32> {
+    let options = StageOptions {
+        kv_layout: layout,
+        ..StageOptions::default()
+    };
+    let n = model.config.num_layers;
+    let mut stage = Stage::load(model, 0..n, device, dtype, options).unwrap();
+    let mut caches: Vec<_> = (0..3).map(|_| stage.new_cache(8).unwrap()).collect();
+    let steps: [&[(usize, usize)]; 3] = [
+        &[(0, 6), (1, 3)],
+        &[(0, 1), (1, 1)],
+        &[(2, 11), (0, 1), (1, 1)],
+    ];
+    let mut last = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        let mut segments = Vec::new();
+        let mut batch = Vec::new();
+        let mut offset = 0;
+        for &(s, len) in step.iter() {
+            let cache = std::mem::replace(&mut caches[s], stage.new_cache(1).unwrap());
+            segments.push(Segment {
+                offset,
+                len,
+                start_pos: cache.len(),
+            });
+            batch.push(cache);
+            offset += len;
+        }
+        let ids = (0..offset)
+            .map(|j| ((j * 31 + i * 7) % 500) as u32)
+            .collect();
+        let out = stage
+            .forward(StageInput::Tokens(ids), &segments, &mut batch)
+            .unwrap();
+        last = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (&(s, _), cache) in step.iter().zip(batch) {
+            caches[s] = cache;
+        }
+    }
+    last
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
+    let diff: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let norm: f32 = b.iter().map(|y| y * y).sum();
+    (diff / norm).sqrt()
+}
+
+fn tiny_model(dir: &std::path::Path) -> ModelFile {
+    let config = SyntheticConfig {
+        dtype: DType::F32,
+        ..SyntheticConfig::tiny()
+    };
+    write_safetensors_model(dir, &config).unwrap();
+    ModelFile::open(dir).unwrap()
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "CUDA-only: needs --features cuda and a GPU (bench/gpu.sh runs it)"
+)]
+fn cuda_stage_matches_the_cpu_in_f32_with_either_kv_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let gpu = Device::new_cuda(0).unwrap();
+    let cpu = logits(&model, &Device::Cpu, DType::F32, KvLayout::Contiguous);
+    for layout in [KvLayout::Paged, KvLayout::Contiguous] {
+        let cuda = logits(&model, &gpu, DType::F32, layout);
+        let err = rel_l2(&cuda, &cpu);
+        eprintln!("cuda f32 {layout:?} vs cpu f32: rel L2 {err:.2e}");
+        assert!(err < 1e-4, "{layout:?}: rel L2 {err}");
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "CUDA-only: needs --features cuda and a GPU (bench/gpu.sh runs it)"
+)]
+fn cuda_stage_in_bf16_and_f16_stays_close_to_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let gpu = Device::new_cuda(0).unwrap();
+    let reference = logits(&model, &Device::Cpu, DType::F32, KvLayout::Contiguous);
+    for dtype in [DType::BF16, DType::F16] {
+        let half = logits(&model, &gpu, dtype, KvLayout::Paged);
+        let err = rel_l2(&half, &reference);
+        eprintln!("cuda {dtype:?} vs cpu f32: rel L2 {err:.2e}");
+        assert!(err < 0.05, "{dtype:?}: rel L2 {err}");
+    }
+}
+
+/// The step's tensors stay on the GPU: nothing in a forward pass silently falls back to the host.
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "CUDA-only: needs --features cuda and a GPU (bench/gpu.sh runs it)"
+)]
+fn a_cuda_stage_returns_its_output_on_the_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let gpu = Device::new_cuda(0).unwrap();
+    let n = model.config.num_layers;
+    let mut stage =
+        Stage::load(&model, 0..n / 2, &gpu, DType::BF16, StageOptions::default()).unwrap();
+    let mut caches = vec![stage.new_cache(4).unwrap()];
+    let seg = [Segment {
+        offset: 0,
+        len: 4,
+        start_pos: 0,
+    }];
+    let out: Tensor = stage
+        .forward(StageInput::Tokens(vec![1, 2, 3, 4]), &seg, &mut caches)
+        .unwrap();
+    assert!(out.device().is_cuda());
+    assert_eq!(out.dtype(), DType::BF16);
+}
