@@ -5,9 +5,11 @@
 torchlibs=$(python3 -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))" 2>/dev/null)
 export LD_LIBRARY_PATH="${torchlibs:+$torchlibs:}/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 
-# start_worker PORT DEVICE: a worker on 127.0.0.1:PORT in the background.
+# start_worker PORT DEVICE: a worker on 127.0.0.1:PORT in the background (extra flags from
+# $STRATA_WORKER_ARGS).
 start_worker() {
-    "$bin" worker --listen "127.0.0.1:$1" --device "$2" --model "$model" </dev/null >/dev/null \
+    # shellcheck disable=SC2086
+    "$bin" worker --listen "127.0.0.1:$1" --device "$2" --model "$model" ${STRATA_WORKER_ARGS:-} </dev/null >/dev/null \
         2>>"$out/workers.log" &
 }
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Where a CUDA worker's step time goes: each worker logs, per Forward, the time to prepare inputs,
 # to queue the stage's kernels, and to finish (copy back, which waits for the device, and sample).
-# Runs 1 stage at concurrency 1 and 32, and 2 stages on one GPU at concurrency 1, bf16, TinyLlama
-# shape; prints medians per configuration and worker.
+# Runs 1 stage at concurrency 1 and 32 (with and without fused projections, interleaved), and 2
+# stages on one GPU at concurrency 1, bf16, TinyLlama
+# shape; prints medians per configuration and worker. With STRATA_PHASE_TIMES=1 in the environment
+# the workers also synchronize after each phase of a step and report each phase's share.
 # Usage: bench/gpu-timing.sh BINARY [OUT_DIR]
 set -uo pipefail
 bin=${1:?strata binary}; base=${2:-/tmp/strata-timing}
@@ -22,12 +24,15 @@ run() {  # name concurrency workers...
     for w in "$@"; do python3 - "$out/w$w/workers.log" "$name worker $w" <<'PY'
 import json, statistics, sys
 rows = {}
+phases = None
 for line in open(sys.argv[1]):
     try:
         f = json.loads(line)
     except ValueError:
         continue
     f = {**f, **f.get("fields", {})}
+    if f.get("message") == "phase times":
+        phases = f
     if f.get("message") != "forward timing" or f.get("rows", 0) > f.get("sequences", 0):
         continue  # decode steps only
     rows.setdefault(f["sequences"], []).append(f)
@@ -37,9 +42,14 @@ for n, fs in sorted(rows.items()):
     med = lambda k: statistics.median(x[k] for x in fs)
     print(f"{sys.argv[2]}: {len(fs)} decode steps of {n} seqs: prepare {med('prepare_us')} us, "
           f"queue {med('queue_us')} us, finish {med('finish_us')} us")
+if phases:
+    print(f"{sys.argv[2]}: last 50 steps with a device sync after each phase: {phases['total_ms']} ms: {phases['phases']}")
 PY
     done
 }
 run one-stage-c1 1 7501
+STRATA_WORKER_ARGS=--no-fused-projections run one-stage-c1-unfused 1 7505
+run one-stage-c1-again 1 7506
 run one-stage-c32 32 7502
+STRATA_WORKER_ARGS=--no-fused-projections run one-stage-c32-unfused 32 7507
 run two-stage-c1 1 7503 7504

@@ -14,11 +14,14 @@ for r in $(seq "$rounds"); do
     flag=""; [ $mode = cold ] && flag=--no-warmup
     CUDA_CACHE_DISABLE=1 "$bin" worker --listen 127.0.0.1:7191 --device cuda:0 --model "$model" 2>/dev/null &
     w=$!; sleep 2
-    "$bin" coordinator --listen 127.0.0.1:7190 --workers 127.0.0.1:7191 --split even $flag --model "$model" 2>/dev/null &
+    "$bin" coordinator --listen 127.0.0.1:7190 --workers 127.0.0.1:7191 --split even $flag --model "$model" \
+        2>"$out/coordinator-$mode.log" &
     c=$!
     start=$(date +%s.%N)
-    # The coordinator listens only once its stages are loaded (and warmed, unless --no-warmup).
-    for i in $(seq 600); do python3 -c "import socket;socket.create_connection(('127.0.0.1',7190),1)" 2>/dev/null && break; sleep 0.2; done
+    # The coordinator binds its port at once and serves once its stages are loaded (and warmed up,
+    # unless --no-warmup): its log says when.
+    done_line="stages warmed up"; [ $mode = cold ] && done_line="stages loaded"
+    for i in $(seq 1200); do grep -q "$done_line" "$out/coordinator-$mode.log" && break; sleep 0.1; done
     ready=$(python3 -c "import time;print(round(time.time()-$start,2))")
     ttft=$("$bin" generate --coordinator http://127.0.0.1:7190 --json --max-tokens 8 --prompt "hello world" | tail -1 | python3 -c "import json,sys;print(round(json.load(sys.stdin)['ttft_ms'],1))")
     echo "round $r $mode: ready after ${ready}s, first request TTFT ${ttft} ms"

@@ -127,3 +127,31 @@ fn a_cuda_stage_returns_its_output_on_the_gpu() {
     assert!(out.device().is_cuda());
     assert_eq!(out.dtype(), DType::BF16);
 }
+
+/// Greedy tokens reduced on the GPU equal the host sampler's, ties (lowest index) included.
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "CUDA-only: needs --features cuda and a GPU (bench/gpu.sh runs it)"
+)]
+fn greedy_rows_on_the_gpu_match_the_host() {
+    use strata_worker::model::sampling::{greedy_rows, sample, SamplingParams};
+    let (rows, vocab) = (32, 32000);
+    let mut values: Vec<f32> = (0..rows * vocab)
+        .map(|i| ((i * 2654435761usize) % 100_003) as f32 / 997.0)
+        .collect();
+    // Row r's maximum appears twice, the first time at index 7r + 3.
+    for r in 0..rows {
+        values[r * vocab + 7 * r + 3] = 500.0;
+        values[r * vocab + vocab - 1 - r] = 500.0;
+    }
+    let gpu = Device::new_cuda(0).unwrap();
+    let logits = Tensor::from_vec(values.clone(), (rows, vocab), &gpu).unwrap();
+    let (ids, logprobs) = greedy_rows(&logits).unwrap();
+    for r in 0..rows {
+        let host = sample(&values[r * vocab..(r + 1) * vocab], &SamplingParams::GREEDY, 0, 0);
+        assert_eq!(ids[r], host.id, "row {r}");
+        assert_eq!(ids[r] as usize, 7 * r + 3);
+        assert!((logprobs[r] - host.logprob).abs() < 1e-4, "row {r}");
+    }
+}

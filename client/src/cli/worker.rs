@@ -52,6 +52,9 @@ pub struct WorkerArgs {
     /// Build causal masks every step instead of reusing them (only to measure the cache).
     #[arg(long, hide = true)]
     no_mask_reuse: bool,
+    /// Run q/k/v and gate/up as separate matmuls (only to measure what fusing them saves).
+    #[arg(long, hide = true)]
+    no_fused_projections: bool,
     /// Run Q4_1 weights with candle's CPU kernel instead of strata's (only to measure the difference).
     #[arg(long, hide = true)]
     candle_kernels: bool,
@@ -94,6 +97,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             reuse_rope: !args.no_rope_reuse,
             reuse_masks: !args.no_mask_reuse,
             fast_kernels: !args.candle_kernels,
+            fuse_projections: !args.no_fused_projections,
             kv_layout: args.kv_layout,
             dtype: args.dtype,
         },

@@ -16,6 +16,7 @@ use super::kv_pool::KvPool;
 use super::linear::Linear;
 use super::mask::MaskCache;
 use super::paged_step::{DecodeBatch, PagedStep};
+use super::phase_timer;
 use super::rope::RopeTable;
 use super::weights::{Role, WeightLoader};
 use crate::WorkerError;
@@ -68,6 +69,7 @@ impl Layer {
         w: &mut WeightLoader<'_>,
         i: usize,
         c: &LlamaConfig,
+        fuse: bool,
     ) -> std::result::Result<Self, WorkerError> {
         // With dense weights and a power-of-two scale (head_dim 64, 256, ...) the query projection
         // can carry the scale exactly (RoPE is linear and scaling by 2^-k rounds nothing): one
@@ -81,10 +83,13 @@ impl Layer {
         };
         Ok(Self {
             attn_norm: w.dense(Role::AttnNorm(i))?,
-            qkv: Projections::new(vec![q, w.linear(Role::Key(i))?, w.linear(Role::Value(i))?])?,
+            qkv: Projections::new(
+                vec![q, w.linear(Role::Key(i))?, w.linear(Role::Value(i))?],
+                fuse,
+            )?,
             o: w.linear(Role::AttnOutput(i))?,
             ffn_norm: w.dense(Role::FfnNorm(i))?,
-            gate_up: Projections::new(vec![w.linear(Role::Gate(i))?, w.linear(Role::Up(i))?])?,
+            gate_up: Projections::new(vec![w.linear(Role::Gate(i))?, w.linear(Role::Up(i))?], fuse)?,
             down: w.linear(Role::Down(i))?,
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
@@ -121,17 +126,22 @@ impl Layer {
         let v = v.reshape((rows, self.num_kv_heads, self.head_dim))?;
         let q = ctx.rope.apply(&q, &ctx.cos, &ctx.sin)?.squeeze(2)?;
         let k = ctx.rope.apply(&k, &ctx.cos, &ctx.sin)?.squeeze(2)?;
+        phase_timer::mark(x.device(), "norm, qkv, rope");
 
         let attn = match ctx.paged {
             Some((pool, step)) => self.attend_paged(&q, &k, &v, pool, layer, step, ctx)?,
             None => self.attend_each(&q, &k, &v, layer, caches, ctx)?,
         };
+        phase_timer::mark(x.device(), "attention");
         let x = (x + self.o.forward(&attn)?)?;
+        phase_timer::mark(x.device(), "output projection");
 
         let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, self.eps)?;
         let [gate, up] = self.gate_up.forward::<2>(&h)?;
         let ffn = (candle_nn::ops::silu(&gate)? * up)?;
-        x + self.down.forward(&ffn)?
+        let x = (x + self.down.forward(&ffn)?)?;
+        phase_timer::mark(x.device(), "feed-forward");
+        Ok(x)
     }
 
     /// Attention with per-sequence caches: each sequence appends to and reads its own tensors.
@@ -310,7 +320,7 @@ enum Projections {
 }
 
 impl Projections {
-    fn new(parts: Vec<Linear>) -> std::result::Result<Self, WorkerError> {
+    fn new(parts: Vec<Linear>, fuse: bool) -> std::result::Result<Self, WorkerError> {
         let dense: Vec<&Tensor> = parts
             .iter()
             .filter_map(|p| match p {
@@ -318,7 +328,7 @@ impl Projections {
                 _ => None,
             })
             .collect();
-        if dense.len() != parts.len() {
+        if !fuse || dense.len() != parts.len() {
             return Ok(Self::Separate(parts));
         }
         let widths = dense.iter().map(|w| w.dim(0)).collect::<Result<Vec<_>>>()?;

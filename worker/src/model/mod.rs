@@ -14,6 +14,7 @@ pub mod layer;
 pub mod linear;
 pub mod mask;
 pub mod paged_step;
+pub mod phase_timer;
 pub mod q4_1;
 pub mod q8_0;
 pub mod rope;

@@ -4,6 +4,8 @@
 //! position `p` comes from a generator seeded with `(seed, p)`. A sequence therefore gets the same
 //! tokens alone or in any batch, and a replay after a worker loss reproduces them.
 
+use candle_core::{Result, Tensor};
+
 /// How to pick a token.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
@@ -61,6 +63,31 @@ pub fn sample(logits: &[f32], params: &SamplingParams, position: u64, top_n: usi
         logprob: logprob(id),
         top,
     }
+}
+
+/// Greedy choice per row of `logits: [rows, vocab]` where they are (on the device, for GPU stages): the lowest index holding the row's largest logit, and its
+/// log-probability `-ln Σ exp(x - max)`.
+pub fn greedy_rows(logits: &Tensor) -> Result<(Vec<u32>, Vec<f32>)> {
+    let (rows, vocab) = logits.dims2()?;
+    let max = logits.max_keepdim(1)?;
+    let logprob = logits
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(1)?
+        .log()?
+        .neg()?;
+    let index = Tensor::arange(0u32, vocab as u32, logits.device())?
+        .reshape((1, vocab))?
+        .broadcast_as((rows, vocab))?;
+    let none = Tensor::full(u32::MAX, (rows, vocab), logits.device())?;
+    let ids = logits
+        .broadcast_eq(&max)?
+        .where_cond(&index, &none)?
+        .min_keepdim(1)?;
+    Ok((
+        ids.flatten_all()?.to_vec1::<u32>()?,
+        logprob.flatten_all()?.to_vec1::<f32>()?,
+    ))
 }
 
 /// The index of the largest logit; the lowest index among equals (NaN never wins).
@@ -203,6 +230,23 @@ mod tests {
         for pos in 0..1000 {
             let u = uniform(7, pos);
             assert!((0.0..1.0).contains(&u));
+        }
+    }
+
+    #[test]
+    fn greedy_rows_match_the_host_sampler_including_ties() {
+        let rows: Vec<Vec<f32>> = vec![
+            vec![0.5, 2.0, -1.0, 2.0, 1.5],
+            vec![-3.0, -2.5, -2.5, -4.0, -2.6],
+            vec![10.0, 0.0, 0.0, 0.0, 9.99],
+        ];
+        let flat: Vec<f32> = rows.concat();
+        let logits = Tensor::from_vec(flat, (3, 5), &candle_core::Device::Cpu).unwrap();
+        let (ids, logprobs) = greedy_rows(&logits).unwrap();
+        for (i, row) in rows.iter().enumerate() {
+            let host = sample(row, &SamplingParams::GREEDY, 7, 0);
+            assert_eq!(ids[i], host.id, "row {i}");
+            assert!((logprobs[i] - host.logprob).abs() < 1e-5, "row {i}: {} vs {}", logprobs[i], host.logprob);
         }
     }
 }

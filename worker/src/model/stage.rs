@@ -12,6 +12,7 @@ use super::layer::{Layer, Segment, StepContext};
 use super::linear::Linear;
 use super::mask::MaskCache;
 use super::paged_step::PagedStep;
+use super::phase_timer;
 use super::rope::RopeTable;
 use super::weights::{Role, WeightLoader};
 use crate::WorkerError;
@@ -25,6 +26,8 @@ pub struct StageOptions {
     pub reuse_masks: bool,
     /// Run Q4_1 weights on the CPU with strata's AVX2 kernel instead of candle's.
     pub fast_kernels: bool,
+    /// Concatenate dense q/k/v and gate/up weights so each group is one matmul.
+    pub fuse_projections: bool,
     /// How sequences' keys and values are stored (and so how attention is batched).
     pub kv_layout: KvLayout,
     /// Compute dtype of safetensors stages; `None` chooses per device (see [`StageOptions::compute_dtype`]).
@@ -110,6 +113,7 @@ impl Default for StageOptions {
             reuse_rope: true,
             reuse_masks: true,
             fast_kernels: true,
+            fuse_projections: true,
             kv_layout: KvLayout::Auto,
             dtype: None,
         }
@@ -174,7 +178,7 @@ impl Stage {
         };
         let blocks = layers
             .clone()
-            .map(|i| Layer::load(&mut w, i, &config))
+            .map(|i| Layer::load(&mut w, i, &config, options.fuse_projections))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let head = if is_last {
             // A tied head reuses the embedding matrix; GGUF keeps it quantized for the projection.
@@ -283,6 +287,7 @@ impl Stage {
         segments: &[Segment],
         caches: &mut [SequenceKv],
     ) -> Result<Tensor> {
+        phase_timer::start(&self.device);
         let positions: Vec<u32> = segments
             .iter()
             .flat_map(|s| (s.start_pos..s.start_pos + s.len).map(|p| p as u32))
@@ -318,6 +323,7 @@ impl Stage {
             }
             None => None,
         };
+        phase_timer::mark(&self.device, "embedding, step indexes");
         let mut ctx = StepContext {
             segments,
             cos,
@@ -343,7 +349,9 @@ impl Stage {
         let last_rows = Tensor::from_vec(last_rows, segments.len(), &self.device)?;
         let x = x.index_select(&last_rows, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &head.norm, self.config.rms_norm_eps as f32)?;
-        head.output.forward(&x)?.to_dtype(DType::F32)
+        let logits = head.output.forward(&x)?.to_dtype(DType::F32)?;
+        phase_timer::mark(&self.device, "head");
+        Ok(logits)
     }
 
     /// Drops cached masks (after a warmup, so it leaves nothing behind).
