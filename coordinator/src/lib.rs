@@ -12,6 +12,7 @@
 
 pub mod detokenize;
 pub mod error;
+pub mod forward_link;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;

@@ -12,6 +12,7 @@ use strata_proto::v1;
 use strata_proto::v1::worker_client::WorkerClient;
 use strata_transport::{AuthChannel, Security};
 
+use crate::forward_link::ForwardLink;
 use crate::CoordinatorError;
 
 /// How long to wait for a worker to accept a connection.
@@ -23,6 +24,8 @@ pub struct StageHandle {
     /// The address the user gave.
     pub address: String,
     pub client: WorkerClient<AuthChannel>,
+    /// The stage's long-lived Forward stream.
+    pub link: Arc<ForwardLink>,
     pub device: String,
     pub layers: Range<usize>,
     /// Bytes of weights the stage holds on its device.
@@ -161,6 +164,7 @@ pub async fn load_stage(
         .into_inner();
     Ok(StageHandle {
         address: worker.address,
+        link: Arc::new(ForwardLink::new(client.clone())),
         client,
         device: worker.info.device,
         layers,
@@ -284,8 +288,18 @@ impl Pipeline {
                 })
                 .collect();
             let started = Instant::now();
+            let request = v1::ForwardRequest { step_id, sequences };
             let mut client = stage.client.clone();
-            let call = client.forward(v1::ForwardRequest { step_id, sequences });
+            let call = async {
+                if unary_forward() {
+                    client
+                        .forward(request)
+                        .await
+                        .map(tonic::Response::into_inner)
+                } else {
+                    stage.link.forward(request).await
+                }
+            };
             let response = tokio::time::timeout(self.stage_timeout, call)
                 .await
                 .map_err(|_| {
@@ -295,8 +309,7 @@ impl Pipeline {
                     ));
                     CoordinatorError::stage(i, &stage.address, status)
                 })?
-                .map_err(|status| CoordinatorError::stage(i, &stage.address, status))?
-                .into_inner();
+                .map_err(|status| CoordinatorError::stage(i, &stage.address, status))?;
             let round_trip = started.elapsed();
             let counters = &self.counters[i];
             counters
@@ -398,4 +411,11 @@ impl Pipeline {
         });
         futures::future::join_all(calls).await
     }
+}
+
+/// `STRATA_UNARY_FORWARD=1` sends each step as a unary `Forward` call instead of over the stage's
+/// stream: kept only to measure what the stream saves.
+fn unary_forward() -> bool {
+    static UNARY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *UNARY.get_or_init(|| std::env::var("STRATA_UNARY_FORWARD").is_ok_and(|v| v == "1"))
 }

@@ -449,7 +449,12 @@ impl State {
                 let total: Duration = phases.iter().map(|(_, d)| *d).sum();
                 let shares: Vec<String> = phases
                     .iter()
-                    .map(|(name, d)| format!("{name} {:.1}%", 100.0 * d.as_secs_f64() / total.as_secs_f64()))
+                    .map(|(name, d)| {
+                        format!(
+                            "{name} {:.1}%",
+                            100.0 * d.as_secs_f64() / total.as_secs_f64()
+                        )
+                    })
                     .collect();
                 tracing::info!(steps = 50, total_ms = total.as_millis() as u64, phases = %shares.join(", "), "phase times");
             }
@@ -622,7 +627,10 @@ fn sample_rows(logits: &Tensor, steps: &[SequenceStep]) -> candle_core::Result<V
             out[i] = Some(s);
         }
     }
-    Ok(out.into_iter().map(|s| s.expect("every row sampled")).collect())
+    Ok(out
+        .into_iter()
+        .map(|s| s.expect("every row sampled"))
+        .collect())
 }
 
 /// Checks a whole micro-batch against the stage and the cached sequences before anything changes.

@@ -61,9 +61,11 @@ pub async fn run(
         "worker listening"
     );
     let engine = Engine::start(model, device, config.options, config.limits, config.threads)?;
-    let service = WorkerServer::new(WorkerService::new(engine, identity))
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(config.max_message_bytes);
+    let (stopping, stop_streams) = tokio::sync::watch::channel(false);
+    let service =
+        WorkerServer::new(WorkerService::new(engine, identity).with_shutdown(stop_streams))
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes);
     let mut server = config
         .security
         .configure_server(tonic::transport::Server::builder())
@@ -74,7 +76,10 @@ pub async fn run(
         // delayed ACKs add ~40 ms to every hop.
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
+            async move {
+                shutdown.await;
+                let _ = stopping.send(true);
+            },
         )
         .await
         .map_err(|e| WorkerError::Internal(format!("server failed: {e}")))

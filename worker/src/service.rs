@@ -4,7 +4,9 @@ use std::time::Instant;
 
 use strata_model::ModelFile;
 use strata_proto::v1;
-use tonic::{Request, Response, Status};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::{Engine, SequenceStep, StepInput, StepOutput};
 use crate::model::sampling::SamplingParams;
@@ -23,6 +25,9 @@ pub struct WorkerIdentity {
 /// The `strata.v1.Worker` service.
 pub struct WorkerService {
     engine: Engine,
+    /// Turns true when the server begins a graceful shutdown: open Forward streams then end after
+    /// their current micro-batch (a long-lived stream would otherwise hold the shutdown forever).
+    stopping: Option<tokio::sync::watch::Receiver<bool>>,
     identity: WorkerIdentity,
     system: std::sync::Mutex<sysinfo::System>,
     /// The last calibration, reported by `Info`.
@@ -33,10 +38,17 @@ impl WorkerService {
     pub fn new(engine: Engine, identity: WorkerIdentity) -> Self {
         Self {
             engine,
+            stopping: None,
             identity,
             system: std::sync::Mutex::new(sysinfo::System::new()),
             calibration: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Ends open Forward streams once `stopping` turns true.
+    pub fn with_shutdown(mut self, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stopping = Some(stopping);
+        self
     }
 
     fn memory(&self) -> (u64, u64) {
@@ -96,6 +108,64 @@ fn step_from_wire(s: v1::SequenceInput) -> Result<SequenceStep, WorkerError> {
         input,
         sampling,
         top_logprobs: s.top_logprobs as usize,
+    })
+}
+
+/// Resolves once the server begins shutting down (never, without a shutdown signal).
+async fn shutdown_begun(stopping: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    match stopping {
+        Some(rx) => {
+            if rx.wait_for(|stop| *stop).await.is_err() {
+                std::future::pending::<()>().await
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// One micro-batch through the engine: wire in, wire out (shared by `Forward` and `ForwardStream`).
+async fn forward_once(
+    engine: &Engine,
+    r: v1::ForwardRequest,
+) -> Result<v1::ForwardResponse, Status> {
+    let started = Instant::now();
+    let steps = r
+        .sequences
+        .into_iter()
+        .map(step_from_wire)
+        .collect::<Result<Vec<_>, _>>()?;
+    let decoding = started.elapsed();
+    let result = engine.forward(steps).await?;
+    let encoding = Instant::now();
+    let mut outputs = Vec::with_capacity(result.outputs.len());
+    for (seq_id, output) in result.outputs {
+        let output = match output {
+            StepOutput::Hidden(t) => v1::sequence_output::Output::Hidden(codec::encode(&t)?),
+            StepOutput::Sampled(s) => v1::sequence_output::Output::Sampled(v1::SampledToken {
+                id: s.id,
+                logprob: s.logprob,
+                top_logprobs: s
+                    .top
+                    .into_iter()
+                    .map(|(id, logprob)| v1::TokenLogprob { id, logprob })
+                    .collect(),
+            }),
+        };
+        outputs.push(v1::SequenceOutput {
+            seq_id,
+            output: Some(output),
+        });
+    }
+    tracing::trace!(
+        step = r.step_id,
+        compute_us = result.forward_time.as_micros() as u64,
+        "forward"
+    );
+    Ok(v1::ForwardResponse {
+        step_id: r.step_id,
+        outputs,
+        // Work done for this call, not time spent queued behind another micro-batch.
+        forward_ns: (decoding + result.forward_time + encoding.elapsed()).as_nanos() as u64,
     })
 }
 
@@ -168,46 +238,49 @@ impl v1::worker_server::Worker for WorkerService {
         &self,
         request: Request<v1::ForwardRequest>,
     ) -> Result<Response<v1::ForwardResponse>, Status> {
-        let started = Instant::now();
-        let r = request.into_inner();
-        let steps = r
-            .sequences
-            .into_iter()
-            .map(step_from_wire)
-            .collect::<Result<Vec<_>, _>>()?;
-        let decoding = started.elapsed();
-        let result = self.engine.forward(steps).await?;
-        let encoding = Instant::now();
-        let mut outputs = Vec::with_capacity(result.outputs.len());
-        for (seq_id, output) in result.outputs {
-            let output = match output {
-                StepOutput::Hidden(t) => v1::sequence_output::Output::Hidden(codec::encode(&t)?),
-                StepOutput::Sampled(s) => v1::sequence_output::Output::Sampled(v1::SampledToken {
-                    id: s.id,
-                    logprob: s.logprob,
-                    top_logprobs: s
-                        .top
-                        .into_iter()
-                        .map(|(id, logprob)| v1::TokenLogprob { id, logprob })
-                        .collect(),
-                }),
-            };
-            outputs.push(v1::SequenceOutput {
-                seq_id,
-                output: Some(output),
-            });
-        }
-        tracing::trace!(
-            step = r.step_id,
-            compute_us = result.forward_time.as_micros() as u64,
-            "forward"
-        );
-        Ok(Response::new(v1::ForwardResponse {
-            step_id: r.step_id,
-            outputs,
-            // Work done for this call, not time spent queued behind another micro-batch.
-            forward_ns: (decoding + result.forward_time + encoding.elapsed()).as_nanos() as u64,
-        }))
+        Ok(Response::new(
+            forward_once(&self.engine, request.into_inner()).await?,
+        ))
+    }
+
+    type ForwardStreamStream = ReceiverStream<Result<v1::ForwardReply, Status>>;
+
+    async fn forward_stream(
+        &self,
+        request: Request<Streaming<v1::ForwardRequest>>,
+    ) -> Result<Response<Self::ForwardStreamStream>, Status> {
+        let mut requests = request.into_inner();
+        let engine = self.engine.clone();
+        // One reply in flight is enough: the next request waits for the compute thread anyway.
+        let (replies, stream) = tokio::sync::mpsc::channel(2);
+        let mut stopping = self.stopping.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = requests.next() => next,
+                    _ = shutdown_begun(&mut stopping) => break,
+                };
+                let Some(Ok(r)) = next else { break };
+                let step_id = r.step_id;
+                let reply = match forward_once(&engine, r).await {
+                    Ok(response) => v1::ForwardReply {
+                        step_id,
+                        response: Some(response),
+                        ..Default::default()
+                    },
+                    Err(status) => v1::ForwardReply {
+                        step_id,
+                        response: None,
+                        error_code: status.code() as i32,
+                        error_message: status.message().to_string(),
+                    },
+                };
+                if replies.send(Ok(reply)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(stream)))
     }
 
     async fn release(

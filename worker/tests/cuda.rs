@@ -149,7 +149,12 @@ fn greedy_rows_on_the_gpu_match_the_host() {
     let logits = Tensor::from_vec(values.clone(), (rows, vocab), &gpu).unwrap();
     let (ids, logprobs) = greedy_rows(&logits).unwrap();
     for r in 0..rows {
-        let host = sample(&values[r * vocab..(r + 1) * vocab], &SamplingParams::GREEDY, 0, 0);
+        let host = sample(
+            &values[r * vocab..(r + 1) * vocab],
+            &SamplingParams::GREEDY,
+            0,
+            0,
+        );
         assert_eq!(ids[r], host.id, "row {r}");
         assert_eq!(ids[r] as usize, 7 * r + 3);
         assert!((logprobs[r] - host.logprob).abs() < 1e-4, "row {r}");

@@ -186,6 +186,7 @@ pub fn to_json(g: &Generation) -> serde_json::Value {
         "tokens_per_s": g.tokens_per_s(),
         "decode_tokens_per_s": g.decode_tokens_per_s(),
         "stage_forward_ms": g.stage_forward.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>(),
+        "stage_hop_ms": g.stage_hop.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>(),
         "top_logprobs": g.top_logprobs.iter().map(|top| {
             top.iter().map(|(id, lp)| json!({"id": id, "logprob": lp})).collect::<Vec<_>>()
         }).collect::<Vec<_>>(),

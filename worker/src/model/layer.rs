@@ -89,7 +89,10 @@ impl Layer {
             )?,
             o: w.linear(Role::AttnOutput(i))?,
             ffn_norm: w.dense(Role::FfnNorm(i))?,
-            gate_up: Projections::new(vec![w.linear(Role::Gate(i))?, w.linear(Role::Up(i))?], fuse)?,
+            gate_up: Projections::new(
+                vec![w.linear(Role::Gate(i))?, w.linear(Role::Up(i))?],
+                fuse,
+            )?,
             down: w.linear(Role::Down(i))?,
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,

@@ -39,7 +39,9 @@ pub fn mark(device: &Device, name: &'static str) {
     TALLY.with(|t| {
         let mut t = t.borrow_mut();
         let now = Instant::now();
-        let Some(since) = t.0.replace(now) else { return };
+        let Some(since) = t.0.replace(now) else {
+            return;
+        };
         match t.1.iter_mut().find(|(n, _)| *n == name) {
             Some((_, total)) => *total += now - since,
             None => t.1.push((name, now - since)),

@@ -246,7 +246,12 @@ mod tests {
         for (i, row) in rows.iter().enumerate() {
             let host = sample(row, &SamplingParams::GREEDY, 7, 0);
             assert_eq!(ids[i], host.id, "row {i}");
-            assert!((logprobs[i] - host.logprob).abs() < 1e-5, "row {i}: {} vs {}", logprobs[i], host.logprob);
+            assert!(
+                (logprobs[i] - host.logprob).abs() < 1e-5,
+                "row {i}: {} vs {}",
+                logprobs[i],
+                host.logprob
+            );
         }
     }
 }

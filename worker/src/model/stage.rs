@@ -342,12 +342,19 @@ impl Stage {
         let Some(head) = &self.head else {
             return Ok(x);
         };
-        let last_rows: Vec<u32> = segments
-            .iter()
-            .map(|s| (s.offset + s.len - 1) as u32)
-            .collect();
-        let last_rows = Tensor::from_vec(last_rows, segments.len(), &self.device)?;
-        let x = x.index_select(&last_rows, 0)?;
+        // Each sequence's last row; in a decode-only step that is every row already.
+        let x = if segments.iter().all(|s| s.len == 1) {
+            x
+        } else {
+            let last_rows: Vec<u32> = segments
+                .iter()
+                .map(|s| (s.offset + s.len - 1) as u32)
+                .collect();
+            x.index_select(
+                &Tensor::from_vec(last_rows, segments.len(), &self.device)?,
+                0,
+            )?
+        };
         let x = candle_nn::ops::rms_norm(&x, &head.norm, self.config.rms_norm_eps as f32)?;
         let logits = head.output.forward(&x)?.to_dtype(DType::F32)?;
         phase_timer::mark(&self.device, "head");
