@@ -334,7 +334,8 @@ impl State {
         self.stage = None;
         self.sequences.clear();
         let dtype = self.options.compute_dtype(&self.model, &self.device)?;
-        let stage = Stage::load(&self.model, layers, &self.device, dtype, self.options)?;
+        let mut stage = Stage::load(&self.model, layers, &self.device, dtype, self.options)?;
+        stage.limit_pool_bytes(self.limits.max_cache_bytes)?;
         self.output_dtype = output_dtype.unwrap_or(dtype);
         let report = LoadReport {
             layers: stage.layers(),
@@ -393,12 +394,29 @@ impl State {
         for step in &steps {
             let cache = match self.sequences.remove(&step.seq_id) {
                 Some(cache) => cache,
-                None => stage.new_cache(step.input.len())?,
+                None => match stage.new_cache(step.input.len()) {
+                    Ok(cache) => cache,
+                    Err(e) => {
+                        // Put back the sequences already taken out for this step.
+                        for (step, cache) in steps.iter().zip(caches) {
+                            if step.start_pos > 0 {
+                                self.sequences.insert(step.seq_id, cache);
+                            }
+                        }
+                        return Err(e.into());
+                    }
+                },
             };
             caches.push(cache);
         }
         let prepared = started.elapsed();
-        let result = stage.forward(input, &segments, &mut caches);
+        // A full KV pool is a capacity limit, not a fault: the client may retry later.
+        let result = stage
+            .reserve_pages(&segments, &mut caches)
+            .map_err(|e| {
+                WorkerError::ResourceExhausted(format!("{e}; retry when sequences finish"))
+            })
+            .and_then(|()| Ok(stage.forward(input, &segments, &mut caches)?));
         // On an accelerator this is the time to queue the step's kernels; the device finishes them
         // while the output is copied back below.
         let queued = started.elapsed();
@@ -412,7 +430,7 @@ impl State {
                         self.sequences.insert(step.seq_id, cache);
                     }
                 }
-                return Err(e.into());
+                return Err(e);
             }
         };
         for (step, cache) in steps.iter().zip(caches) {

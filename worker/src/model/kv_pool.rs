@@ -41,9 +41,12 @@ impl PageList {
 
 impl Drop for PageList {
     fn drop(&mut self) {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        free.append(&mut self.pages);
+        lock(&self.free).append(&mut self.pages);
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Every layer's keys and values for all sequences of a stage.
@@ -52,6 +55,8 @@ pub struct KvPool {
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
     pages: usize,
+    /// The most pages the pool may grow to (from the worker's KV memory limit).
+    max_pages: usize,
     free: FreePages,
     /// Bytes of one page over all layers, keys and values.
     page_bytes: usize,
@@ -71,9 +76,29 @@ impl KvPool {
             keys: (0..layers).map(|_| zeros()).collect::<Result<_>>()?,
             values: (0..layers).map(|_| zeros()).collect::<Result<_>>()?,
             pages: INITIAL_PAGES,
+            max_pages: usize::MAX,
             free: Arc::new(Mutex::new((0..INITIAL_PAGES as u32).rev().collect())),
             page_bytes: 2 * layers * kv_heads * PAGE * head_dim * dtype.size_in_bytes(),
         })
+    }
+
+    /// Caps the pool at `bytes` (keys and values of every layer, at least one page). An unused pool
+    /// larger than that is reallocated smaller; a pool in use never shrinks.
+    pub fn limit_bytes(&mut self, bytes: usize) -> Result<()> {
+        let limit = (bytes / self.page_bytes).max(1);
+        let unused = lock(&self.free).len() == self.pages;
+        if limit < self.pages && unused {
+            let shrink = |old: &Tensor| -> Result<Tensor> {
+                let (heads, _, head_dim) = old.dims3()?;
+                Tensor::zeros((heads, limit * PAGE, head_dim), old.dtype(), old.device())
+            };
+            self.keys = self.keys.iter().map(shrink).collect::<Result<_>>()?;
+            self.values = self.values.iter().map(shrink).collect::<Result<_>>()?;
+            *lock(&self.free) = (0..limit as u32).rev().collect();
+            self.pages = limit;
+        }
+        self.max_pages = limit.max(self.pages);
+        Ok(())
     }
 
     /// An empty page list for a new sequence.
@@ -89,7 +114,7 @@ impl KvPool {
     pub fn reserve(&mut self, list: &mut PageList, positions: usize) -> Result<()> {
         let needed = positions.div_ceil(PAGE);
         while list.pages.len() < needed {
-            let page = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let page = lock(&self.free).pop();
             match page {
                 Some(page) => list.pages.push(page),
                 None => self.grow(needed - list.pages.len())?,
@@ -100,7 +125,17 @@ impl KvPool {
 
     /// Doubles the pool (or more, to fit `at_least` new pages); existing rows keep their indices.
     fn grow(&mut self, at_least: usize) -> Result<()> {
-        let pages = (self.pages * 2).max(self.pages + at_least);
+        let pages = (self.pages * 2)
+            .max(self.pages + at_least)
+            .min(self.max_pages);
+        if pages < self.pages + at_least {
+            candle_core::bail!(
+                "the KV pool is full: {} of at most {} pages of {} positions in use",
+                self.pages,
+                self.max_pages,
+                PAGE
+            );
+        }
         let grow = |old: &Tensor| -> Result<Tensor> {
             let (heads, _, head_dim) = old.dims3()?;
             let new = Tensor::zeros((heads, pages * PAGE, head_dim), old.dtype(), old.device())?;
@@ -109,8 +144,7 @@ impl KvPool {
         };
         self.keys = self.keys.iter().map(grow).collect::<Result<_>>()?;
         self.values = self.values.iter().map(grow).collect::<Result<_>>()?;
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        free.extend((self.pages as u32..pages as u32).rev());
+        lock(&self.free).extend((self.pages as u32..pages as u32).rev());
         self.pages = pages;
         Ok(())
     }
@@ -158,6 +192,23 @@ mod tests {
         let free_before = pool.free.lock().unwrap().len();
         drop(a);
         assert_eq!(pool.free.lock().unwrap().len(), free_before + 4);
+        Ok(())
+    }
+
+    #[test]
+    fn growth_stops_at_the_limit() -> Result<()> {
+        let mut pool = KvPool::new(1, 1, 2, DType::F32, &Device::Cpu)?;
+        pool.limit_bytes(pool.page_bytes * 3)?;
+        assert_eq!(pool.pages, 3, "an unused pool shrinks to its limit");
+        pool.limit_bytes(pool.page_bytes * (INITIAL_PAGES + 10))?;
+        let mut a = pool.sequence();
+        pool.reserve(&mut a, (INITIAL_PAGES + 10) * PAGE)?;
+        assert_eq!(pool.pages, INITIAL_PAGES + 10, "grew only to the limit");
+        let mut b = pool.sequence();
+        let err = pool.reserve(&mut b, 1).unwrap_err().to_string();
+        assert!(err.contains("KV pool is full"), "{err}");
+        drop(a);
+        pool.reserve(&mut b, PAGE)?;
         Ok(())
     }
 }

@@ -258,6 +258,30 @@ impl Stage {
         self.weight_bytes
     }
 
+    /// With a paged pool: gives every sequence of the step pages for its new positions (growing the
+    /// pool up to its limit). Fails, changing no sequence's length, when the pool is full.
+    pub fn reserve_pages(&mut self, segments: &[Segment], caches: &mut [SequenceKv]) -> Result<()> {
+        let Some(pool) = &mut self.pool else {
+            return Ok(());
+        };
+        for (seg, cache) in segments.iter().zip(caches.iter_mut()) {
+            let pages = cache.pages_mut().ok_or_else(|| {
+                candle_core::Error::msg("a contiguous cache sent to a paged stage")
+            })?;
+            pool.reserve(pages, seg.start_pos + seg.len)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the shared KV pool (if any) within `bytes`; the engine's admission check keeps the
+    /// pages in use within it, so a pool that grows only this far never runs the device out of memory.
+    pub fn limit_pool_bytes(&mut self, bytes: usize) -> Result<()> {
+        match &mut self.pool {
+            Some(pool) => pool.limit_bytes(bytes),
+            None => Ok(()),
+        }
+    }
+
     /// Bytes of the shared KV pool, used or not (0 with per-sequence caches).
     pub fn pool_bytes(&self) -> usize {
         self.pool.as_ref().map_or(0, KvPool::capacity_bytes)
@@ -304,23 +328,16 @@ impl Stage {
             }
         };
         let (cos, sin) = self.rope.rows(&positions, &self.device)?;
-        let paged_step = match &mut self.pool {
-            Some(pool) => {
-                for (seg, cache) in segments.iter().zip(caches.iter_mut()) {
-                    let pages = cache.pages_mut().ok_or_else(|| {
-                        candle_core::Error::msg("a contiguous cache sent to a paged stage")
-                    })?;
-                    pool.reserve(pages, seg.start_pos + seg.len)?;
-                }
-                Some(PagedStep::plan(
-                    segments,
-                    caches,
-                    self.config.num_kv_heads,
-                    self.config.head_dim,
-                    self.dtype,
-                    &self.device,
-                )?)
-            }
+        self.reserve_pages(segments, caches)?;
+        let paged_step = match &self.pool {
+            Some(_) => Some(PagedStep::plan(
+                segments,
+                caches,
+                self.config.num_kv_heads,
+                self.config.head_dim,
+                self.dtype,
+                &self.device,
+            )?),
             None => None,
         };
         phase_timer::mark(&self.device, "embedding, step indexes");
