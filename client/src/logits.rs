@@ -6,7 +6,6 @@
 //! states crossing stages exactly as between workers (to f32 for the wire, onto the host, then onto
 //! the next stage's device and dtype).
 
-use std::ops::Range;
 use std::path::Path;
 
 use anyhow::Context;
@@ -25,15 +24,7 @@ impl LogitsPipeline {
     pub fn load(model: &Path, devices: &[String], options: StageOptions) -> anyhow::Result<Self> {
         anyhow::ensure!(!devices.is_empty(), "give at least one device");
         let model = ModelFile::open(model)?;
-        let layers = model.config.num_layers;
-        anyhow::ensure!(
-            devices.len() <= layers,
-            "{} devices for {layers} layers",
-            devices.len()
-        );
-        let ranges: Vec<Range<usize>> = (0..devices.len())
-            .map(|i| i * layers / devices.len()..(i + 1) * layers / devices.len())
-            .collect();
+        let ranges = strata_coordinator::plan::even(model.config.num_layers, devices.len())?;
         let stages = devices
             .iter()
             .zip(ranges)

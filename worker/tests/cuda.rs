@@ -8,6 +8,8 @@ use strata_model::synthetic::{write_safetensors_model, SyntheticConfig};
 use strata_model::ModelFile;
 use strata_worker::model::{KvLayout, Segment, Stage, StageInput, StageOptions};
 
+mod common;
+
 /// Logits of a 3-sequence micro-batch (a prefill beside two decodes) after two priming steps.
 fn logits(model: &ModelFile, device: &Device, dtype: DType, layout: KvLayout) -> Vec<f32> {
     let options = StageOptions {
@@ -16,7 +18,7 @@ fn logits(model: &ModelFile, device: &Device, dtype: DType, layout: KvLayout) ->
     };
     let n = model.config.num_layers;
     let mut stage = Stage::load(model, 0..n, device, dtype, options).unwrap();
-    let mut caches: Vec<_> = (0..3).map(|_| stage.new_cache(8).unwrap()).collect();
+    let mut caches: Vec<Option<_>> = (0..3).map(|_| None).collect();
     let steps: [&[(usize, usize)]; 3] = [
         &[(0, 6), (1, 3)],
         &[(0, 1), (1, 1)],
@@ -24,29 +26,10 @@ fn logits(model: &ModelFile, device: &Device, dtype: DType, layout: KvLayout) ->
     ];
     let mut last = Vec::new();
     for (i, step) in steps.iter().enumerate() {
-        let mut segments = Vec::new();
-        let mut batch = Vec::new();
-        let mut offset = 0;
-        for &(s, len) in step.iter() {
-            let cache = std::mem::replace(&mut caches[s], stage.new_cache(1).unwrap());
-            segments.push(Segment {
-                offset,
-                len,
-                start_pos: cache.len(),
-            });
-            batch.push(cache);
-            offset += len;
-        }
-        let ids = (0..offset)
-            .map(|j| ((j * 31 + i * 7) % 500) as u32)
-            .collect();
-        let out = stage
-            .forward(StageInput::Tokens(ids), &segments, &mut batch)
-            .unwrap();
+        let out = common::run_step(&mut stage, &mut caches, step, |rows| {
+            StageInput::Tokens((0..rows).map(|j| ((j * 31 + i * 7) % 500) as u32).collect())
+        });
         last = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        for (&(s, _), cache) in step.iter().zip(batch) {
-            caches[s] = cache;
-        }
     }
     last
 }

@@ -6,7 +6,9 @@
 use candle_core::{DType, Device, Tensor};
 use strata_model::synthetic::{write_safetensors_model, SyntheticConfig};
 use strata_model::ModelFile;
-use strata_worker::model::{KvLayout, Segment, Stage, StageInput, StageOptions};
+use strata_worker::model::{KvLayout, Stage, StageInput, StageOptions};
+
+mod common;
 
 /// One step: `(sequence, new positions)` per row group.
 type Step = Vec<(usize, usize)>;
@@ -41,34 +43,17 @@ fn run(model: &ModelFile, layout: KvLayout, last_stage: bool) -> Vec<Vec<f32>> {
         if i == 6 {
             caches[1] = None;
         }
-        let mut segments = Vec::new();
-        let mut batch = Vec::new();
-        let mut offset = 0;
-        for &(s, len) in &step {
-            let cache = caches[s]
-                .take()
-                .unwrap_or_else(|| stage.new_cache(len).unwrap());
-            segments.push(Segment {
-                offset,
-                len,
-                start_pos: cache.len(),
-            });
-            batch.push(cache);
-            offset += len;
-        }
-        let input = if last_stage {
-            let values: Vec<f32> = (0..offset * hidden)
-                .map(|j| ((j * 7919 + i * 31) % 1000) as f32 / 500.0 - 1.0)
-                .collect();
-            StageInput::Hidden(Tensor::from_vec(values, (offset, hidden), &Device::Cpu).unwrap())
-        } else {
-            StageInput::Tokens((0..offset).map(|j| ((j * 13 + i) % 500) as u32).collect())
-        };
-        let out = stage.forward(input, &segments, &mut batch).unwrap();
+        let out = common::run_step(&mut stage, &mut caches, &step, |rows| {
+            if last_stage {
+                let values: Vec<f32> = (0..rows * hidden)
+                    .map(|j| ((j * 7919 + i * 31) % 1000) as f32 / 500.0 - 1.0)
+                    .collect();
+                StageInput::Hidden(Tensor::from_vec(values, (rows, hidden), &Device::Cpu).unwrap())
+            } else {
+                StageInput::Tokens((0..rows).map(|j| ((j * 13 + i) % 500) as u32).collect())
+            }
+        });
         outputs.push(out.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-        for (&(s, _), cache) in step.iter().zip(batch) {
-            caches[s] = Some(cache);
-        }
     }
     outputs
 }

@@ -100,8 +100,8 @@ struct CandleLlamaArgs {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Compute dtype: f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[arg(long, default_value = "f32", value_parser = strata_worker::model::stage::parse_dtype)]
+    dtype: candle_core::DType,
     /// Batch sizes, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     batch: Vec<usize>,
@@ -322,12 +322,7 @@ fn run_logits(args: LogitsArgs) -> anyhow::Result<()> {
 }
 
 async fn run_candle_llama(args: CandleLlamaArgs) -> anyhow::Result<()> {
-    let dtype = match args.dtype.as_str() {
-        "f32" => candle_core::DType::F32,
-        "f16" => candle_core::DType::F16,
-        "bf16" => candle_core::DType::BF16,
-        other => anyhow::bail!("unknown dtype {other:?}; expected f32, f16 or bf16"),
-    };
+    let dtype = args.dtype;
     let device = strata_worker::device::open(&args.device)?;
     let results = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<_>> {
         let llama = strata_client::candle_llama::CandleLlama::load(&args.model, device, dtype)?;
@@ -340,7 +335,10 @@ async fn run_candle_llama(args: CandleLlamaArgs) -> anyhow::Result<()> {
             let r = llama.measure(b, args.prompt_tokens, args.decode_tokens)?;
             println!(
                 "candle llama {} batch {:<3} prefill {:7.1} ms  decode {:8.1} tok/s aggregate",
-                args.dtype, b, r.prefill_ms, r.decode_tok_s
+                strata_worker::model::stage::dtype_name(dtype),
+                b,
+                r.prefill_ms,
+                r.decode_tok_s
             );
             results.push(r);
         }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
 use strata_model::synthetic::{write_safetensors_model, SyntheticConfig};
 
@@ -15,8 +15,8 @@ pub struct MakeModelArgs {
     #[arg(long)]
     out: PathBuf,
     /// Weight dtype on disk: f32, f16 or bf16 (default: the preset's).
-    #[arg(long)]
-    dtype: Option<String>,
+    #[arg(long, value_parser = strata_worker::model::stage::parse_dtype)]
+    dtype: Option<candle_core::DType>,
     /// Seed of the random weights; the same seed writes the same model.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -34,13 +34,8 @@ pub fn run(args: MakeModelArgs) -> anyhow::Result<()> {
     if let Some(layers) = args.layers {
         config.num_layers = layers;
     }
-    if let Some(dtype) = &args.dtype {
-        config.dtype = match dtype.as_str() {
-            "f32" => candle_core::DType::F32,
-            "f16" => candle_core::DType::F16,
-            "bf16" => candle_core::DType::BF16,
-            other => bail!("unknown dtype {other:?}; expected f32, f16 or bf16"),
-        };
+    if let Some(dtype) = args.dtype {
+        config.dtype = dtype;
     }
     eprintln!(
         "strata: writing a random-weight model {config:?} to {}",

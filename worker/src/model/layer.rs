@@ -174,11 +174,7 @@ impl Layer {
             let (k_all, v_all) = cache.append(&k, &v, ctx.max_len)?;
             outputs.push(self.attend(&q, &k_all, &v_all, seg, ctx.masks)?);
         }
-        if outputs.len() == 1 {
-            Ok(outputs.pop().expect("one output"))
-        } else {
-            Tensor::cat(&outputs, 0)
-        }
+        stack_rows(outputs)
     }
 
     /// Attention with the paged pool: one scatter writes every new row, decoding sequences attend as
@@ -212,11 +208,7 @@ impl Layer {
             let v_all = values.index_select(&read.gather, 1)?;
             outputs.push(self.attend(&q, &k_all, &v_all, &seg, ctx.masks)?);
         }
-        let attn = if outputs.len() == 1 {
-            outputs.pop().expect("one output")
-        } else {
-            Tensor::cat(&outputs, 0)?
-        };
+        let attn = stack_rows(outputs)?;
         match &step.restore {
             Some(order) => attn.index_select(order, 0),
             None => Ok(attn),
@@ -307,6 +299,14 @@ impl Layer {
             .transpose(0, 1)?
             .reshape((len, self.num_heads * self.head_dim))
     }
+}
+
+/// Parts' rows one after another (no copy for a single part).
+fn stack_rows(mut parts: Vec<Tensor>) -> Result<Tensor> {
+    if parts.len() == 1 {
+        return Ok(parts.pop().expect("one part"));
+    }
+    Tensor::cat(&parts, 0)
 }
 
 /// Projections of the same input. Dense weights are concatenated at load time so one matmul
