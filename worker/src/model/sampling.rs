@@ -79,7 +79,8 @@ pub fn greedy_rows(logits: &Tensor) -> Result<(Vec<u32>, Vec<f32>)> {
     let index = Tensor::arange(0u32, vocab as u32, logits.device())?
         .reshape((1, vocab))?
         .broadcast_as((rows, vocab))?;
-    let none = Tensor::full(u32::MAX, (rows, vocab), logits.device())?;
+    // A broadcast scalar: no rows × vocab buffer to fill every step.
+    let none = Tensor::new(u32::MAX, logits.device())?.broadcast_as((rows, vocab))?;
     let ids = logits
         .broadcast_eq(&max)?
         .where_cond(&index, &none)?
