@@ -212,6 +212,9 @@ pub struct ThroughputRow {
     pub ttft_p99_ms: f64,
     /// Per stage: device time over wall time (empty for the single process).
     pub stage_busy: Vec<f64>,
+    /// Per stage: mean time of a step around the worker's compute (network, serialization,
+    /// queueing), as the coordinator saw it (empty for the single process).
+    pub stage_hop_ms: Vec<f64>,
 }
 
 impl ThroughputRow {
@@ -222,8 +225,18 @@ impl ThroughputRow {
             .map(|b| format!("{:.0}%", b * 100.0))
             .collect::<Vec<_>>()
             .join(" / ");
+        let hop = if self.stage_hop_ms.is_empty() {
+            String::new()
+        } else {
+            let hops: Vec<String> = self
+                .stage_hop_ms
+                .iter()
+                .map(|h| format!("{h:.2}"))
+                .collect();
+            format!("  hop {} ms/step", hops.join(" / "))
+        };
         format!(
-            "{:<22} c={:<3} aggregate {:7.2} tok/s  per stream {:6.2} tok/s  TTFT P50 {:7.1} ms P99 {:7.1} ms  busy {}",
+            "{:<22} c={:<3} aggregate {:7.2} tok/s  per stream {:6.2} tok/s  TTFT P50 {:7.1} ms P99 {:7.1} ms  busy {}{hop}",
             self.setup, self.concurrency, self.aggregate_tok_s, self.per_stream_tok_s, self.ttft_p50_ms, self.ttft_p99_ms, busy
         )
     }
@@ -325,6 +338,16 @@ pub async fn throughput(
         .zip(&after.stages)
         .map(|(b, a)| (a.forward_ns_total - b.forward_ns_total) as f64 / wall.as_nanos() as f64)
         .collect();
+    let stage_hop_ms = before
+        .stages
+        .iter()
+        .zip(&after.stages)
+        .map(|(b, a)| {
+            let around = (a.round_trip_ns_total - b.round_trip_ns_total)
+                .saturating_sub(a.forward_ns_total - b.forward_ns_total);
+            around as f64 / 1e6 / (a.steps_total - b.steps_total).max(1) as f64
+        })
+        .collect();
     Ok(ThroughputRow {
         setup: setup.to_string(),
         concurrency,
@@ -339,6 +362,7 @@ pub async fn throughput(
         ttft_p50_ms: p50,
         ttft_p99_ms: p99,
         stage_busy,
+        stage_hop_ms,
     })
 }
 
@@ -373,5 +397,6 @@ pub async fn throughput_single(
         ttft_p50_ms: p50,
         ttft_p99_ms: p99,
         stage_busy: Vec::new(),
+        stage_hop_ms: Vec::new(),
     })
 }

@@ -526,75 +526,133 @@ impl State {
 }
 
 impl State {
-    /// Loads probe stages and times decode-shaped micro-batches through them: `1..2` is one bare
-    /// layer, `0..1` adds the embedding, `n-1..n` adds the head; differences give each part.
+    /// Loads three probe stages of a few layers each and times decode-shaped micro-batches through
+    /// them: bare layers (`1..1+p`), the same with the embedding (`0..p`) and with the head
+    /// (`n-p..n`); differences give each part. The probes take turns step by step and each keeps its
+    /// fastest step, so a slow moment of a shared machine lands on all three instead of skewing one
+    /// difference: one-layer probes timed one after another varied by ±30% and by 2× for the head,
+    /// which moved the planner's split by several layers between runs.
     fn calibrate(&mut self, rows: usize, context: usize) -> Result<Calibration, WorkerError> {
         let n = self.model.config.num_layers;
         let rows = rows.clamp(1, 64);
-        let context = context.clamp(1, self.model.config.context_length.saturating_sub(8).max(1));
+        let context = context.clamp(
+            1,
+            self.model
+                .config
+                .context_length
+                .saturating_sub(PROBE_STEPS + 1)
+                .max(1),
+        );
         let dtype = self.options.compute_dtype(&self.model, &self.device)?;
-        let probe = |range: Range<usize>| -> Result<(Duration, usize), WorkerError> {
-            let mut stage = Stage::load(&self.model, range, &self.device, dtype, self.options)?;
-            let time = time_decode(&mut stage, rows, context)?;
-            Ok((time, stage.weight_bytes()))
-        };
-        let (bare, bare_bytes) = if n >= 3 { probe(1..2)? } else { probe(0..1)? };
-        let (first, first_bytes) = probe(0..1)?;
-        let (last, last_bytes) = probe(n - 1..n)?;
+        let layers = n.saturating_sub(2).clamp(1, PROBE_LAYERS);
+        let bare = if n >= 3 { 1..1 + layers } else { 0..1 };
+        let mut probes = [bare, 0..layers, n - layers..n]
+            .into_iter()
+            .map(|range| {
+                let stage = Stage::load(&self.model, range, &self.device, dtype, self.options)?;
+                Probe::prefilled(stage, rows, context)
+            })
+            .collect::<Result<Vec<_>, WorkerError>>()?;
+        let mut best = [Duration::MAX; 3];
+        for step in 0..PROBE_STEPS {
+            for (probe, best) in probes.iter_mut().zip(&mut best) {
+                let time = probe.decode_step(context + step)?;
+                if step >= UNTIMED_STEPS {
+                    *best = (*best).min(time);
+                }
+            }
+        }
+        let bytes: Vec<usize> = probes.iter().map(|p| p.stage.weight_bytes()).collect();
+        for probe in &mut probes {
+            probe.stage.clear_scratch();
+        }
+        let [bare, first, last] = best;
         Ok(Calibration {
             rows,
-            layer: bare,
+            layer: bare / layers as u32,
             embedding: first.saturating_sub(bare),
             head: last.saturating_sub(bare),
-            layer_bytes: bare_bytes,
-            embedding_bytes: first_bytes.saturating_sub(bare_bytes),
-            head_bytes: last_bytes.saturating_sub(bare_bytes),
+            layer_bytes: bytes[0] / layers,
+            embedding_bytes: bytes[1].saturating_sub(bytes[0]),
+            head_bytes: bytes[2].saturating_sub(bytes[0]),
         })
     }
 }
 
-/// The fastest of a few decode steps of `rows` sequences holding `context` positions each.
-fn time_decode(stage: &mut Stage, rows: usize, context: usize) -> Result<Duration, WorkerError> {
-    let hidden = stage.config().hidden_size;
-    let input = |stage: &Stage, len: usize| -> candle_core::Result<StageInput> {
+/// Layers per calibration probe.
+const PROBE_LAYERS: usize = 4;
+/// Decode steps run before the timed ones (first touches of fresh weights and buffers).
+const UNTIMED_STEPS: usize = 2;
+/// Decode steps per probe, untimed ones included.
+const PROBE_STEPS: usize = 9;
+
+/// A calibration stage with `rows` sequences in its caches.
+struct Probe {
+    stage: Stage,
+    caches: Vec<SequenceKv>,
+}
+
+impl Probe {
+    /// Loads `rows` sequences of `context` positions each.
+    fn prefilled(mut stage: Stage, rows: usize, context: usize) -> Result<Self, WorkerError> {
+        let mut caches = (0..rows)
+            .map(|_| stage.new_cache(context + PROBE_STEPS))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let prefill: Vec<Segment> = (0..rows)
+            .map(|i| Segment {
+                offset: i * context,
+                len: context,
+                start_pos: 0,
+            })
+            .collect();
+        let x = Self::input(&stage, rows * context)?;
+        stage
+            .forward(x, &prefill, &mut caches)?
+            .to_device(&Device::Cpu)?;
+        Ok(Self { stage, caches })
+    }
+
+    /// Placeholder input of `len` positions (token ids or zero hidden states).
+    fn input(stage: &Stage, len: usize) -> candle_core::Result<StageInput> {
         Ok(if stage.is_first() {
             StageInput::Tokens(vec![1; len])
         } else {
+            let hidden = stage.config().hidden_size;
             StageInput::Hidden(Tensor::zeros((len, hidden), stage.dtype(), stage.device())?)
         })
-    };
-    let mut caches = (0..rows)
-        .map(|_| stage.new_cache(context + 4))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let prefill: Vec<Segment> = (0..rows)
-        .map(|i| Segment {
-            offset: i * context,
-            len: context,
-            start_pos: 0,
-        })
-        .collect();
-    let x = input(stage, rows * context)?;
-    stage
-        .forward(x, &prefill, &mut caches)?
-        .to_device(&Device::Cpu)?;
-    let mut best = Duration::MAX;
-    for step in 0..3 {
-        let segments: Vec<Segment> = (0..rows)
+    }
+
+    /// Times one decode step of every sequence at position `pos` as the engine finishes it: hidden
+    /// states copied back, or (last stage) a greedy token sampled per row, whose cost is the head's
+    /// too (on a CPU last stage, sampling 49152-wide rows was a tenth of its step).
+    fn decode_step(&mut self, pos: usize) -> Result<Duration, WorkerError> {
+        let segments: Vec<Segment> = (0..self.caches.len())
             .map(|i| Segment {
                 offset: i,
                 len: 1,
-                start_pos: context + step,
+                start_pos: pos,
             })
             .collect();
-        let x = input(stage, rows)?;
+        let x = Self::input(&self.stage, segments.len())?;
+        let greedy: Vec<SequenceStep> = segments
+            .iter()
+            .map(|s| SequenceStep {
+                seq_id: s.offset as u64,
+                start_pos: s.start_pos,
+                input: StepInput::Tokens(vec![1]),
+                sampling: Some(SamplingParams::GREEDY),
+                top_logprobs: 0,
+            })
+            .collect();
         let started = Instant::now();
-        stage
-            .forward(x, &segments, &mut caches)?
-            .to_device(&Device::Cpu)?;
-        best = best.min(started.elapsed());
+        let out = self.stage.forward(x, &segments, &mut self.caches)?;
+        if self.stage.is_last() {
+            sample_rows(&out, &greedy)?;
+        } else {
+            out.to_device(&Device::Cpu)?;
+        }
+        Ok(started.elapsed())
     }
-    stage.clear_scratch();
-    Ok(best)
 }
 
 /// Picks each sequence's next token from the last stage's logits `[sequences, vocab]`.

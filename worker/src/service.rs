@@ -156,9 +156,10 @@ async fn forward_once(
             output: Some(output),
         });
     }
-    tracing::trace!(
+    tracing::debug!(
         step = r.step_id,
         compute_us = result.forward_time.as_micros() as u64,
+        handler_us = started.elapsed().as_micros() as u64,
         "forward"
     );
     Ok(v1::ForwardResponse {
