@@ -224,6 +224,26 @@ impl Layer {
         values: &Tensor,
         batch: &DecodeBatch,
     ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(lens) = &batch.lens {
+            let scale = if self.q_prescaled {
+                1.0
+            } else {
+                1.0 / (self.head_dim as f32).sqrt()
+            };
+            let n = batch.sequences;
+            let q = q.reshape((n, self.num_heads, self.head_dim))?;
+            return super::paged_attention::decode_attention(
+                &q,
+                keys,
+                values,
+                &batch.gather,
+                lens,
+                batch.len,
+                scale,
+            )?
+            .reshape((n, self.num_heads * self.head_dim));
+        }
         let (n, len) = (batch.sequences, batch.len);
         let group = self.num_heads / self.num_kv_heads;
         let q = q

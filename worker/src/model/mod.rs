@@ -6,6 +6,7 @@
 //!   (accelerators) and per-stage tables.
 //! - [`weights`], [`linear`]: reading tensors from GGUF or safetensors; quantized or dense projections.
 //! - [`q4_1`]: strata's AVX2 matmul for Q4_1 weights on the CPU.
+//! - `paged_attention` (CUDA builds): decode attention from the paged pool in one kernel.
 //! - [`sampling`]: choosing the next token from logits on the last stage.
 
 pub mod kv_cache;
@@ -13,6 +14,8 @@ pub mod kv_pool;
 pub mod layer;
 pub mod linear;
 pub mod mask;
+#[cfg(feature = "cuda")]
+pub mod paged_attention;
 pub mod paged_step;
 pub mod phase_timer;
 pub mod q4_1;
@@ -23,4 +26,15 @@ pub mod stage;
 pub mod weights;
 
 pub use layer::Segment;
+
+/// Whether this build runs paged decode attention as one CUDA kernel for heads of size `head_dim`.
+pub fn paged_attention_supported(head_dim: usize) -> bool {
+    #[cfg(feature = "cuda")]
+    return paged_attention::supports_head_dim(head_dim);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = head_dim;
+        false
+    }
+}
 pub use stage::{KvLayout, Stage, StageInput, StageOptions};

@@ -17,6 +17,9 @@ pub struct DecodeBatch {
     /// Additive mask `[1, sequences, 1, len]`: 0 for a sequence's own positions, -inf for padding;
     /// `None` when every history is `len` long (nothing padded).
     pub mask: Option<Tensor>,
+    /// History length of each sequence, new position included, `[sequences]` (u32): built only
+    /// for the fused CUDA kernel, which reads `gather` up to these lengths and needs no mask.
+    pub lens: Option<Tensor>,
     pub sequences: usize,
     /// The longest history in the batch, new position included.
     pub len: usize,
@@ -44,6 +47,8 @@ pub struct PagedStep {
 
 impl PagedStep {
     /// `caches[s]` holds pages for every position of `segments[s]` (reserved by the caller).
+    /// `fused_attention`: decode attention runs as one kernel (lengths instead of a mask).
+    #[allow(clippy::too_many_arguments)]
     pub fn plan(
         segments: &[Segment],
         caches: &[SequenceKv],
@@ -51,6 +56,7 @@ impl PagedStep {
         head_dim: usize,
         dtype: DType,
         device: &Device,
+        fused_attention: bool,
     ) -> Result<Self> {
         let pages = |s: usize| {
             caches[s]
@@ -87,7 +93,17 @@ impl PagedStep {
                 mask.extend((0..len).map(|p| if p < own { 0f32 } else { f32::NEG_INFINITY }));
             }
             let n = decoding.len();
-            let padded = decoding.iter().any(|&s| segments[s].start_pos + 1 < len);
+            let padded =
+                !fused_attention && decoding.iter().any(|&s| segments[s].start_pos + 1 < len);
+            let lens = fused_attention
+                .then(|| {
+                    let lens: Vec<u32> = decoding
+                        .iter()
+                        .map(|&s| (segments[s].start_pos + 1) as u32)
+                        .collect();
+                    Tensor::from_vec(lens, n, device)
+                })
+                .transpose()?;
             let rows = (n < segments.len())
                 .then(|| {
                     let rows: Vec<u32> = decoding
@@ -103,6 +119,7 @@ impl PagedStep {
                 mask: padded
                     .then(|| Tensor::from_vec(mask, (1, n, 1, len), device)?.to_dtype(dtype))
                     .transpose()?,
+                lens,
                 sequences: n,
                 len,
             })

@@ -28,6 +28,9 @@ pub struct StageOptions {
     pub fast_kernels: bool,
     /// Concatenate dense q/k/v and gate/up weights so each group is one matmul.
     pub fuse_projections: bool,
+    /// On CUDA, run decode attention from the paged pool as one kernel (`paged_attention.rs`)
+    /// instead of gathers, matmuls, mask and softmax.
+    pub fused_attention: bool,
     /// How sequences' keys and values are stored (and so how attention is batched).
     pub kv_layout: KvLayout,
     /// Compute dtype of safetensors stages; `None` chooses per device (see [`StageOptions::compute_dtype`]).
@@ -114,6 +117,7 @@ impl Default for StageOptions {
             reuse_masks: true,
             fast_kernels: true,
             fuse_projections: true,
+            fused_attention: true,
             kv_layout: KvLayout::Auto,
             dtype: None,
         }
@@ -150,6 +154,8 @@ pub struct Stage {
     device: Device,
     dtype: DType,
     weight_bytes: usize,
+    /// Whether paged decode attention runs as one kernel here (CUDA, and a head size it handles).
+    fused_attention: bool,
 }
 
 impl Stage {
@@ -215,6 +221,9 @@ impl Stage {
                 )
             })
             .transpose()?;
+        let fused_attention = options.fused_attention
+            && device.is_cuda()
+            && super::paged_attention_supported(config.head_dim);
         Ok(Self {
             rope: RopeTable::new(&config, dtype, device, options.reuse_rope)?,
             pool,
@@ -227,6 +236,7 @@ impl Stage {
             device: device.clone(),
             dtype,
             weight_bytes,
+            fused_attention,
         })
     }
 
@@ -337,6 +347,7 @@ impl Stage {
                 self.config.head_dim,
                 self.dtype,
                 &self.device,
+                self.fused_attention,
             )?),
             None => None,
         };

@@ -1,0 +1,168 @@
+// Decode attention straight from the paged KV pool: one block per (query head, sequence).
+//
+// Replaces, per layer: two gathers of every sequence's history into padded copies, the score
+// matmul, the padding mask, the softmax and the value matmul (about ten kernels, each costing more
+// host time to launch than the device needs to run it at small batches). Compiled at run time with
+// NVRTC (no headers: half and bfloat16 are converted by hand), so the build needs no nvcc step.
+//
+// Layouts (element type T is float, __half bits or __nv_bfloat16 bits):
+//   q       [sequences, heads, D]          the step's queries, RoPE applied
+//   keys    [kv_heads, pool_rows, D]       one layer of the pool (values alike)
+//   gather  [sequences, len]               pool row of each position (only the first lens[s] are read)
+//   lens    [sequences]                    history length of each sequence, new position included
+//   out     [sequences, heads, D]
+// Each warp walks a share of the positions with an online softmax in f32; the block's warps are
+// merged at the end. Every lane owns D/32 consecutive dimensions, so a warp reads a row as one
+// coalesced transaction.
+
+#define WARPS 8
+#define TILE 4
+#define MAX_PER_LANE 8
+#define NEG_INF __int_as_float(0xff800000)
+
+struct bf16_t { unsigned short bits; };
+struct f16_t { unsigned short bits; };
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(bf16_t x) {
+    return __uint_as_float(((unsigned int)x.bits) << 16);
+}
+__device__ __forceinline__ float to_float(f16_t x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+    return f;
+}
+
+__device__ __forceinline__ void store(float *p, float x) { *p = x; }
+__device__ __forceinline__ void store(bf16_t *p, float x) {
+    unsigned int u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        p->bits = 0x7fc0;  // NaN
+        return;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    p->bits = (unsigned short)(u >> 16);
+}
+__device__ __forceinline__ void store(f16_t *p, float x) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    p->bits = h;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        x += __shfl_xor_sync(0xffffffffu, x, offset);
+    }
+    return x;
+}
+
+template <typename T>
+__device__ void paged_decode_attention(
+    const T *__restrict__ q, const T *__restrict__ keys, const T *__restrict__ values,
+    const unsigned int *__restrict__ gather, const unsigned int *__restrict__ lens,
+    T *__restrict__ out, int heads, int kv_heads, int d, int pool_rows, int len, float scale) {
+    const int head = blockIdx.x;
+    const int seq = blockIdx.y;
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int per_lane = d / 32;
+    const int kv_head = head / (heads / kv_heads);
+    const int history = (int)lens[seq];
+
+    float qv[MAX_PER_LANE];
+    float acc[MAX_PER_LANE];
+    const T *q_row = q + ((unsigned long long)seq * heads + head) * d + lane * per_lane;
+#pragma unroll
+    for (int i = 0; i < MAX_PER_LANE; i++) {
+        qv[i] = i < per_lane ? to_float(q_row[i]) * scale : 0.0f;
+        acc[i] = 0.0f;
+    }
+    const unsigned long long head_base = (unsigned long long)kv_head * pool_rows * d + lane * per_lane;
+    const unsigned int *rows = gather + (unsigned long long)seq * len;
+
+    float m = NEG_INF;
+    float l = 0.0f;
+    for (int base = warp * TILE; base < history; base += WARPS * TILE) {
+        float score[TILE];
+        // Scores of the tile's positions first (independent loads in flight together) ...
+#pragma unroll
+        for (int t = 0; t < TILE; t++) {
+            const int p = base + t;
+            float part = 0.0f;
+            if (p < history) {
+                const T *k = keys + head_base + (unsigned long long)rows[p] * d;
+#pragma unroll
+                for (int i = 0; i < MAX_PER_LANE; i++) {
+                    if (i < per_lane) part += qv[i] * to_float(k[i]);
+                }
+            }
+            score[t] = warp_sum(part);
+        }
+        // ... then one rescale of the running sums for the whole tile.
+        float tile_max = score[0];
+#pragma unroll
+        for (int t = 1; t < TILE; t++) {
+            if (base + t < history) tile_max = fmaxf(tile_max, score[t]);
+        }
+        const float m_new = fmaxf(m, tile_max);
+        const float correction = expf(m - m_new);
+        l *= correction;
+#pragma unroll
+        for (int i = 0; i < MAX_PER_LANE; i++) acc[i] *= correction;
+#pragma unroll
+        for (int t = 0; t < TILE; t++) {
+            const int p = base + t;
+            if (p < history) {
+                const float w = expf(score[t] - m_new);
+                l += w;
+                const T *v = values + head_base + (unsigned long long)rows[p] * d;
+#pragma unroll
+                for (int i = 0; i < MAX_PER_LANE; i++) {
+                    if (i < per_lane) acc[i] += w * to_float(v[i]);
+                }
+            }
+        }
+        m = m_new;
+    }
+
+    // Merge the warps: each one's (max, sum, weighted values) rescaled to the block's max.
+    __shared__ float warp_max[WARPS];
+    __shared__ float warp_sum_exp[WARPS];
+    __shared__ float warp_acc[WARPS][32 * MAX_PER_LANE];
+    if (lane == 0) {
+        warp_max[warp] = m;
+        warp_sum_exp[warp] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < MAX_PER_LANE; i++) {
+        if (i < per_lane) warp_acc[warp][lane * per_lane + i] = acc[i];
+    }
+    __syncthreads();
+    float block_max = NEG_INF;
+    for (int w = 0; w < WARPS; w++) block_max = fmaxf(block_max, warp_max[w]);
+    float total = 0.0f;
+    for (int w = 0; w < WARPS; w++) {
+        if (warp_max[w] != NEG_INF) total += warp_sum_exp[w] * expf(warp_max[w] - block_max);
+    }
+    T *out_row = out + ((unsigned long long)seq * heads + head) * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float o = 0.0f;
+        for (int w = 0; w < WARPS; w++) {
+            if (warp_max[w] != NEG_INF) o += warp_acc[w][i] * expf(warp_max[w] - block_max);
+        }
+        store(&out_row[i], o / total);
+    }
+}
+
+#define INSTANTIATE(NAME, T)                                                                    \
+    extern "C" __global__ void NAME(const T *q, const T *keys, const T *values,                 \
+                                    const unsigned int *gather, const unsigned int *lens, T *out, \
+                                    int heads, int kv_heads, int d, int pool_rows, int len,      \
+                                    float scale) {                                               \
+        paged_decode_attention<T>(q, keys, values, gather, lens, out, heads, kv_heads, d,        \
+                                  pool_rows, len, scale);                                        \
+    }
+
+INSTANTIATE(paged_decode_attention_f32, float)
+INSTANTIATE(paged_decode_attention_bf16, bf16_t)
+INSTANTIATE(paged_decode_attention_f16, f16_t)

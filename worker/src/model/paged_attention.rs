@@ -1,0 +1,186 @@
+//! Decode attention from the paged pool in one CUDA kernel (`paged_attention.cu`).
+//!
+//! The portable path (`Layer::attend_batch`) gathers every decoding sequence's keys and values into
+//! padded copies and runs score matmul, mask, softmax and value matmul: about ten kernels per layer,
+//! each costing more host time to launch (~8–10 µs) than the GPU needs to run it at small batches.
+//! This kernel reads the pool rows in place, with an online softmax in f32, and launches once.
+//! It is compiled from source with NVRTC on first use (cached per process), so the build needs no
+//! nvcc step and the PTX suits whatever card the driver finds.
+
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda::cudarc::nvrtc;
+use candle_core::cuda::{CudaStorageSlice, WrapErr};
+use candle_core::{CudaStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+
+const SOURCE: &str = include_str!("paged_attention.cu");
+const MODULE: &str = "strata_paged_attention";
+/// Warps per block; must match `WARPS` in the source.
+const WARPS: u32 = 8;
+/// Head dimensions the kernel handles: whole warps of lanes, at most 8 values per lane.
+pub fn supports_head_dim(d: usize) -> bool {
+    d.is_multiple_of(32) && d <= 256
+}
+
+/// `q: [sequences, heads, d]` attending to the pool rows `gather: [sequences × len]` (u32) of
+/// `keys, values: [kv_heads, pool_rows, d]`, of which the first `lens[s]` of each sequence's `len`
+/// are its history; `scale` multiplies the scores. Gives `[sequences, heads, d]` in `q`'s dtype.
+pub fn decode_attention(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    gather: &Tensor,
+    lens: &Tensor,
+    len: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    let op = PagedDecodeAttention {
+        gather: gather.clone(),
+        lens: lens.clone(),
+        len,
+        scale,
+    };
+    q.contiguous()?.apply_op3_no_bwd(keys, values, &op)
+}
+
+struct PagedDecodeAttention {
+    gather: Tensor,
+    lens: Tensor,
+    len: usize,
+    scale: f32,
+}
+
+/// The PTX of `paged_attention.cu`, compiled once per process.
+fn ptx() -> Result<&'static str> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    PTX.get_or_init(|| {
+        nvrtc::compile_ptx(SOURCE)
+            .map(|ptx| ptx.to_src())
+            .map_err(|e| format!("compiling the paged attention kernel: {e:?}"))
+    })
+    .as_deref()
+    .map_err(|e| candle_core::Error::Msg(e.clone()))
+}
+
+impl CustomOp3 for PagedDecodeAttention {
+    fn name(&self) -> &'static str {
+        "paged-decode-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("the paged attention kernel runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        q_layout: &Layout,
+        keys: &CudaStorage,
+        keys_layout: &Layout,
+        values: &CudaStorage,
+        values_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (sequences, heads, d) = q_layout.shape().dims3()?;
+        let (kv_heads, pool_rows, kd) = keys_layout.shape().dims3()?;
+        let len = self.len;
+        if kd != d
+            || values_layout.shape() != keys_layout.shape()
+            || self.gather.dims1()? != sequences * len
+            || self.lens.dims1()? != sequences
+            || !supports_head_dim(d)
+            || kv_heads == 0
+            || heads % kv_heads != 0
+        {
+            candle_core::bail!(
+                "paged attention: q {:?}, keys {:?}, values {:?}, gather {:?}, lens {:?}",
+                q_layout.shape(),
+                keys_layout.shape(),
+                values_layout.shape(),
+                self.gather.shape(),
+                self.lens.shape()
+            );
+        }
+        let contiguous = |layout: &Layout, what: &str| {
+            layout.contiguous_offsets().ok_or_else(|| {
+                candle_core::Error::Msg(format!("paged attention: {what} is strided"))
+            })
+        };
+        let (q0, q1) = contiguous(q_layout, "q")?;
+        let (k0, k1) = contiguous(keys_layout, "keys")?;
+        let (v0, v1) = contiguous(values_layout, "values")?;
+
+        let (gather_storage, gather_layout) = self.gather.storage_and_layout();
+        let (lens_storage, lens_layout) = self.lens.storage_and_layout();
+        let (g0, g1) = contiguous(gather_layout, "gather")?;
+        let (l0, l1) = contiguous(lens_layout, "lens")?;
+        let (Storage::Cuda(gather), Storage::Cuda(lens)) = (&*gather_storage, &*lens_storage)
+        else {
+            candle_core::bail!("paged attention: gather and lens must be on the GPU");
+        };
+        let gather = gather.as_cuda_slice::<u32>()?.slice(g0..g1);
+        let lens = lens.as_cuda_slice::<u32>()?.slice(l0..l1);
+
+        let dev = q.device().clone();
+        let config = LaunchConfig {
+            grid_dim: (heads as u32, sequences as u32, 1),
+            block_dim: (32 * WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (heads_i, kv_heads_i, d_i, pool_rows_i, len_i) = (
+            heads as i32,
+            kv_heads as i32,
+            d as i32,
+            pool_rows as i32,
+            len as i32,
+        );
+        macro_rules! launch {
+            ($variant:ident, $ty:ty, $kernel:literal) => {{
+                let (
+                    CudaStorageSlice::$variant(q),
+                    CudaStorageSlice::$variant(k),
+                    CudaStorageSlice::$variant(v),
+                ) = (&q.slice, &keys.slice, &values.slice)
+                else {
+                    candle_core::bail!("paged attention: q, keys and values must share a dtype");
+                };
+                let func = dev.get_or_load_custom_func($kernel, MODULE, ptx()?)?;
+                // SAFETY: every element is written by the kernel before it is read.
+                let out = unsafe { dev.alloc::<$ty>(sequences * heads * d)? };
+                let (q, k, v) = (q.slice(q0..q1), k.slice(k0..k1), v.slice(v0..v1));
+                let mut builder = func.builder();
+                builder.arg(&q);
+                builder.arg(&k);
+                builder.arg(&v);
+                builder.arg(&gather);
+                builder.arg(&lens);
+                builder.arg(&out);
+                builder.arg(&heads_i);
+                builder.arg(&kv_heads_i);
+                builder.arg(&d_i);
+                builder.arg(&pool_rows_i);
+                builder.arg(&len_i);
+                builder.arg(&self.scale);
+                // SAFETY: the arguments match the kernel's signature; bounds were checked above.
+                unsafe { builder.launch(config) }.w()?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let out = match &q.slice {
+            CudaStorageSlice::F32(_) => launch!(F32, f32, "paged_decode_attention_f32"),
+            CudaStorageSlice::BF16(_) => launch!(BF16, half::bf16, "paged_decode_attention_bf16"),
+            CudaStorageSlice::F16(_) => launch!(F16, half::f16, "paged_decode_attention_f16"),
+            _ => candle_core::bail!("paged attention: unsupported dtype {:?}", q.dtype()),
+        };
+        Ok((out, Shape::from((sequences, heads, d))))
+    }
+}
