@@ -102,6 +102,11 @@ impl Layer {
         })
     }
 
+    /// Whether q, k and v come out of one matmul (what the fused pool write reads).
+    pub fn has_fused_qkv(&self) -> bool {
+        matches!(self.qkv, Projections::Fused { .. })
+    }
+
     pub fn weight_bytes(&self) -> usize {
         let norms = (self.attn_norm.elem_count() + self.ffn_norm.elem_count())
             * self.attn_norm.dtype().size_in_bytes();
@@ -123,17 +128,26 @@ impl Layer {
     ) -> Result<Tensor> {
         let rows = x.dim(0)?;
         let h = candle_nn::ops::rms_norm(x, &self.attn_norm, self.eps)?;
-        let [q, k, v] = self.qkv.forward::<3>(&h)?;
-        let q = q.reshape((rows, self.num_heads, 1, self.head_dim))?;
-        let k = k.reshape((rows, self.num_kv_heads, 1, self.head_dim))?;
-        let v = v.reshape((rows, self.num_kv_heads, self.head_dim))?;
-        let q = ctx.rope.apply(&q, &ctx.cos, &ctx.sin)?.squeeze(2)?;
-        let k = ctx.rope.apply(&k, &ctx.cos, &ctx.sin)?.squeeze(2)?;
-        phase_timer::mark(x.device(), "norm, qkv, rope");
-
-        let attn = match ctx.paged {
-            Some((pool, step)) => self.attend_paged(&q, &k, &v, pool, layer, step, ctx)?,
-            None => self.attend_each(&q, &k, &v, layer, caches, ctx)?,
+        let attn = match ctx.paged.filter(|(_, step)| step.fused_write) {
+            Some((pool, step)) => self.attend_fused(&h, pool, layer, step, ctx)?,
+            None => {
+                let [q, k, v] = self.qkv.forward::<3>(&h)?;
+                let q = q.reshape((rows, self.num_heads, 1, self.head_dim))?;
+                let k = k.reshape((rows, self.num_kv_heads, 1, self.head_dim))?;
+                let v = v.reshape((rows, self.num_kv_heads, self.head_dim))?;
+                let q = ctx.rope.apply(&q, &ctx.cos, &ctx.sin)?.squeeze(2)?;
+                let k = ctx.rope.apply(&k, &ctx.cos, &ctx.sin)?.squeeze(2)?;
+                phase_timer::mark(x.device(), "norm, qkv, rope");
+                match ctx.paged {
+                    Some((pool, step)) => {
+                        let (keys, values) = pool.layer(layer);
+                        keys.scatter_set(&step.write, &k.transpose(0, 1)?.contiguous()?, 1)?;
+                        values.scatter_set(&step.write, &v.transpose(0, 1)?.contiguous()?, 1)?;
+                        self.attend_paged(&q, pool, layer, step, ctx)?
+                    }
+                    None => self.attend_each(&q, &k, &v, layer, caches, ctx)?,
+                }
+            }
         };
         phase_timer::mark(x.device(), "attention");
         let x = (x + self.o.forward(&attn)?)?;
@@ -177,22 +191,56 @@ impl Layer {
         stack_rows(outputs)
     }
 
-    /// Attention with the paged pool: one scatter writes every new row, decoding sequences attend as
-    /// one padded batch, prefill segments one by one (they are few and long).
-    #[allow(clippy::too_many_arguments)]
+    /// The fused CUDA path: one kernel rotates queries and keys out of the fused q/k/v projection and
+    /// writes keys and values into the pool, then attention reads the pool.
+    fn attend_fused(
+        &self,
+        h: &Tensor,
+        pool: &KvPool,
+        layer: usize,
+        step: &PagedStep,
+        ctx: &mut StepContext<'_>,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        {
+            let y = self.qkv.fused_output(h)?.ok_or_else(|| {
+                candle_core::Error::msg("a fused pool write needs fused q/k/v weights")
+            })?;
+            let (keys, values) = pool.layer(layer);
+            let q = super::paged_attention::rope_and_write(
+                &y,
+                &ctx.cos,
+                &ctx.sin,
+                &step.write,
+                keys,
+                values,
+                self.num_heads,
+                ctx.rope.interleaved(),
+            )?;
+            phase_timer::mark(h.device(), "norm, qkv, rope");
+            self.attend_paged(&q, pool, layer, step, ctx)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (h, pool, layer, step, ctx);
+            Err(candle_core::Error::msg(
+                "the fused pool write needs a CUDA build",
+            ))
+        }
+    }
+
+    /// Attention with the paged pool, whose rows for this step are written: decoding sequences
+    /// attend as one padded batch (or one kernel), prefill segments one by one (they are few and
+    /// long).
     fn attend_paged(
         &self,
         q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
         pool: &KvPool,
         layer: usize,
         step: &PagedStep,
         ctx: &mut StepContext<'_>,
     ) -> Result<Tensor> {
         let (keys, values) = pool.layer(layer);
-        keys.scatter_set(&step.write, &k.transpose(0, 1)?.contiguous()?, 1)?;
-        values.scatter_set(&step.write, &v.transpose(0, 1)?.contiguous()?, 1)?;
         let mut outputs = Vec::with_capacity(1 + step.prefill.len());
         if let Some(batch) = &step.decode {
             let q = match &batch.rows {
@@ -359,6 +407,15 @@ impl Projections {
             weight: Linear::Dense(Tensor::cat(&dense, 0)?),
             widths,
         })
+    }
+
+    /// The whole `[rows, Σ out_i]` result when the weights are fused, else `None`.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn fused_output(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        match self {
+            Self::Fused { weight, .. } => weight.forward(x).map(Some),
+            Self::Separate(_) => Ok(None),
+        }
     }
 
     /// The `N` outputs for `x: [rows, in]`, each `[rows, out_i]` (views of one result when fused).

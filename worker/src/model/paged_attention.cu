@@ -1,6 +1,7 @@
-// Decode attention straight from the paged KV pool: one block per (query head, sequence).
+// The paged pool's CUDA kernels: `qkv_rope_write` (RoPE, and the step's keys and values into the
+// pool) and `paged_decode_attention` (decode attention straight from the pool).
 //
-// Replaces, per layer: two gathers of every sequence's history into padded copies, the score
+// Decode attention: one block per (query head, sequence). Replaces, per layer: two gathers of every sequence's history into padded copies, the score
 // matmul, the padding mask, the softmax and the value matmul (about ten kernels, each costing more
 // host time to launch than the device needs to run it at small batches). Compiled at run time with
 // NVRTC (no headers: half and bfloat16 are converted by hand), so the build needs no nvcc step.
@@ -153,6 +154,63 @@ __device__ void paged_decode_attention(
         store(&out_row[i], o / total);
     }
 }
+
+// RoPE on a step's queries and keys and the keys and values written into the pool, in one pass
+// over the fused q/k/v projection (replacing three reshape copies, two RoPE kernels, two transposes
+// and two scatters per layer). One block per row:
+//   y       [rows, (heads + 2 kv_heads) * D] (row stride y_stride): q heads, k heads, v heads
+//   cos/sin [rows, D/2]
+//   write   [rows]                          the pool row of each new position
+//   q_out   [rows, heads, D]                rotated queries
+//   keys, values [kv_heads, pool_rows, D]   rotated keys and raw values land at row write[r]
+// `interleaved` picks the GGUF pairing (2i, 2i+1); otherwise halves (i, i + D/2), as Hugging Face.
+template <typename T>
+__device__ void qkv_rope_write(const T *__restrict__ y, int y_stride, const T *__restrict__ cos,
+                               const T *__restrict__ sin, const unsigned int *__restrict__ write,
+                               T *__restrict__ q_out, T *__restrict__ keys, T *__restrict__ values,
+                               int heads, int kv_heads, int d, int pool_rows, int interleaved) {
+    const int row = blockIdx.x;
+    const int half = d / 2;
+    const T *y_row = y + (unsigned long long)row * y_stride;
+    const T *c = cos + (unsigned long long)row * half;
+    const T *s = sin + (unsigned long long)row * half;
+    const unsigned long long pool_row = write[row];
+    const int pairs = (heads + kv_heads) * half;
+    for (int idx = threadIdx.x; idx < pairs; idx += blockDim.x) {
+        const int h = idx / half;
+        const int i = idx % half;
+        const int a = interleaved ? 2 * i : i;
+        const int b = interleaved ? 2 * i + 1 : i + half;
+        const T *x = y_row + h * d;
+        const float xa = to_float(x[a]);
+        const float xb = to_float(x[b]);
+        const float cc = to_float(c[i]);
+        const float ss = to_float(s[i]);
+        T *dst = h < heads ? q_out + ((unsigned long long)row * heads + h) * d
+                           : keys + ((unsigned long long)(h - heads) * pool_rows + pool_row) * d;
+        store(&dst[a], xa * cc - xb * ss);
+        store(&dst[b], xa * ss + xb * cc);
+    }
+    const T *v = y_row + (heads + kv_heads) * d;
+    for (int idx = threadIdx.x; idx < kv_heads * d; idx += blockDim.x) {
+        const int h = idx / d;
+        const int j = idx % d;
+        values[((unsigned long long)h * pool_rows + pool_row) * d + j] = v[h * d + j];
+    }
+}
+
+#define INSTANTIATE_WRITE(NAME, T)                                                               \
+    extern "C" __global__ void NAME(const T *y, int y_stride, const T *cos, const T *sin,        \
+                                    const unsigned int *write, T *q_out, T *keys, T *values,     \
+                                    int heads, int kv_heads, int d, int pool_rows,                \
+                                    int interleaved) {                                            \
+        qkv_rope_write<T>(y, y_stride, cos, sin, write, q_out, keys, values, heads, kv_heads, d,  \
+                          pool_rows, interleaved);                                                \
+    }
+
+INSTANTIATE_WRITE(qkv_rope_write_f32, float)
+INSTANTIATE_WRITE(qkv_rope_write_bf16, bf16_t)
+INSTANTIATE_WRITE(qkv_rope_write_f16, f16_t)
 
 #define INSTANTIATE(NAME, T)                                                                    \
     extern "C" __global__ void NAME(const T *q, const T *keys, const T *values,                 \

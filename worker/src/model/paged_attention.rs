@@ -1,4 +1,6 @@
-//! Decode attention from the paged pool in one CUDA kernel (`paged_attention.cu`).
+//! The paged pool's per-layer work in two CUDA kernels (`paged_attention.cu`): RoPE plus the step's
+//! keys and values written into the pool (`rope_and_write`), and decode attention read straight from
+//! the pool (`decode_attention`).
 //!
 //! The portable path (`Layer::attend_batch`) gathers every decoding sequence's keys and values into
 //! padded copies and runs score matmul, mask, softmax and value matmul: about ten kernels per layer,
@@ -43,6 +45,171 @@ pub fn decode_attention(
         scale,
     };
     q.contiguous()?.apply_op3_no_bwd(keys, values, &op)
+}
+
+/// From the fused q/k/v projection `y: [rows, (heads + 2 kv_heads) · d]`: rotates queries and keys
+/// with `cos, sin: [rows, d/2]` (`interleaved` pairs as GGUF, else halves), writes each row's keys
+/// and values into `keys, values: [kv_heads, pool_rows, d]` at pool row `write[r]`, and returns the
+/// rotated queries `[rows, heads, d]`.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_and_write(
+    y: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    write: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    heads: usize,
+    interleaved: bool,
+) -> Result<Tensor> {
+    let op = RopeAndWrite {
+        write: write.clone(),
+        keys: keys.clone(),
+        values: values.clone(),
+        heads,
+        interleaved,
+    };
+    y.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &op)
+}
+
+struct RopeAndWrite {
+    write: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    heads: usize,
+    interleaved: bool,
+}
+
+impl CustomOp3 for RopeAndWrite {
+    fn name(&self) -> &'static str {
+        "qkv-rope-write"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("the fused RoPE and KV write runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        y: &CudaStorage,
+        y_layout: &Layout,
+        cos: &CudaStorage,
+        cos_layout: &Layout,
+        sin: &CudaStorage,
+        sin_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, width) = y_layout.shape().dims2()?;
+        let (kv_heads, pool_rows, d) = self.keys.dims3()?;
+        let heads = self.heads;
+        let y_stride = y_layout.stride()[0];
+        if width != (heads + 2 * kv_heads) * d
+            || y_layout.stride()[1] != 1
+            || self.values.dims() != self.keys.dims()
+            || cos_layout.shape().elem_count() != rows * d / 2
+            || sin_layout.shape().elem_count() != rows * d / 2
+            || self.write.dims1()? != rows
+            || d % 2 != 0
+        {
+            candle_core::bail!(
+                "rope and write: y {:?}, cos {:?}, write {:?}, keys {:?}, {heads} heads",
+                y_layout.shape(),
+                cos_layout.shape(),
+                self.write.shape(),
+                self.keys.shape()
+            );
+        }
+        let y0 = y_layout.start_offset();
+        let y1 = y0 + (rows - 1) * y_stride + width;
+        let (c0, c1) = contiguous(cos_layout, "cos")?;
+        let (s0, s1) = contiguous(sin_layout, "sin")?;
+        let (write_storage, write_layout) = self.write.storage_and_layout();
+        let (keys_storage, keys_layout) = self.keys.storage_and_layout();
+        let (values_storage, values_layout) = self.values.storage_and_layout();
+        let (w0, w1) = contiguous(write_layout, "write")?;
+        let (k0, k1) = contiguous(keys_layout, "keys")?;
+        let (v0, v1) = contiguous(values_layout, "values")?;
+        let (Storage::Cuda(write), Storage::Cuda(keys), Storage::Cuda(values)) =
+            (&*write_storage, &*keys_storage, &*values_storage)
+        else {
+            candle_core::bail!("rope and write: the pool and the write rows must be on the GPU");
+        };
+        let write = write.as_cuda_slice::<u32>()?.slice(w0..w1);
+        let dev = y.device().clone();
+        let config = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let ints = [
+            y_stride as i32,
+            heads as i32,
+            kv_heads as i32,
+            d as i32,
+            pool_rows as i32,
+            self.interleaved as i32,
+        ];
+        macro_rules! launch {
+            ($variant:ident, $ty:ty, $kernel:literal) => {{
+                let (
+                    CudaStorageSlice::$variant(y),
+                    CudaStorageSlice::$variant(cos),
+                    CudaStorageSlice::$variant(sin),
+                    CudaStorageSlice::$variant(keys),
+                    CudaStorageSlice::$variant(values),
+                ) = (&y.slice, &cos.slice, &sin.slice, &keys.slice, &values.slice)
+                else {
+                    candle_core::bail!(
+                        "rope and write: y, cos, sin and the pool must share a dtype"
+                    );
+                };
+                let func = dev.get_or_load_custom_func($kernel, MODULE, ptx()?)?;
+                // SAFETY: every element is written by the kernel before it is read.
+                let q_out = unsafe { dev.alloc::<$ty>(rows * heads * d)? };
+                let (y, cos, sin) = (y.slice(y0..y1), cos.slice(c0..c1), sin.slice(s0..s1));
+                // The pool is written through these views: the rows at `write` belong to this
+                // step's new positions, which nothing else reads or writes until the step's
+                // attention, queued after this kernel on the same stream.
+                let (keys, values) = (keys.slice(k0..k1), values.slice(v0..v1));
+                let mut builder = func.builder();
+                builder.arg(&y);
+                builder.arg(&ints[0]);
+                builder.arg(&cos);
+                builder.arg(&sin);
+                builder.arg(&write);
+                builder.arg(&q_out);
+                builder.arg(&keys);
+                builder.arg(&values);
+                for value in &ints[1..] {
+                    builder.arg(value);
+                }
+                // SAFETY: the arguments match the kernel's signature; bounds were checked above.
+                unsafe { builder.launch(config) }.w()?;
+                CudaStorage::wrap_cuda_slice(q_out, dev.clone())
+            }};
+        }
+        let out = match &y.slice {
+            CudaStorageSlice::F32(_) => launch!(F32, f32, "qkv_rope_write_f32"),
+            CudaStorageSlice::BF16(_) => launch!(BF16, half::bf16, "qkv_rope_write_bf16"),
+            CudaStorageSlice::F16(_) => launch!(F16, half::f16, "qkv_rope_write_f16"),
+            _ => candle_core::bail!("rope and write: unsupported dtype {:?}", y.dtype()),
+        };
+        Ok((out, Shape::from((rows, heads, d))))
+    }
+}
+
+/// A contiguous layout's start and end offsets.
+fn contiguous(layout: &Layout, what: &str) -> Result<(usize, usize)> {
+    layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("paged kernels: {what} is strided")))
 }
 
 struct PagedDecodeAttention {

@@ -36,9 +36,12 @@ pub struct PrefillRead {
 
 #[derive(Debug)]
 pub struct PagedStep {
-    /// Pool row of every new row, broadcast to `[kv_heads, rows, head_dim]` (scatter wants its
-    /// indexes shaped like its source).
+    /// Pool row of every new row: `[rows]` for the fused RoPE-and-write kernel (`fused_write`),
+    /// else broadcast to `[kv_heads, rows, head_dim]` (scatter wants its indexes shaped like its
+    /// source).
     pub write: Tensor,
+    /// Whether this step's keys and values go into the pool through the fused CUDA kernel.
+    pub fused_write: bool,
     pub decode: Option<DecodeBatch>,
     pub prefill: Vec<PrefillRead>,
     /// When both kinds are present: for each batch row, its row in `[decode rows, prefill rows...]`.
@@ -47,7 +50,8 @@ pub struct PagedStep {
 
 impl PagedStep {
     /// `caches[s]` holds pages for every position of `segments[s]` (reserved by the caller).
-    /// `fused_attention`: decode attention runs as one kernel (lengths instead of a mask).
+    /// `fused_attention`: decode attention runs as one kernel (lengths instead of a mask);
+    /// `fused_write`: RoPE and the pool write run as one kernel (plain write rows).
     #[allow(clippy::too_many_arguments)]
     pub fn plan(
         segments: &[Segment],
@@ -57,6 +61,7 @@ impl PagedStep {
         dtype: DType,
         device: &Device,
         fused_attention: bool,
+        fused_write: bool,
     ) -> Result<Self> {
         let pages = |s: usize| {
             caches[s]
@@ -69,9 +74,13 @@ impl PagedStep {
             let pages = pages(s)?;
             write_rows.extend((seg.start_pos..seg.start_pos + seg.len).map(|p| pages.row(p)));
         }
-        let write = Tensor::from_vec(write_rows, (1, rows, 1), device)?
-            .broadcast_as((kv_heads, rows, head_dim))?
-            .contiguous()?;
+        let write = if fused_write {
+            Tensor::from_vec(write_rows, rows, device)?
+        } else {
+            Tensor::from_vec(write_rows, (1, rows, 1), device)?
+                .broadcast_as((kv_heads, rows, head_dim))?
+                .contiguous()?
+        };
 
         let decoding: Vec<usize> = (0..segments.len())
             .filter(|&s| segments[s].len == 1)
@@ -157,6 +166,7 @@ impl PagedStep {
         };
         Ok(Self {
             write,
+            fused_write,
             decode,
             prefill,
             restore,

@@ -63,6 +63,11 @@ impl RopeTable {
         Ok((cos.reshape(shape)?, sin.reshape(shape)?))
     }
 
+    /// Whether pairs are `(2i, 2i + 1)` (GGUF) rather than halves `(i, i + head_dim/2)`.
+    pub fn interleaved(&self) -> bool {
+        matches!(self.style, RopeStyle::Interleaved)
+    }
+
     /// Rotates `x: [rows, heads, 1, head_dim]` with tables from [`RopeTable::rows`].
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         match self.style {

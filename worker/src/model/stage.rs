@@ -4,6 +4,7 @@
 use std::ops::Range;
 
 use candle_core::{DType, Device, Result, Tensor};
+use strata_model::config::RopeStyle;
 use strata_model::{LlamaConfig, ModelFile, ModelFormat};
 
 use super::kv_cache::SequenceKv;
@@ -156,6 +157,8 @@ pub struct Stage {
     weight_bytes: usize,
     /// Whether paged decode attention runs as one kernel here (CUDA, and a head size it handles).
     fused_attention: bool,
+    /// Whether RoPE and the pool write run as one kernel here (also needs fused q/k/v weights).
+    fused_write: bool,
 }
 
 impl Stage {
@@ -224,6 +227,11 @@ impl Stage {
         let fused_attention = options.fused_attention
             && device.is_cuda()
             && super::paged_attention_supported(config.head_dim);
+        // GGUF's interleaved RoPE pairing has no dense GGUF model to be tested on here, so only
+        // the halves pairing (Hugging Face checkpoints) takes the fused write.
+        let fused_write = fused_attention
+            && config.rope_style == RopeStyle::Halves
+            && blocks.iter().all(Layer::has_fused_qkv);
         Ok(Self {
             rope: RopeTable::new(&config, dtype, device, options.reuse_rope)?,
             pool,
@@ -237,6 +245,7 @@ impl Stage {
             dtype,
             weight_bytes,
             fused_attention,
+            fused_write,
         })
     }
 
@@ -348,6 +357,7 @@ impl Stage {
                 self.dtype,
                 &self.device,
                 self.fused_attention,
+                self.fused_write,
             )?),
             None => None,
         };
