@@ -11,23 +11,15 @@ source "$here/gpu-common.sh"
 export STRATA_AUTH_TOKEN=attention-test-token-0123456789
 model="$out/tinyllama-1.1b"
 [[ -f "$model/model.safetensors" ]] || "$bin" make-model --config tinyllama-1.1b --out "$model" >/dev/null
-bench_config() {  # name workers...
-    local name="$1"; shift
-    start_coordinator 7400 "$name" even "$@" || return
-    "$bin" bench --coordinator http://127.0.0.1:7400 --concurrency 1,8,32 --max-tokens 128 \
-        --json "$out/strata-$name.json" 2>&1 | grep -E "c=" | sed "s/^/$name: /"
-    kill "$coordinator_pid"; wait "$coordinator_pid" 2>/dev/null
-    kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; sleep 1
-}
 for round in 1 2; do
-    STRATA_DTYPE=bf16 start_worker 7401 cuda:0; bench_config "one-stage-fused-$round" 127.0.0.1:7401
+    STRATA_DTYPE=bf16 start_worker 7401 cuda:0; bench_config "one-stage-fused-$round" 1,8,32 127.0.0.1:7401
     STRATA_WORKER_ARGS=--no-fused-attention STRATA_DTYPE=bf16 start_worker 7401 cuda:0
-    bench_config "one-stage-unfused-$round" 127.0.0.1:7401
+    bench_config "one-stage-unfused-$round" 1,8,32 127.0.0.1:7401
 done
 STRATA_DTYPE=bf16 start_worker 7402 cuda:0; STRATA_DTYPE=bf16 start_worker 7403 cuda:0
-bench_config two-stage-one-gpu-fused 127.0.0.1:7402 127.0.0.1:7403
+bench_config two-stage-one-gpu-fused 1,8,32 127.0.0.1:7402 127.0.0.1:7403
 STRATA_WORKER_ARGS=--no-fused-attention STRATA_DTYPE=bf16 start_worker 7402 cuda:0
 STRATA_WORKER_ARGS=--no-fused-attention STRATA_DTYPE=bf16 start_worker 7403 cuda:0
-bench_config two-stage-one-gpu-unfused 127.0.0.1:7402 127.0.0.1:7403
+bench_config two-stage-one-gpu-unfused 1,8,32 127.0.0.1:7402 127.0.0.1:7403
 "$bin" bench candle-llama --model "$model" --device cuda:0 --dtype bf16 --batch 1,32 \
     --prompt-tokens 16 --decode-tokens 128 --json "$out/candle-llama-bf16.json"

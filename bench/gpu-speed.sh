@@ -15,21 +15,13 @@ nvidia-smi -L 2>/dev/null
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 model="$out/tinyllama-1.1b"
 [[ -f "$model/model.safetensors" ]] || "$bin" make-model --config tinyllama-1.1b --out "$model" >/dev/null
-bench_config() {  # name workers...
-    local name="$1"; shift
-    start_coordinator 7400 "$name" even "$@" || return
-    "$bin" bench --coordinator http://127.0.0.1:7400 --concurrency 1,8,32 --max-tokens 128 \
-        --json "$out/strata-$name.json" 2>&1 | grep -E "c=" | sed "s/^/$name: /"
-    kill "$coordinator_pid"; wait "$coordinator_pid" 2>/dev/null
-    kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; sleep 1
-}
-STRATA_DTYPE=bf16 start_worker 7401 cuda:0; bench_config one-stage-bf16 127.0.0.1:7401
-STRATA_DTYPE=f32 start_worker 7401 cuda:0; bench_config one-stage-f32 127.0.0.1:7401
+STRATA_DTYPE=bf16 start_worker 7401 cuda:0; bench_config one-stage-bf16 1,8,32 127.0.0.1:7401
+STRATA_DTYPE=f32 start_worker 7401 cuda:0; bench_config one-stage-f32 1,8,32 127.0.0.1:7401
 STRATA_DTYPE=bf16 start_worker 7402 cuda:0; STRATA_DTYPE=bf16 start_worker 7403 cuda:0
-bench_config two-stage-one-gpu-bf16 127.0.0.1:7402 127.0.0.1:7403
+bench_config two-stage-one-gpu-bf16 1,8,32 127.0.0.1:7402 127.0.0.1:7403
 if (( gpus >= 2 )); then
     STRATA_DTYPE=bf16 start_worker 7404 cuda:0; STRATA_DTYPE=bf16 start_worker 7405 cuda:1
-    bench_config two-stage-two-gpus-bf16 127.0.0.1:7404 127.0.0.1:7405
+    bench_config two-stage-two-gpus-bf16 1,8,32 127.0.0.1:7404 127.0.0.1:7405
 fi
 for dtype in f32 bf16; do
     "$bin" bench candle-llama --model "$model" --device cuda:0 --dtype "$dtype" --batch 1,8,32 \
