@@ -5,7 +5,7 @@
 # stages on one GPU at concurrency 1, bf16, TinyLlama
 # shape; prints medians per configuration and worker. With STRATA_PHASE_TIMES=1 in the environment
 # the workers also synchronize after each phase of a step and report each phase's share.
-# Usage: bench/gpu-timing.sh BINARY [OUT_DIR]
+# Usage: bench/gpu-timing.sh BINARY [OUT_DIR] [stages]   (`stages`: only 1 vs 2 stages at c=1, twice)
 set -uo pipefail
 bin=${1:?strata binary}; base=${2:-/tmp/strata-timing}
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -47,6 +47,13 @@ if phases:
 PY
     done
 }
+if [[ ${3:-} == stages ]]; then
+    for round in 1 2; do
+        run "one-stage-c1-$round" 1 7501
+        run "two-stage-c1-$round" 1 7503 7504
+    done
+    exit 0
+fi
 run one-stage-c1 1 7501
 STRATA_WORKER_ARGS=--no-fused-projections run one-stage-c1-unfused 1 7505
 run one-stage-c1-again 1 7506
