@@ -1,3 +1,5 @@
+# shellcheck shell=bash
+# shellcheck disable=SC2154 # bin, model and out are set by the script that sources this file
 # Sourced by the bench/gpu-*.sh scripts: the CUDA runtime libraries on the loader path, and helpers
 # that start workers and a coordinator for `$bin` on `$model`, logging into `$out`.
 
@@ -39,5 +41,5 @@ bench_config() {
     "$bin" bench --coordinator http://127.0.0.1:7400 --concurrency "$concurrency" --max-tokens 128 \
         --json "$out/strata-$name.json" 2>&1 | grep -E "c=" | sed "s/^/$name: /"
     kill "$coordinator_pid"; wait "$coordinator_pid" 2>/dev/null
-    kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; sleep 1
+    jobs -p | xargs -r kill 2>/dev/null; wait 2>/dev/null; sleep 1
 }

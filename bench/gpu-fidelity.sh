@@ -32,7 +32,7 @@ export STRATA_DTYPE=f32
 start_worker 7301 "$gpu"; run_config one-stage even 127.0.0.1:7301
 start_worker 7302 "$gpu"; start_worker 7303 "$gpu"; run_config two-stage even 127.0.0.1:7302 127.0.0.1:7303
 start_worker 7304 "$gpu"; start_worker 7305 cpu; run_config mixed even 127.0.0.1:7304 127.0.0.1:7305
-kill $(jobs -p) 2>/dev/null
+jobs -p | xargs -r kill 2>/dev/null
 unset STRATA_DTYPE
 # Whole logits at the last position of prompt + generated tokens.
 python3 -c "import json,sys; print(json.dumps([r['prompt_ids'] + r['token_ids'] for r in map(json.loads, open(sys.argv[1]))]))" \

@@ -12,7 +12,7 @@ nvidia-smi -L
 sleep 3
 "$bin" coordinator --listen 127.0.0.1:7170 --workers 127.0.0.1:7171,127.0.0.1:7172 --split 0-2,2-4 \
   --model "$out/tiny" 2>"$out/coord.log" &
-for i in $(seq 60); do "$bin" generate --coordinator http://127.0.0.1:7170 --prompt hi --max-tokens 1 >/dev/null 2>&1 && break; sleep 1; done
+for _ in $(seq 60); do "$bin" generate --coordinator http://127.0.0.1:7170 --prompt hi --max-tokens 1 >/dev/null 2>&1 && break; sleep 1; done
 p="hello world, again"
 mixed=$("$bin" generate --coordinator http://127.0.0.1:7170 --json --ignore-eos --max-tokens 32 --prompt "$p" | tail -1)
 cpu=$("$bin" generate --local 1 --model "$out/tiny" --json --ignore-eos --max-tokens 32 --prompt "$p" | tail -1)
@@ -27,7 +27,7 @@ kill %1 %2 %3 2>/dev/null; sleep 1
 "$bin" worker --listen 127.0.0.1:7181 --device cuda:0 --model "$out/tinyllama" 2>"$out/w-tl.log" &
 sleep 2
 "$bin" coordinator --listen 127.0.0.1:7180 --workers 127.0.0.1:7181 --split even --model "$out/tinyllama" 2>"$out/coord-tl.log" &
-for i in $(seq 120); do "$bin" generate --coordinator http://127.0.0.1:7180 --prompt hi --max-tokens 1 >/dev/null 2>&1 && break; sleep 1; done
+for _ in $(seq 120); do "$bin" generate --coordinator http://127.0.0.1:7180 --prompt hi --max-tokens 1 >/dev/null 2>&1 && break; sleep 1; done
 for c in 1 8; do "$bin" bench --coordinator http://127.0.0.1:7180 --concurrency $c --max-tokens 128 2>&1 | tail -1; done
 kill %4 %5 2>/dev/null
 grep -iE "warmup|error" "$out"/*.log | head -20

@@ -20,7 +20,7 @@ run() {  # name concurrency workers...
     local addrs=(); for w in "$@"; do addrs+=("127.0.0.1:$w"); done
     start_coordinator 7500 "$name" even "${addrs[@]}" || return
     "$bin" bench --coordinator http://127.0.0.1:7500 --concurrency "$c" --max-tokens 64 2>&1 | grep "c="
-    kill "$coordinator_pid"; kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; sleep 1
+    kill "$coordinator_pid"; jobs -p | xargs -r kill 2>/dev/null; wait 2>/dev/null; sleep 1
     for w in "$@"; do python3 - "$out/w$w/workers.log" "$name worker $w" <<'PY'
 import json, statistics, sys
 rows = {}

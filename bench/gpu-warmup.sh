@@ -21,7 +21,7 @@ for r in $(seq "$rounds"); do
     # The coordinator binds its port at once and serves once its stages are loaded (and warmed up,
     # unless --no-warmup): its log says when.
     done_line="stages warmed up"; [ $mode = cold ] && done_line="stages loaded"
-    for i in $(seq 1200); do grep -q "$done_line" "$out/coordinator-$mode.log" && break; sleep 0.1; done
+    for _ in $(seq 1200); do grep -q "$done_line" "$out/coordinator-$mode.log" && break; sleep 0.1; done
     ready=$(python3 -c "import time;print(round(time.time()-$start,2))")
     ttft=$("$bin" generate --coordinator http://127.0.0.1:7190 --json --max-tokens 8 --prompt "hello world" | tail -1 | python3 -c "import json,sys;print(round(json.load(sys.stdin)['ttft_ms'],1))")
     echo "round $r $mode: ready after ${ready}s, first request TTFT ${ttft} ms"

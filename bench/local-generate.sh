@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bin=./target/release/strata
 tokens=${1:-64}; runs=${2:-5}
 prompt="Once upon a time, there was a little"
-for i in $(seq "$runs"); do
+for _ in $(seq "$runs"); do
   for n in 1 2; do
     $bin generate --local "$n" --json --temperature 0 --ignore-eos --max-tokens "$tokens" --prompt "$prompt" 2>/dev/null \
       | python3 -c "import json,sys; d=json.loads(sys.stdin.read().splitlines()[-1]); print($n, round(d['decode_tokens_per_s'],1), round(d['tokens_per_s'],1), round(d['ttft_ms'],1))"
