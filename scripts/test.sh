@@ -32,6 +32,10 @@ for example in test_pipeline test_batch_inference test_streaming_inference profi
 done
 echo "examples: 5 passed, 0 failed"
 
+echo "=== shell scripts (shellcheck)"
+shellcheck -x -P SCRIPTDIR scripts/*.sh bench/*.sh .ci/run client/tests/netns/*.sh
+echo "shell scripts: clean"
+
 echo "=== deploy/ validators"
 deploy/validate.sh "$release/strata"
 

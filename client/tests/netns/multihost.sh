@@ -49,6 +49,7 @@ in_ns() { local ns="$1"; shift; ip netns exec "$prefix-$ns" "$@"; }
 # Runs a server inside a namespace, its real pid in $work/NAME.pid (ip netns exec may fork).
 spawn_in() {  # ns name command...
     local ns="$1" name="$2"; shift 2
+    # shellcheck disable=SC2016 # expanded by the inner shell: its own pid, then the command
     ip netns exec "$prefix-$ns" bash -c 'echo $$ > "$0"; exec "$@"' "$work/$name.pid" "$@" &
     pids+=($!)
 }
