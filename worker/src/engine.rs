@@ -33,6 +33,9 @@ pub struct EngineLimits {
     pub max_batch_rows: usize,
     /// Bytes all KV caches together may take; a Forward that could grow them past it is refused.
     pub max_cache_bytes: usize,
+    /// How long the compute thread polls for the next job before it sleeps; `None` chooses by
+    /// device (see [`default_idle_spin`]).
+    pub idle_spin: Option<Duration>,
 }
 
 impl Default for EngineLimits {
@@ -41,7 +44,21 @@ impl Default for EngineLimits {
             max_sequences: 256,
             max_batch_rows: 16_384,
             max_cache_bytes: usize::MAX,
+            idle_spin: None,
         }
+    }
+}
+
+/// 1 ms on accelerators, none on the CPU. A GPU stage's compute thread only launches kernels, and a
+/// parked thread on the lent VMs took tens of µs to wake: polling for a millisecond after each job
+/// cut each hop between two stages on one H100 by ~0.03 ms (0.20–0.21 vs 0.23–0.26 ms) and raised
+/// their batch-1 speed by 10–19% in two alternated rounds, for one host core kept busy while steps
+/// keep coming. A CPU stage's compute thread needs its core for the matmuls of the other stages.
+pub fn default_idle_spin(device: &Device) -> Duration {
+    if device.is_cpu() {
+        Duration::ZERO
+    } else {
+        Duration::from_millis(1)
     }
 }
 
@@ -190,8 +207,11 @@ impl Engine {
             .build()
             .map_err(|e| WorkerError::Internal(format!("cannot start compute threads: {e}")))?;
         // The loop holds one pool thread for the worker's lifetime; it ends when every handle is gone.
+        let spin = limits
+            .idle_spin
+            .unwrap_or_else(|| default_idle_spin(&state.device));
         pool.spawn(move || {
-            while let Ok(job) = queue.recv() {
+            while let Some(job) = next_job(&queue, spin) {
                 state.run(job);
             }
         });
@@ -577,6 +597,24 @@ impl State {
             head_bytes: bytes[2].saturating_sub(bytes[0]),
         })
     }
+}
+
+/// The next job: polled for up to `spin` first (see [`default_idle_spin`]), then waited for.
+fn next_job(queue: &mpsc::Receiver<Job>, spin: Duration) -> Option<Job> {
+    if !spin.is_zero() {
+        let deadline = Instant::now() + spin;
+        loop {
+            match queue.try_recv() {
+                Ok(job) => return Some(job),
+                Err(mpsc::TryRecvError::Disconnected) => return None,
+                Err(mpsc::TryRecvError::Empty) if Instant::now() < deadline => {
+                    std::hint::spin_loop()
+                }
+                Err(mpsc::TryRecvError::Empty) => break,
+            }
+        }
+    }
+    queue.recv().ok()
 }
 
 /// Layers per calibration probe.

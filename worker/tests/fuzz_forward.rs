@@ -196,6 +196,8 @@ async fn stage(model: &ModelFile, layers: std::ops::Range<usize>) -> Target {
         max_sequences: 8,
         max_batch_rows: 256,
         max_cache_bytes: 8 << 20,
+        // The compute thread polls between jobs as on a GPU, so that path runs under the fuzzer too.
+        idle_spin: Some(std::time::Duration::from_micros(200)),
     };
     let engine = Engine::start(
         model.clone(),

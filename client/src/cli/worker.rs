@@ -34,6 +34,10 @@ pub struct WorkerArgs {
     /// Requests that would grow past it are refused with RESOURCE_EXHAUSTED instead of running out.
     #[arg(long, env = "STRATA_MAX_CACHE_MIB")]
     max_cache_mib: Option<usize>,
+    /// Microseconds the compute thread polls for the next step before it sleeps (default: 1000 on
+    /// a GPU, where it saves a thread wake-up per hop; 0 on the CPU). 0 turns polling off.
+    #[arg(long, env = "STRATA_IDLE_SPIN_US")]
+    idle_spin_us: Option<u64>,
     /// Largest gRPC message, in MiB.
     #[arg(long, env = "STRATA_MAX_MESSAGE_MIB", default_value_t = strata_worker::server::DEFAULT_MAX_MESSAGE_BYTES >> 20)]
     max_message_mib: usize,
@@ -111,6 +115,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             max_cache_bytes: args
                 .max_cache_mib
                 .map_or_else(default_cache_bytes, |mib| mib << 20),
+            idle_spin: args.idle_spin_us.map(std::time::Duration::from_micros),
             ..EngineLimits::default()
         },
         max_message_bytes: args.max_message_mib << 20,
