@@ -5,9 +5,10 @@
 //! The portable path (`Layer::attend_batch`) gathers every decoding sequence's keys and values into
 //! padded copies and runs score matmul, mask, softmax and value matmul: about ten kernels per layer,
 //! each costing more host time to launch (~8–10 µs) than the GPU needs to run it at small batches.
-//! This kernel reads the pool rows in place, with an online softmax in f32, and launches once.
-//! It is compiled from source with NVRTC on first use (cached per process), so the build needs no
-//! nvcc step and the PTX suits whatever card the driver finds.
+//! The attention kernel reads the pool rows in place, with an online softmax in f32, and launches
+//! once; the write kernel replaces the reshape copies, RoPE kernels, transposes and scatters before
+//! it. Both are compiled from source with NVRTC on first use (cached per process), so the build needs
+//! no nvcc step and the PTX suits whatever card the driver finds.
 
 use std::sync::OnceLock;
 
@@ -225,7 +226,7 @@ fn ptx() -> Result<&'static str> {
     PTX.get_or_init(|| {
         nvrtc::compile_ptx(SOURCE)
             .map(|ptx| ptx.to_src())
-            .map_err(|e| format!("compiling the paged attention kernel: {e:?}"))
+            .map_err(|e| format!("compiling the paged pool kernels: {e:?}"))
     })
     .as_deref()
     .map_err(|e| candle_core::Error::Msg(e.clone()))
