@@ -672,16 +672,20 @@ impl Probe {
             })
             .collect();
         let x = Self::input(&self.stage, segments.len())?;
-        let greedy: Vec<SequenceStep> = segments
-            .iter()
-            .map(|s| SequenceStep {
-                seq_id: s.offset as u64,
-                start_pos: s.start_pos,
-                input: StepInput::Tokens(vec![1]),
-                sampling: Some(SamplingParams::GREEDY),
-                top_logprobs: 0,
-            })
-            .collect();
+        let greedy: Vec<SequenceStep> = if self.stage.is_last() {
+            segments
+                .iter()
+                .map(|s| SequenceStep {
+                    seq_id: s.offset as u64,
+                    start_pos: s.start_pos,
+                    input: StepInput::Tokens(vec![1]),
+                    sampling: Some(SamplingParams::GREEDY),
+                    top_logprobs: 0,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let started = Instant::now();
         let out = self.stage.forward(x, &segments, &mut self.caches)?;
         if self.stage.is_last() {

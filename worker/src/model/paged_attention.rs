@@ -137,11 +137,9 @@ impl CustomOp3 for RopeAndWrite {
         let (w0, w1) = contiguous(write_layout, "write")?;
         let (k0, k1) = contiguous(keys_layout, "keys")?;
         let (v0, v1) = contiguous(values_layout, "values")?;
-        let (Storage::Cuda(write), Storage::Cuda(keys), Storage::Cuda(values)) =
-            (&*write_storage, &*keys_storage, &*values_storage)
-        else {
-            candle_core::bail!("rope and write: the pool and the write rows must be on the GPU");
-        };
+        let write = on_gpu(&write_storage, "write")?;
+        let keys = on_gpu(&keys_storage, "keys")?;
+        let values = on_gpu(&values_storage, "values")?;
         let write = write.as_cuda_slice::<u32>()?.slice(w0..w1);
         let dev = y.device().clone();
         let config = LaunchConfig {
@@ -203,6 +201,14 @@ impl CustomOp3 for RopeAndWrite {
             _ => candle_core::bail!("rope and write: unsupported dtype {:?}", y.dtype()),
         };
         Ok((out, Shape::from((rows, heads, d))))
+    }
+}
+
+/// The CUDA storage of a tensor the op reads beside its three inputs.
+fn on_gpu<'a>(storage: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
+    match storage {
+        Storage::Cuda(storage) => Ok(storage),
+        _ => candle_core::bail!("paged kernels: {what} must be on the GPU"),
     }
 }
 
@@ -278,11 +284,6 @@ impl CustomOp3 for PagedDecodeAttention {
                 self.lens.shape()
             );
         }
-        let contiguous = |layout: &Layout, what: &str| {
-            layout.contiguous_offsets().ok_or_else(|| {
-                candle_core::Error::Msg(format!("paged attention: {what} is strided"))
-            })
-        };
         let (q0, q1) = contiguous(q_layout, "q")?;
         let (k0, k1) = contiguous(keys_layout, "keys")?;
         let (v0, v1) = contiguous(values_layout, "values")?;
@@ -291,10 +292,8 @@ impl CustomOp3 for PagedDecodeAttention {
         let (lens_storage, lens_layout) = self.lens.storage_and_layout();
         let (g0, g1) = contiguous(gather_layout, "gather")?;
         let (l0, l1) = contiguous(lens_layout, "lens")?;
-        let (Storage::Cuda(gather), Storage::Cuda(lens)) = (&*gather_storage, &*lens_storage)
-        else {
-            candle_core::bail!("paged attention: gather and lens must be on the GPU");
-        };
+        let gather = on_gpu(&gather_storage, "gather")?;
+        let lens = on_gpu(&lens_storage, "lens")?;
         let gather = gather.as_cuda_slice::<u32>()?.slice(g0..g1);
         let lens = lens.as_cuda_slice::<u32>()?.slice(l0..l1);
 

@@ -88,28 +88,31 @@ impl PagedStep {
         let decode = if decoding.is_empty() {
             None
         } else {
-            let len = decoding
+            // Each decoding sequence's history length, new position included.
+            let own: Vec<usize> = decoding
                 .iter()
                 .map(|&s| segments[s].start_pos + 1)
-                .max()
-                .unwrap_or(1);
+                .collect();
+            let len = own.iter().copied().max().unwrap_or(1);
             let mut gather = Vec::with_capacity(decoding.len() * len);
-            let mut mask = Vec::with_capacity(decoding.len() * len);
-            for &s in &decoding {
+            for (&s, &own) in decoding.iter().zip(&own) {
                 let pages = pages(s)?;
-                let own = segments[s].start_pos + 1;
                 gather.extend((0..len).map(|p| pages.row(if p < own { p } else { 0 })));
-                mask.extend((0..len).map(|p| if p < own { 0f32 } else { f32::NEG_INFINITY }));
             }
             let n = decoding.len();
-            let padded =
-                !fused_attention && decoding.iter().any(|&s| segments[s].start_pos + 1 < len);
+            let padded = !fused_attention && own.iter().any(|&o| o < len);
+            let mask = || {
+                let mask: Vec<f32> = own
+                    .iter()
+                    .flat_map(|&own| {
+                        (0..len).map(move |p| if p < own { 0f32 } else { f32::NEG_INFINITY })
+                    })
+                    .collect();
+                Tensor::from_vec(mask, (1, n, 1, len), device)?.to_dtype(dtype)
+            };
             let lens = fused_attention
                 .then(|| {
-                    let lens: Vec<u32> = decoding
-                        .iter()
-                        .map(|&s| (segments[s].start_pos + 1) as u32)
-                        .collect();
+                    let lens: Vec<u32> = own.iter().map(|&o| o as u32).collect();
                     Tensor::from_vec(lens, n, device)
                 })
                 .transpose()?;
@@ -125,9 +128,7 @@ impl PagedStep {
             Some(DecodeBatch {
                 rows,
                 gather: Tensor::from_vec(gather, n * len, device)?,
-                mask: padded
-                    .then(|| Tensor::from_vec(mask, (1, n, 1, len), device)?.to_dtype(dtype))
-                    .transpose()?,
+                mask: padded.then(mask).transpose()?,
                 lens,
                 sequences: n,
                 len,

@@ -43,7 +43,7 @@ pub fn sample(logits: &[f32], params: &SamplingParams, position: u64, top_n: usi
     let logprob = |id: usize| (logits[id] as f64 - log_norm) as f32;
 
     let id = if params.temperature <= 0.0 {
-        argmax(logits)
+        argmax(logits, max)
     } else {
         draw(logits, params, position)
     };
@@ -157,12 +157,11 @@ fn exp_nonpositive(x: f32) -> f32 {
     p * f32::from_bits(exponent)
 }
 
-/// The index of the largest logit; the lowest index among equals (NaN never wins; 0 for a row
-/// without numbers). Blocks are tested whole for the maximum (vectorized) and only the block
-/// holding it is searched.
-fn argmax(logits: &[f32]) -> usize {
+/// The index of the largest logit, `max` (from [`max_of`]); the lowest index among equals (NaN never
+/// wins; 0 for a row without numbers). Blocks are tested whole for the maximum (vectorized) and only
+/// the block holding it is searched.
+fn argmax(logits: &[f32], max: f32) -> usize {
     const BLOCK: usize = 64;
-    let max = max_of(logits);
     for (b, block) in logits.chunks(BLOCK).enumerate() {
         if block.iter().fold(false, |hit, &x| hit | (x == max)) {
             let i = block
