@@ -71,6 +71,25 @@ impl Cli {
         }
     }
 
+    /// Threads of this process's async runtime: `Some(0)` for a single-threaded one. A worker's
+    /// runtime only moves messages between its sockets and its compute thread, and on one thread
+    /// each hand-off between its tasks is a queue push instead of waking another thread (a 2-stage
+    /// pipeline on 2 cores: hop per step 0.5 instead of 0.6-0.8 ms, decode +9%; BENCHMARKS.md).
+    /// Other roles tokenize and serve clients on theirs and keep one thread per core.
+    /// `STRATA_IO_THREADS` overrides it (for measurements).
+    pub fn io_threads(&self) -> Option<usize> {
+        if let Some(n) = std::env::var("STRATA_IO_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            return Some(n);
+        }
+        match self.command {
+            Command::Worker(_) => Some(0),
+            _ => None,
+        }
+    }
+
     /// Servers log at info; client commands only warn, so their output stays clean.
     pub fn default_log_level(&self) -> &'static str {
         match self.command {
