@@ -415,6 +415,18 @@ impl Pipeline {
 
 /// `STRATA_UNARY_FORWARD=1` sends each step as a unary `Forward` call instead of over the stage's
 /// stream: kept only to measure what the stream saves.
+/// The dtype stages return hidden states in: each stage's own compute dtype (unspecified), so a bf16
+/// stage ships bf16 (half the bytes, no conversion kernels on either side) and the next stage converts
+/// only if its dtype differs, exactly as it would from f32. `STRATA_WIRE_F32=1` asks for f32 (the old
+/// behaviour, kept to measure the difference).
+pub fn hidden_wire_dtype() -> v1::DType {
+    if std::env::var("STRATA_WIRE_F32").is_ok_and(|v| v == "1") {
+        v1::DType::DtypeF32
+    } else {
+        v1::DType::DtypeUnspecified
+    }
+}
+
 fn unary_forward() -> bool {
     static UNARY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *UNARY.get_or_init(|| std::env::var("STRATA_UNARY_FORWARD").is_ok_and(|v| v == "1"))

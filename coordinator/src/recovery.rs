@@ -95,7 +95,7 @@ async fn load_on(
         worker,
         layers,
         &config.fingerprint,
-        v1::DType::DtypeF32,
+        crate::pipeline::hidden_wire_dtype(),
     )
     .await?;
     if config.warmup {

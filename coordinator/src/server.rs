@@ -96,7 +96,7 @@ impl Coordinator {
             workers,
             &plan,
             &model.fingerprint,
-            v1::DType::DtypeF32,
+            crate::pipeline::hidden_wire_dtype(),
             config.stage_timeout,
         )
         .await?;

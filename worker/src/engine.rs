@@ -397,17 +397,14 @@ impl State {
                     .collect(),
             )
         } else {
-            let parts = steps
+            let parts: Vec<&Tensor> = steps
                 .iter()
                 .filter_map(|s| match &s.input {
-                    StepInput::Hidden(t) => Some(
-                        t.to_device(stage.device())
-                            .and_then(|t| t.to_dtype(stage.dtype())),
-                    ),
+                    StepInput::Hidden(t) => Some(t),
                     StepInput::Tokens(_) => None,
                 })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            StageInput::Hidden(Tensor::cat(&parts, 0)?)
+                .collect();
+            StageInput::Hidden(upload_hidden(&parts, stage.device(), stage.dtype())?)
         };
 
         let mut caches = Vec::with_capacity(steps.len());
@@ -695,6 +692,22 @@ impl Probe {
         }
         Ok(started.elapsed())
     }
+}
+
+/// The step's hidden states as one tensor on the stage's device, in its dtype. Joined on the host
+/// and uploaded once: an upload per sequence cost a copy and a launch each on a GPU.
+fn upload_hidden(parts: &[&Tensor], device: &Device, dtype: DType) -> candle_core::Result<Tensor> {
+    let joined = if parts.iter().all(|t| t.dtype() == parts[0].dtype()) {
+        Tensor::cat(parts, 0)?
+    } else {
+        // Mixed wire dtypes from one client: agree on the host first.
+        let same = parts
+            .iter()
+            .map(|t| t.to_dtype(dtype))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&same, 0)?
+    };
+    joined.to_device(device)?.to_dtype(dtype)
 }
 
 /// Picks each sequence's next token from the last stage's logits `[sequences, vocab]`.
