@@ -34,7 +34,7 @@ pub struct WorkerArgs {
     /// Requests that would grow past it are refused with RESOURCE_EXHAUSTED instead of running out.
     #[arg(long, env = "STRATA_MAX_CACHE_MIB")]
     max_cache_mib: Option<usize>,
-    /// Microseconds the compute thread polls for the next step before it sleeps (default: 1000 on
+    /// Microseconds the compute thread polls for the next step before it sleeps (default: 5000 on
     /// a GPU, where it saves a thread wake-up per hop; 0 on the CPU). 0 turns polling off.
     #[arg(long, env = "STRATA_IDLE_SPIN_US")]
     idle_spin_us: Option<u64>,
