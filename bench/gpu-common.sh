@@ -33,12 +33,12 @@ start_coordinator() {
 }
 
 # bench_config NAME CONCURRENCY WORKER...: a coordinator over the workers (started before, with
-# start_worker), `strata bench` at the given concurrency list (128 new tokens) into
+# start_worker), `strata bench` at the given concurrency list (${BENCH_MAX_TOKENS:-128} new tokens) into
 # $out/strata-NAME.json, then everything stopped.
 bench_config() {
     local name="$1" concurrency="$2"; shift 2
     start_coordinator 7400 "$name" even "$@" || return
-    "$bin" bench --coordinator http://127.0.0.1:7400 --concurrency "$concurrency" --max-tokens 128 \
+    "$bin" bench --coordinator http://127.0.0.1:7400 --concurrency "$concurrency" --max-tokens "${BENCH_MAX_TOKENS:-128}" \
         --json "$out/strata-$name.json" 2>&1 | grep -E "c=" | sed "s/^/$name: /"
     kill "$coordinator_pid"; wait "$coordinator_pid" 2>/dev/null
     jobs -p | xargs -r kill 2>/dev/null; wait 2>/dev/null; sleep 1

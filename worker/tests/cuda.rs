@@ -121,12 +121,16 @@ fn fused_decode_attention_matches_the_unfused_path() {
     };
     write_safetensors_model(dir.path(), &config).unwrap();
     let model = ModelFile::open(dir.path()).unwrap();
-    let steps: [&[(usize, usize)]; 5] = [
+    // Histories of 5 to 75 positions use the 8-warp kernel; sequence 3 (400 positions) makes the
+    // last two decode steps take the wide one.
+    let steps: [&[(usize, usize)]; 7] = [
         &[(0, 70), (1, 37)],
         &[(0, 1), (1, 1)],
         &[(2, 5), (0, 1), (1, 1)],
         &[(0, 1), (1, 1), (2, 1)],
-        &[(2, 1), (0, 1), (1, 1)],
+        &[(2, 1), (0, 1), (1, 1), (3, 400)],
+        &[(3, 1), (0, 1), (1, 1), (2, 1)],
+        &[(0, 1), (3, 1)],
     ];
     let options = |layout, fused_attention| StageOptions {
         kv_layout: layout,

@@ -14,9 +14,9 @@
 //   out     [sequences, heads, D]
 // Each warp walks a share of the positions with an online softmax in f32; the block's warps are
 // merged at the end. Every lane owns D/32 consecutive dimensions, so a warp reads a row as one
-// coalesced transaction.
+// coalesced transaction. A warp's positions follow each other (load, reduce, rescale), so long
+// histories use the wide variant: 32 warps instead of 8, four times the positions in flight.
 
-#define WARPS 8
 #define TILE 4
 #define MAX_PER_LANE 8
 #define NEG_INF __int_as_float(0xff800000)
@@ -57,7 +57,7 @@ __device__ __forceinline__ float warp_sum(float x) {
     return x;
 }
 
-template <typename T>
+template <typename T, int WARPS>
 __device__ void paged_decode_attention(
     const T *__restrict__ q, const T *__restrict__ keys, const T *__restrict__ values,
     const unsigned int *__restrict__ gather, const unsigned int *__restrict__ lens,
@@ -212,15 +212,18 @@ INSTANTIATE_WRITE(qkv_rope_write_f32, float)
 INSTANTIATE_WRITE(qkv_rope_write_bf16, bf16_t)
 INSTANTIATE_WRITE(qkv_rope_write_f16, f16_t)
 
-#define INSTANTIATE(NAME, T)                                                                    \
-    extern "C" __global__ void NAME(const T *q, const T *keys, const T *values,                 \
-                                    const unsigned int *gather, const unsigned int *lens, T *out, \
-                                    int heads, int kv_heads, int d, int pool_rows, int len,      \
-                                    float scale) {                                               \
-        paged_decode_attention<T>(q, keys, values, gather, lens, out, heads, kv_heads, d,        \
-                                  pool_rows, len, scale);                                        \
+#define INSTANTIATE(NAME, T, WARPS)                                                             \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS)                                    \
+        NAME(const T *q, const T *keys, const T *values, const unsigned int *gather,             \
+             const unsigned int *lens, T *out, int heads, int kv_heads, int d, int pool_rows,     \
+             int len, float scale) {                                                              \
+        paged_decode_attention<T, WARPS>(q, keys, values, gather, lens, out, heads, kv_heads, d, \
+                                         pool_rows, len, scale);                                 \
     }
 
-INSTANTIATE(paged_decode_attention_f32, float)
-INSTANTIATE(paged_decode_attention_bf16, bf16_t)
-INSTANTIATE(paged_decode_attention_f16, f16_t)
+INSTANTIATE(paged_decode_attention_f32, float, 8)
+INSTANTIATE(paged_decode_attention_bf16, bf16_t, 8)
+INSTANTIATE(paged_decode_attention_f16, f16_t, 8)
+INSTANTIATE(paged_decode_attention_wide_f32, float, 32)
+INSTANTIATE(paged_decode_attention_wide_bf16, bf16_t, 32)
+INSTANTIATE(paged_decode_attention_wide_f16, f16_t, 32)

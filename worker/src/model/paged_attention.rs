@@ -20,8 +20,24 @@ use candle_core::{CudaStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor
 
 const SOURCE: &str = include_str!("paged_attention.cu");
 const MODULE: &str = "strata_paged_attention";
-/// Warps per block; must match `WARPS` in the source.
+/// Warps per block of the two variants; must match the source's instantiations.
 const WARPS: u32 = 8;
+const WIDE_WARPS: u32 = 32;
+/// The longest history in a batch from which the wide variant runs. Each warp walks its positions
+/// one tile after another, so with 8 warps a block of a long history waits on a long chain of
+/// loads; shorter histories keep 8 warps (fewer idle ones, a cheaper merge).
+/// `STRATA_ATTENTION_WIDE_FROM` overrides it (for measurements).
+const WIDE_FROM: usize = 256;
+
+fn wide_from() -> usize {
+    static FROM: OnceLock<usize> = OnceLock::new();
+    *FROM.get_or_init(|| {
+        std::env::var("STRATA_ATTENTION_WIDE_FROM")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(WIDE_FROM)
+    })
+}
 /// Head dimensions the kernel handles: whole warps of lanes, at most 8 values per lane.
 pub fn supports_head_dim(d: usize) -> bool {
     d.is_multiple_of(32) && d <= 256
@@ -298,9 +314,10 @@ impl CustomOp3 for PagedDecodeAttention {
         let lens = lens.as_cuda_slice::<u32>()?.slice(l0..l1);
 
         let dev = q.device().clone();
+        let wide = len >= wide_from();
         let config = LaunchConfig {
             grid_dim: (heads as u32, sequences as u32, 1),
-            block_dim: (32 * WARPS, 1, 1),
+            block_dim: (32 * if wide { WIDE_WARPS } else { WARPS }, 1, 1),
             shared_mem_bytes: 0,
         };
         let (heads_i, kv_heads_i, d_i, pool_rows_i, len_i) = (
@@ -311,7 +328,7 @@ impl CustomOp3 for PagedDecodeAttention {
             len as i32,
         );
         macro_rules! launch {
-            ($variant:ident, $ty:ty, $kernel:literal) => {{
+            ($variant:ident, $ty:ty, $kernel:literal, $wide_kernel:literal) => {{
                 let (
                     CudaStorageSlice::$variant(q),
                     CudaStorageSlice::$variant(k),
@@ -320,7 +337,8 @@ impl CustomOp3 for PagedDecodeAttention {
                 else {
                     candle_core::bail!("paged attention: q, keys and values must share a dtype");
                 };
-                let func = dev.get_or_load_custom_func($kernel, MODULE, ptx()?)?;
+                let kernel = if wide { $wide_kernel } else { $kernel };
+                let func = dev.get_or_load_custom_func(kernel, MODULE, ptx()?)?;
                 // SAFETY: every element is written by the kernel before it is read.
                 let out = unsafe { dev.alloc::<$ty>(sequences * heads * d)? };
                 let (q, k, v) = (q.slice(q0..q1), k.slice(k0..k1), v.slice(v0..v1));
@@ -343,9 +361,24 @@ impl CustomOp3 for PagedDecodeAttention {
             }};
         }
         let out = match &q.slice {
-            CudaStorageSlice::F32(_) => launch!(F32, f32, "paged_decode_attention_f32"),
-            CudaStorageSlice::BF16(_) => launch!(BF16, half::bf16, "paged_decode_attention_bf16"),
-            CudaStorageSlice::F16(_) => launch!(F16, half::f16, "paged_decode_attention_f16"),
+            CudaStorageSlice::F32(_) => launch!(
+                F32,
+                f32,
+                "paged_decode_attention_f32",
+                "paged_decode_attention_wide_f32"
+            ),
+            CudaStorageSlice::BF16(_) => launch!(
+                BF16,
+                half::bf16,
+                "paged_decode_attention_bf16",
+                "paged_decode_attention_wide_bf16"
+            ),
+            CudaStorageSlice::F16(_) => launch!(
+                F16,
+                half::f16,
+                "paged_decode_attention_f16",
+                "paged_decode_attention_wide_f16"
+            ),
             _ => candle_core::bail!("paged attention: unsupported dtype {:?}", q.dtype()),
         };
         Ok((out, Shape::from((sequences, heads, d))))
