@@ -10,7 +10,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/gpu-common.sh"
 export STRATA_AUTH_TOKEN=attention-test-token-0123456789
 model="$out/tinyllama-1.1b"
-[[ -f "$model/model.safetensors" ]] || "$bin" make-model --config tinyllama-1.1b --out "$model" >/dev/null
+ensure_model "$model"
 for round in 1 2; do
     STRATA_DTYPE=bf16 start_worker 7401 cuda:0; bench_config "one-stage-fused-$round" 1,8,32 127.0.0.1:7401
     STRATA_WORKER_ARGS=--no-fused-attention STRATA_DTYPE=bf16 start_worker 7401 cuda:0

@@ -7,6 +7,11 @@
 torchlibs=$(python3 -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))" 2>/dev/null)
 export LD_LIBRARY_PATH="${torchlibs:+$torchlibs:}/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 
+# ensure_model DIR: the random-weight TinyLlama-1.1B-shaped model (bf16) in DIR, written once.
+ensure_model() {
+    [[ -f "$1/model.safetensors" ]] || "$bin" make-model --config tinyllama-1.1b --out "$1" >/dev/null
+}
+
 # start_worker PORT DEVICE: a worker on 127.0.0.1:PORT in the background (extra flags from
 # $STRATA_WORKER_ARGS).
 start_worker() {

@@ -15,7 +15,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/gpu-common.sh"
 export STRATA_AUTH_TOKEN=hop-test-token-0123456789abcdef STRATA_DTYPE=bf16
 model="$out/tinyllama-1.1b"
-[[ -f "$model/model.safetensors" ]] || "$bin" make-model --config tinyllama-1.1b --out "$model" >/dev/null
+ensure_model "$model"
 
 # variant NAME STAGES WORKER_IO COORDINATOR_IO WIRE_F32: one bench run (an empty IO value means the
 # default runtime).

@@ -11,7 +11,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/gpu-common.sh"
 export STRATA_AUTH_TOKEN=long-test-token-0123456789abcdef STRATA_DTYPE=bf16
 model="$out/tinyllama-1.1b"
-[[ -f "$model/model.safetensors" ]] || "$bin" make-model --config tinyllama-1.1b --out "$model" >/dev/null
+ensure_model "$model"
 for round in $(seq "$rounds"); do
     for kernel in wide narrow; do
         from=256; [[ $kernel == narrow ]] && from=1000000

@@ -14,7 +14,7 @@ export STRATA_AUTH_TOKEN=speed-test-token-0123456789abc
 nvidia-smi -L 2>/dev/null
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 model="$out/tinyllama-1.1b"
-[[ -f "$model/model.safetensors" ]] || "$bin" make-model --config tinyllama-1.1b --out "$model" >/dev/null
+ensure_model "$model"
 STRATA_DTYPE=bf16 start_worker 7401 cuda:0; bench_config one-stage-bf16 1,8,32 127.0.0.1:7401
 STRATA_DTYPE=f32 start_worker 7401 cuda:0; bench_config one-stage-f32 1,8,32 127.0.0.1:7401
 STRATA_DTYPE=bf16 start_worker 7402 cuda:0; STRATA_DTYPE=bf16 start_worker 7403 cuda:0

@@ -8,7 +8,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/gpu-common.sh"
 export STRATA_AUTH_TOKEN=stages-test-token-0123456789ab
 model="$out/tinyllama-1.1b"
-[[ -f "$model/model.safetensors" ]] || "$bin" make-model --config tinyllama-1.1b --out "$model" >/dev/null
+ensure_model "$model"
 for round in $(seq "$rounds"); do
     STRATA_DTYPE=bf16 start_worker 7401 cuda:0; bench_config "one-stage-$round" 1 127.0.0.1:7401
     STRATA_DTYPE=bf16 start_worker 7402 cuda:0; STRATA_DTYPE=bf16 start_worker 7403 cuda:0

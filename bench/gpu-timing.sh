@@ -12,7 +12,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/gpu-common.sh"
 export STRATA_AUTH_TOKEN=timing-test-token-0123456789abc STRATA_DTYPE=bf16 RUST_LOG=strata_worker=debug,info
 model="$base/tinyllama-1.1b"; mkdir -p "$base"
-[[ -f "$model/model.safetensors" ]] || "$bin" make-model --config tinyllama-1.1b --out "$model" >/dev/null
+ensure_model "$model"
 run() {  # name concurrency workers...
     local name="$1" c="$2"; shift 2
     out="$base/$name"; mkdir -p "$out"

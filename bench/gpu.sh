@@ -15,7 +15,7 @@ source "$here/gpu-common.sh"
 status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpus.txt"
 model="$out/speed/tinyllama-1.1b"; mkdir -p "$out/speed"
-[[ -f "$model/model.safetensors" ]] || "$bin" make-model --config tinyllama-1.1b --out "$model" >/dev/null
+ensure_model "$model"
 echo "== 1. fresh-worker TTFT (cold = no warmup, warm = coordinator warms up first)"
 bash "$here/gpu-warmup.sh" "$bin" 1 "$model" "$out/warmup"
 if [[ -n $tests ]]; then
