@@ -101,15 +101,16 @@ fn cuda_stage_in_bf16_and_f16_stays_close_to_f32() {
     }
 }
 
-/// The fused decode attention kernel (`paged_attention.cu`) against the unfused path and the CPU, in
-/// every dtype, on heads of 64 (TinyLlama's) with histories longer than one pass of the block's
-/// warps and of different lengths in one batch.
+/// strata's CUDA kernels (decode attention and the RoPE + pool write of `paged_attention.cu`, add +
+/// RMSNorm and SiLU · up of `fused_ops.cu`) against candle's primitives and the CPU, in every dtype,
+/// on heads of 64 (TinyLlama's) with histories longer than one pass of the block's warps, of
+/// different lengths in one batch, and long enough for the wide attention kernel.
 #[test]
 #[cfg_attr(
     not(feature = "cuda"),
     ignore = "CUDA-only: needs --features cuda and a GPU (bench/gpu.sh runs it)"
 )]
-fn fused_decode_attention_matches_the_unfused_path() {
+fn fused_kernels_match_the_unfused_path() {
     let dir = tempfile::tempdir().unwrap();
     let config = SyntheticConfig {
         dtype: DType::F32,
@@ -132,9 +133,9 @@ fn fused_decode_attention_matches_the_unfused_path() {
         &[(3, 1), (0, 1), (1, 1), (2, 1)],
         &[(0, 1), (3, 1)],
     ];
-    let options = |layout, fused_attention| StageOptions {
+    let options = |layout, fused_kernels| StageOptions {
         kv_layout: layout,
-        fused_attention,
+        fused_kernels,
         ..StageOptions::default()
     };
     let cpu = last_logits(

@@ -59,10 +59,10 @@ pub struct WorkerArgs {
     /// Run q/k/v and gate/up as separate matmuls (only to measure what fusing them saves).
     #[arg(long, hide = true)]
     no_fused_projections: bool,
-    /// On CUDA, run decode attention as gathers, matmuls and softmax instead of one kernel (only to
-    /// measure the kernel).
-    #[arg(long, hide = true)]
-    no_fused_attention: bool,
+    /// On CUDA, run candle's primitives instead of strata's own kernels (attention from the pool,
+    /// RoPE + pool write, add + RMSNorm, SiLU · up; only to measure the kernels).
+    #[arg(long, hide = true, alias = "no-fused-attention")]
+    no_fused_kernels: bool,
     /// Run Q4_1 weights with candle's CPU kernel instead of strata's (only to measure the difference).
     #[arg(long, hide = true)]
     candle_kernels: bool,
@@ -106,7 +106,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             reuse_masks: !args.no_mask_reuse,
             fast_kernels: !args.candle_kernels,
             fuse_projections: !args.no_fused_projections,
-            fused_attention: !args.no_fused_attention,
+            fused_kernels: !args.no_fused_kernels,
             kv_layout: args.kv_layout,
             dtype: args.dtype,
         },

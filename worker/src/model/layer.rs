@@ -43,6 +43,8 @@ pub struct StepContext<'a> {
     pub max_len: usize,
     /// The stage's pool and this step's indexes into it, when the stage keeps paged caches.
     pub paged: Option<(&'a KvPool, &'a PagedStep)>,
+    /// Residual add + RMSNorm and SiLU · up as one CUDA kernel each (`fused_ops`).
+    pub fused_ops: bool,
 }
 
 /// A transformer block.
@@ -150,15 +152,39 @@ impl Layer {
             }
         };
         phase_timer::mark(x.device(), "attention");
-        let x = (x + self.o.forward(&attn)?)?;
+        let (x, h) = self.add_norm(x, &self.o.forward(&attn)?, ctx.fused_ops)?;
         phase_timer::mark(x.device(), "output projection");
 
-        let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, self.eps)?;
-        let [gate, up] = self.gate_up.forward::<2>(&h)?;
-        let ffn = (candle_nn::ops::silu(&gate)? * up)?;
+        let ffn = self.gated_activation(&h, ctx.fused_ops)?;
         let x = (x + self.down.forward(&ffn)?)?;
         phase_timer::mark(x.device(), "feed-forward");
         Ok(x)
+    }
+
+    /// `x + attn` and its feed-forward norm: one kernel on CUDA (`fused`), else an add and a norm.
+    fn add_norm(&self, x: &Tensor, attn: &Tensor, fused: bool) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if fused {
+            return super::fused_ops::add_rms_norm(x, attn, &self.ffn_norm, self.eps);
+        }
+        let _ = fused;
+        let x = (x + attn)?;
+        let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, self.eps)?;
+        Ok((x, h))
+    }
+
+    /// `silu(gate) * up` of the normed input: one kernel over the fused gate/up projection on CUDA
+    /// (`fused` and fused weights), else an activation and a product.
+    fn gated_activation(&self, h: &Tensor, fused: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if fused {
+            if let Some(y) = self.gate_up.fused_output(h)? {
+                return super::fused_ops::silu_mul(&y);
+            }
+        }
+        let _ = fused;
+        let [gate, up] = self.gate_up.forward::<2>(h)?;
+        candle_nn::ops::silu(&gate)? * up
     }
 
     /// Attention with per-sequence caches: each sequence appends to and reads its own tensors.

@@ -7,8 +7,11 @@
 //! - [`weights`], [`linear`]: reading tensors from GGUF or safetensors; quantized or dense projections.
 //! - [`q4_1`]: strata's AVX2 matmul for Q4_1 weights on the CPU.
 //! - `paged_attention` (CUDA builds): decode attention from the paged pool in one kernel.
+//! - `fused_ops` (CUDA builds): residual add + RMSNorm and SiLU · up, one kernel each.
 //! - [`sampling`]: choosing the next token from logits on the last stage.
 
+#[cfg(feature = "cuda")]
+pub mod fused_ops;
 pub mod kv_cache;
 pub mod kv_pool;
 pub mod layer;

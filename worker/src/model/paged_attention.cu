@@ -4,7 +4,8 @@
 // Decode attention: one block per (query head, sequence). Replaces, per layer: two gathers of every sequence's history into padded copies, the score
 // matmul, the padding mask, the softmax and the value matmul (about ten kernels, each costing more
 // host time to launch than the device needs to run it at small batches). Compiled at run time with
-// NVRTC (no headers: half and bfloat16 are converted by hand), so the build needs no nvcc step.
+// NVRTC (no headers: half and bfloat16 are converted by hand, in `cuda_types.cuh`, which the Rust
+// side puts in front of this file), so the build needs no nvcc step.
 //
 // Layouts (element type T is float, __half bits or __nv_bfloat16 bits):
 //   q       [sequences, heads, D]          the step's queries, RoPE applied
@@ -20,42 +21,6 @@
 #define TILE 4
 #define MAX_PER_LANE 8
 #define NEG_INF __int_as_float(0xff800000)
-
-struct bf16_t { unsigned short bits; };
-struct f16_t { unsigned short bits; };
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(bf16_t x) {
-    return __uint_as_float(((unsigned int)x.bits) << 16);
-}
-__device__ __forceinline__ float to_float(f16_t x) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
-    return f;
-}
-
-__device__ __forceinline__ void store(float *p, float x) { *p = x; }
-__device__ __forceinline__ void store(bf16_t *p, float x) {
-    unsigned int u = __float_as_uint(x);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        p->bits = 0x7fc0;  // NaN
-        return;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-    p->bits = (unsigned short)(u >> 16);
-}
-__device__ __forceinline__ void store(f16_t *p, float x) {
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
-    p->bits = h;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        x += __shfl_xor_sync(0xffffffffu, x, offset);
-    }
-    return x;
-}
 
 template <typename T, int WARPS>
 __device__ void paged_decode_attention(

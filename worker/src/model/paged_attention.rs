@@ -18,7 +18,10 @@ use candle_core::cuda::cudarc::nvrtc;
 use candle_core::cuda::{CudaStorageSlice, WrapErr};
 use candle_core::{CudaStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
-const SOURCE: &str = include_str!("paged_attention.cu");
+const SOURCE: &str = concat!(
+    include_str!("cuda_types.cuh"),
+    include_str!("paged_attention.cu")
+);
 const MODULE: &str = "strata_paged_attention";
 /// Warps per block of the two variants; must match the source's instantiations.
 const WARPS: u32 = 8;
@@ -220,19 +223,19 @@ impl CustomOp3 for RopeAndWrite {
     }
 }
 
-/// The CUDA storage of a tensor the op reads beside its three inputs.
-fn on_gpu<'a>(storage: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
+/// The CUDA storage of a tensor an op reads beside its inputs.
+pub(super) fn on_gpu<'a>(storage: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
     match storage {
         Storage::Cuda(storage) => Ok(storage),
-        _ => candle_core::bail!("paged kernels: {what} must be on the GPU"),
+        _ => candle_core::bail!("strata's CUDA kernels: {what} must be on the GPU"),
     }
 }
 
 /// A contiguous layout's start and end offsets.
-fn contiguous(layout: &Layout, what: &str) -> Result<(usize, usize)> {
+pub(super) fn contiguous(layout: &Layout, what: &str) -> Result<(usize, usize)> {
     layout
         .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("paged kernels: {what} is strided")))
+        .ok_or_else(|| candle_core::Error::Msg(format!("strata's CUDA kernels: {what} is strided")))
 }
 
 struct PagedDecodeAttention {
@@ -245,10 +248,20 @@ struct PagedDecodeAttention {
 /// The PTX of `paged_attention.cu`, compiled once per process.
 fn ptx() -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    PTX.get_or_init(|| {
-        nvrtc::compile_ptx(SOURCE)
+    compile_once(&PTX, SOURCE, "the paged pool kernels")
+}
+
+/// `source` compiled with NVRTC the first time it is asked for; the PTX (or the error) is kept in
+/// `cell` for the life of the process.
+pub(super) fn compile_once(
+    cell: &'static OnceLock<std::result::Result<String, String>>,
+    source: &str,
+    what: &str,
+) -> Result<&'static str> {
+    cell.get_or_init(|| {
+        nvrtc::compile_ptx(source)
             .map(|ptx| ptx.to_src())
-            .map_err(|e| format!("compiling the paged pool kernels: {e:?}"))
+            .map_err(|e| format!("compiling {what}: {e:?}"))
     })
     .as_deref()
     .map_err(|e| candle_core::Error::Msg(e.clone()))

@@ -29,9 +29,10 @@ pub struct StageOptions {
     pub fast_kernels: bool,
     /// Concatenate dense q/k/v and gate/up weights so each group is one matmul.
     pub fuse_projections: bool,
-    /// On CUDA, run decode attention from the paged pool as one kernel (`paged_attention.rs`)
-    /// instead of gathers, matmuls, mask and softmax.
-    pub fused_attention: bool,
+    /// On CUDA, run strata's own kernels: decode attention from the paged pool and the RoPE + pool
+    /// write (`paged_attention.rs`) instead of gathers, matmuls, mask and softmax, and the residual
+    /// add + RMSNorm and SiLU · up (`fused_ops.rs`) instead of two kernels each.
+    pub fused_kernels: bool,
     /// How sequences' keys and values are stored (and so how attention is batched).
     pub kv_layout: KvLayout,
     /// Compute dtype of safetensors stages; `None` chooses per device (see [`StageOptions::compute_dtype`]).
@@ -118,7 +119,7 @@ impl Default for StageOptions {
             reuse_masks: true,
             fast_kernels: true,
             fuse_projections: true,
-            fused_attention: true,
+            fused_kernels: true,
             kv_layout: KvLayout::Auto,
             dtype: None,
         }
@@ -159,6 +160,8 @@ pub struct Stage {
     fused_attention: bool,
     /// Whether RoPE and the pool write run as one kernel here (also needs fused q/k/v weights).
     fused_write: bool,
+    /// Whether residual add + RMSNorm and SiLU · up run as one kernel each here (CUDA).
+    fused_ops: bool,
 }
 
 impl Stage {
@@ -224,9 +227,12 @@ impl Stage {
                 )
             })
             .transpose()?;
-        let fused_attention = options.fused_attention
-            && device.is_cuda()
-            && super::paged_attention_supported(config.head_dim);
+        let fused_kernels = options.fused_kernels && device.is_cuda();
+        // `STRATA_FUSED_OPS=0` keeps candle's add, norm and activation beside strata's attention
+        // kernels (to measure the fusions alone).
+        let fused_ops =
+            fused_kernels && std::env::var("STRATA_FUSED_OPS").map_or(true, |v| v != "0");
+        let fused_attention = fused_kernels && super::paged_attention_supported(config.head_dim);
         // GGUF's interleaved RoPE pairing has no dense GGUF model to be tested on here, so only
         // the halves pairing (Hugging Face checkpoints) takes the fused write.
         let fused_write = fused_attention
@@ -246,6 +252,7 @@ impl Stage {
             weight_bytes,
             fused_attention,
             fused_write,
+            fused_ops,
         })
     }
 
@@ -370,6 +377,7 @@ impl Stage {
             masks: &mut self.masks,
             max_len: self.config.context_length,
             paged: self.pool.as_ref().zip(paged_step.as_ref()),
+            fused_ops: self.fused_ops,
         };
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.forward(&x, i, caches, &mut ctx)?;
