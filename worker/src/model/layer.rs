@@ -119,17 +119,27 @@ impl Layer {
             + norms
     }
 
-    /// `x: [rows, hidden]` → `[rows, hidden]`; appends this layer's keys and values of every sequence
-    /// (`caches[s]` belongs to `ctx.segments[s]`) to its cache at index `layer`.
+    /// Runs the block on the residual stream `x: [rows, hidden]` plus `pending`, the previous
+    /// block's feed-forward output not yet added to it: the add shares one kernel with this block's
+    /// first norm on CUDA. Returns the stream after attention and this block's feed-forward output,
+    /// again not yet added (the caller adds the last one). Appends this layer's keys and values of
+    /// every sequence (`caches[s]` belongs to `ctx.segments[s]`) to its cache at index `layer`.
     pub fn forward(
         &self,
         x: &Tensor,
+        pending: Option<&Tensor>,
         layer: usize,
         caches: &mut [SequenceKv],
         ctx: &mut StepContext<'_>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor)> {
         let rows = x.dim(0)?;
-        let h = candle_nn::ops::rms_norm(x, &self.attn_norm, self.eps)?;
+        let (x, h) = match pending {
+            Some(delta) => add_rms_norm(x, delta, &self.attn_norm, self.eps, ctx.fused_ops)?,
+            None => (
+                x.clone(),
+                candle_nn::ops::rms_norm(x, &self.attn_norm, self.eps)?,
+            ),
+        };
         let attn = match ctx.paged.filter(|(_, step)| step.fused_write) {
             Some((pool, step)) => self.attend_fused(&h, pool, layer, step, ctx)?,
             None => {
@@ -152,25 +162,19 @@ impl Layer {
             }
         };
         phase_timer::mark(x.device(), "attention");
-        let (x, h) = self.add_norm(x, &self.o.forward(&attn)?, ctx.fused_ops)?;
+        let (x, h) = add_rms_norm(
+            &x,
+            &self.o.forward(&attn)?,
+            &self.ffn_norm,
+            self.eps,
+            ctx.fused_ops,
+        )?;
         phase_timer::mark(x.device(), "output projection");
 
         let ffn = self.gated_activation(&h, ctx.fused_ops)?;
-        let x = (x + self.down.forward(&ffn)?)?;
+        let out = self.down.forward(&ffn)?;
         phase_timer::mark(x.device(), "feed-forward");
-        Ok(x)
-    }
-
-    /// `x + attn` and its feed-forward norm: one kernel on CUDA (`fused`), else an add and a norm.
-    fn add_norm(&self, x: &Tensor, attn: &Tensor, fused: bool) -> Result<(Tensor, Tensor)> {
-        #[cfg(feature = "cuda")]
-        if fused {
-            return super::fused_ops::add_rms_norm(x, attn, &self.ffn_norm, self.eps);
-        }
-        let _ = fused;
-        let x = (x + attn)?;
-        let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, self.eps)?;
-        Ok((x, h))
+        Ok((x, out))
     }
 
     /// `silu(gate) * up` of the normed input: one kernel over the fused gate/up projection on CUDA
@@ -393,6 +397,24 @@ impl Layer {
             .transpose(0, 1)?
             .reshape((len, self.num_heads * self.head_dim))
     }
+}
+
+/// `x + delta` and its RMSNorm with `weight`: one kernel on CUDA (`fused`), else an add and a norm.
+pub fn add_rms_norm(
+    x: &Tensor,
+    delta: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+    fused: bool,
+) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if fused {
+        return super::fused_ops::add_rms_norm(x, delta, weight, eps);
+    }
+    let _ = fused;
+    let x = (x + delta)?;
+    let h = candle_nn::ops::rms_norm(&x, weight, eps)?;
+    Ok((x, h))
 }
 
 /// Parts' rows one after another (no copy for a single part).

@@ -9,7 +9,7 @@ use strata_model::{LlamaConfig, ModelFile, ModelFormat};
 
 use super::kv_cache::SequenceKv;
 use super::kv_pool::KvPool;
-use super::layer::{Layer, Segment, StepContext};
+use super::layer::{add_rms_norm, Layer, Segment, StepContext};
 use super::linear::Linear;
 use super::mask::MaskCache;
 use super::paged_step::PagedStep;
@@ -379,29 +379,48 @@ impl Stage {
             paged: self.pool.as_ref().zip(paged_step.as_ref()),
             fused_ops: self.fused_ops,
         };
+        // Each block's feed-forward output is added to the stream by the next block (with its
+        // first norm) or below (with the head's norm).
+        let mut pending = None;
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, i, caches, &mut ctx)?;
+            let (stream, out) = block.forward(&x, pending.as_ref(), i, caches, &mut ctx)?;
+            x = stream;
+            pending = Some(out);
         }
         for (seg, cache) in segments.iter().zip(caches.iter_mut()) {
             cache.advance(seg.len);
         }
         let Some(head) = &self.head else {
-            return Ok(x);
+            return match pending {
+                Some(out) => x + out,
+                None => Ok(x),
+            };
         };
         // Each sequence's last row; in a decode-only step that is every row already.
-        let x = if segments.iter().all(|s| s.len == 1) {
-            x
-        } else {
-            let last_rows: Vec<u32> = segments
+        let last_rows = |t: Tensor| -> Result<Tensor> {
+            if segments.iter().all(|s| s.len == 1) {
+                return Ok(t);
+            }
+            let rows: Vec<u32> = segments
                 .iter()
                 .map(|s| (s.offset + s.len - 1) as u32)
                 .collect();
-            x.index_select(
-                &Tensor::from_vec(last_rows, segments.len(), &self.device)?,
-                0,
-            )?
+            t.index_select(&Tensor::from_vec(rows, segments.len(), &self.device)?, 0)
         };
-        let x = candle_nn::ops::rms_norm(&x, &head.norm, self.config.rms_norm_eps as f32)?;
+        let eps = self.config.rms_norm_eps as f32;
+        let x = match pending {
+            Some(out) => {
+                add_rms_norm(
+                    &last_rows(x)?,
+                    &last_rows(out)?,
+                    &head.norm,
+                    eps,
+                    self.fused_ops,
+                )?
+                .1
+            }
+            None => candle_nn::ops::rms_norm(&last_rows(x)?, &head.norm, eps)?,
+        };
         let logits = head.output.forward(&x)?.to_dtype(DType::F32)?;
         phase_timer::mark(&self.device, "head");
         Ok(logits)
