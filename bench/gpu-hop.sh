@@ -7,6 +7,10 @@
 #   new      both single-threaded, hidden states in the stages' compute dtype (bf16) on the wire
 #   spin5    as new, the workers' compute threads polling 5 ms after each job instead of 1 ms
 #   oldspin5 as old, polling 5 ms
+#   default  the defaults: workers single-threaded, coordinator one thread per core, bf16 on the
+#            wire, compute threads and async sides polling 5 ms on a GPU
+#   nopoll   as default, but the async sides (workers and coordinator) park at once instead of polling
+#            for the next message (STRATA_ASYNC_SPIN_US=0)
 # 1 stage runs as `old` and `new` (nothing crosses the wire there).
 # Usage (GPU host, a `--features cuda` binary): bench/gpu-hop.sh BINARY [OUT_DIR] [ROUNDS]
 set -uo pipefail
@@ -39,6 +43,10 @@ for round in $(seq "$rounds"); do
             two-stage-new) variant "$v-$round" 2 0 0 0 ;;
             two-stage-spin5) STRATA_WORKER_ARGS="--idle-spin-us 5000" variant "$v-$round" 2 0 0 0 ;;
             two-stage-oldspin5) STRATA_WORKER_ARGS="--idle-spin-us 5000" variant "$v-$round" 2 "" "" 1 ;;
+            one-stage-default) variant "$v-$round" 1 "" "" 0 ;;
+            two-stage-default) variant "$v-$round" 2 "" "" 0 ;;
+            one-stage-nopoll) STRATA_ASYNC_SPIN_US=0 variant "$v-$round" 1 "" "" 0 ;;
+            two-stage-nopoll) STRATA_ASYNC_SPIN_US=0 variant "$v-$round" 2 "" "" 0 ;;
         esac
     done
 done

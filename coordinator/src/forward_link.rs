@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use strata_proto::v1;
 use strata_proto::v1::worker_client::WorkerClient;
@@ -24,15 +25,18 @@ type Pending = Arc<Mutex<HashMap<u64, (u64, oneshot::Sender<Reply>)>>>;
 #[derive(Debug)]
 pub struct ForwardLink {
     client: WorkerClient<AuthChannel>,
+    /// How long a step polls for its reply before parking (`strata_transport::spin`).
+    spin: Duration,
     /// The open stream's sender and generation.
     open: tokio::sync::Mutex<Option<(mpsc::Sender<v1::ForwardRequest>, u64)>>,
     pending: Pending,
 }
 
 impl ForwardLink {
-    pub fn new(client: WorkerClient<AuthChannel>) -> Self {
+    pub fn new(client: WorkerClient<AuthChannel>, spin: Duration) -> Self {
         Self {
             client,
+            spin,
             open: tokio::sync::Mutex::new(None),
             pending: Arc::new(Mutex::new(HashMap::new())),
         }
@@ -52,7 +56,9 @@ impl ForwardLink {
         if sender.send(request).await.is_err() {
             return Err(closed());
         }
-        reply.await.unwrap_or_else(|_| Err(closed()))
+        strata_transport::spin::spin_first(reply, self.spin)
+            .await
+            .unwrap_or_else(|_| Err(closed()))
     }
 
     /// The open stream, or a new one.

@@ -164,7 +164,10 @@ pub async fn load_stage(
         .into_inner();
     Ok(StageHandle {
         address: worker.address,
-        link: Arc::new(ForwardLink::new(client.clone())),
+        link: Arc::new(ForwardLink::new(
+            client.clone(),
+            reply_spin(&worker.info.device),
+        )),
         client,
         device: worker.info.device,
         layers,
@@ -415,6 +418,17 @@ impl Pipeline {
 
 /// `STRATA_UNARY_FORWARD=1` sends each step as a unary `Forward` call instead of over the stage's
 /// stream: kept only to measure what the stream saves.
+/// How long a step polls for its reply from a stage on `device` before parking: 5 ms on an
+/// accelerator, whose steps take a few ms and whose host has cores to spare; none on a CPU stage,
+/// whose host needs its cores for the compute. `STRATA_ASYNC_SPIN_US` overrides it.
+fn reply_spin(device: &str) -> Duration {
+    strata_transport::spin::spin_override().unwrap_or(if device == "cpu" {
+        Duration::ZERO
+    } else {
+        Duration::from_millis(5)
+    })
+}
+
 /// The dtype stages return hidden states in: each stage's own compute dtype (unspecified), so a bf16
 /// stage ships bf16 (half the bytes, no conversion kernels on either side) and the next stage converts
 /// only if its dtype differs, exactly as it would from f32. `STRATA_WIRE_F32=1` asks for f32 (the old

@@ -3,10 +3,11 @@
 //! Workers and coordinators build their servers with [`Security::configure_server`] and wrap each
 //! service in [`Security::server_auth`]; the coordinator and clients dial with [`Security::connect`],
 //! whose channel attaches the token to every call. `strata keys` writes a cluster's files with
-//! [`keys::generate`].
+//! [`keys::generate`]. [`spin::spin_first`] is how GPU pipelines wait for a message that is due soon.
 
 mod auth;
 pub mod keys;
+pub mod spin;
 mod tls;
 
 use std::net::SocketAddr;

@@ -170,6 +170,9 @@ pub struct Calibration {
 #[derive(Clone)]
 pub struct Engine {
     jobs: mpsc::Sender<Job>,
+    /// How long the async side polls for a job's answer, or for the next request after one, before
+    /// it parks: the compute thread's polling time, so both sides of the queue stay awake together.
+    spin: Duration,
     /// The state after the last job, so `Info` and `Health` answer at once instead of queueing
     /// behind compute (a health check stuck behind a long prefill looked like a dead worker).
     published: Arc<Mutex<EngineStats>>,
@@ -217,7 +220,17 @@ impl Engine {
                 state.run(job);
             }
         });
-        Ok(Self { jobs, published })
+        let async_spin = strata_transport::spin::spin_override().unwrap_or(spin);
+        Ok(Self {
+            jobs,
+            published,
+            spin: async_spin,
+        })
+    }
+
+    /// How long the async side polls before it parks (see [`strata_transport::spin::spin_first`]).
+    pub fn spin(&self) -> Duration {
+        self.spin
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T, WorkerError> {
@@ -225,7 +238,9 @@ impl Engine {
         self.jobs
             .send(make(reply))
             .map_err(|_| WorkerError::ComputeThreadGone)?;
-        answer.await.map_err(|_| WorkerError::ComputeThreadGone)?
+        strata_transport::spin::spin_first(answer, self.spin)
+            .await
+            .map_err(|_| WorkerError::ComputeThreadGone)?
     }
 
     /// Loads a layer range, dropping any previous stage and all its sequences.

@@ -255,10 +255,11 @@ impl v1::worker_server::Worker for WorkerService {
         // One reply in flight is enough: the next request waits for the compute thread anyway.
         let (replies, stream) = tokio::sync::mpsc::channel(2);
         let mut stopping = self.stopping.clone();
+        let spin = engine.spin();
         tokio::spawn(async move {
             loop {
                 let next = tokio::select! {
-                    next = requests.next() => next,
+                    next = strata_transport::spin::spin_first(requests.next(), spin) => next,
                     _ = shutdown_begun(&mut stopping) => break,
                 };
                 let Some(Ok(r)) = next else { break };
