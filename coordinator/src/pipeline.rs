@@ -416,8 +416,6 @@ impl Pipeline {
     }
 }
 
-/// `STRATA_UNARY_FORWARD=1` sends each step as a unary `Forward` call instead of over the stage's
-/// stream: kept only to measure what the stream saves.
 /// How long a step polls for its reply from a stage on `device` before parking: 5 ms on an
 /// accelerator, whose steps take a few ms and whose host has cores to spare; none on a CPU stage,
 /// whose host needs its cores for the compute. `STRATA_ASYNC_SPIN_US` overrides it.
@@ -441,6 +439,8 @@ pub fn hidden_wire_dtype() -> v1::DType {
     }
 }
 
+/// `STRATA_UNARY_FORWARD=1` sends each step as a unary `Forward` call instead of over the stage's
+/// stream: kept only to measure what the stream saves.
 fn unary_forward() -> bool {
     static UNARY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *UNARY.get_or_init(|| std::env::var("STRATA_UNARY_FORWARD").is_ok_and(|v| v == "1"))
