@@ -416,15 +416,11 @@ impl Pipeline {
     }
 }
 
-/// How long a step polls for its reply from a stage on `device` before parking: 5 ms on an
-/// accelerator, whose steps take a few ms and whose host has cores to spare; none on a CPU stage,
-/// whose host needs its cores for the compute. `STRATA_ASYNC_SPIN_US` overrides it.
+/// How long a step polls for its reply from a stage on `device` before parking (the worker's own
+/// budget for that device); `STRATA_ASYNC_SPIN_US` overrides it.
 fn reply_spin(device: &str) -> Duration {
-    strata_transport::spin::spin_override().unwrap_or(if device == "cpu" {
-        Duration::ZERO
-    } else {
-        Duration::from_millis(5)
-    })
+    strata_transport::spin::spin_override()
+        .unwrap_or_else(|| strata_transport::spin::default_budget(device == "cpu"))
 }
 
 /// The dtype stages return hidden states in: each stage's own compute dtype (unspecified), so a bf16

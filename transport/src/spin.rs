@@ -35,6 +35,18 @@ fn poll_once<F: Future>(fut: Pin<&mut F>) -> Poll<F::Output> {
     fut.poll(&mut Context::from_waker(Waker::noop()))
 }
 
+/// How long a thread waiting for a pipeline's next message polls before it parks: 5 ms where the
+/// stage computes on an accelerator (a step takes a few ms and the host has cores to spare), none
+/// where it computes on the CPU (whose cores do the compute). The worker's compute thread, its async
+/// side and the coordinator's wait for a stage's reply all use it (BENCHMARKS.md has the measurements).
+pub fn default_budget(on_cpu: bool) -> Duration {
+    if on_cpu {
+        Duration::ZERO
+    } else {
+        Duration::from_millis(5)
+    }
+}
+
 /// `STRATA_ASYNC_SPIN_US`, when set: the polling budget for every waiting point, overriding each
 /// role's default (for measurements; 0 turns polling off).
 pub fn spin_override() -> Option<Duration> {

@@ -49,19 +49,16 @@ impl Default for EngineLimits {
     }
 }
 
-/// 5 ms on accelerators, none on the CPU. A GPU stage's compute thread only launches kernels, and a
-/// parked thread on the lent VMs took tens of µs to wake: polling after each job cut each hop between
+/// [`strata_transport::spin::default_budget`]: 5 ms on accelerators, none on the CPU. A GPU stage's
+/// compute thread only launches kernels, and a parked thread on the lent VMs took tens of µs to
+/// wake: polling after each job cut each hop between
 /// two stages on one H100 (1 ms: 0.20–0.21 vs 0.23–0.26 ms per hop, batch-1 speed +10–19% in two
 /// alternated rounds). 5 ms rather than 1 covers the time a stage waits while the other stages of a
 /// batch-1 pipeline work (~1.4 ms for two stages on an H100): 5 ms beat 1 ms in 4 of 5 alternated
 /// rounds (median 317 vs 282 tok/s), for one host core kept busy while steps keep coming. A CPU
 /// stage's compute thread needs its core for the matmuls of the other stages.
 pub fn default_idle_spin(device: &Device) -> Duration {
-    if device.is_cpu() {
-        Duration::ZERO
-    } else {
-        Duration::from_millis(5)
-    }
+    strata_transport::spin::default_budget(device.is_cpu())
 }
 
 /// What a sequence brings to a step.
