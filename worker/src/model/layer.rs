@@ -133,13 +133,7 @@ impl Layer {
         ctx: &mut StepContext<'_>,
     ) -> Result<(Tensor, Tensor)> {
         let rows = x.dim(0)?;
-        let (x, h) = match pending {
-            Some(delta) => add_rms_norm(x, delta, &self.attn_norm, self.eps, ctx.fused_ops)?,
-            None => (
-                x.clone(),
-                candle_nn::ops::rms_norm(x, &self.attn_norm, self.eps)?,
-            ),
-        };
+        let (x, h) = add_pending_and_norm(x, pending, &self.attn_norm, self.eps, ctx.fused_ops)?;
         let attn = match ctx.paged.filter(|(_, step)| step.fused_write) {
             Some((pool, step)) => self.attend_fused(&h, pool, layer, step, ctx)?,
             None => {
@@ -399,8 +393,23 @@ impl Layer {
     }
 }
 
+/// The residual stream `x` with `pending` (a block's feed-forward output not yet added) added, and
+/// its RMSNorm with `weight`; the add and the norm are one kernel on CUDA (`fused`).
+pub fn add_pending_and_norm(
+    x: &Tensor,
+    pending: Option<&Tensor>,
+    weight: &Tensor,
+    eps: f32,
+    fused: bool,
+) -> Result<(Tensor, Tensor)> {
+    match pending {
+        Some(delta) => add_rms_norm(x, delta, weight, eps, fused),
+        None => Ok((x.clone(), candle_nn::ops::rms_norm(x, weight, eps)?)),
+    }
+}
+
 /// `x + delta` and its RMSNorm with `weight`: one kernel on CUDA (`fused`), else an add and a norm.
-pub fn add_rms_norm(
+fn add_rms_norm(
     x: &Tensor,
     delta: &Tensor,
     weight: &Tensor,

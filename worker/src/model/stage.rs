@@ -9,7 +9,7 @@ use strata_model::{LlamaConfig, ModelFile, ModelFormat};
 
 use super::kv_cache::SequenceKv;
 use super::kv_pool::KvPool;
-use super::layer::{add_rms_norm, Layer, Segment, StepContext};
+use super::layer::{add_pending_and_norm, Layer, Segment, StepContext};
 use super::linear::Linear;
 use super::mask::MaskCache;
 use super::paged_step::PagedStep;
@@ -397,30 +397,27 @@ impl Stage {
             };
         };
         // Each sequence's last row; in a decode-only step that is every row already.
-        let last_rows = |t: Tensor| -> Result<Tensor> {
-            if segments.iter().all(|s| s.len == 1) {
-                return Ok(t);
-            }
+        let last_rows = if segments.iter().all(|s| s.len == 1) {
+            None
+        } else {
             let rows: Vec<u32> = segments
                 .iter()
                 .map(|s| (s.offset + s.len - 1) as u32)
                 .collect();
-            t.index_select(&Tensor::from_vec(rows, segments.len(), &self.device)?, 0)
+            Some(Tensor::from_vec(rows, segments.len(), &self.device)?)
         };
-        let eps = self.config.rms_norm_eps as f32;
-        let x = match pending {
-            Some(out) => {
-                add_rms_norm(
-                    &last_rows(x)?,
-                    &last_rows(out)?,
-                    &head.norm,
-                    eps,
-                    self.fused_ops,
-                )?
-                .1
-            }
-            None => candle_nn::ops::rms_norm(&last_rows(x)?, &head.norm, eps)?,
+        let select = |t: Tensor| match &last_rows {
+            Some(rows) => t.index_select(rows, 0),
+            None => Ok(t),
         };
+        let pending = pending.map(select).transpose()?;
+        let (_, x) = add_pending_and_norm(
+            &select(x)?,
+            pending.as_ref(),
+            &head.norm,
+            self.config.rms_norm_eps as f32,
+            self.fused_ops,
+        )?;
         let logits = head.output.forward(&x)?.to_dtype(DType::F32)?;
         phase_timer::mark(&self.device, "head");
         Ok(logits)
