@@ -11,7 +11,7 @@ use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda::{CudaStorageSlice, WrapErr};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::paged_attention::{compile_once, contiguous};
+use super::cuda_kernel::{compile_once, contiguous};
 
 const SOURCE: &str = concat!(include_str!("cuda_types.cuh"), include_str!("fused_ops.cu"));
 const MODULE: &str = "strata_fused_ops";

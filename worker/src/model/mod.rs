@@ -8,8 +8,11 @@
 //! - [`q4_1`]: strata's AVX2 matmul for Q4_1 weights on the CPU.
 //! - `paged_attention` (CUDA builds): decode attention from the paged pool in one kernel.
 //! - `fused_ops` (CUDA builds): residual add + RMSNorm and SiLU · up, one kernel each.
+//! - `cuda_kernel` (CUDA builds): what those two share (NVRTC compilation, device slices).
 //! - [`sampling`]: choosing the next token from logits on the last stage.
 
+#[cfg(feature = "cuda")]
+pub mod cuda_kernel;
 #[cfg(feature = "cuda")]
 pub mod fused_ops;
 pub mod kv_cache;

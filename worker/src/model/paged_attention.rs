@@ -14,9 +14,10 @@ use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::cuda::cudarc::nvrtc;
 use candle_core::cuda::{CudaStorageSlice, WrapErr};
-use candle_core::{CudaStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CudaStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::cuda_kernel::{compile_once, contiguous, on_gpu};
 
 const SOURCE: &str = concat!(
     include_str!("cuda_types.cuh"),
@@ -223,21 +224,6 @@ impl CustomOp3 for RopeAndWrite {
     }
 }
 
-/// The CUDA storage of a tensor an op reads beside its inputs.
-pub(super) fn on_gpu<'a>(storage: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
-    match storage {
-        Storage::Cuda(storage) => Ok(storage),
-        _ => candle_core::bail!("strata's CUDA kernels: {what} must be on the GPU"),
-    }
-}
-
-/// A contiguous layout's start and end offsets.
-pub(super) fn contiguous(layout: &Layout, what: &str) -> Result<(usize, usize)> {
-    layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("strata's CUDA kernels: {what} is strided")))
-}
-
 struct PagedDecodeAttention {
     gather: Tensor,
     lens: Tensor,
@@ -249,22 +235,6 @@ struct PagedDecodeAttention {
 fn ptx() -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
     compile_once(&PTX, SOURCE, "the paged pool kernels")
-}
-
-/// `source` compiled with NVRTC the first time it is asked for; the PTX (or the error) is kept in
-/// `cell` for the life of the process.
-pub(super) fn compile_once(
-    cell: &'static OnceLock<std::result::Result<String, String>>,
-    source: &str,
-    what: &str,
-) -> Result<&'static str> {
-    cell.get_or_init(|| {
-        nvrtc::compile_ptx(source)
-            .map(|ptx| ptx.to_src())
-            .map_err(|e| format!("compiling {what}: {e:?}"))
-    })
-    .as_deref()
-    .map_err(|e| candle_core::Error::Msg(e.clone()))
 }
 
 impl CustomOp3 for PagedDecodeAttention {
