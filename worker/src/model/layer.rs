@@ -17,7 +17,7 @@ use super::linear::Linear;
 use super::mask::MaskCache;
 use super::paged_step::{DecodeBatch, PagedStep};
 use super::phase_timer;
-use super::rope::RopeTable;
+use super::rope::{RopeAngles, RopeTable};
 use super::weights::{Role, WeightLoader};
 use crate::WorkerError;
 
@@ -35,9 +35,8 @@ pub struct Segment {
 /// What every layer of a step shares.
 pub struct StepContext<'a> {
     pub segments: &'a [Segment],
-    /// RoPE cos/sin per row, `[rows, 1, head_dim/2]`.
-    pub cos: Tensor,
-    pub sin: Tensor,
+    /// RoPE angles of the step's rows: per row, or indexed when the fused pool write rotates.
+    pub angles: RopeAngles,
     pub rope: &'a RopeTable,
     pub masks: &'a mut MaskCache,
     pub max_len: usize,
@@ -141,8 +140,9 @@ impl Layer {
                 let q = q.reshape((rows, self.num_heads, 1, self.head_dim))?;
                 let k = k.reshape((rows, self.num_kv_heads, 1, self.head_dim))?;
                 let v = v.reshape((rows, self.num_kv_heads, self.head_dim))?;
-                let q = ctx.rope.apply(&q, &ctx.cos, &ctx.sin)?.squeeze(2)?;
-                let k = ctx.rope.apply(&k, &ctx.cos, &ctx.sin)?.squeeze(2)?;
+                let (cos, sin) = ctx.angles.per_row()?;
+                let q = ctx.rope.apply(&q, cos, sin)?.squeeze(2)?;
+                let k = ctx.rope.apply(&k, cos, sin)?.squeeze(2)?;
                 phase_timer::mark(x.device(), "norm, qkv, rope");
                 match ctx.paged {
                     Some((pool, step)) => {
@@ -230,11 +230,15 @@ impl Layer {
             let y = self.qkv.fused_output(h)?.ok_or_else(|| {
                 candle_core::Error::msg("a fused pool write needs fused q/k/v weights")
             })?;
+            let RopeAngles::Indexed { cos, sin, index } = &ctx.angles else {
+                candle_core::bail!("the fused pool write needs indexed RoPE angles");
+            };
             let (keys, values) = pool.layer(layer);
             let q = super::paged_attention::rope_and_write(
                 &y,
-                &ctx.cos,
-                &ctx.sin,
+                cos,
+                sin,
+                index,
                 &step.write,
                 keys,
                 values,

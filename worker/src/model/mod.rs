@@ -29,6 +29,7 @@ pub mod q8_0;
 pub mod rope;
 pub mod sampling;
 pub mod stage;
+pub mod step_indexes;
 pub mod weights;
 
 pub use layer::Segment;

@@ -124,21 +124,24 @@ __device__ void paged_decode_attention(
 // over the fused q/k/v projection (replacing three reshape copies, two RoPE kernels, two transposes
 // and two scatters per layer). One block per row:
 //   y       [rows, (heads + 2 kv_heads) * D] (row stride y_stride): q heads, k heads, v heads
-//   cos/sin [rows, D/2]
+//   cos/sin [n, D/2]                        RoPE tables: row r rotates by row angle_row[r]
+//   angle_row [rows]
 //   write   [rows]                          the pool row of each new position
 //   q_out   [rows, heads, D]                rotated queries
 //   keys, values [kv_heads, pool_rows, D]   rotated keys and raw values land at row write[r]
 // `interleaved` picks the GGUF pairing (2i, 2i+1); otherwise halves (i, i + D/2), as Hugging Face.
 template <typename T>
 __device__ void qkv_rope_write(const T *__restrict__ y, int y_stride, const T *__restrict__ cos,
-                               const T *__restrict__ sin, const unsigned int *__restrict__ write,
+                               const T *__restrict__ sin,
+                               const unsigned int *__restrict__ angle_row,
+                               const unsigned int *__restrict__ write,
                                T *__restrict__ q_out, T *__restrict__ keys, T *__restrict__ values,
                                int heads, int kv_heads, int d, int pool_rows, int interleaved) {
     const int row = blockIdx.x;
     const int half = d / 2;
     const T *y_row = y + (unsigned long long)row * y_stride;
-    const T *c = cos + (unsigned long long)row * half;
-    const T *s = sin + (unsigned long long)row * half;
+    const T *c = cos + (unsigned long long)angle_row[row] * half;
+    const T *s = sin + (unsigned long long)angle_row[row] * half;
     const unsigned long long pool_row = write[row];
     const int pairs = (heads + kv_heads) * half;
     for (int idx = threadIdx.x; idx < pairs; idx += blockDim.x) {
@@ -166,11 +169,11 @@ __device__ void qkv_rope_write(const T *__restrict__ y, int y_stride, const T *_
 
 #define INSTANTIATE_WRITE(NAME, T)                                                               \
     extern "C" __global__ void NAME(const T *y, int y_stride, const T *cos, const T *sin,        \
-                                    const unsigned int *write, T *q_out, T *keys, T *values,     \
-                                    int heads, int kv_heads, int d, int pool_rows,                \
-                                    int interleaved) {                                            \
-        qkv_rope_write<T>(y, y_stride, cos, sin, write, q_out, keys, values, heads, kv_heads, d,  \
-                          pool_rows, interleaved);                                                \
+                                    const unsigned int *angle_row, const unsigned int *write,    \
+                                    T *q_out, T *keys, T *values, int heads, int kv_heads, int d, \
+                                    int pool_rows, int interleaved) {                             \
+        qkv_rope_write<T>(y, y_stride, cos, sin, angle_row, write, q_out, keys, values, heads,    \
+                          kv_heads, d, pool_rows, interleaved);                                   \
     }
 
 INSTANTIATE_WRITE(qkv_rope_write_f32, float)

@@ -69,14 +69,16 @@ pub fn decode_attention(
 }
 
 /// From the fused q/k/v projection `y: [rows, (heads + 2 kv_heads) · d]`: rotates queries and keys
-/// with `cos, sin: [rows, d/2]` (`interleaved` pairs as GGUF, else halves), writes each row's keys
-/// and values into `keys, values: [kv_heads, pool_rows, d]` at pool row `write[r]`, and returns the
-/// rotated queries `[rows, heads, d]`.
+/// of row `r` with row `angle_row[r]` of the tables `cos, sin: [n, d/2]` (`interleaved` pairs as
+/// GGUF, else halves), writes each row's keys and values into `keys, values: [kv_heads, pool_rows,
+/// d]` at pool row `write[r]`, and returns the rotated queries `[rows, heads, d]`. The caller keeps
+/// `angle_row` below `n` (`RopeTable::row_index` checks it).
 #[allow(clippy::too_many_arguments)]
 pub fn rope_and_write(
     y: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
+    angle_row: &Tensor,
     write: &Tensor,
     keys: &Tensor,
     values: &Tensor,
@@ -84,6 +86,7 @@ pub fn rope_and_write(
     interleaved: bool,
 ) -> Result<Tensor> {
     let op = RopeAndWrite {
+        angle_row: angle_row.clone(),
         write: write.clone(),
         keys: keys.clone(),
         values: values.clone(),
@@ -94,6 +97,7 @@ pub fn rope_and_write(
 }
 
 struct RopeAndWrite {
+    angle_row: Tensor,
     write: Tensor,
     keys: Tensor,
     values: Tensor,
@@ -134,8 +138,9 @@ impl CustomOp3 for RopeAndWrite {
         if width != (heads + 2 * kv_heads) * d
             || y_layout.stride()[1] != 1
             || self.values.dims() != self.keys.dims()
-            || cos_layout.shape().elem_count() != rows * d / 2
-            || sin_layout.shape().elem_count() != rows * d / 2
+            || cos_layout.shape().dims2()?.1 != d / 2
+            || sin_layout.shape() != cos_layout.shape()
+            || self.angle_row.dims1()? != rows
             || self.write.dims1()? != rows
             || d % 2 != 0
         {
@@ -151,15 +156,19 @@ impl CustomOp3 for RopeAndWrite {
         let y1 = y0 + (rows - 1) * y_stride + width;
         let (c0, c1) = contiguous(cos_layout, "cos")?;
         let (s0, s1) = contiguous(sin_layout, "sin")?;
+        let (angle_storage, angle_layout) = self.angle_row.storage_and_layout();
         let (write_storage, write_layout) = self.write.storage_and_layout();
         let (keys_storage, keys_layout) = self.keys.storage_and_layout();
         let (values_storage, values_layout) = self.values.storage_and_layout();
+        let (a0, a1) = contiguous(angle_layout, "angle rows")?;
         let (w0, w1) = contiguous(write_layout, "write")?;
         let (k0, k1) = contiguous(keys_layout, "keys")?;
         let (v0, v1) = contiguous(values_layout, "values")?;
+        let angle_row = on_gpu(&angle_storage, "angle rows")?;
         let write = on_gpu(&write_storage, "write")?;
         let keys = on_gpu(&keys_storage, "keys")?;
         let values = on_gpu(&values_storage, "values")?;
+        let angle_row = angle_row.as_cuda_slice::<u32>()?.slice(a0..a1);
         let write = write.as_cuda_slice::<u32>()?.slice(w0..w1);
         let dev = y.device().clone();
         let config = LaunchConfig {
@@ -202,6 +211,7 @@ impl CustomOp3 for RopeAndWrite {
                 builder.arg(&ints[0]);
                 builder.arg(&cos);
                 builder.arg(&sin);
+                builder.arg(&angle_row);
                 builder.arg(&write);
                 builder.arg(&q_out);
                 builder.arg(&keys);

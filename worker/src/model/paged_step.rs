@@ -1,11 +1,13 @@
 //! The index tensors a paged step shares across its layers: where each new row goes in the pool, and
-//! which pool rows each sequence reads. Built once per step on the host and uploaded once, so every
-//! layer's attention is a fixed number of kernels however many sequences the micro-batch holds.
+//! which pool rows each sequence reads. Built once per step on the host and uploaded in the step's
+//! one index copy (`step_indexes`), so every layer's attention is a fixed number of kernels however
+//! many sequences the micro-batch holds.
 
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::kv_cache::SequenceKv;
 use super::layer::Segment;
+use super::step_indexes::{IndexBuffer, IndexSlot, UploadedIndexes};
 
 /// Sequences that add one position this step, attended together as one padded batch.
 #[derive(Debug)]
@@ -48,39 +50,53 @@ pub struct PagedStep {
     pub restore: Option<Tensor>,
 }
 
+/// A paged step planned on the host: its arrays are slots of the step's [`IndexBuffer`], which the
+/// stage uploads once together with its other indexes; [`PagedStepPlan::resolve`] then builds the
+/// step from the uploaded buffer.
+#[derive(Debug)]
+pub struct PagedStepPlan {
+    write: IndexSlot,
+    fused_write: bool,
+    decode: Option<DecodePlan>,
+    prefill: Vec<(usize, IndexSlot)>,
+    restore: Option<IndexSlot>,
+}
+
+#[derive(Debug)]
+struct DecodePlan {
+    rows: Option<IndexSlot>,
+    gather: IndexSlot,
+    /// The additive mask's values, `[sequences × len]`, when some history is padded.
+    mask: Option<Vec<f32>>,
+    lens: Option<IndexSlot>,
+    sequences: usize,
+    len: usize,
+}
+
 impl PagedStep {
-    /// `caches[s]` holds pages for every position of `segments[s]` (reserved by the caller).
-    /// `fused_attention`: decode attention runs as one kernel (lengths instead of a mask);
-    /// `fused_write`: RoPE and the pool write run as one kernel (plain write rows).
-    #[allow(clippy::too_many_arguments)]
+    /// Plans a step into `indexes`. `caches[s]` holds pages for every position of `segments[s]`
+    /// (reserved by the caller). `fused_attention`: decode attention runs as one kernel (lengths
+    /// instead of a mask); `fused_write`: RoPE and the pool write run as one kernel (plain write
+    /// rows).
     pub fn plan(
         segments: &[Segment],
         caches: &[SequenceKv],
-        kv_heads: usize,
-        head_dim: usize,
-        dtype: DType,
-        device: &Device,
         fused_attention: bool,
         fused_write: bool,
-    ) -> Result<Self> {
+        indexes: &mut IndexBuffer,
+    ) -> Result<PagedStepPlan> {
         let pages = |s: usize| {
             caches[s]
                 .pages()
                 .ok_or_else(|| candle_core::Error::msg("a paged step needs paged caches"))
         };
-        let rows: usize = segments.iter().map(|s| s.len).sum();
-        let mut write_rows = Vec::with_capacity(rows);
+        let mut write_rows = Vec::with_capacity(segments.iter().map(|s| s.len).sum());
         for (s, seg) in segments.iter().enumerate() {
             let pages = pages(s)?;
             write_rows.extend((seg.start_pos..seg.start_pos + seg.len).map(|p| pages.row(p)));
         }
-        let write = if fused_write {
-            Tensor::from_vec(write_rows, rows, device)?
-        } else {
-            Tensor::from_vec(write_rows, (1, rows, 1), device)?
-                .broadcast_as((kv_heads, rows, head_dim))?
-                .contiguous()?
-        };
+        let rows = write_rows.len();
+        let write = indexes.push(write_rows);
 
         let decoding: Vec<usize> = (0..segments.len())
             .filter(|&s| segments[s].len == 1)
@@ -99,38 +115,23 @@ impl PagedStep {
                 let pages = pages(s)?;
                 gather.extend((0..len).map(|p| pages.row(if p < own { p } else { 0 })));
             }
-            let n = decoding.len();
             let padded = !fused_attention && own.iter().any(|&o| o < len);
-            let mask = || {
-                let mask: Vec<f32> = own
-                    .iter()
+            let mask = padded.then(|| {
+                own.iter()
                     .flat_map(|&own| {
                         (0..len).map(move |p| if p < own { 0f32 } else { f32::NEG_INFINITY })
                     })
-                    .collect();
-                Tensor::from_vec(mask, (1, n, 1, len), device)?.to_dtype(dtype)
-            };
-            let lens = fused_attention
-                .then(|| {
-                    let lens: Vec<u32> = own.iter().map(|&o| o as u32).collect();
-                    Tensor::from_vec(lens, n, device)
-                })
-                .transpose()?;
-            let rows = (n < segments.len())
-                .then(|| {
-                    let rows: Vec<u32> = decoding
-                        .iter()
-                        .map(|&s| segments[s].offset as u32)
-                        .collect();
-                    Tensor::from_vec(rows, n, device)
-                })
-                .transpose()?;
-            Some(DecodeBatch {
+                    .collect()
+            });
+            let lens = fused_attention.then(|| indexes.push(own.iter().map(|&o| o as u32)));
+            let rows = (decoding.len() < segments.len())
+                .then(|| indexes.push(decoding.iter().map(|&s| segments[s].offset as u32)));
+            Some(DecodePlan {
                 rows,
-                gather: Tensor::from_vec(gather, n * len, device)?,
-                mask: padded.then(mask).transpose()?,
+                gather: indexes.push(gather),
+                mask,
                 lens,
-                sequences: n,
+                sequences: decoding.len(),
                 len,
             })
         };
@@ -138,12 +139,10 @@ impl PagedStep {
         let mut prefill = Vec::new();
         for (s, seg) in segments.iter().enumerate().filter(|(_, seg)| seg.len != 1) {
             let pages = pages(s)?;
-            let rows: Vec<u32> = (0..seg.start_pos + seg.len).map(|p| pages.row(p)).collect();
-            let n = rows.len();
-            prefill.push(PrefillRead {
-                segment: s,
-                gather: Tensor::from_vec(rows, n, device)?,
-            });
+            prefill.push((
+                s,
+                indexes.push((0..seg.start_pos + seg.len).map(|p| pages.row(p))),
+            ));
         }
 
         let restore = if decode.is_some() && !prefill.is_empty() {
@@ -154,23 +153,80 @@ impl PagedStep {
                 order[segments[s].offset] = next;
                 next += 1;
             }
-            for read in &prefill {
-                let seg = segments[read.segment];
+            for &(s, _) in &prefill {
+                let seg = segments[s];
                 for slot in &mut order[seg.offset..seg.offset + seg.len] {
                     *slot = next;
                     next += 1;
                 }
             }
-            Some(Tensor::from_vec(order, rows, device)?)
+            Some(indexes.push(order))
         } else {
             None
         };
-        Ok(Self {
+        Ok(PagedStepPlan {
             write,
             fused_write,
             decode,
             prefill,
             restore,
+        })
+    }
+}
+
+impl PagedStepPlan {
+    /// The step, its arrays taken from `uploaded` (the buffer [`PagedStep::plan`] filled).
+    pub fn resolve(
+        self,
+        uploaded: &UploadedIndexes,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<PagedStep> {
+        let write = uploaded.get(self.write)?;
+        let write = if self.fused_write {
+            write
+        } else {
+            // Scatter wants its indexes shaped like its source.
+            write
+                .reshape((1, self.write.len(), 1))?
+                .broadcast_as((kv_heads, self.write.len(), head_dim))?
+                .contiguous()?
+        };
+        let decode = match self.decode {
+            None => None,
+            Some(plan) => {
+                let (n, len) = (plan.sequences, plan.len);
+                Some(DecodeBatch {
+                    rows: plan.rows.map(|slot| uploaded.get(slot)).transpose()?,
+                    gather: uploaded.get(plan.gather)?,
+                    mask: plan
+                        .mask
+                        .map(|mask| Tensor::from_vec(mask, (1, n, 1, len), device)?.to_dtype(dtype))
+                        .transpose()?,
+                    lens: plan.lens.map(|slot| uploaded.get(slot)).transpose()?,
+                    sequences: n,
+                    len,
+                })
+            }
+        };
+        let prefill = self
+            .prefill
+            .into_iter()
+            .map(|(segment, slot)| {
+                Ok(PrefillRead {
+                    segment,
+                    gather: uploaded.get(slot)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(PagedStep {
+            write,
+            fused_write: self.fused_write,
+            decode,
+            prefill,
+            restore: self.restore.map(|slot| uploaded.get(slot)).transpose()?,
         })
     }
 }

@@ -41,11 +41,33 @@ impl RopeTable {
         })
     }
 
-    /// cos and sin for the given positions (one per row), shaped `[rows, 1, head_dim/2]` so that rows
-    /// of different sequences at different positions rotate in one call.
-    pub fn rows(&self, positions: &[u32], device: &Device) -> Result<(Tensor, Tensor)> {
+    /// Each row's row in the tables [`RopeTable::angles`] works from: its position when the table is
+    /// kept, else its index in the step (the rows are computed for the step). Fails on a position
+    /// past the table.
+    pub fn row_index(&self, positions: &[u32]) -> Result<Vec<u32>> {
+        if !self.reuse {
+            return Ok((0..positions.len() as u32).collect());
+        }
+        let rows = self.cos.dim(0)?;
+        if let Some(&p) = positions.iter().find(|&&p| p as usize >= rows) {
+            candle_core::bail!("position {p} is past the RoPE table's {rows} positions");
+        }
+        Ok(positions.to_vec())
+    }
+
+    /// The angles of a step's rows at `positions`; `index` is [`RopeTable::row_index`] of them on
+    /// the device. `indexed`: for the fused pool write, which reads the tables by index (no per-step
+    /// copy of the rows); otherwise cos and sin of each row for [`RopeTable::apply`].
+    pub fn angles(&self, positions: &[u32], index: Tensor, indexed: bool) -> Result<RopeAngles> {
+        let device = index.device().clone();
         let (cos, sin) = if self.reuse {
-            let index = Tensor::from_slice(positions, positions.len(), device)?;
+            if indexed {
+                return Ok(RopeAngles::Indexed {
+                    cos: self.cos.clone(),
+                    sin: self.sin.clone(),
+                    index,
+                });
+            }
             (
                 self.cos.index_select(&index, 0)?,
                 self.sin.index_select(&index, 0)?,
@@ -56,11 +78,17 @@ impl RopeTable {
                 self.theta,
                 positions,
                 self.cos.dtype(),
-                device,
+                &device,
             )?
         };
+        if indexed {
+            return Ok(RopeAngles::Indexed { cos, sin, index });
+        }
         let shape = (positions.len(), 1, self.head_dim / 2);
-        Ok((cos.reshape(shape)?, sin.reshape(shape)?))
+        Ok(RopeAngles::PerRow {
+            cos: cos.reshape(shape)?,
+            sin: sin.reshape(shape)?,
+        })
     }
 
     /// Whether pairs are `(2i, 2i + 1)` (GGUF) rather than halves `(i, i + head_dim/2)`.
@@ -73,6 +101,32 @@ impl RopeTable {
         match self.style {
             RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin),
             RopeStyle::Halves => candle_nn::rotary_emb::rope(x, cos, sin),
+        }
+    }
+}
+
+/// RoPE angles of a step's rows.
+#[derive(Debug)]
+pub enum RopeAngles {
+    /// cos and sin of each row, `[rows, 1, head_dim/2]` (what [`RopeTable::apply`] takes).
+    PerRow { cos: Tensor, sin: Tensor },
+    /// Tables `[n, head_dim/2]` and each row's row in them, `[rows]` (u32): what the fused pool
+    /// write reads.
+    Indexed {
+        cos: Tensor,
+        sin: Tensor,
+        index: Tensor,
+    },
+}
+
+impl RopeAngles {
+    /// cos and sin of each row; fails for indexed angles (a step planned for the fused write).
+    pub fn per_row(&self) -> Result<(&Tensor, &Tensor)> {
+        match self {
+            Self::PerRow { cos, sin } => Ok((cos, sin)),
+            Self::Indexed { .. } => {
+                candle_core::bail!("RoPE angles of a fused-write step used outside the fused write")
+            }
         }
     }
 }

@@ -15,6 +15,7 @@ use super::mask::MaskCache;
 use super::paged_step::PagedStep;
 use super::phase_timer;
 use super::rope::RopeTable;
+use super::step_indexes::IndexBuffer;
 use super::weights::{Role, WeightLoader};
 use crate::WorkerError;
 
@@ -342,37 +343,67 @@ impl Stage {
             .iter()
             .flat_map(|s| (s.start_pos..s.start_pos + s.len).map(|p| p as u32))
             .collect();
-        let mut x = match (input, &self.embedding) {
-            (StageInput::Tokens(ids), Some(embedding)) => {
-                let ids = Tensor::from_vec(ids, positions.len(), &self.device)?;
-                embedding.index_select(&ids, 0)?
+        self.reserve_pages(segments, caches)?;
+        // Every index array of the step goes to the device in one copy.
+        let mut indexes = IndexBuffer::default();
+        let token_ids = match (&input, &self.embedding) {
+            (StageInput::Tokens(ids), Some(_)) if ids.len() == positions.len() => {
+                Some(indexes.push(ids.iter().copied()))
             }
-            (StageInput::Hidden(h), None) => h,
+            (StageInput::Tokens(ids), Some(_)) => {
+                candle_core::bail!("{} token ids for {} positions", ids.len(), positions.len())
+            }
+            (StageInput::Hidden(_), None) => None,
             (StageInput::Tokens(_), None) => candle_core::bail!("token ids sent to a later stage"),
             (StageInput::Hidden(_), Some(_)) => {
                 candle_core::bail!("hidden states sent to the first stage")
             }
         };
-        let (cos, sin) = self.rope.rows(&positions, &self.device)?;
-        self.reserve_pages(segments, caches)?;
-        let paged_step = match &self.pool {
-            Some(_) => Some(PagedStep::plan(
-                segments,
-                caches,
-                self.config.num_kv_heads,
-                self.config.head_dim,
-                self.dtype,
-                &self.device,
-                self.fused_attention,
-                self.fused_write,
-            )?),
-            None => None,
+        let angle_rows = indexes.push(self.rope.row_index(&positions)?);
+        let paged_plan = self
+            .pool
+            .as_ref()
+            .map(|_| {
+                PagedStep::plan(
+                    segments,
+                    caches,
+                    self.fused_attention,
+                    self.fused_write,
+                    &mut indexes,
+                )
+            })
+            .transpose()?;
+        // On the last stage, each sequence's last row; in a decode-only step that is every row.
+        let last_rows = (self.head.is_some() && segments.iter().any(|s| s.len != 1))
+            .then(|| indexes.push(segments.iter().map(|s| (s.offset + s.len - 1) as u32)));
+        let uploaded = indexes.upload(&self.device)?;
+
+        let mut x = match (input, token_ids.zip(self.embedding.as_ref())) {
+            (StageInput::Hidden(h), _) => h,
+            (StageInput::Tokens(_), Some((ids, embedding))) => {
+                embedding.index_select(&uploaded.get(ids)?, 0)?
+            }
+            (StageInput::Tokens(_), None) => candle_core::bail!("token ids sent to a later stage"),
         };
+        let paged_step = paged_plan
+            .map(|plan| {
+                plan.resolve(
+                    &uploaded,
+                    self.config.num_kv_heads,
+                    self.config.head_dim,
+                    self.dtype,
+                    &self.device,
+                )
+            })
+            .transpose()?;
+        let fused_write = paged_step.as_ref().is_some_and(|step| step.fused_write);
+        let angles = self
+            .rope
+            .angles(&positions, uploaded.get(angle_rows)?, fused_write)?;
         phase_timer::mark(&self.device, "embedding, step indexes");
         let mut ctx = StepContext {
             segments,
-            cos,
-            sin,
+            angles,
             rope: &self.rope,
             masks: &mut self.masks,
             max_len: self.config.context_length,
@@ -396,16 +427,7 @@ impl Stage {
                 None => Ok(x),
             };
         };
-        // Each sequence's last row; in a decode-only step that is every row already.
-        let last_rows = if segments.iter().all(|s| s.len == 1) {
-            None
-        } else {
-            let rows: Vec<u32> = segments
-                .iter()
-                .map(|s| (s.offset + s.len - 1) as u32)
-                .collect();
-            Some(Tensor::from_vec(rows, segments.len(), &self.device)?)
-        };
+        let last_rows = last_rows.map(|slot| uploaded.get(slot)).transpose()?;
         let select = |t: Tensor| match &last_rows {
             Some(rows) => t.index_select(rows, 0),
             None => Ok(t),
