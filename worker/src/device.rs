@@ -44,7 +44,54 @@ fn parse(spec: &str) -> Result<(&str, usize), WorkerError> {
 
 #[cfg(feature = "cuda")]
 fn cuda(index: usize) -> Result<Device, WorkerError> {
-    Ok(Device::new_cuda(index)?)
+    let device = Device::new_cuda(index)?;
+    if let Device::Cuda(cuda) = &device {
+        keep_freed_memory(cuda)?;
+    }
+    Ok(device)
+}
+
+/// How much freed device memory the stream-ordered allocator keeps for reuse after a synchronize.
+/// The driver's default is none: every stage step ends in a copy to the host, which synchronizes,
+/// so each step's tensors were mapped anew from the driver, a host cost on every allocation of a
+/// launch-bound step. A step's transient tensors take far less than this at batch sizes where the
+/// host is the bottleneck; the KV pool is allocated and accounted for on its own.
+#[cfg(feature = "cuda")]
+const KEPT_POOL_BYTES: u64 = 1 << 30;
+
+/// Sets the device's default memory pool to keep [`KEPT_POOL_BYTES`] (`STRATA_CUDA_POOL_KEEP_MB`
+/// overrides it; 0 keeps the driver's default, for measurements).
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(device: &candle_core::CudaDevice) -> Result<(), WorkerError> {
+    use candle_core::cuda::cudarc::driver::sys;
+    let keep = std::env::var("STRATA_CUDA_POOL_KEEP_MB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(KEPT_POOL_BYTES, |mb| mb << 20);
+    let stream = device.cuda_stream();
+    let context = stream.context();
+    if keep == 0 || !context.has_async_alloc() {
+        return Ok(());
+    }
+    let failed = |e| WorkerError::Internal(format!("setting the CUDA memory pool: {e:?}"));
+    context.bind_to_thread().map_err(failed)?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = keep;
+    // SAFETY: the context is bound to this thread, `pool` is written by the driver before it is
+    // used, and the attribute's value is a u64 as the driver expects for the release threshold.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device())
+            .result()
+            .map_err(failed)?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
+        .map_err(failed)?;
+    }
+    Ok(())
 }
 
 #[cfg(not(feature = "cuda"))]
