@@ -12,11 +12,20 @@ ensure_model() {
     [[ -f "$1/model.safetensors" ]] || "$bin" make-model --config tinyllama-1.1b --out "$1" >/dev/null
 }
 
-# start_worker PORT DEVICE: a worker on 127.0.0.1:PORT in the background (extra flags from
-# $STRATA_WORKER_ARGS).
+# pin_prefix CPUS: sets $pin to the command prefix that runs a process on host cores CPUS (a taskset
+# list), or to nothing when CPUS is empty. A prefix, not a wrapper function: a backgrounded function
+# would run in a subshell, and `$!` would then name the subshell instead of the process.
+pin_prefix() {
+    pin=()
+    if [[ -n "$1" ]]; then pin=(taskset -c "$1"); fi
+}
+
+# start_worker PORT DEVICE [CPUS]: a worker on 127.0.0.1:PORT in the background (extra flags from
+# $STRATA_WORKER_ARGS), on host cores CPUS if given.
 start_worker() {
+    pin_prefix "${3:-}"
     # shellcheck disable=SC2086
-    "$bin" worker --listen "127.0.0.1:$1" --device "$2" --model "$model" ${STRATA_WORKER_ARGS:-} </dev/null >/dev/null \
+    "${pin[@]}" "$bin" worker --listen "127.0.0.1:$1" --device "$2" --model "$model" ${STRATA_WORKER_ARGS:-} </dev/null >/dev/null \
         2>>"$out/workers.log" &
 }
 
@@ -26,10 +35,16 @@ start_coordinator() {
     local port="$1" name="$2" split="$3"; shift 3
     local addrs; addrs=$(IFS=,; echo "$*")
     sleep 3
-    "$bin" coordinator --listen "127.0.0.1:$port" --workers "$addrs" --split "$split" --model "$model" \
+    pin_prefix "${COORDINATOR_CPUS:-}"
+    "${pin[@]}" "$bin" coordinator --listen "127.0.0.1:$port" --workers "$addrs" --split "$split" --model "$model" \
         </dev/null >/dev/null 2>"$out/coord-$name.log" &
     coordinator_pid=$!
     for _ in $(seq 180); do
+        # A coordinator that exited (a port still taken, say) must not let an older one answer.
+        if ! kill -0 "$coordinator_pid" 2>/dev/null; then
+            echo "coordinator $name exited; see $out/coord-$name.log" >&2
+            return 1
+        fi
         "$bin" generate --coordinator "http://127.0.0.1:$port" --prompt hi --max-tokens 1 >/dev/null 2>&1 && return 0
         sleep 1
     done

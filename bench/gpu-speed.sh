@@ -2,7 +2,7 @@
 # Speed on the GPU, side by side in one run, on random-weight TinyLlama-1.1B-shaped weights (bf16 on
 # disk): strata with 1 CUDA stage (bf16 and f32), 2 CUDA stages on one GPU (bf16), and 2 stages on
 # two GPUs when the host has them (concurrency 1, 8, 32; prompts of 4-40 tokens, different per
-# stream; 128 new tokens); candle-transformers' own `llama` built into the same binary (`strata bench
+# stream; 128 new tokens); 1 vs 2 stages at batch 1 in $STAGE_ROUNDS (5) alternated pairs; candle-transformers' own `llama` built into the same binary (`strata bench
 # candle-llama`: batch 1, 8, 32 of one 16-token prompt, f32 and bf16); Hugging Face transformers
 # (batch 1 and 32, 16-token prompts, 128 new tokens, bf16 and fp32); and the card's copy bandwidth.
 # Usage (GPU host, a `--features cuda` binary): bench/gpu-speed.sh BINARY [OUT_DIR]
@@ -23,6 +23,9 @@ if (( gpus >= 2 )); then
     STRATA_DTYPE=bf16 start_worker 7404 cuda:0; STRATA_DTYPE=bf16 start_worker 7405 cuda:1
     bench_config two-stage-two-gpus-bf16 1,8,32 127.0.0.1:7404 127.0.0.1:7405
 fi
+# The 2-stage ratio at batch 1 is taken over alternated pairs of runs: single runs swing by a quarter
+# with the host (BENCHMARKS.md), more than the difference measured.
+MODEL=$model bash "$here/gpu-stages.sh" "$bin" "$out/stages" "${STAGE_ROUNDS:-5}"
 for dtype in f32 bf16; do
     "$bin" bench candle-llama --model "$model" --device cuda:0 --dtype "$dtype" --batch 1,8,32 \
         --prompt-tokens 16 --decode-tokens 128 --json "$out/candle-llama-$dtype.json"
