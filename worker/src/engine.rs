@@ -469,7 +469,7 @@ impl State {
         }
 
         let outputs = if stage.is_last() {
-            sample_rows(&output, &steps)?
+            sample_rows(&output, &steps, stage.fused_ops())?
                 .into_iter()
                 .zip(&steps)
                 .map(|(sampled, step)| (step.seq_id, StepOutput::Sampled(sampled)))
@@ -700,7 +700,7 @@ impl Probe {
         let started = Instant::now();
         let out = self.stage.forward(x, &segments, &mut self.caches)?;
         if self.stage.is_last() {
-            sample_rows(&out, &greedy)?;
+            sample_rows(&out, &greedy, self.stage.fused_ops())?;
         } else {
             out.to_device(&Device::Cpu)?;
         }
@@ -731,12 +731,16 @@ fn upload_hidden(parts: &[&Tensor], device: &Device, dtype: DType) -> candle_cor
 /// reduced there, and only those two numbers per row are copied back. Copying and scanning every
 /// 32000-wide row on the host took a quarter of a 32-sequence GPU step. Other rows (temperature,
 /// top-k/p, requested alternatives) and CPU stages sample on the host from the full row.
-fn sample_rows(logits: &Tensor, steps: &[SequenceStep]) -> candle_core::Result<Vec<Sampled>> {
+fn sample_rows(
+    logits: &Tensor,
+    steps: &[SequenceStep],
+    fused: bool,
+) -> candle_core::Result<Vec<Sampled>> {
     let params = |step: &SequenceStep| step.sampling.unwrap_or(SamplingParams::GREEDY);
     let on_device = |step: &SequenceStep| params(step).temperature <= 0.0 && step.top_logprobs == 0;
     let mut out: Vec<Option<Sampled>> = vec![None; steps.len()];
     if !logits.device().is_cpu() && steps.iter().any(on_device) {
-        let (ids, logprobs) = greedy_rows(logits)?;
+        let (ids, logprobs) = greedy_rows(logits, fused)?;
         let vocab = logits.dim(1)?;
         for (i, step) in steps.iter().enumerate() {
             // A NaN row has no largest logit: the host decides it, as for any other row.

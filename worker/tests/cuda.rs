@@ -210,16 +210,32 @@ fn greedy_rows_on_the_gpu_match_the_host() {
     }
     let gpu = Device::new_cuda(0).unwrap();
     let logits = Tensor::from_vec(values.clone(), (rows, vocab), &gpu).unwrap();
-    let (ids, logprobs) = greedy_rows(&logits).unwrap();
-    for r in 0..rows {
-        let host = sample(
-            &values[r * vocab..(r + 1) * vocab],
-            &SamplingParams::GREEDY,
-            0,
-            0,
-        );
-        assert_eq!(ids[r], host.id, "row {r}");
-        assert_eq!(ids[r] as usize, 7 * r + 3);
-        assert!((logprobs[r] - host.logprob).abs() < 1e-4, "row {r}");
+    // The fused kernel and candle's reductions, each against the host sampler.
+    for fused in [true, false] {
+        let (ids, logprobs) = greedy_rows(&logits, fused).unwrap();
+        for r in 0..rows {
+            let host = sample(
+                &values[r * vocab..(r + 1) * vocab],
+                &SamplingParams::GREEDY,
+                0,
+                0,
+            );
+            assert_eq!(ids[r], host.id, "row {r}, fused {fused}");
+            assert_eq!(ids[r] as usize, 7 * r + 3);
+            assert!(
+                (logprobs[r] - host.logprob).abs() < 1e-4,
+                "row {r}, fused {fused}: {} vs {}",
+                logprobs[r],
+                host.logprob
+            );
+        }
     }
+    // A row of NaNs has no largest value: the kernel says so (the engine then samples it on the
+    // host), and the rows beside it are unaffected.
+    let mut with_nan = values[..2 * vocab].to_vec();
+    with_nan[vocab..].fill(f32::NAN);
+    let logits = Tensor::from_vec(with_nan, (2, vocab), &gpu).unwrap();
+    let (ids, _) = greedy_rows(&logits, true).unwrap();
+    assert_eq!(ids[0], 3);
+    assert_eq!(ids[1], u32::MAX);
 }

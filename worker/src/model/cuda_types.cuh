@@ -31,6 +31,9 @@ __device__ __forceinline__ void store(f16_t *p, float x) {
     p->bits = h;
 }
 
+// -inf, without the headers NVRTC compiles without.
+#define NEG_INF __int_as_float(0xff800000)
+
 __device__ __forceinline__ float warp_sum(float x) {
     for (int offset = 16; offset > 0; offset >>= 1) {
         x += __shfl_xor_sync(0xffffffffu, x, offset);

@@ -64,3 +64,73 @@ __device__ void silu_mul(const T *__restrict__ y, int y_stride, T *__restrict__ 
 INSTANTIATE(float, f32)
 INSTANTIATE(bf16_t, bf16)
 INSTANTIATE(f16_t, f16)
+
+// Greedy choice per row of f32 logits [rows, vocab], one block per row: the lowest index holding
+// the row's largest value (NaN never compares larger, so it is skipped; an all-NaN row gives index
+// 0xffffffff), and that value's log-probability -ln Σ exp(x - max). Writes out[r] = index and
+// out[rows + r] = the log-probability's bits, so that one copy brings both back.
+extern "C" __global__ void greedy_rows_f32(const float *__restrict__ logits, int vocab, int rows,
+                                           unsigned int *__restrict__ out) {
+    const float *row = logits + (unsigned long long)blockIdx.x * vocab;
+    float best = NEG_INF;
+    unsigned int best_index = 0xffffffffu;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        const float x = row[i];
+        // Each thread walks its indexes upwards: a later equal value never wins.
+        if (x > best) {
+            best = x;
+            best_index = i;
+        }
+    }
+    __shared__ float values[32];
+    __shared__ unsigned int indexes[32];
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int warps = (blockDim.x + 31) / 32;
+    // Larger value wins; between equal values, the lower index.
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const float v = __shfl_xor_sync(0xffffffffu, best, offset);
+        const unsigned int j = __shfl_xor_sync(0xffffffffu, best_index, offset);
+        if (v > best || (v == best && j < best_index)) {
+            best = v;
+            best_index = j;
+        }
+    }
+    if (lane == 0) {
+        values[warp] = best;
+        indexes[warp] = best_index;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        best = lane < warps ? values[lane] : NEG_INF;
+        best_index = lane < warps ? indexes[lane] : 0xffffffffu;
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            const float v = __shfl_xor_sync(0xffffffffu, best, offset);
+            const unsigned int j = __shfl_xor_sync(0xffffffffu, best_index, offset);
+            if (v > best || (v == best && j < best_index)) {
+                best = v;
+                best_index = j;
+            }
+        }
+        if (lane == 0) {
+            values[0] = best;
+            indexes[0] = best_index;
+        }
+    }
+    __syncthreads();
+    const float max = values[0];
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        sum += expf(row[i] - max);
+    }
+    __syncthreads();  // values[0] was read by every thread before it is reused below
+    sum = warp_sum(sum);
+    if (lane == 0) values[warp] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float total = 0.0f;
+        for (int w = 0; w < warps; ++w) total += values[w];
+        out[blockIdx.x] = indexes[0];
+        out[rows + blockIdx.x] = __float_as_uint(-logf(total));
+    }
+}

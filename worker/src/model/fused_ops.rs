@@ -2,7 +2,9 @@
 //! RMSNorm after it (`add_rms_norm`), and SiLU(gate) · up read straight from the fused gate/up
 //! projection (`silu_mul`). Each replaces two kernels with one. At batch 1 a GPU stage's step time is
 //! the host's time to launch its kernels (~8 µs each, a dozen per layer), so a launch saved per layer
-//! is a share of the step saved. Compiled with NVRTC on first use, like `paged_attention`.
+//! is a share of the step saved. The last stage's greedy choice is one kernel as well
+//! (`greedy_rows`: a dozen kernels, a 128 KB index upload and two copies back before). Compiled with
+//! NVRTC on first use, like `paged_attention`.
 
 use std::sync::OnceLock;
 
@@ -41,6 +43,65 @@ pub fn add_rms_norm(
 /// `silu(y[:, ..width]) * y[:, width..]` for the fused gate/up output `y: [rows, 2 · width]`.
 pub fn silu_mul(y: &Tensor) -> Result<Tensor> {
     y.apply_op1_no_bwd(&SiluMul)
+}
+
+/// Each row's greedy token of f32 `logits: [rows, vocab]` (the lowest index of the largest value;
+/// `u32::MAX` for a row of NaNs) and its log-probability, reduced on the GPU and copied back in one
+/// copy.
+pub fn greedy_rows(logits: &Tensor) -> Result<(Vec<u32>, Vec<f32>)> {
+    let rows = logits.dim(0)?;
+    let out = logits.contiguous()?.apply_op1_no_bwd(&GreedyRows)?;
+    let out = out.flatten_all()?.to_vec1::<u32>()?;
+    let (ids, logprobs) = out.split_at(rows);
+    Ok((
+        ids.to_vec(),
+        logprobs.iter().map(|&bits| f32::from_bits(bits)).collect(),
+    ))
+}
+
+struct GreedyRows;
+
+impl CustomOp1 for GreedyRows {
+    fn name(&self) -> &'static str {
+        "greedy-rows"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the fused greedy choice runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, logits: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (rows, vocab) = layout.shape().dims2()?;
+        let (l0, l1) = contiguous(layout, "logits")?;
+        let CudaStorageSlice::F32(values) = &logits.slice else {
+            candle_core::bail!("greedy rows: logits must be f32, not {:?}", logits.dtype());
+        };
+        if rows == 0 || vocab == 0 {
+            candle_core::bail!("greedy rows: empty logits {:?}", layout.shape());
+        }
+        let dev = logits.device().clone();
+        let func = dev.get_or_load_custom_func("greedy_rows_f32", MODULE, ptx()?)?;
+        // SAFETY: the kernel writes both halves (one index and one log-probability per row).
+        let out = unsafe { dev.alloc::<u32>(2 * rows)? };
+        let values = values.slice(l0..l1);
+        let (vocab_i, rows_i) = (vocab as i32, rows as i32);
+        let mut builder = func.builder();
+        builder.arg(&values);
+        builder.arg(&vocab_i);
+        builder.arg(&rows_i);
+        builder.arg(&out);
+        let config = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match the kernel's signature; the row count bounds every access.
+        unsafe { builder.launch(config) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((2, rows)),
+        ))
+    }
 }
 
 struct AddRmsNorm {

@@ -20,7 +20,6 @@
 
 #define TILE 4
 #define MAX_PER_LANE 8
-#define NEG_INF __int_as_float(0xff800000)
 
 template <typename T, int WARPS>
 __device__ void paged_decode_attention(

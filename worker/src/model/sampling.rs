@@ -59,8 +59,13 @@ pub fn sample(logits: &[f32], params: &SamplingParams, position: u64, top_n: usi
 }
 
 /// Greedy choice per row of `logits: [rows, vocab]` where they are (on the device, for GPU stages): the lowest index holding the row's largest logit, and its
-/// log-probability `-ln Σ exp(x - max)`.
-pub fn greedy_rows(logits: &Tensor) -> Result<(Vec<u32>, Vec<f32>)> {
+/// log-probability `-ln Σ exp(x - max)`. `fused`: one kernel on CUDA (`fused_ops::greedy_rows`).
+pub fn greedy_rows(logits: &Tensor, fused: bool) -> Result<(Vec<u32>, Vec<f32>)> {
+    #[cfg(feature = "cuda")]
+    if fused && logits.device().is_cuda() && logits.dtype() == candle_core::DType::F32 {
+        return super::fused_ops::greedy_rows(logits);
+    }
+    let _ = fused;
     let (rows, vocab) = logits.dims2()?;
     let max = logits.max_keepdim(1)?;
     let logprob = logits
@@ -344,7 +349,7 @@ mod tests {
         ];
         let flat: Vec<f32> = rows.concat();
         let logits = Tensor::from_vec(flat, (3, 5), &candle_core::Device::Cpu).unwrap();
-        let (ids, logprobs) = greedy_rows(&logits).unwrap();
+        let (ids, logprobs) = greedy_rows(&logits, true).unwrap();
         for (i, row) in rows.iter().enumerate() {
             let host = sample(row, &SamplingParams::GREEDY, 7, 0);
             assert_eq!(ids[i], host.id, "row {i}");

@@ -285,6 +285,11 @@ impl Stage {
         self.weight_bytes
     }
 
+    /// Whether strata's fused CUDA kernels for elementwise work (and the greedy choice) run here.
+    pub fn fused_ops(&self) -> bool {
+        self.fused_ops
+    }
+
     /// With a paged pool: gives every sequence of the step pages for its new positions (growing the
     /// pool up to its limit). Fails, changing no sequence's length, when the pool is full.
     pub fn reserve_pages(&mut self, segments: &[Segment], caches: &mut [SequenceKv]) -> Result<()> {
