@@ -1,7 +1,8 @@
-// Two small fusions of a transformer block's elementwise work on CUDA (`fused_ops.rs`). At batch 1 a
+// Small fusions of a GPU stage's elementwise work on CUDA (`fused_ops.rs`). At batch 1 a
 // GPU stage is bound by launching kernels, not by running them, so each launch saved is time saved:
 //   add_rms_norm  the residual add and the next RMSNorm in one pass (two kernels before);
-//   silu_mul      SiLU(gate) · up straight from the fused gate/up projection (two kernels before).
+//   silu_mul      SiLU(gate) · up straight from the fused gate/up projection (two kernels before);
+//   greedy_rows   the last stage's greedy token and its log-probability per row (a dozen before).
 // Sums are kept in f32 and each output is rounded to the element type once.
 
 // One block per row: sum = x + delta (stored, then read back rounded as the unfused add would
@@ -65,6 +66,19 @@ INSTANTIATE(float, f32)
 INSTANTIATE(bf16_t, bf16)
 INSTANTIATE(f16_t, f16)
 
+// The warp's largest value and its index, in every lane: a larger value wins, and between equal
+// values the lower index.
+__device__ __forceinline__ void warp_argmax(float &best, unsigned int &index) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const float v = __shfl_xor_sync(0xffffffffu, best, offset);
+        const unsigned int j = __shfl_xor_sync(0xffffffffu, index, offset);
+        if (v > best || (v == best && j < index)) {
+            best = v;
+            index = j;
+        }
+    }
+}
+
 // Greedy choice per row of f32 logits [rows, vocab], one block per row: the lowest index holding
 // the row's largest value (NaN never compares larger, so it is skipped; an all-NaN row gives index
 // 0xffffffff), and that value's log-probability -ln Σ exp(x - max). Writes out[r] = index and
@@ -87,15 +101,7 @@ extern "C" __global__ void greedy_rows_f32(const float *__restrict__ logits, int
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int warps = (blockDim.x + 31) / 32;
-    // Larger value wins; between equal values, the lower index.
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        const float v = __shfl_xor_sync(0xffffffffu, best, offset);
-        const unsigned int j = __shfl_xor_sync(0xffffffffu, best_index, offset);
-        if (v > best || (v == best && j < best_index)) {
-            best = v;
-            best_index = j;
-        }
-    }
+    warp_argmax(best, best_index);
     if (lane == 0) {
         values[warp] = best;
         indexes[warp] = best_index;
@@ -104,14 +110,7 @@ extern "C" __global__ void greedy_rows_f32(const float *__restrict__ logits, int
     if (warp == 0) {
         best = lane < warps ? values[lane] : NEG_INF;
         best_index = lane < warps ? indexes[lane] : 0xffffffffu;
-        for (int offset = 16; offset > 0; offset >>= 1) {
-            const float v = __shfl_xor_sync(0xffffffffu, best, offset);
-            const unsigned int j = __shfl_xor_sync(0xffffffffu, best_index, offset);
-            if (v > best || (v == best && j < best_index)) {
-                best = v;
-                best_index = j;
-            }
-        }
+        warp_argmax(best, best_index);
         if (lane == 0) {
             values[0] = best;
             indexes[0] = best_index;
