@@ -348,7 +348,6 @@ impl Stage {
             .iter()
             .flat_map(|s| (s.start_pos..s.start_pos + s.len).map(|p| p as u32))
             .collect();
-        self.reserve_pages(segments, caches)?;
         // Every index array of the step goes to the device in one copy.
         let mut indexes = IndexBuffer::default();
         let token_ids = match (&input, &self.embedding) {
@@ -365,6 +364,7 @@ impl Stage {
             }
         };
         let angle_rows = indexes.push(self.rope.row_index(&positions)?);
+        self.reserve_pages(segments, caches)?;
         let paged_plan = self
             .pool
             .as_ref()
