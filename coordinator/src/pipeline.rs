@@ -419,8 +419,8 @@ impl Pipeline {
 /// How long a step polls for its reply from a stage on `device` before parking (the worker's own
 /// budget for that device); `STRATA_ASYNC_SPIN_US` overrides it.
 fn reply_spin(device: &str) -> Duration {
-    strata_transport::spin::spin_override()
-        .unwrap_or_else(|| strata_transport::spin::default_budget(device == "cpu"))
+    use strata_transport::spin::{async_budget, default_budget};
+    async_budget(default_budget(device == "cpu"))
 }
 
 /// The dtype stages return hidden states in: each stage's own compute dtype (unspecified), so a bf16

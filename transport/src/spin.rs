@@ -47,13 +47,14 @@ pub fn default_budget(on_cpu: bool) -> Duration {
     }
 }
 
-/// `STRATA_ASYNC_SPIN_US`, when set: the polling budget for every waiting point, overriding each
-/// role's default (for measurements; 0 turns polling off).
-pub fn spin_override() -> Option<Duration> {
+/// The polling budget of an async waiting point whose role would use `default`:
+/// `STRATA_ASYNC_SPIN_US` when set, overriding every role's default (for measurements; 0 turns
+/// polling off).
+pub fn async_budget(default: Duration) -> Duration {
     std::env::var("STRATA_ASYNC_SPIN_US")
         .ok()
         .and_then(|v| v.parse().ok())
-        .map(Duration::from_micros)
+        .map_or(default, Duration::from_micros)
 }
 
 #[cfg(test)]

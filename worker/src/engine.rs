@@ -217,11 +217,10 @@ impl Engine {
                 state.run(job);
             }
         });
-        let async_spin = strata_transport::spin::spin_override().unwrap_or(spin);
         Ok(Self {
             jobs,
             published,
-            spin: async_spin,
+            spin: strata_transport::spin::async_budget(spin),
         })
     }
 
