@@ -199,13 +199,13 @@ impl PagedStepPlan {
             Some(plan) => {
                 let (n, len) = (plan.sequences, plan.len);
                 Some(DecodeBatch {
-                    rows: plan.rows.map(|slot| uploaded.get(slot)).transpose()?,
+                    rows: uploaded.get_some(plan.rows)?,
                     gather: uploaded.get(plan.gather)?,
                     mask: plan
                         .mask
                         .map(|mask| Tensor::from_vec(mask, (1, n, 1, len), device)?.to_dtype(dtype))
                         .transpose()?,
-                    lens: plan.lens.map(|slot| uploaded.get(slot)).transpose()?,
+                    lens: uploaded.get_some(plan.lens)?,
                     sequences: n,
                     len,
                 })
@@ -226,7 +226,7 @@ impl PagedStepPlan {
             fused_write: self.fused_write,
             decode,
             prefill,
-            restore: self.restore.map(|slot| uploaded.get(slot)).transpose()?,
+            restore: uploaded.get_some(self.restore)?,
         })
     }
 }

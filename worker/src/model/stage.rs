@@ -15,7 +15,7 @@ use super::mask::MaskCache;
 use super::paged_step::PagedStep;
 use super::phase_timer;
 use super::rope::RopeTable;
-use super::step_indexes::IndexBuffer;
+use super::step_indexes::{IndexBuffer, IndexSlot};
 use super::weights::{Role, WeightLoader};
 use crate::WorkerError;
 
@@ -138,6 +138,13 @@ pub enum StageInput {
 
 /// The final norm and output projection.
 #[derive(Debug)]
+/// What a step's first block reads: the previous stage's hidden states, or (on the first stage) the
+/// embedding rows of token ids that travel in the step's index upload.
+enum StepEntry {
+    Hidden(Tensor),
+    Tokens(IndexSlot, Tensor),
+}
+
 struct Head {
     norm: Tensor,
     output: Linear,
@@ -348,16 +355,17 @@ impl Stage {
             .iter()
             .flat_map(|s| (s.start_pos..s.start_pos + s.len).map(|p| p as u32))
             .collect();
-        // Every index array of the step goes to the device in one copy.
+        // Every index array of the step goes to the device in one copy; the first stage's token
+        // ids are embedded once that copy is made.
         let mut indexes = IndexBuffer::default();
-        let token_ids = match (&input, &self.embedding) {
-            (StageInput::Tokens(ids), Some(_)) if ids.len() == positions.len() => {
-                Some(indexes.push(ids.iter().copied()))
+        let entry = match (input, &self.embedding) {
+            (StageInput::Tokens(ids), Some(embedding)) if ids.len() == positions.len() => {
+                StepEntry::Tokens(indexes.push(ids), embedding.clone())
             }
             (StageInput::Tokens(ids), Some(_)) => {
                 candle_core::bail!("{} token ids for {} positions", ids.len(), positions.len())
             }
-            (StageInput::Hidden(_), None) => None,
+            (StageInput::Hidden(h), None) => StepEntry::Hidden(h),
             (StageInput::Tokens(_), None) => candle_core::bail!("token ids sent to a later stage"),
             (StageInput::Hidden(_), Some(_)) => {
                 candle_core::bail!("hidden states sent to the first stage")
@@ -383,12 +391,9 @@ impl Stage {
             .then(|| indexes.push(segments.iter().map(|s| (s.offset + s.len - 1) as u32)));
         let uploaded = indexes.upload(&self.device)?;
 
-        let mut x = match (input, token_ids.zip(self.embedding.as_ref())) {
-            (StageInput::Hidden(h), _) => h,
-            (StageInput::Tokens(_), Some((ids, embedding))) => {
-                embedding.index_select(&uploaded.get(ids)?, 0)?
-            }
-            (StageInput::Tokens(_), None) => candle_core::bail!("token ids sent to a later stage"),
+        let mut x = match entry {
+            StepEntry::Hidden(hidden) => hidden,
+            StepEntry::Tokens(ids, embedding) => embedding.index_select(&uploaded.get(ids)?, 0)?,
         };
         let paged_step = paged_plan
             .map(|plan| {
@@ -432,7 +437,7 @@ impl Stage {
                 None => Ok(x),
             };
         };
-        let last_rows = last_rows.map(|slot| uploaded.get(slot)).transpose()?;
+        let last_rows = uploaded.get_some(last_rows)?;
         let select = |t: Tensor| match &last_rows {
             Some(rows) => t.index_select(rows, 0),
             None => Ok(t),

@@ -60,6 +60,11 @@ impl UploadedIndexes {
     pub fn get(&self, slot: IndexSlot) -> Result<Tensor> {
         self.0.narrow(0, slot.start, slot.len)
     }
+
+    /// [`UploadedIndexes::get`] of an array the step may not have.
+    pub fn get_some(&self, slot: Option<IndexSlot>) -> Result<Option<Tensor>> {
+        slot.map(|slot| self.get(slot)).transpose()
+    }
 }
 
 #[cfg(test)]
