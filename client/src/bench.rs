@@ -1,5 +1,7 @@
 //! Benchmarks shared by `strata bench` and the examples.
 
+use std::time::Duration;
+
 use serde::Serialize;
 
 use crate::profile::{prompt_of_length, ProfileError};
@@ -195,6 +197,24 @@ mod tests {
         assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
         assert_eq!(median(&mut []), 0.0);
     }
+
+    fn ms(times: &[u64]) -> Vec<Duration> {
+        times.iter().map(|&t| Duration::from_millis(t)).collect()
+    }
+
+    #[test]
+    fn steady_decode_counts_only_after_every_stream_started() {
+        // One stream alone: its decode speed, 4 tokens after the first in 40 ms.
+        let one = [ms(&[100, 110, 120, 130, 140])];
+        assert!((steady_decode_rate(&one) - 100.0).abs() < 1e-9);
+        // The second stream's first token comes at 120 ms: from then to 160 ms, 2 + 3 tokens.
+        let two = [ms(&[100, 110, 120, 130, 140]), ms(&[120, 130, 140, 160])];
+        assert!((steady_decode_rate(&two) - 5.0 / 0.040).abs() < 1e-9);
+        // Nothing to measure: a stream with no token, or no token after the last first one.
+        assert_eq!(steady_decode_rate(&[ms(&[100]), ms(&[])]), 0.0);
+        assert_eq!(steady_decode_rate(&[ms(&[100]), ms(&[120])]), 0.0);
+        assert_eq!(steady_decode_rate(&[]), 0.0);
+    }
 }
 
 /// One concurrency level of the throughput bench.
@@ -206,6 +226,8 @@ pub struct ThroughputRow {
     pub wall_ms: f64,
     /// Generated tokens of all streams over the wall time.
     pub aggregate_tok_s: f64,
+    /// Decode throughput once every stream has its first token: see [`steady_decode_rate`].
+    pub decode_aggregate_tok_s: f64,
     /// Mean decode speed of one stream (tokens after its first over the time after its first).
     pub per_stream_tok_s: f64,
     pub ttft_p50_ms: f64,
@@ -236,8 +258,8 @@ impl ThroughputRow {
             format!("  hop {} ms/step", hops.join(" / "))
         };
         format!(
-            "{:<22} c={:<3} aggregate {:7.2} tok/s  per stream {:6.2} tok/s  TTFT P50 {:7.1} ms P99 {:7.1} ms  busy {}{hop}",
-            self.setup, self.concurrency, self.aggregate_tok_s, self.per_stream_tok_s, self.ttft_p50_ms, self.ttft_p99_ms, busy
+            "{:<22} c={:<3} aggregate {:7.2} tok/s  decode aggregate {:7.2} tok/s  per stream {:6.2} tok/s  TTFT P50 {:7.1} ms P99 {:7.1} ms  busy {}{hop}",
+            self.setup, self.concurrency, self.aggregate_tok_s, self.decode_aggregate_tok_s, self.per_stream_tok_s, self.ttft_p50_ms, self.ttft_p99_ms, busy
         )
     }
 }
@@ -298,6 +320,39 @@ pub fn bench_prompts(n: usize) -> Vec<String> {
         .collect()
 }
 
+/// Aggregate decode speed of streams that started together: the tokens that came after the last
+/// stream's first token, over the time from then to the last token of any stream. Prefill (and
+/// the pipeline's fill while later prompts go in) is left out; streams that finish early count
+/// against it, since the tail runs with fewer streams. For one stream this is its decode speed.
+/// `token_times[s]` holds stream `s`'s token times from the common start, in order.
+pub fn steady_decode_rate(token_times: &[Vec<Duration>]) -> f64 {
+    let Some(all_started) = token_times
+        .iter()
+        .map(|t| t.first())
+        .collect::<Option<Vec<_>>>()
+    else {
+        return 0.0; // a stream without tokens
+    };
+    let Some(&from) = all_started.into_iter().max() else {
+        return 0.0;
+    };
+    let to = token_times
+        .iter()
+        .filter_map(|t| t.last())
+        .max()
+        .copied()
+        .unwrap_or(from);
+    let after: usize = token_times
+        .iter()
+        .map(|t| t.iter().filter(|&&at| at > from).count())
+        .sum();
+    let window = to.saturating_sub(from).as_secs_f64();
+    if after == 0 || window <= 0.0 {
+        return 0.0;
+    }
+    after as f64 / window
+}
+
 fn ttft_percentiles(mut ttft_ms: Vec<f64>) -> (f64, f64) {
     ttft_ms.sort_by(f64::total_cmp);
     (
@@ -354,6 +409,12 @@ pub async fn throughput(
         generated_tokens: generated,
         wall_ms: wall.as_secs_f64() * 1e3,
         aggregate_tok_s: generated as f64 / wall.as_secs_f64(),
+        decode_aggregate_tok_s: steady_decode_rate(
+            &generations
+                .iter()
+                .map(|g| g.token_times.clone())
+                .collect::<Vec<_>>(),
+        ),
         per_stream_tok_s: generations
             .iter()
             .map(|g| g.decode_tokens_per_s())
@@ -393,6 +454,7 @@ pub async fn throughput_single(
         generated_tokens: generated,
         wall_ms: wall * 1e3,
         aggregate_tok_s: generated as f64 / wall,
+        decode_aggregate_tok_s: steady_decode_rate(&run.token_times),
         per_stream_tok_s: per_stream,
         ttft_p50_ms: p50,
         ttft_p99_ms: p99,

@@ -17,6 +17,8 @@ pub struct BatchRun {
     pub ttft: Vec<Duration>,
     /// Per sequence: tokens generated.
     pub generated: Vec<usize>,
+    /// Per sequence: when each token came, since the batch started.
+    pub token_times: Vec<Vec<Duration>>,
     /// Time spent in prefill steps.
     pub prefill: Duration,
 }
@@ -114,6 +116,7 @@ impl SingleProcess {
         let mut inputs: Vec<Vec<u32>> = seqs.iter().map(|(_, ids)| ids.clone()).collect();
         let mut ttft = vec![Duration::ZERO; seqs.len()];
         let mut generated = vec![0usize; seqs.len()];
+        let mut token_times = vec![Vec::with_capacity(max_tokens); seqs.len()];
         let mut prefill = Duration::ZERO;
         for step in 0..max_tokens {
             let steps: Vec<SequenceStep> = seqs
@@ -137,6 +140,7 @@ impl SingleProcess {
             if step == 0 {
                 prefill = step_started.elapsed();
             }
+            let step_done = started.elapsed();
             for (i, (_, output)) in result.outputs.into_iter().enumerate() {
                 let StepOutput::Sampled(s) = output else {
                     return Err("a full-model stage returned hidden states".into());
@@ -144,8 +148,9 @@ impl SingleProcess {
                 positions[i] += inputs[i].len();
                 inputs[i] = vec![s.id];
                 generated[i] += 1;
+                token_times[i].push(step_done);
                 if step == 0 {
-                    ttft[i] = started.elapsed();
+                    ttft[i] = step_done;
                 }
             }
         }
@@ -155,6 +160,7 @@ impl SingleProcess {
             wall: started.elapsed(),
             ttft,
             generated,
+            token_times,
             prefill,
         })
     }
