@@ -4,7 +4,8 @@
 # Runs 1 stage at concurrency 1 and 32 (with and without fused projections, interleaved), and 2
 # stages on one GPU at concurrency 1, bf16, TinyLlama
 # shape; prints medians per configuration and worker. With STRATA_PHASE_TIMES=1 in the environment
-# the workers also synchronize after each phase of a step and report each phase's share.
+# the workers also synchronize after each phase of a step and report each phase's share; with
+# STRATA_PHASE_TIMES=host they report the host's time to queue each phase and each layer instead.
 # Usage: bench/gpu-timing.sh BINARY [OUT_DIR] [stages]   (`stages`: only 1 vs 2 stages at c=1, twice)
 set -uo pipefail
 bin=${1:?strata binary}; base=${2:-/tmp/strata-timing}
@@ -43,7 +44,10 @@ for n, fs in sorted(rows.items()):
     print(f"{sys.argv[2]}: {len(fs)} decode steps of {n} seqs: prepare {med('prepare_us')} us, "
           f"queue {med('queue_us')} us, finish {med('finish_us')} us")
 if phases:
-    print(f"{sys.argv[2]}: last 50 steps with a device sync after each phase: {phases['total_ms']} ms: {phases['phases']}")
+    how = "host time to queue" if phases.get("layer_us") else "with a device sync after each phase"
+    print(f"{sys.argv[2]}: last 50 steps, {how}: {phases['total_ms']} ms: {phases['phases']}")
+    if phases.get("layer_us"):
+        print(f"{sys.argv[2]}: per layer, us/step: {phases['layer_us']}")
 PY
     done
 }

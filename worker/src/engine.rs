@@ -492,19 +492,28 @@ impl State {
         phase_timer::mark(stage.device(), "copy back, sample");
         self.steps += 1;
         if self.steps.is_multiple_of(50) {
-            let phases = phase_timer::take();
+            let (phases, layers) = phase_timer::take();
             if !phases.is_empty() {
                 let total: Duration = phases.iter().map(|(_, d)| *d).sum();
+                let per_step = |d: &Duration| d.as_micros() / 50;
                 let shares: Vec<String> = phases
                     .iter()
                     .map(|(name, d)| {
                         format!(
-                            "{name} {:.1}%",
-                            100.0 * d.as_secs_f64() / total.as_secs_f64()
+                            "{name} {:.1}% ({} us/step)",
+                            100.0 * d.as_secs_f64() / total.as_secs_f64(),
+                            per_step(d)
                         )
                     })
                     .collect();
-                tracing::info!(steps = 50, total_ms = total.as_millis() as u64, phases = %shares.join(", "), "phase times");
+                let layers: Vec<String> = layers.iter().map(|d| per_step(d).to_string()).collect();
+                tracing::info!(
+                    steps = 50,
+                    total_ms = total.as_millis() as u64,
+                    phases = %shares.join(", "),
+                    layer_us = %layers.join(" "),
+                    "phase times"
+                );
             }
         }
         tracing::debug!(

@@ -1,6 +1,9 @@
-//! Where a step's device time goes, for diagnosis only: with `STRATA_PHASE_TIMES=1` each phase of a
+//! Where a step's time goes, for diagnosis only. With `STRATA_PHASE_TIMES=1` each phase of a
 //! forward pass (projections, attention, feed-forward, head, ...) ends with a device synchronize and
-//! its wall time is added to a per-thread tally, which the engine logs every 50 steps. Off (the
+//! its wall time is added to a per-thread tally, which the engine logs every 50 steps. With
+//! `STRATA_PHASE_TIMES=host` nothing synchronizes: the tally is the host's time to queue each phase
+//! (what bounds a GPU stage whose kernels are small), and each layer's queue time is kept by its
+//! place in the stage, so a slow first layer shows apart from uniformly slow ones. Off (the
 //! default), a mark is one relaxed load.
 
 use std::cell::RefCell;
@@ -9,50 +12,106 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 
-fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("STRATA_PHASE_TIMES").is_ok_and(|v| v == "1"))
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Off,
+    /// Each mark waits for the device.
+    Synced,
+    /// Marks read the clock only.
+    Host,
 }
 
-/// When the last phase ended, and each phase's total so far.
-type Tally = (Option<Instant>, Vec<(&'static str, Duration)>);
+fn mode() -> Mode {
+    static MODE: OnceLock<Mode> = OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("STRATA_PHASE_TIMES").as_deref() {
+        Ok("1") => Mode::Synced,
+        Ok("host") => Mode::Host,
+        _ => Mode::Off,
+    })
+}
+
+#[derive(Default)]
+struct Tally {
+    /// When the last phase ended.
+    since: Option<Instant>,
+    /// Each phase's total so far.
+    phases: Vec<(&'static str, Duration)>,
+    /// When the current layer started.
+    layer_since: Option<Instant>,
+    /// Per layer of the stage, in order: its total so far.
+    layers: Vec<Duration>,
+}
 
 thread_local! {
-    static TALLY: RefCell<Tally> = const { RefCell::new((None, Vec::new())) };
+    static TALLY: RefCell<Tally> = RefCell::new(Tally::default());
+}
+
+fn sync(device: &Device) {
+    if mode() == Mode::Synced {
+        let _ = device.synchronize();
+    }
 }
 
 /// Starts timing a step.
 pub fn start(device: &Device) {
-    if !enabled() {
+    if mode() == Mode::Off {
         return;
     }
-    let _ = device.synchronize();
-    TALLY.with(|t| t.borrow_mut().0 = Some(Instant::now()));
+    sync(device);
+    TALLY.with(|t| t.borrow_mut().since = Some(Instant::now()));
 }
 
 /// Ends the phase `name` (the time since the previous mark).
 pub fn mark(device: &Device, name: &'static str) {
-    if !enabled() {
+    if mode() == Mode::Off {
         return;
     }
-    let _ = device.synchronize();
+    sync(device);
     TALLY.with(|t| {
         let mut t = t.borrow_mut();
         let now = Instant::now();
-        let Some(since) = t.0.replace(now) else {
+        let Some(since) = t.since.replace(now) else {
             return;
         };
-        match t.1.iter_mut().find(|(n, _)| *n == name) {
+        match t.phases.iter_mut().find(|(n, _)| *n == name) {
             Some((_, total)) => *total += now - since,
-            None => t.1.push((name, now - since)),
+            None => t.phases.push((name, now - since)),
         }
     });
 }
 
-/// The tally so far, emptied.
-pub fn take() -> Vec<(&'static str, Duration)> {
-    if !enabled() {
-        return Vec::new();
+/// Starts timing the stage's layer at `index` (host time only, in `host` mode).
+pub fn layer_start() {
+    if mode() != Mode::Host {
+        return;
     }
-    TALLY.with(|t| std::mem::take(&mut t.borrow_mut().1))
+    TALLY.with(|t| t.borrow_mut().layer_since = Some(Instant::now()));
+}
+
+/// Ends the stage's layer at `index`.
+pub fn layer_end(index: usize) {
+    if mode() != Mode::Host {
+        return;
+    }
+    TALLY.with(|t| {
+        let mut t = t.borrow_mut();
+        let Some(since) = t.layer_since.take() else {
+            return;
+        };
+        if t.layers.len() <= index {
+            t.layers.resize(index + 1, Duration::ZERO);
+        }
+        t.layers[index] += since.elapsed();
+    });
+}
+
+/// The tally so far, emptied: phases, and per layer of the stage (empty unless in `host` mode).
+pub fn take() -> (Vec<(&'static str, Duration)>, Vec<Duration>) {
+    if mode() == Mode::Off {
+        return (Vec::new(), Vec::new());
+    }
+    TALLY.with(|t| {
+        let mut t = t.borrow_mut();
+        (std::mem::take(&mut t.phases), std::mem::take(&mut t.layers))
+    })
 }

@@ -424,9 +424,11 @@ impl Stage {
         // first norm) or below (with the head's norm).
         let mut pending = None;
         for (i, block) in self.blocks.iter().enumerate() {
+            phase_timer::layer_start();
             let (stream, out) = block.forward(&x, pending.as_ref(), i, caches, &mut ctx)?;
             x = stream;
             pending = Some(out);
+            phase_timer::layer_end(i);
         }
         for (seg, cache) in segments.iter().zip(caches.iter_mut()) {
             cache.advance(seg.len);
