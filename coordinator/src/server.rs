@@ -193,43 +193,74 @@ impl Coordinator {
     }
 }
 
+/// Calibration passes over the workers. A shared host has slow spells that outlast one worker's
+/// probes (two identical CPU workers measured 0.81 and 1.24–1.33 ms per layer in 2 of 5 starts,
+/// and the plan moved from 0..18 to 0..22); each worker keeps its fastest pass, and the passes
+/// alternate between workers so one spell does not land on every pass of the same worker. Each
+/// pass probes decode at 32 cached positions (64 before): the probes' prefill was most of a pass,
+/// and attention over 32 or 64 positions is a small part of a decode step either way.
+const CALIBRATION_PASSES: usize = 2;
+
 /// Calibrates every worker, one at a time (workers that share a host would otherwise slow each
 /// other's measurement), and turns the results into planner inputs.
 async fn calibrate(
     workers: &[pipeline::ConnectedWorker],
 ) -> Result<Vec<plan::WorkerProfile>, CoordinatorError> {
-    let mut profiles = Vec::with_capacity(workers.len());
-    for (i, w) in workers.iter().enumerate() {
-        let c = w
-            .client
-            .clone()
-            .calibrate(v1::CalibrateRequest {
-                rows: 4,
-                context: 64,
-            })
-            .await
-            .map_err(|status| CoordinatorError::stage(i, &w.address, status))?
-            .into_inner();
-        tracing::info!(
-            worker = %w.address,
-            layer_ms = c.layer_ms,
-            embedding_ms = c.embedding_ms,
-            head_ms = c.head_ms,
-            memory_mib = c.memory_available_bytes >> 20,
-            "calibrated"
-        );
-        profiles.push(plan::WorkerProfile {
-            layer_ms: c.layer_ms,
-            embedding_ms: c.embedding_ms,
-            head_ms: c.head_ms,
-            layer_bytes: c.layer_bytes,
-            embedding_bytes: c.embedding_bytes,
-            head_bytes: c.head_bytes,
-            // Leave room for KV caches and activations.
-            memory_bytes: c.memory_available_bytes / 10 * 9,
-        });
+    let mut best: Vec<v1::Calibration> = Vec::with_capacity(workers.len());
+    for pass in 0..CALIBRATION_PASSES {
+        for (i, w) in workers.iter().enumerate() {
+            let c = w
+                .client
+                .clone()
+                .calibrate(v1::CalibrateRequest {
+                    rows: 4,
+                    context: 32,
+                })
+                .await
+                .map_err(|status| CoordinatorError::stage(i, &w.address, status))?
+                .into_inner();
+            tracing::debug!(worker = %w.address, pass, layer_ms = c.layer_ms, head_ms = c.head_ms, "calibration pass");
+            match best.get_mut(i) {
+                Some(b) => *b = fastest(*b, c),
+                None => best.push(c),
+            }
+        }
     }
-    Ok(profiles)
+    Ok(workers
+        .iter()
+        .zip(best)
+        .map(|(w, c)| {
+            tracing::info!(
+                worker = %w.address,
+                layer_ms = c.layer_ms,
+                embedding_ms = c.embedding_ms,
+                head_ms = c.head_ms,
+                memory_mib = c.memory_available_bytes >> 20,
+                "calibrated"
+            );
+            plan::WorkerProfile {
+                layer_ms: c.layer_ms,
+                embedding_ms: c.embedding_ms,
+                head_ms: c.head_ms,
+                layer_bytes: c.layer_bytes,
+                embedding_bytes: c.embedding_bytes,
+                head_bytes: c.head_bytes,
+                // Leave room for KV caches and activations.
+                memory_bytes: c.memory_available_bytes / 10 * 9,
+            }
+        })
+        .collect())
+}
+
+/// Two calibrations of one worker combined: each time at its fastest (noise only adds time), the
+/// memory as the later one saw it.
+fn fastest(earlier: v1::Calibration, later: v1::Calibration) -> v1::Calibration {
+    v1::Calibration {
+        layer_ms: earlier.layer_ms.min(later.layer_ms),
+        embedding_ms: earlier.embedding_ms.min(later.embedding_ms),
+        head_ms: earlier.head_ms.min(later.head_ms),
+        ..later
+    }
 }
 
 /// Starts a coordinator and serves it on `listener` until `shutdown` resolves.
@@ -242,4 +273,25 @@ pub async fn run(
         .await?
         .serve(listener, shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_calibrations_keep_each_fastest_time_and_the_later_memory() {
+        let pass = |layer_ms, embedding_ms, head_ms, memory| v1::Calibration {
+            layer_ms,
+            embedding_ms,
+            head_ms,
+            layer_bytes: 100,
+            embedding_bytes: 200,
+            head_bytes: 300,
+            rows: 4,
+            memory_available_bytes: memory,
+        };
+        let combined = fastest(pass(1.25, 0.05, 4.7, 10), pass(0.81, 0.07, 6.3, 9));
+        assert_eq!(combined, pass(0.81, 0.05, 4.7, 9));
+    }
 }
