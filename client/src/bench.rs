@@ -213,7 +213,7 @@ mod tests {
         // Nothing to measure: a stream with no token, or no token after the last first one.
         assert_eq!(steady_decode_rate(&[ms(&[100]), ms(&[])]), 0.0);
         assert_eq!(steady_decode_rate(&[ms(&[100]), ms(&[120])]), 0.0);
-        assert_eq!(steady_decode_rate(&[]), 0.0);
+        assert_eq!(steady_decode_rate::<Vec<Duration>>(&[]), 0.0);
     }
 }
 
@@ -325,7 +325,8 @@ pub fn bench_prompts(n: usize) -> Vec<String> {
 /// the pipeline's fill while later prompts go in) is left out; streams that finish early count
 /// against it, since the tail runs with fewer streams. For one stream this is its decode speed.
 /// `token_times[s]` holds stream `s`'s token times from the common start, in order.
-pub fn steady_decode_rate(token_times: &[Vec<Duration>]) -> f64 {
+pub fn steady_decode_rate<T: AsRef<[Duration]>>(token_times: &[T]) -> f64 {
+    let token_times: Vec<&[Duration]> = token_times.iter().map(AsRef::as_ref).collect();
     let Some(all_started) = token_times
         .iter()
         .map(|t| t.first())
@@ -412,7 +413,7 @@ pub async fn throughput(
         decode_aggregate_tok_s: steady_decode_rate(
             &generations
                 .iter()
-                .map(|g| g.token_times.clone())
+                .map(|g| g.token_times.as_slice())
                 .collect::<Vec<_>>(),
         ),
         per_stream_tok_s: generations

@@ -197,8 +197,8 @@ impl Coordinator {
 /// probes (two identical CPU workers measured 0.81 and 1.24–1.33 ms per layer in 2 of 5 starts,
 /// and the plan moved from 0..18 to 0..22); each worker keeps its fastest pass, and the passes
 /// alternate between workers so one spell does not land on every pass of the same worker. Each
-/// pass probes decode at 32 cached positions (64 before): the probes' prefill was most of a pass,
-/// and attention over 32 or 64 positions is a small part of a decode step either way.
+/// pass probes decode at 32 cached positions (64 before): the probes' prefill is a large part of
+/// a pass, and attention over 32 or 64 positions is a small part of a decode step either way.
 const CALIBRATION_PASSES: usize = 2;
 
 /// Calibrates every worker, one at a time (workers that share a host would otherwise slow each
