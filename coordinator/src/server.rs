@@ -196,10 +196,11 @@ impl Coordinator {
 /// Calibration passes over the workers. A shared host has slow spells that outlast one worker's
 /// probes (two identical CPU workers measured 0.81 and 1.24–1.33 ms per layer in 2 of 5 starts,
 /// and the plan moved from 0..18 to 0..22); each worker keeps its fastest pass, and the passes
-/// alternate between workers so one spell does not land on every pass of the same worker. Each
-/// pass probes decode at 32 cached positions (64 before): the probes' prefill is a large part of
-/// a pass, and attention over 32 or 64 positions is a small part of a decode step either way.
-const CALIBRATION_PASSES: usize = 2;
+/// alternate between workers so one spell does not land on every pass of the same worker. Workers
+/// keep their probe stages between passes, so only the first pass loads and prefills them (~0.9 s
+/// of a CPU pass; later ones take ~0.2 s). Probes decode at 32 cached positions (64 before):
+/// attention over 32 or 64 positions is a small part of a decode step either way.
+const CALIBRATION_PASSES: usize = 4;
 
 /// Calibrates every worker, one at a time (workers that share a host would otherwise slow each
 /// other's measurement), and turns the results into planner inputs.
@@ -215,6 +216,8 @@ async fn calibrate(
                 .calibrate(v1::CalibrateRequest {
                     rows: 4,
                     context: 32,
+                    // The last pass frees them, before the worker reports its free memory.
+                    keep_probes: pass + 1 < CALIBRATION_PASSES,
                 })
                 .await
                 .map_err(|status| CoordinatorError::stage(i, &w.address, status))?

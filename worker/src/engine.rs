@@ -147,6 +147,7 @@ enum Job {
     Calibrate {
         rows: usize,
         context: usize,
+        keep_probes: bool,
         reply: Reply<Calibration>,
     },
 }
@@ -202,6 +203,7 @@ impl Engine {
             output_dtype: DType::F32,
             sequences: HashMap::new(),
             steps: 0,
+            kept_probes: None,
         };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
@@ -277,10 +279,18 @@ impl Engine {
     }
 
     /// Times one layer, the embedding and the head on probe stages (the loaded stage is untouched).
-    pub async fn calibrate(&self, rows: usize, context: usize) -> Result<Calibration, WorkerError> {
+    /// With `keep_probes` the probe stages stay loaded for the next calibration with the same rows
+    /// and context, until a calibration without it or a `load`.
+    pub async fn calibrate(
+        &self,
+        rows: usize,
+        context: usize,
+        keep_probes: bool,
+    ) -> Result<Calibration, WorkerError> {
         self.call(|reply| Job::Calibrate {
             rows,
             context,
+            keep_probes,
             reply,
         })
         .await
@@ -299,6 +309,8 @@ struct State {
     published: Arc<Mutex<EngineStats>>,
     /// Forward steps run, for periodic diagnostics.
     steps: u64,
+    /// Probe stages kept from the last calibration for the next one.
+    kept_probes: Option<KeptProbes>,
 }
 
 impl State {
@@ -344,8 +356,9 @@ impl State {
             Job::Calibrate {
                 rows,
                 context,
+                keep_probes,
                 reply,
-            } => guarded!(reply, self.calibrate(rows, context)),
+            } => guarded!(reply, self.calibrate(rows, context, keep_probes)),
         }
     }
 
@@ -365,6 +378,7 @@ impl State {
     ) -> Result<LoadReport, WorkerError> {
         let started = Instant::now();
         self.stage = None;
+        self.kept_probes = None;
         self.sequences.clear();
         let dtype = self.options.compute_dtype(&self.model, &self.device)?;
         let mut stage = Stage::load(&self.model, layers, &self.device, dtype, self.options)?;
@@ -571,7 +585,12 @@ impl State {
     /// fastest step, so a slow moment of a shared machine lands on all three instead of skewing one
     /// difference: one-layer probes timed one after another varied by ±30% and by 2× for the head,
     /// which moved the planner's split by several layers between runs.
-    fn calibrate(&mut self, rows: usize, context: usize) -> Result<Calibration, WorkerError> {
+    fn calibrate(
+        &mut self,
+        rows: usize,
+        context: usize,
+        keep_probes: bool,
+    ) -> Result<Calibration, WorkerError> {
         let n = self.model.config.num_layers;
         let rows = rows.clamp(1, 64);
         let context = context.clamp(
@@ -585,13 +604,16 @@ impl State {
         let dtype = self.options.compute_dtype(&self.model, &self.device)?;
         let layers = n.saturating_sub(2).clamp(1, PROBE_LAYERS);
         let bare = if n >= 3 { 1..1 + layers } else { 0..1 };
-        let mut probes = [bare, 0..layers, n - layers..n]
-            .into_iter()
-            .map(|range| {
-                let stage = Stage::load(&self.model, range, &self.device, dtype, self.options)?;
-                Probe::prefilled(stage, rows, context)
-            })
-            .collect::<Result<Vec<_>, WorkerError>>()?;
+        let mut probes = match self.kept_probes.take() {
+            Some(kept) if kept.rows == rows && kept.context == context => kept.probes,
+            _ => [bare, 0..layers, n - layers..n]
+                .into_iter()
+                .map(|range| {
+                    let stage = Stage::load(&self.model, range, &self.device, dtype, self.options)?;
+                    Probe::prefilled(stage, rows, context)
+                })
+                .collect::<Result<Vec<_>, WorkerError>>()?,
+        };
         let mut best = [Duration::MAX; 3];
         for step in 0..PROBE_STEPS {
             for (probe, best) in probes.iter_mut().zip(&mut best) {
@@ -604,6 +626,17 @@ impl State {
         let bytes: Vec<usize> = probes.iter().map(|p| p.stage.weight_bytes()).collect();
         for probe in &mut probes {
             probe.stage.clear_scratch();
+            // Back to the prefilled context, for another pass.
+            for cache in &mut probe.caches {
+                cache.truncate(context);
+            }
+        }
+        if keep_probes {
+            self.kept_probes = Some(KeptProbes {
+                rows,
+                context,
+                probes,
+            });
         }
         let [bare, first, last] = best;
         Ok(Calibration {
@@ -642,6 +675,13 @@ const PROBE_LAYERS: usize = 4;
 const UNTIMED_STEPS: usize = 2;
 /// Decode steps per probe, untimed ones included.
 const PROBE_STEPS: usize = 9;
+
+/// Probe stages kept between calibration passes, with the shape they were prefilled for.
+struct KeptProbes {
+    rows: usize,
+    context: usize,
+    probes: Vec<Probe>,
+}
 
 /// A calibration stage with `rows` sequences in its caches.
 struct Probe {
@@ -683,6 +723,12 @@ impl Probe {
     /// states copied back, or (last stage) a greedy token sampled per row, whose cost is the head's
     /// too (on a CPU last stage, sampling 49152-wide rows was a tenth of its step).
     fn decode_step(&mut self, pos: usize) -> Result<Duration, WorkerError> {
+        if let Some(cache) = self.caches.iter().find(|c| c.len() != pos) {
+            return Err(WorkerError::Internal(format!(
+                "a calibration probe's cache holds {} positions, its step starts at {pos}",
+                cache.len()
+            )));
+        }
         let segments: Vec<Segment> = (0..self.caches.len())
             .map(|i| Segment {
                 offset: i,

@@ -321,7 +321,7 @@ impl v1::worker_server::Worker for WorkerService {
         } else {
             r.context as usize
         };
-        let c = self.engine.calibrate(rows, context).await?;
+        let c = self.engine.calibrate(rows, context, r.keep_probes).await?;
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         let calibration = v1::Calibration {
             layer_ms: ms(c.layer),
