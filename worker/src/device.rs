@@ -94,6 +94,39 @@ fn keep_freed_memory(device: &candle_core::CudaDevice) -> Result<(), WorkerError
     Ok(())
 }
 
+/// Bytes of memory where `device` keeps its tensors: in total, and what it can still give. A CUDA
+/// device answers for its own memory (freed memory that the pool keeps counts as taken); the CPU
+/// and Metal (unified memory) answer for the host's.
+pub fn memory(device: &Device) -> Memory {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        return match cuda.cuda_stream().context().mem_get_info() {
+            Ok((free, total)) => Memory {
+                total: total as u64,
+                available: free as u64,
+            },
+            Err(e) => {
+                tracing::warn!(error = ?e, "cannot read the CUDA device's free memory");
+                Memory::default()
+            }
+        };
+    }
+    let _ = device;
+    let mut system = sysinfo::System::new();
+    system.refresh_memory();
+    Memory {
+        total: system.total_memory(),
+        available: system.available_memory(),
+    }
+}
+
+/// See [`memory`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Memory {
+    pub total: u64,
+    pub available: u64,
+}
+
 #[cfg(not(feature = "cuda"))]
 fn cuda(_: usize) -> Result<Device, WorkerError> {
     Err(WorkerError::FailedPrecondition(
@@ -142,5 +175,15 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("without CUDA"));
+    }
+
+    #[test]
+    fn the_cpu_reports_the_hosts_memory() {
+        let memory = memory(&Device::Cpu);
+        assert!(memory.total > 0, "{memory:?}");
+        assert!(
+            memory.available > 0 && memory.available <= memory.total,
+            "{memory:?}"
+        );
     }
 }

@@ -168,6 +168,8 @@ pub struct Calibration {
 #[derive(Clone)]
 pub struct Engine {
     jobs: mpsc::Sender<Job>,
+    /// The device the compute thread runs on (a handle; the thread holds its own).
+    device: Device,
     /// How long the async side polls for a job's answer, or for the next request after one, before
     /// it parks: the compute thread's polling time, so both sides of the queue stay awake together.
     spin: Duration,
@@ -196,7 +198,7 @@ impl Engine {
         let mut state = State {
             published: published.clone(),
             model,
-            device,
+            device: device.clone(),
             options,
             limits,
             stage: None,
@@ -221,9 +223,15 @@ impl Engine {
         });
         Ok(Self {
             jobs,
+            device,
             published,
             spin: strata_transport::spin::async_budget(spin),
         })
+    }
+
+    /// The device the stage runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// How long the async side polls before it parks (see [`strata_transport::spin::spin_first`]).

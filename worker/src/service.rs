@@ -29,7 +29,6 @@ pub struct WorkerService {
     /// their current micro-batch (a long-lived stream would otherwise hold the shutdown forever).
     stopping: Option<tokio::sync::watch::Receiver<bool>>,
     identity: WorkerIdentity,
-    system: std::sync::Mutex<sysinfo::System>,
     /// The last calibration, reported by `Info`.
     calibration: std::sync::Mutex<Option<v1::Calibration>>,
 }
@@ -40,7 +39,6 @@ impl WorkerService {
             engine,
             stopping: None,
             identity,
-            system: std::sync::Mutex::new(sysinfo::System::new()),
             calibration: std::sync::Mutex::new(None),
         }
     }
@@ -52,9 +50,8 @@ impl WorkerService {
     }
 
     fn memory(&self) -> (u64, u64) {
-        let mut system = self.system.lock().unwrap_or_else(|e| e.into_inner());
-        system.refresh_memory();
-        (system.total_memory(), system.available_memory())
+        let memory = crate::device::memory(self.engine.device());
+        (memory.total, memory.available)
     }
 }
 

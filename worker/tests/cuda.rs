@@ -191,6 +191,34 @@ fn a_cuda_stage_returns_its_output_on_the_gpu() {
     assert_eq!(out.dtype(), DType::BF16);
 }
 
+/// A CUDA worker reports the GPU's memory (what the planner and the KV bound use), not the host's:
+/// a 512 MiB tensor takes its size out of what the device reports free.
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "CUDA-only: needs --features cuda and a GPU (bench/gpu.sh runs it)"
+)]
+fn a_cuda_worker_reports_the_gpus_memory() {
+    let gpu = Device::new_cuda(0).unwrap();
+    let host = strata_worker::device::memory(&Device::Cpu);
+    let before = strata_worker::device::memory(&gpu);
+    assert!(
+        before.total > 0 && before.available <= before.total,
+        "{before:?}"
+    );
+    assert_ne!(before.total, host.total, "the host's memory, not the GPU's");
+    let held = Tensor::zeros((512, 1 << 20), DType::U8, &gpu).unwrap();
+    gpu.synchronize().unwrap();
+    let after = strata_worker::device::memory(&gpu);
+    assert!(
+        before.available - after.available >= 500 << 20,
+        "free before {} MiB, with 512 MiB held {} MiB",
+        before.available >> 20,
+        after.available >> 20
+    );
+    drop(held);
+}
+
 /// Greedy tokens reduced on the GPU equal the host sampler's, ties (lowest index) included.
 #[test]
 #[cfg_attr(

@@ -30,7 +30,8 @@ pub struct WorkerArgs {
     /// Most sequences that may hold a KV cache at once.
     #[arg(long, env = "STRATA_MAX_SEQUENCES", default_value_t = EngineLimits::default().max_sequences)]
     max_sequences: usize,
-    /// Memory all KV caches together may take, in MiB (default: half the memory free at start).
+    /// Memory all KV caches together may take, in MiB (default: half the memory the device can give
+    /// at start: the GPU's own on a CUDA worker).
     /// Requests that would grow past it are refused with RESOURCE_EXHAUSTED instead of running out.
     #[arg(long, env = "STRATA_MAX_CACHE_MIB")]
     max_cache_mib: Option<usize>,
@@ -112,23 +113,14 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         },
         limits: EngineLimits {
             max_sequences: args.max_sequences,
-            max_cache_bytes: args
-                .max_cache_mib
-                .map_or_else(default_cache_bytes, |mib| mib << 20),
             idle_spin: args.idle_spin_us.map(std::time::Duration::from_micros),
             ..EngineLimits::default()
         },
+        max_cache_bytes: args.max_cache_mib.map(|mib| mib << 20),
         max_message_bytes: args.max_message_mib << 20,
         security,
     };
     strata_worker::run(listener, config, shutdown_signal(args.exit_on_stdin_eof)).await?;
     tracing::info!("worker stopped");
     Ok(())
-}
-
-/// Half of the memory the system can give now.
-fn default_cache_bytes() -> usize {
-    let mut system = sysinfo::System::new();
-    system.refresh_memory();
-    (system.available_memory() / 2) as usize
 }
