@@ -45,7 +45,7 @@ for n, fs in sorted(rows.items()):
           f"queue {med('queue_us')} us, finish {med('finish_us')} us")
 if phases:
     how = "host time to queue" if phases.get("layer_us") else "with a device sync after each phase"
-    print(f"{sys.argv[2]}: last 50 steps, {how}: {phases['total_ms']} ms: {phases['phases']}")
+    print(f"{sys.argv[2]}: last {phases['steps']} steps, {how}: {phases['total_ms']} ms: {phases['phases']}")
     if phases.get("layer_us"):
         print(f"{sys.argv[2]}: per layer, us/step: {phases['layer_us']}")
 PY

@@ -514,10 +514,14 @@ impl State {
         phase_timer::mark(stage.device(), "copy back, sample");
         self.steps += 1;
         if self.steps.is_multiple_of(50) {
-            let (phases, layers) = phase_timer::take();
+            let phase_timer::Taken {
+                steps,
+                phases,
+                layers,
+            } = phase_timer::take();
             if !phases.is_empty() {
                 let total: Duration = phases.iter().map(|(_, d)| *d).sum();
-                let per_step = |d: &Duration| d.as_micros() / 50;
+                let per_step = |d: &Duration| d.as_micros() / u128::from(steps.max(1));
                 let shares: Vec<String> = phases
                     .iter()
                     .map(|(name, d)| {
@@ -530,7 +534,7 @@ impl State {
                     .collect();
                 let layers: Vec<String> = layers.iter().map(|d| per_step(d).to_string()).collect();
                 tracing::info!(
-                    steps = 50,
+                    steps,
                     total_ms = total.as_millis() as u64,
                     phases = %shares.join(", "),
                     layer_us = %layers.join(" "),
@@ -582,6 +586,7 @@ impl State {
             pos += len;
         }
         stage.clear_scratch();
+        phase_timer::discard();
         Ok(started.elapsed())
     }
 }
@@ -639,6 +644,7 @@ impl State {
                 cache.truncate(context);
             }
         }
+        phase_timer::discard();
         if keep_probes {
             self.kept_probes = Some(KeptProbes {
                 rows,

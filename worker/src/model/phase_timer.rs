@@ -1,10 +1,10 @@
 //! Where a step's time goes, for diagnosis only. With `STRATA_PHASE_TIMES=1` each phase of a
 //! forward pass (projections, attention, feed-forward, head, ...) ends with a device synchronize and
-//! its wall time is added to a per-thread tally, which the engine logs every 50 steps. With
-//! `STRATA_PHASE_TIMES=host` nothing synchronizes: the tally is the host's time to queue each phase
-//! (what bounds a GPU stage whose kernels are small), and each layer's queue time is kept by its
-//! place in the stage, so a slow first layer shows apart from uniformly slow ones. Off (the
-//! default), a mark is one relaxed load.
+//! its wall time is added to a per-thread tally, which the engine logs every 50 steps (warmup and
+//! calibration steps left out). With `STRATA_PHASE_TIMES=host` nothing synchronizes: the tally is
+//! the host's time to queue each phase (what bounds a GPU stage whose kernels are small), and each
+//! layer's queue time is kept by its place in the stage, so a slow first layer shows apart from
+//! uniformly slow ones. Off (the default), a mark is one relaxed load.
 
 use std::cell::RefCell;
 use std::sync::OnceLock;
@@ -32,6 +32,8 @@ fn mode() -> Mode {
 
 #[derive(Default)]
 struct Tally {
+    /// Steps started since the tally was last taken.
+    steps: u32,
     /// When the last phase ended.
     since: Option<Instant>,
     /// Each phase's total so far.
@@ -58,7 +60,11 @@ pub fn start(device: &Device) {
         return;
     }
     sync(device);
-    TALLY.with(|t| t.borrow_mut().since = Some(Instant::now()));
+    TALLY.with(|t| {
+        let mut t = t.borrow_mut();
+        t.steps += 1;
+        t.since = Some(Instant::now());
+    });
 }
 
 /// Ends the phase `name` (the time since the previous mark).
@@ -105,13 +111,31 @@ pub fn layer_end(index: usize) {
     });
 }
 
-/// The tally so far, emptied: phases, and per layer of the stage (empty unless in `host` mode).
-pub fn take() -> (Vec<(&'static str, Duration)>, Vec<Duration>) {
+/// What the steps since the last `take` (or `discard`) spent.
+#[derive(Debug, Default)]
+pub struct Taken {
+    pub steps: u32,
+    pub phases: Vec<(&'static str, Duration)>,
+    /// Per layer of the stage (empty unless in `host` mode).
+    pub layers: Vec<Duration>,
+}
+
+/// The tally so far, emptied.
+pub fn take() -> Taken {
     if mode() == Mode::Off {
-        return (Vec::new(), Vec::new());
+        return Taken::default();
     }
     TALLY.with(|t| {
         let mut t = t.borrow_mut();
-        (std::mem::take(&mut t.phases), std::mem::take(&mut t.layers))
+        Taken {
+            steps: std::mem::take(&mut t.steps),
+            phases: std::mem::take(&mut t.phases),
+            layers: std::mem::take(&mut t.layers),
+        }
     })
+}
+
+/// Forgets the tally so far: warmup and calibration steps pay first-use costs that serving does not.
+pub fn discard() {
+    let _ = take();
 }
