@@ -32,7 +32,9 @@ pub struct EngineLimits {
     /// Rows (new positions over all sequences) in one Forward.
     pub max_batch_rows: usize,
     /// Bytes all KV caches together may take; a Forward that could grow them past it is refused.
-    pub max_cache_bytes: usize,
+    /// `None`: half of what the device can give when the engine starts (a GPU's own memory on
+    /// CUDA, the host's otherwise; see [`crate::device::memory`]).
+    pub max_cache_bytes: Option<usize>,
     /// How long the compute thread polls for the next job before it sleeps; `None` chooses by
     /// device (see [`default_idle_spin`]).
     pub idle_spin: Option<Duration>,
@@ -43,7 +45,7 @@ impl Default for EngineLimits {
         Self {
             max_sequences: 256,
             max_batch_rows: 16_384,
-            max_cache_bytes: usize::MAX,
+            max_cache_bytes: None,
             idle_spin: None,
         }
     }
@@ -195,12 +197,17 @@ impl Engine {
         let (jobs, queue) = mpsc::channel();
         let name = format!("strata-compute-{}", crate::device::name(&device));
         let published = Arc::new(Mutex::new(EngineStats::default()));
+        let max_cache_bytes = limits
+            .max_cache_bytes
+            .unwrap_or_else(|| (crate::device::memory(&device).available / 2) as usize);
+        tracing::info!(max_cache_mib = max_cache_bytes >> 20, "KV cache bound");
         let mut state = State {
             published: published.clone(),
             model,
             device: device.clone(),
             options,
             limits,
+            max_cache_bytes,
             stage: None,
             output_dtype: DType::F32,
             sequences: HashMap::new(),
@@ -311,6 +318,8 @@ struct State {
     device: Device,
     options: StageOptions,
     limits: EngineLimits,
+    /// `limits.max_cache_bytes`, or the device's default for it.
+    max_cache_bytes: usize,
     stage: Option<Stage>,
     output_dtype: DType,
     sequences: HashMap<u64, SequenceKv>,
@@ -390,7 +399,7 @@ impl State {
         self.sequences.clear();
         let dtype = self.options.compute_dtype(&self.model, &self.device)?;
         let mut stage = Stage::load(&self.model, layers, &self.device, dtype, self.options)?;
-        stage.limit_pool_bytes(self.limits.max_cache_bytes)?;
+        stage.limit_pool_bytes(self.max_cache_bytes)?;
         self.output_dtype = output_dtype.unwrap_or(dtype);
         let report = LoadReport {
             layers: stage.layers(),
@@ -408,7 +417,13 @@ impl State {
         let stage = self.stage.as_mut().ok_or_else(|| {
             WorkerError::FailedPrecondition("no stage loaded: call LoadStage first".into())
         })?;
-        validate(&steps, stage, &self.sequences, &self.limits)?;
+        validate(
+            &steps,
+            stage,
+            &self.sequences,
+            &self.limits,
+            self.max_cache_bytes,
+        )?;
 
         let mut segments = Vec::with_capacity(steps.len());
         let mut offset = 0;
@@ -856,6 +871,7 @@ fn validate(
     stage: &Stage,
     sequences: &HashMap<u64, SequenceKv>,
     limits: &EngineLimits,
+    max_cache_bytes: usize,
 ) -> Result<(), WorkerError> {
     let config = stage.config();
     if steps.is_empty() {
@@ -963,11 +979,11 @@ fn validate(
         * stage.dtype().size_in_bytes();
     let held: usize = sequences.values().map(SequenceKv::bytes).sum();
     let could_need = held.saturating_add(rows.saturating_mul(per_position).saturating_mul(2));
-    if could_need > limits.max_cache_bytes {
+    if could_need > max_cache_bytes {
         return Err(WorkerError::ResourceExhausted(format!(
             "KV caches would grow past this worker's limit of {} MiB (holding {} MiB for {} sequences); \
              retry when sequences finish",
-            limits.max_cache_bytes >> 20,
+            max_cache_bytes >> 20,
             held >> 20,
             sequences.len()
         )));

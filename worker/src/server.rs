@@ -25,10 +25,6 @@ pub struct WorkerConfig {
     pub threads: usize,
     pub options: StageOptions,
     pub limits: EngineLimits,
-    /// Bytes all KV caches together may take; `None`: half of what the device can give when the
-    /// worker starts (a GPU's own memory for a CUDA worker, the host's otherwise). Replaces
-    /// `limits.max_cache_bytes`.
-    pub max_cache_bytes: Option<usize>,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
     /// TLS and the token every call must carry.
@@ -64,17 +60,7 @@ pub async fn run(
         auth = config.security.token().is_some(),
         "worker listening"
     );
-    let limits = EngineLimits {
-        max_cache_bytes: config
-            .max_cache_bytes
-            .unwrap_or_else(|| (crate::device::memory(&device).available / 2) as usize),
-        ..config.limits
-    };
-    tracing::info!(
-        max_cache_mib = limits.max_cache_bytes >> 20,
-        "KV cache bound"
-    );
-    let engine = Engine::start(model, device, config.options, limits, config.threads)?;
+    let engine = Engine::start(model, device, config.options, config.limits, config.threads)?;
     let (stopping, stop_streams) = tokio::sync::watch::channel(false);
     let service =
         WorkerServer::new(WorkerService::new(engine, identity).with_shutdown(stop_streams))

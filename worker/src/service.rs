@@ -49,9 +49,8 @@ impl WorkerService {
         self
     }
 
-    fn memory(&self) -> (u64, u64) {
-        let memory = crate::device::memory(self.engine.device());
-        (memory.total, memory.available)
+    fn memory(&self) -> crate::device::Memory {
+        crate::device::memory(self.engine.device())
     }
 }
 
@@ -171,7 +170,7 @@ async fn forward_once(
 impl v1::worker_server::Worker for WorkerService {
     async fn info(&self, _: Request<v1::InfoRequest>) -> Result<Response<v1::WorkerInfo>, Status> {
         let stats = self.engine.stats();
-        let (total, available) = self.memory();
+        let crate::device::Memory { total, available } = self.memory();
         Ok(Response::new(v1::WorkerInfo {
             device: self.identity.device.clone(),
             compute_dtype: codec::dtype_to_wire(self.identity.dtype)
@@ -328,7 +327,7 @@ impl v1::worker_server::Worker for WorkerService {
             embedding_bytes: c.embedding_bytes as u64,
             head_bytes: c.head_bytes as u64,
             rows: c.rows as u32,
-            memory_available_bytes: self.memory().1,
+            memory_available_bytes: self.memory().available,
         };
         tracing::info!(?calibration, "calibrated");
         *self.calibration.lock().unwrap_or_else(|e| e.into_inner()) = Some(calibration);

@@ -195,7 +195,7 @@ async fn stage(model: &ModelFile, layers: std::ops::Range<usize>) -> Target {
     let limits = EngineLimits {
         max_sequences: 8,
         max_batch_rows: 256,
-        max_cache_bytes: 8 << 20,
+        max_cache_bytes: Some(8 << 20),
         // The compute thread polls between jobs as on a GPU, so that path runs under the fuzzer too.
         idle_spin: Some(std::time::Duration::from_micros(200)),
     };

@@ -113,10 +113,10 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         },
         limits: EngineLimits {
             max_sequences: args.max_sequences,
+            max_cache_bytes: args.max_cache_mib.map(|mib| mib << 20),
             idle_spin: args.idle_spin_us.map(std::time::Duration::from_micros),
             ..EngineLimits::default()
         },
-        max_cache_bytes: args.max_cache_mib.map(|mib| mib << 20),
         max_message_bytes: args.max_message_mib << 20,
         security,
     };

@@ -136,8 +136,6 @@ pub enum StageInput {
     Hidden(Tensor),
 }
 
-/// The final norm and output projection.
-#[derive(Debug)]
 /// What a step's first block reads: the previous stage's hidden states, or (on the first stage) the
 /// embedding rows of token ids that travel in the step's index upload.
 enum StepEntry {
@@ -145,6 +143,8 @@ enum StepEntry {
     Tokens(IndexSlot, Tensor),
 }
 
+/// The final norm and output projection.
+#[derive(Debug)]
 struct Head {
     norm: Tensor,
     output: Linear,
