@@ -134,3 +134,60 @@ fn prompts_file_prints_one_json_line_per_prompt_matching_solo_runs() {
         assert_eq!(common::ids(line), common::ids(&solo), "{prompt:?}");
     }
 }
+
+/// Two CPU workers that say they share one device (`--physical-device`, what two CUDA workers on
+/// one GPU report by themselves): eight sequences decode as one micro-batch instead of one per
+/// stage, so each stage runs about one step per token instead of two, and every sequence still
+/// gets exactly its solo tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stages_sharing_a_device_decode_as_one_micro_batch() {
+    const TOKENS: usize = 24;
+    let cluster = LocalCluster::start(LocalOptions {
+        warmup: true,
+        threads: Some(1),
+        worker_args: ["--kv-layout", "contiguous", "--physical-device", "test-gpu"]
+            .map(String::from)
+            .to_vec(),
+        ..LocalOptions::new(common::strata(), 2, common::default_model())
+    })
+    .await
+    .unwrap();
+    let client = cluster.client().await.unwrap();
+    let info = client.info().await.unwrap();
+    assert!(
+        info.stages.iter().all(|s| s.physical_device == "test-gpu"),
+        "{:?}",
+        info.stages
+    );
+    let prompts: Vec<String> = (0..8)
+        .map(|i| format!("Count from {i}: {i}, {},", i + 1))
+        .collect();
+    let params = GenerateParams {
+        max_tokens: TOKENS as u32,
+        ignore_eos: true,
+        ..GenerateParams::default()
+    };
+    let mut solo = Vec::new();
+    for p in &prompts {
+        solo.push(client.generate_collect(p, &params).await.unwrap().token_ids);
+    }
+    let steps = |info: &strata_proto::v1::CoordinatorInfo| info.stages[0].steps_total;
+    let before = steps(&client.info().await.unwrap());
+    let together = client.generate_batch(&prompts, &params).await;
+    let taken = steps(&client.info().await.unwrap()) - before;
+    eprintln!("{taken} steps on the first stage for {TOKENS} tokens of 8 sequences");
+    for ((p, alone), together) in prompts.iter().zip(&solo).zip(together) {
+        assert_eq!(
+            &together.unwrap().token_ids,
+            alone,
+            "{p:?} changed when batched"
+        );
+    }
+    // One micro-batch per stage would take ~2 steps per token (48); one in flight takes one per
+    // token, plus the prompts' steps (up to one per stage) and the drain before they merge.
+    assert!(
+        taken <= TOKENS as u64 + 6,
+        "{taken} steps on the first stage for {TOKENS} tokens of 8 sequences"
+    );
+    cluster.stop().await.unwrap();
+}

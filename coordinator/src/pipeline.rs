@@ -27,6 +27,9 @@ pub struct StageHandle {
     /// The stage's long-lived Forward stream.
     pub link: Arc<ForwardLink>,
     pub device: String,
+    /// The worker's physical device (`WorkerInfo.physical_device`): stages with the same
+    /// non-empty one take turns on one device.
+    pub physical_device: String,
     pub layers: Range<usize>,
     /// Bytes of weights the stage holds on its device.
     pub weight_bytes: u64,
@@ -170,6 +173,7 @@ pub async fn load_stage(
         )),
         client,
         device: worker.info.device,
+        physical_device: worker.info.physical_device,
         layers,
         weight_bytes: loaded.weight_bytes,
     })
@@ -243,6 +247,12 @@ impl Pipeline {
 
     pub fn stages(&self) -> &[StageHandle] {
         &self.stages
+    }
+
+    /// How many micro-batches the pipeline can compute at once: one per device (see
+    /// [`devices_in_parallel`]).
+    pub fn parallel_micro_batches(&self) -> usize {
+        devices_in_parallel(self.stages.iter().map(|s| s.physical_device.as_str()))
     }
 
     /// Runs `Warmup` on every stage at once; returns each stage's warmup time.
@@ -418,6 +428,23 @@ impl Pipeline {
 
 /// How long a step polls for its reply from a stage on `device` before parking (the worker's own
 /// budget for that device); `STRATA_ASYNC_SPIN_US` overrides it.
+/// The devices among stages with these physical devices: stages that name the same one take turns
+/// on it, and a stage that names none (a CPU stage, or a worker that cannot say) has a device of
+/// its own. Two micro-batches on one GPU would only take turns there, each with half the rows per
+/// kernel launch, so the scheduler keeps one micro-batch in flight per device instead of per stage.
+pub fn devices_in_parallel<'a>(physical: impl IntoIterator<Item = &'a str>) -> usize {
+    let mut named = std::collections::HashSet::new();
+    let mut own = 0;
+    for id in physical {
+        if id.is_empty() {
+            own += 1;
+        } else {
+            named.insert(id);
+        }
+    }
+    (own + named.len()).max(1)
+}
+
 fn reply_spin(device: &str) -> Duration {
     use strata_transport::spin::{async_budget, default_budget};
     async_budget(default_budget(device == "cpu"))
@@ -440,4 +467,33 @@ pub fn hidden_wire_dtype() -> v1::DType {
 fn unary_forward() -> bool {
     static UNARY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *UNARY.get_or_init(|| std::env::var("STRATA_UNARY_FORWARD").is_ok_and(|v| v == "1"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::devices_in_parallel;
+
+    #[test]
+    fn stages_on_one_gpu_count_as_one_device() {
+        let gpu_a = "GPU-5f0e2b1a-9c33-4d07-8e61-00ff12345678";
+        let gpu_b = "GPU-0a1b2c3d-0000-4000-8000-000000000001";
+        let cases: &[(&[&str], usize)] = &[
+            (&[], 1),
+            (&[""], 1),
+            (&["", ""], 2),
+            (&[gpu_a], 1),
+            (&[gpu_a, gpu_a], 1),
+            (&[gpu_a, gpu_b], 2),
+            (&[gpu_a, "", gpu_a], 2),
+            (&[gpu_a, gpu_b, gpu_a, gpu_b], 2),
+            (&["metal:mac:0", "", gpu_a, "metal:mac:0"], 3),
+        ];
+        for (ids, expected) in cases {
+            assert_eq!(
+                devices_in_parallel(ids.iter().copied()),
+                *expected,
+                "{ids:?}"
+            );
+        }
+    }
 }

@@ -223,6 +223,11 @@ struct Sequence {
 }
 
 impl Sequence {
+    /// Whether part of the prompt is still to be fed.
+    fn is_prefilling(&self) -> bool {
+        self.cached < self.request.prompt_ids.len()
+    }
+
     /// Positions the next step feeds: the prompt in chunks of `chunk`, then one token per step.
     /// A replayed sequence (see `hold_for_replay`) goes through exactly the steps it went through the first
     /// time, so its caches, logits and tokens come out bit for bit the same (a generated token fed
@@ -230,7 +235,7 @@ impl Sequence {
     /// differently, and flip a near-tie).
     fn next_feed(&self, chunk: usize) -> usize {
         let prompt = self.request.prompt_ids.len();
-        if self.cached < prompt {
+        if self.is_prefilling() {
             (prompt - self.cached).min(chunk)
         } else {
             1
@@ -593,18 +598,35 @@ impl Scheduler {
         });
     }
 
-    /// Starts micro-batches while fewer than one per stage are in flight: with `S` stages and `N`
-    /// active sequences, `S` groups of about `N / S` keep every stage busy (stage `s` runs group `g`
-    /// while stage `s + 1` runs group `g - 1`). With fewer sequences than stages there is less to
-    /// overlap, and each group is a single sequence.
+    /// Starts micro-batches while fewer than one per device are in flight: with `D` devices (one
+    /// per stage unless stages share a GPU, see [`Pipeline::parallel_micro_batches`]) and `N`
+    /// active sequences, `D` groups of about `N / D` keep every device busy (stage `s` runs group
+    /// `g` while stage `s + 1` runs group `g - 1`). With fewer sequences than devices there is less
+    /// to overlap, and each group is a single sequence.
+    ///
+    /// Where stages share a device, prompts may still start up to one micro-batch per stage: a
+    /// prompt that arrives while a step is out does not wait for it, and a burst of prompts goes
+    /// through in parts, so the first part's tokens come out before the whole burst is prefilled.
+    /// Decoding sequences wait and join one micro-batch again once the pipeline drains.
     fn launch(&mut self) {
         if self.outage.is_some() {
             return;
         }
-        let stages = self.pipeline.stages().len();
+        let devices = self.pipeline.parallel_micro_batches();
+        let stages = self.pipeline.stages().len().max(devices);
         while !self.ready.is_empty() && self.in_flight.len() < stages {
-            let group = self.active().div_ceil(stages).max(1).min(self.ready.len());
-            let sequences: Vec<Sequence> = self.ready.drain(..group).collect();
+            let prompts_only = self.in_flight.len() >= devices;
+            let parallel = if prompts_only { stages } else { devices };
+            let group = self.active().div_ceil(parallel).max(1);
+            let sequences: Vec<Sequence> = if prompts_only {
+                self.take_prompts(group)
+            } else {
+                let group = group.min(self.ready.len());
+                self.ready.drain(..group).collect()
+            };
+            if sequences.is_empty() {
+                break;
+            }
             let chunk = self.limits.max_prefill_chunk.max(1);
             let fed: Vec<usize> = sequences.iter().map(|s| s.next_feed(chunk)).collect();
             let entries: Vec<StepEntry> = sequences
@@ -633,6 +655,21 @@ impl Scheduler {
                 }
             }));
         }
+    }
+
+    /// Up to `limit` ready sequences that still have prompt to feed, in order; the rest stay ready.
+    fn take_prompts(&mut self, limit: usize) -> Vec<Sequence> {
+        let mut prompts = Vec::new();
+        let mut kept = Vec::with_capacity(self.ready.len());
+        for sequence in self.ready.drain(..) {
+            if prompts.len() < limit && sequence.is_prefilling() {
+                prompts.push(sequence);
+            } else {
+                kept.push(sequence);
+            }
+        }
+        self.ready = kept;
+        prompts
     }
 
     /// Takes a micro-batch back: streams its tokens, finishes sequences, returns the rest to `ready`.

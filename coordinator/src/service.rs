@@ -244,6 +244,7 @@ impl CoordinatorService {
             .map(|((s, active), c)| v1::StageInfo {
                 worker: s.address.clone(),
                 device: s.device.clone(),
+                physical_device: s.physical_device.clone(),
                 layers: Some(v1::LayerRange {
                     start: s.layers.start as u32,
                     end: s.layers.end as u32,

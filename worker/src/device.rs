@@ -155,6 +155,44 @@ pub fn name(device: &Device) -> String {
     }
 }
 
+/// The physical device `device` computes on, the same string in every worker on it, so that a
+/// coordinator can tell which stages take turns on one device: the GPU's UUID on CUDA (`GPU-…`, as
+/// `nvidia-smi -L` prints it), the host and GPU number on Metal, and empty on the CPU, where each
+/// worker computes on threads of its own (`--threads`). Empty too when the driver cannot say.
+pub fn physical_id(device: &Device) -> String {
+    match device {
+        Device::Cpu => String::new(),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => match cuda.cuda_stream().context().uuid() {
+            Ok(uuid) => gpu_uuid(&uuid.bytes.map(|b| b as u8)),
+            Err(e) => {
+                tracing::warn!(error = ?e, "cannot read the GPU's UUID");
+                String::new()
+            }
+        },
+        _ => match (sysinfo::System::host_name(), device.location()) {
+            (Some(host), candle_core::DeviceLocation::Metal { gpu_id }) => {
+                format!("metal:{host}:{gpu_id}")
+            }
+            _ => String::new(),
+        },
+    }
+}
+
+/// A GPU's 16 UUID bytes as NVIDIA prints them: `GPU-` and 8-4-4-4-12 hex digits.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn gpu_uuid(bytes: &[u8; 16]) -> String {
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "GPU-{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +213,20 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("without CUDA"));
+    }
+
+    #[test]
+    fn a_gpu_uuid_reads_as_nvidia_prints_it() {
+        let bytes = [
+            0x5f, 0x0e, 0x2b, 0x1a, 0x9c, 0x33, 0x4d, 0x07, 0x8e, 0x61, 0x00, 0xff, 0x12, 0x34,
+            0x56, 0x78,
+        ];
+        assert_eq!(gpu_uuid(&bytes), "GPU-5f0e2b1a-9c33-4d07-8e61-00ff12345678");
+    }
+
+    #[test]
+    fn cpu_workers_share_no_device() {
+        assert_eq!(physical_id(&Device::Cpu), "");
     }
 
     #[test]

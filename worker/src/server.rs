@@ -21,6 +21,8 @@ pub struct WorkerConfig {
     pub model: PathBuf,
     /// `cpu`, `cuda:N` or `metal:N`.
     pub device: String,
+    /// What `Info` reports as the physical device; `None`: [`crate::device::physical_id`].
+    pub physical_device: Option<String>,
     /// Compute threads of a CPU stage, for `Info` (the thread pool is sized by the process).
     pub threads: usize,
     pub options: StageOptions,
@@ -47,6 +49,9 @@ pub async fn run(
     let identity = WorkerIdentity {
         dtype,
         device: crate::device::name(&device),
+        physical_device: config
+            .physical_device
+            .unwrap_or_else(|| crate::device::physical_id(&device)),
         model: model.clone(),
         threads: if device.is_cpu() { config.threads } else { 0 },
     };

@@ -16,6 +16,8 @@ use crate::{codec, WorkerError};
 #[derive(Debug, Clone)]
 pub struct WorkerIdentity {
     pub device: String,
+    /// See [`crate::device::physical_id`].
+    pub physical_device: String,
     /// What the stage computes in.
     pub dtype: candle_core::DType,
     pub model: ModelFile,
@@ -173,6 +175,7 @@ impl v1::worker_server::Worker for WorkerService {
         let crate::device::Memory { total, available } = self.memory();
         Ok(Response::new(v1::WorkerInfo {
             device: self.identity.device.clone(),
+            physical_device: self.identity.physical_device.clone(),
             compute_dtype: codec::dtype_to_wire(self.identity.dtype)
                 .unwrap_or(v1::DType::DtypeUnspecified) as i32,
             model: Some(strata_model::wire::model_info(&self.identity.model)),

@@ -219,6 +219,26 @@ fn a_cuda_worker_reports_the_gpus_memory() {
     drop(held);
 }
 
+/// Two workers on one GPU name the same physical device, the UUID `nvidia-smi -L` prints for it.
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "CUDA-only: needs --features cuda and a GPU (bench/gpu.sh runs it)"
+)]
+fn workers_on_one_gpu_name_the_same_physical_device() {
+    let first = strata_worker::device::physical_id(&Device::new_cuda(0).unwrap());
+    let second = strata_worker::device::physical_id(&Device::new_cuda(0).unwrap());
+    assert!(first.starts_with("GPU-") && first.len() == 40, "{first:?}");
+    assert_eq!(first, second);
+    match std::process::Command::new("nvidia-smi").arg("-L").output() {
+        Ok(listing) => {
+            let listing = String::from_utf8_lossy(&listing.stdout);
+            assert!(listing.contains(&first), "{first} not in:\n{listing}");
+        }
+        Err(e) => eprintln!("nvidia-smi not run ({e}); UUID format checked only"),
+    }
+}
+
 /// Greedy tokens reduced on the GPU equal the host sampler's, ties (lowest index) included.
 #[test]
 #[cfg_attr(

@@ -211,6 +211,7 @@ async fn stage(model: &ModelFile, layers: std::ops::Range<usize>) -> Target {
     engine.load(layers, None).await.unwrap();
     let identity = WorkerIdentity {
         device: "cpu".into(),
+        physical_device: String::new(),
         dtype: candle_core::DType::F32,
         model: model.clone(),
         threads: 1,

@@ -39,6 +39,13 @@ pub struct WorkerArgs {
     /// a GPU, where it saves a thread wake-up per hop; 0 on the CPU). 0 turns polling off.
     #[arg(long, env = "STRATA_IDLE_SPIN_US")]
     idle_spin_us: Option<u64>,
+    /// A name for the physical device this worker computes on. Workers that give the same one take
+    /// turns on one device, and the coordinator then keeps one micro-batch in flight for them
+    /// instead of one per stage. Default: the GPU's UUID on CUDA (so workers on one GPU match by
+    /// themselves); none on the CPU, where each worker computes on threads of its own. Give CPU
+    /// workers that share cores one name.
+    #[arg(long, env = "STRATA_PHYSICAL_DEVICE")]
+    physical_device: Option<String>,
     /// Largest gRPC message, in MiB.
     #[arg(long, env = "STRATA_MAX_MESSAGE_MIB", default_value_t = strata_worker::server::DEFAULT_MAX_MESSAGE_BYTES >> 20)]
     max_message_mib: usize,
@@ -101,6 +108,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let config = WorkerConfig {
         model,
         device: args.device,
+        physical_device: args.physical_device,
         threads,
         options: StageOptions {
             reuse_rope: !args.no_rope_reuse,
