@@ -445,6 +445,15 @@ pub fn devices_in_parallel<'a>(physical: impl IntoIterator<Item = &'a str>) -> u
     (own + named.len()).max(1)
 }
 
+/// How many of the workers with these physical devices compute on the same device as worker
+/// `index` (itself included; 1 for a worker that names none).
+pub fn sharing_a_device(physical: &[&str], index: usize) -> usize {
+    match physical[index] {
+        "" => 1,
+        id => physical.iter().filter(|&&other| other == id).count(),
+    }
+}
+
 fn reply_spin(device: &str) -> Duration {
     use strata_transport::spin::{async_budget, default_budget};
     async_budget(default_budget(device == "cpu"))
@@ -471,7 +480,14 @@ fn unary_forward() -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::devices_in_parallel;
+    use super::{devices_in_parallel, sharing_a_device};
+
+    #[test]
+    fn workers_count_those_on_their_device() {
+        let ids = ["GPU-a", "", "GPU-a", "GPU-b", ""];
+        let counts: Vec<usize> = (0..ids.len()).map(|i| sharing_a_device(&ids, i)).collect();
+        assert_eq!(counts, [2, 1, 2, 1, 1]);
+    }
 
     #[test]
     fn stages_on_one_gpu_count_as_one_device() {

@@ -229,10 +229,15 @@ async fn calibrate(
             }
         }
     }
+    let physical: Vec<&str> = workers
+        .iter()
+        .map(|w| w.info.physical_device.as_str())
+        .collect();
     Ok(workers
         .iter()
         .zip(best)
-        .map(|(w, c)| {
+        .enumerate()
+        .map(|(i, (w, c))| {
             tracing::info!(
                 worker = %w.address,
                 layer_ms = c.layer_ms,
@@ -248,8 +253,10 @@ async fn calibrate(
                 layer_bytes: c.layer_bytes,
                 embedding_bytes: c.embedding_bytes,
                 head_bytes: c.head_bytes,
-                // Leave room for KV caches and activations.
-                memory_bytes: c.memory_available_bytes / 10 * 9,
+                // Leave room for KV caches and activations; workers on one GPU each see all of
+                // its free memory, so each plans within its share.
+                memory_bytes: c.memory_available_bytes / 10 * 9
+                    / pipeline::sharing_a_device(&physical, i) as u64,
             }
         })
         .collect())
