@@ -89,7 +89,13 @@ impl Coordinator {
             ref spec => plan::plan(spec, model.config.num_layers, workers.len())?,
         };
         for (w, range) in workers.iter().zip(&plan) {
-            tracing::info!(worker = %w.address, device = %w.info.device, layers = ?range, "plan");
+            tracing::info!(
+                worker = %w.address,
+                device = %w.info.device,
+                physical_device = %w.info.physical_device,
+                layers = ?range,
+                "plan"
+            );
         }
         let started = Instant::now();
         let pipeline = Pipeline::load(
@@ -101,6 +107,14 @@ impl Coordinator {
         )
         .await?;
         tracing::info!(ms = started.elapsed().as_millis() as u64, "stages loaded");
+        let devices = pipeline.parallel_micro_batches();
+        if devices < pipeline.stages().len() {
+            tracing::info!(
+                stages = pipeline.stages().len(),
+                devices,
+                "stages share devices: decode runs one micro-batch per device"
+            );
+        }
         if config.warmup {
             let times = pipeline.warmup().await?;
             tracing::info!(ms = ?times.iter().map(|t| t.as_millis()).collect::<Vec<_>>(), "stages warmed up");
