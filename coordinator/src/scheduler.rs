@@ -613,7 +613,7 @@ impl Scheduler {
             return;
         }
         let devices = self.pipeline.parallel_micro_batches();
-        let stages = self.pipeline.stages().len().max(devices);
+        let stages = self.pipeline.stages().len();
         while !self.ready.is_empty() && self.in_flight.len() < stages {
             let prompts_only = self.in_flight.len() >= devices;
             let parallel = if prompts_only { stages } else { devices };
