@@ -428,34 +428,81 @@ pub async fn throughput(
     })
 }
 
-/// The same load on the whole model in this process (no pipeline, no gRPC).
+/// The same load on the whole model in this process (no pipeline, no gRPC). With several
+/// `replicas` (independent engines, each on compute threads of its own), the streams are dealt out
+/// among them and all run at once: what these cores give with no hop and no stage waiting on
+/// another, the ceiling a pipeline of as many stages on them could reach.
 pub async fn throughput_single(
-    model: &crate::single_process::SingleProcess,
+    replicas: &[crate::single_process::SingleProcess],
     setup: &str,
     concurrency: usize,
     max_tokens: u32,
 ) -> Result<ThroughputRow, ProfileError> {
-    let run = model
-        .run(&bench_prompts(concurrency), max_tokens as usize)
-        .await
-        .map_err(ProfileError::Cluster)?;
-    let generated: usize = run.generated.iter().sum();
-    let wall = run.wall.as_secs_f64();
-    let per_stream = run
-        .ttft
+    if replicas.is_empty() || concurrency < replicas.len() {
+        return Err(ProfileError::Cluster(format!(
+            "concurrency {concurrency} cannot give each of {} replicas a stream",
+            replicas.len()
+        )));
+    }
+    let prompts = bench_prompts(concurrency);
+    let shares: Vec<Vec<String>> = (0..replicas.len())
+        .map(|r| {
+            prompts
+                .iter()
+                .skip(r)
+                .step_by(replicas.len())
+                .cloned()
+                .collect()
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let runs = futures::future::try_join_all(
+        replicas
+            .iter()
+            .zip(&shares)
+            .map(|(model, share)| model.run_since(started, share, max_tokens as usize)),
+    )
+    .await
+    .map_err(ProfileError::Cluster)?;
+    let wall = runs
         .iter()
-        .zip(&run.generated)
-        .map(|(&t, &n)| crate::client::decode_rate(n, t, run.wall))
+        .map(|r| r.wall)
+        .max()
+        .unwrap_or_default()
+        .as_secs_f64();
+    // Per stream: time to first token, tokens, and the wall time of its replica's run.
+    let streams: Vec<(Duration, usize, Duration)> = runs
+        .iter()
+        .flat_map(|r| {
+            r.ttft
+                .iter()
+                .zip(&r.generated)
+                .map(|(&t, &n)| (t, n, r.wall))
+        })
+        .collect();
+    let generated: usize = streams.iter().map(|&(_, n, _)| n).sum();
+    let per_stream = streams
+        .iter()
+        .map(|&(t, n, w)| crate::client::decode_rate(n, t, w))
         .sum::<f64>()
         / concurrency as f64;
-    let (p50, p99) = ttft_percentiles(run.ttft.iter().map(|t| t.as_secs_f64() * 1e3).collect());
+    let (p50, p99) = ttft_percentiles(
+        streams
+            .iter()
+            .map(|(t, _, _)| t.as_secs_f64() * 1e3)
+            .collect(),
+    );
+    let token_times: Vec<&[Duration]> = runs
+        .iter()
+        .flat_map(|r| r.token_times.iter().map(Vec::as_slice))
+        .collect();
     Ok(ThroughputRow {
         setup: setup.to_string(),
         concurrency,
         generated_tokens: generated,
         wall_ms: wall * 1e3,
         aggregate_tok_s: generated as f64 / wall,
-        decode_aggregate_tok_s: steady_decode_rate(&run.token_times),
+        decode_aggregate_tok_s: steady_decode_rate(&token_times),
         per_stream_tok_s: per_stream,
         ttft_p50_ms: p50,
         ttft_p99_ms: p99,

@@ -106,7 +106,17 @@ impl SingleProcess {
     /// Generates `max_tokens` greedy tokens for every prompt at once: one prefill step with all
     /// prompts, then decode steps with all sequences (the same micro-batch shape the pipeline uses).
     pub async fn run(&self, prompts: &[String], max_tokens: usize) -> Result<BatchRun, String> {
-        let started = Instant::now();
+        self.run_since(Instant::now(), prompts, max_tokens).await
+    }
+
+    /// [`Self::run`] with times measured from `started`, so that runs of several engines started
+    /// together share one clock.
+    pub async fn run_since(
+        &self,
+        started: Instant,
+        prompts: &[String],
+        max_tokens: usize,
+    ) -> Result<BatchRun, String> {
         let mut seqs: Vec<(u64, Vec<u32>)> = Vec::new();
         for (i, p) in prompts.iter().enumerate() {
             let ids = self.tokenizer.encode(p).map_err(|e| e.to_string())?;

@@ -191,3 +191,27 @@ async fn stages_sharing_a_device_decode_as_one_micro_batch() {
     );
     cluster.stop().await.unwrap();
 }
+
+/// `strata bench --single-process --replicas N`: every stream goes to one replica and gets its
+/// tokens; a level with fewer streams than replicas is refused instead of measuring idle ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_process_replicas_share_the_streams() {
+    use strata_client::bench::throughput_single;
+    use strata_client::single_process::SingleProcess;
+
+    let model = common::default_model();
+    let replicas = vec![
+        SingleProcess::load(&model, 1).await.unwrap(),
+        SingleProcess::load(&model, 1).await.unwrap(),
+    ];
+    let row = throughput_single(&replicas, "2 replicas", 5, 6)
+        .await
+        .unwrap();
+    assert_eq!(row.concurrency, 5);
+    assert_eq!(row.generated_tokens, 5 * 6, "{row:?}");
+    assert!(row.decode_aggregate_tok_s > 0.0, "{row:?}");
+    let err = throughput_single(&replicas, "2 replicas", 1, 6)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("2 replicas"), "{err}");
+}

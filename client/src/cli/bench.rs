@@ -46,6 +46,11 @@ struct ThroughputArgs {
     /// All layers in this process, no gRPC: the baseline that pipeline overhead is measured against.
     #[arg(long)]
     single_process: bool,
+    /// With --single-process: independent copies of the whole model, each on --threads compute
+    /// threads of its own, sharing the streams and running at once. No hops and no stage waiting on
+    /// another: the most a pipeline of as many stages could get from these cores.
+    #[arg(long, default_value_t = 1, requires = "single_process")]
+    replicas: usize,
     /// Write the rows as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -204,13 +209,27 @@ async fn run_throughput(args: ThroughputArgs) -> anyhow::Result<()> {
             .cluster
             .threads
             .map_or("every core".to_string(), |t| format!("{t} threads"));
-        let setup = format!("single process ({threads})");
+        anyhow::ensure!(args.replicas > 0, "--replicas must be at least 1");
+        if let Some(&c) = args.concurrency.iter().find(|&&c| c < args.replicas) {
+            anyhow::bail!(
+                "--concurrency {c} gives some of the {} replicas no stream: use levels of at least --replicas",
+                args.replicas
+            );
+        }
+        let setup = match args.replicas {
+            1 => format!("single process ({threads})"),
+            n => format!("{n} × single process ({threads} each)"),
+        };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let single = SingleProcess::load(&model, args.cluster.threads.unwrap_or(cores))
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let mut replicas = Vec::with_capacity(args.replicas);
+        for _ in 0..args.replicas {
+            let single = SingleProcess::load(&model, args.cluster.threads.unwrap_or(cores))
+                .await
+                .map_err(anyhow::Error::msg)?;
+            replicas.push(single);
+        }
         for &c in &args.concurrency {
-            let row = throughput_single(&single, &setup, c, args.max_tokens).await?;
+            let row = throughput_single(&replicas, &setup, c, args.max_tokens).await?;
             println!("{}", row.render());
             rows.push(row);
         }
