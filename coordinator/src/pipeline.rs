@@ -426,8 +426,6 @@ impl Pipeline {
     }
 }
 
-/// How long a step polls for its reply from a stage on `device` before parking (the worker's own
-/// budget for that device); `STRATA_ASYNC_SPIN_US` overrides it.
 /// The devices among stages with these physical devices: stages that name the same one take turns
 /// on it, and a stage that names none (a CPU stage, or a worker that cannot say) has a device of
 /// its own. Two micro-batches on one GPU would only take turns there, each with half the rows per
@@ -454,6 +452,8 @@ pub fn sharing_a_device(physical: &[&str], index: usize) -> usize {
     }
 }
 
+/// How long a step polls for its reply from a stage on `device` before parking (the worker's own
+/// budget for that device); `STRATA_ASYNC_SPIN_US` overrides it.
 fn reply_spin(device: &str) -> Duration {
     use strata_transport::spin::{async_budget, default_budget};
     async_budget(default_budget(device == "cpu"))
