@@ -428,6 +428,20 @@ pub async fn throughput(
     })
 }
 
+/// Whether `concurrency` streams can be dealt out to `replicas` so that each gets at least one (a
+/// replica without a stream would be measured idle).
+pub fn check_replicas(replicas: usize, concurrency: usize) -> Result<(), String> {
+    if replicas == 0 {
+        return Err("at least one replica is needed".into());
+    }
+    if concurrency < replicas {
+        return Err(format!(
+            "concurrency {concurrency} gives some of the {replicas} replicas no stream"
+        ));
+    }
+    Ok(())
+}
+
 /// The same load on the whole model in this process (no pipeline, no gRPC). With several
 /// `replicas` (independent engines, each on compute threads of its own), the streams are dealt out
 /// among them and all run at once: what these cores give with no hop and no stage waiting on
@@ -438,12 +452,7 @@ pub async fn throughput_single(
     concurrency: usize,
     max_tokens: u32,
 ) -> Result<ThroughputRow, ProfileError> {
-    if replicas.is_empty() || concurrency < replicas.len() {
-        return Err(ProfileError::Cluster(format!(
-            "concurrency {concurrency} cannot give each of {} replicas a stream",
-            replicas.len()
-        )));
-    }
+    check_replicas(replicas.len(), concurrency).map_err(ProfileError::Cluster)?;
     let prompts = bench_prompts(concurrency);
     let shares: Vec<Vec<String>> = (0..replicas.len())
         .map(|r| {

@@ -6,7 +6,8 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde_json::json;
 use strata_client::bench::{
-    optimizations, render_optimizations, throughput, throughput_single, OptimizationWorkload,
+    check_replicas, optimizations, render_optimizations, throughput, throughput_single,
+    OptimizationWorkload,
 };
 use strata_client::single_process::SingleProcess;
 
@@ -209,12 +210,10 @@ async fn run_throughput(args: ThroughputArgs) -> anyhow::Result<()> {
             .cluster
             .threads
             .map_or("every core".to_string(), |t| format!("{t} threads"));
-        anyhow::ensure!(args.replicas > 0, "--replicas must be at least 1");
-        if let Some(&c) = args.concurrency.iter().find(|&&c| c < args.replicas) {
-            anyhow::bail!(
-                "--concurrency {c} gives some of the {} replicas no stream: use levels of at least --replicas",
-                args.replicas
-            );
+        // Before loading any replica.
+        for &c in &args.concurrency {
+            check_replicas(args.replicas, c)
+                .map_err(|e| anyhow::anyhow!("--replicas {}: {e}", args.replicas))?;
         }
         let setup = match args.replicas {
             1 => format!("single process ({threads})"),
