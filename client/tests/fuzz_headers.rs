@@ -12,7 +12,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::Content;
 use strata_model::rng::SplitMix64;
 use strata_model::synthetic::{write_safetensors_model, SyntheticConfig};
-use strata_model::{LlamaConfig, ModelFile, TextTokenizer};
+use strata_model::{ModelConfig, ModelFile, TextTokenizer};
 
 /// Flips bytes, writes boundary integers over length fields, or truncates.
 fn mutate(rng: &mut SplitMix64, bytes: &mut Vec<u8>, hot: usize) {
@@ -89,7 +89,7 @@ fn gguf_headers_parse_or_fail_cleanly() {
         let build_tokenizer = exec % 20 == 0;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             let content = Content::read(&mut Cursor::new(&bytes)).map_err(|e| e.to_string())?;
-            LlamaConfig::from_gguf(Path::new("fuzz.gguf"), &content).map_err(|e| e.to_string())?;
+            ModelConfig::from_gguf(Path::new("fuzz.gguf"), &content).map_err(|e| e.to_string())?;
             if build_tokenizer {
                 TextTokenizer::from_gguf(Path::new("fuzz.gguf"), &content)
                     .map_err(|e| e.to_string())?;

@@ -8,7 +8,7 @@ use candle_core::quantized::gguf_file;
 use sha2::{Digest, Sha256};
 
 use crate::chat::ChatTemplateSource;
-use crate::{LlamaConfig, ModelError};
+use crate::{ModelConfig, ModelError};
 
 /// How a model is stored on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,7 +34,7 @@ impl ModelFormat {
 pub struct ModelFile {
     pub path: PathBuf,
     pub format: ModelFormat,
-    pub config: LlamaConfig,
+    pub config: ModelConfig,
     /// Hex sha256 over the bytes that define the model's shape and vocabulary (GGUF header; or
     /// `config.json` plus every safetensors header). Equal fingerprints mean the same model.
     pub fingerprint: String,
@@ -60,7 +60,7 @@ impl ModelFile {
 
     fn open_gguf(path: &Path) -> Result<Self, ModelError> {
         let content = read_gguf(path)?;
-        let config = LlamaConfig::from_gguf(path, &content)?;
+        let config = ModelConfig::from_gguf(path, &content)?;
         let mut header = vec![0u8; content.tensor_data_offset as usize];
         let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
         file.read_exact(&mut header)
@@ -86,7 +86,7 @@ impl ModelFile {
             std::io::ErrorKind::NotFound => ModelError::UnknownFormat(dir.to_owned()),
             _ => ModelError::io(&config_path, e),
         })?;
-        let config = LlamaConfig::from_hf_json(&config_path, &json)?;
+        let config = ModelConfig::from_hf_json(&config_path, &json)?;
         let mut hasher = Sha256::new();
         hasher.update(json.as_bytes());
         let files = safetensors_files(dir)?;

@@ -1,6 +1,6 @@
 //! What both ends of strata need to know about a model file, and nothing about running it.
 //!
-//! - [`file`]: opens a GGUF file or a Hugging Face safetensors directory and reads its [`LlamaConfig`]
+//! - [`file`]: opens a GGUF file or a Hugging Face safetensors directory and reads its [`ModelConfig`]
 //!   and fingerprint (the model identity every worker must agree on).
 //! - [`chat`]: the model's chat template, rendered with minijinja.
 //! - [`config`]: the shape of a Llama-family model, read from GGUF metadata or `config.json`.
@@ -22,7 +22,7 @@ pub mod tokenizer;
 pub mod wire;
 
 pub use chat::{ChatMessage, ChatTemplate, ChatTemplateSource};
-pub use config::LlamaConfig;
+pub use config::ModelConfig;
 pub use error::ModelError;
 pub use file::{ModelFile, ModelFormat};
 pub use tokenizer::TextTokenizer;

@@ -35,8 +35,13 @@ const END_OF_GENERATION_TEXTS: &[&str] = &[
     "<｜end▁of▁sentence｜>",
 ];
 
-/// The Llama 3 pre-tokenizer split (llama.cpp `LLAMA_VOCAB_PRE_TYPE_LLAMA3`).
+/// The Llama 3 pre-tokenizer split (llama.cpp `LLAMA_VOCAB_PRE_TYPE_LLAMA3`): numbers in groups of
+/// up to three digits.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The Qwen2 pre-tokenizer split (llama.cpp `LLAMA_VOCAB_PRE_TYPE_QWEN2`): Llama 3's, with digits
+/// one by one.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// A model's tokenizer: text to ids and back, plus which ids end generation.
 #[derive(Clone)]
@@ -250,19 +255,8 @@ fn pre_tokenizer(path: &Path, pre: &str) -> Result<PreTokenizerWrapper, ModelErr
         "smollm" | "starcoder" | "refact" | "codeshell" | "command-r" | "exaone" | "minerva" => {
             Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
         }
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => {
-            let split = Split::new(
-                SplitPattern::Regex(LLAMA3_SPLIT.into()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(|e| tokenizer_error(path, e))?;
-            Sequence::new(vec![
-                split.into(),
-                ByteLevel::new(false, false, false).into(),
-            ])
-            .into()
-        }
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => regex_then_bytes(path, LLAMA3_SPLIT)?,
+        "qwen2" | "deepseek-r1-qwen" | "stablelm2" => regex_then_bytes(path, QWEN2_SPLIT)?,
         other => {
             return Err(ModelError::unsupported(
                 path,
@@ -271,6 +265,22 @@ fn pre_tokenizer(path: &Path, pre: &str) -> Result<PreTokenizerWrapper, ModelErr
         }
     };
     Ok(wrapper)
+}
+
+/// A regex split (matches kept as pieces) followed by the byte-level mapping without GPT-2's own
+/// split.
+fn regex_then_bytes(path: &Path, pattern: &str) -> Result<PreTokenizerWrapper, ModelError> {
+    let split = Split::new(
+        SplitPattern::Regex(pattern.into()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| tokenizer_error(path, e))?;
+    Ok(Sequence::new(vec![
+        split.into(),
+        ByteLevel::new(false, false, false).into(),
+    ])
+    .into())
 }
 
 fn string_array<'a>(md: &'a HashMap<String, Value>, key: &str) -> Option<Vec<&'a String>> {

@@ -11,7 +11,7 @@ pub fn model_info(model: &ModelFile) -> v1::ModelInfo {
     v1::ModelInfo {
         fingerprint: model.fingerprint.clone(),
         name: model.name.clone(),
-        architecture: "llama".into(),
+        architecture: c.family.gguf_architecture.into(),
         format: model.format.as_str().into(),
         num_layers: c.num_layers as u32,
         hidden_size: c.hidden_size as u32,

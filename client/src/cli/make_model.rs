@@ -49,7 +49,7 @@ pub fn run(args: MakeModelArgs) -> anyhow::Result<()> {
 fn from_file(path: &str) -> anyhow::Result<SyntheticConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{path:?} is neither a preset (tiny, tinyllama-1.1b, llama-7b) nor a readable config.json"))?;
-    let c = strata_model::LlamaConfig::from_hf_json(std::path::Path::new(path), &text)?;
+    let c = strata_model::ModelConfig::from_hf_json(std::path::Path::new(path), &text)?;
     Ok(SyntheticConfig {
         num_layers: c.num_layers,
         hidden_size: c.hidden_size,
@@ -58,7 +58,7 @@ fn from_file(path: &str) -> anyhow::Result<SyntheticConfig> {
         num_kv_heads: c.num_kv_heads,
         vocab_size: c.vocab_size,
         context_length: c.context_length,
-        rope_theta: c.rope_theta,
+        rope_theta: c.rope.theta,
         tie_word_embeddings: c.tie_word_embeddings,
         dtype: candle_core::DType::BF16,
         seed: 1,

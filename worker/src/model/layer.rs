@@ -9,7 +9,8 @@
 //! history in one gather and runs as one padded batch: a few kernels per layer, not a few per sequence.
 
 use candle_core::{Result, Tensor};
-use strata_model::LlamaConfig;
+use strata_model::config::Activation;
+use strata_model::ModelConfig;
 
 use super::kv_cache::SequenceKv;
 use super::kv_pool::KvPool;
@@ -35,9 +36,10 @@ pub struct Segment {
 /// What every layer of a step shares.
 pub struct StepContext<'a> {
     pub segments: &'a [Segment],
-    /// RoPE angles of the step's rows: per row, or indexed when the fused pool write rotates.
-    pub angles: RopeAngles,
-    pub rope: &'a RopeTable,
+    /// RoPE angles of the step's rows for each of the stage's tables (a layer reads its own):
+    /// per row, or indexed when the fused pool write rotates.
+    pub angles: Vec<RopeAngles>,
+    pub ropes: &'a [RopeTable],
     pub masks: &'a mut MaskCache,
     pub max_len: usize,
     /// The stage's pool and this step's indexes into it, when the stage keeps paged caches.
@@ -46,61 +48,138 @@ pub struct StepContext<'a> {
     pub fused_ops: bool,
 }
 
-/// A transformer block.
+/// A transformer block. Every family runs through this one block; its description
+/// (`strata_model::config::Family` and the model's `ModelConfig`) decides which optional parts exist.
 #[derive(Debug)]
 pub struct Layer {
     attn_norm: Tensor,
-    /// Query, key and value projections.
+    /// Query, key and value projections (and their biases, where the family has them).
     qkv: Projections,
+    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3, Gemma 3).
+    qk_norms: Option<(Tensor, Tensor)>,
     o: Linear,
+    /// RMSNorm of attention's output before the residual add (Gemma).
+    post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
     /// Gate and up projections.
     gate_up: Projections,
     down: Linear,
+    /// RMSNorm of the feed-forward output before the residual add (Gemma).
+    post_ffn_norm: Option<Tensor>,
+    activation: Activation,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
     eps: f32,
-    /// Whether the query weights already carry attention's `1/sqrt(head_dim)` (see `Layer::load`).
+    /// What attention scores are multiplied by (`ModelConfig::attention_scale`).
+    scale: f64,
+    /// Whether the query weights already carry `scale` (see `Layer::load`).
     q_prescaled: bool,
+    /// The sliding window this layer attends within, if it slides.
+    window: Option<usize>,
+    /// Soft-capping of attention scores (Gemma 2).
+    softcap: Option<f32>,
+    /// Which of the stage's RoPE tables this layer reads.
+    rope: usize,
 }
 
 impl Layer {
+    /// Loads block `i`; `rope` is the index of the stage's RoPE table for it.
     pub fn load(
         w: &mut WeightLoader<'_>,
         i: usize,
-        c: &LlamaConfig,
+        c: &ModelConfig,
+        rope: usize,
         fuse: bool,
     ) -> std::result::Result<Self, WorkerError> {
-        // With dense weights and a power-of-two scale (head_dim 64, 256, ...) the query projection
-        // can carry the scale exactly (RoPE is linear and scaling by 2^-k rounds nothing): one
-        // kernel fewer per layer, bit-identical results.
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let (q, q_prescaled) = match w.linear(Role::Query(i))? {
-            Linear::Dense(weight) if scale.log2().fract() == 0.0 => {
-                (Linear::Dense((weight * scale)?), true)
-            }
-            other => (other, false),
+        let family = c.family;
+        let (q_width, kv_width) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let biases = if c.attention_bias && !family.fused_tensors {
+            Some(vec![
+                w.dense(Role::QueryBias(i))?,
+                w.dense(Role::KeyBias(i))?,
+                w.dense(Role::ValueBias(i))?,
+            ])
+        } else {
+            None
+        };
+        let qk_norms = if family.qk_norm {
+            Some((w.norm(Role::QueryNorm(i))?, w.norm(Role::KeyNorm(i))?))
+        } else {
+            None
+        };
+        // With dense weights, no bias or q-norm after the projection, and a power-of-two scale
+        // (head_dim 64, 256, ...) the query projection can carry the scale exactly (RoPE is linear
+        // and scaling by 2^-k rounds nothing): one kernel fewer per layer, bit-identical results.
+        let prescalable = c.attention_scale.log2().fract() == 0.0
+            && biases.is_none()
+            && qk_norms.is_none()
+            && !family.fused_tensors;
+        let (qkv, gate_up, q_prescaled) = if family.fused_tensors {
+            (
+                Projections::prefused(w.linear(Role::Qkv(i))?, vec![q_width, kv_width, kv_width]),
+                Projections::prefused(
+                    w.linear(Role::GateUp(i))?,
+                    vec![c.intermediate_size, c.intermediate_size],
+                ),
+                false,
+            )
+        } else {
+            let (q, q_prescaled) = match w.linear(Role::Query(i))? {
+                Linear::Dense(weight) if prescalable => {
+                    (Linear::Dense((weight * c.attention_scale)?), true)
+                }
+                other => (other, false),
+            };
+            (
+                Projections::new(
+                    vec![q, w.linear(Role::Key(i))?, w.linear(Role::Value(i))?],
+                    biases,
+                    fuse,
+                )?,
+                Projections::new(
+                    vec![w.linear(Role::Gate(i))?, w.linear(Role::Up(i))?],
+                    None,
+                    fuse,
+                )?,
+                q_prescaled,
+            )
+        };
+        let sandwich = |w: &mut WeightLoader<'_>, role| {
+            family.sandwich_norms.then(|| w.norm(role)).transpose()
         };
         Ok(Self {
-            attn_norm: w.dense(Role::AttnNorm(i))?,
-            qkv: Projections::new(
-                vec![q, w.linear(Role::Key(i))?, w.linear(Role::Value(i))?],
-                fuse,
-            )?,
+            attn_norm: w.norm(Role::AttnNorm(i))?,
+            qkv,
+            qk_norms,
             o: w.linear(Role::AttnOutput(i))?,
-            ffn_norm: w.dense(Role::FfnNorm(i))?,
-            gate_up: Projections::new(
-                vec![w.linear(Role::Gate(i))?, w.linear(Role::Up(i))?],
-                fuse,
-            )?,
+            post_attn_norm: sandwich(w, Role::PostAttnNorm(i))?,
+            ffn_norm: w.norm(Role::FfnNorm(i))?,
+            gate_up,
             down: w.linear(Role::Down(i))?,
+            post_ffn_norm: sandwich(w, Role::PostFfnNorm(i))?,
+            activation: family.activation,
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
             eps: c.rms_norm_eps as f32,
+            scale: c.attention_scale,
             q_prescaled,
+            window: c.window(i),
+            softcap: c.attn_softcap,
+            rope,
         })
+    }
+
+    /// Whether this layer's queries and keys are normed after the projection (the fused CUDA
+    /// RoPE-and-write kernel rotates the projection's output directly, so it cannot run here).
+    pub fn has_qk_norm(&self) -> bool {
+        self.qk_norms.is_some()
+    }
+
+    /// Whether attention scores are soft-capped (the fused CUDA decode kernel does not cap).
+    pub fn has_softcap(&self) -> bool {
+        self.softcap.is_some()
     }
 
     /// Whether q, k and v come out of one matmul (what the fused pool write reads).
@@ -109,8 +188,16 @@ impl Layer {
     }
 
     pub fn weight_bytes(&self) -> usize {
-        let norms = (self.attn_norm.elem_count() + self.ffn_norm.elem_count())
-            * self.attn_norm.dtype().size_in_bytes();
+        let norms = [
+            Some(&self.attn_norm),
+            Some(&self.ffn_norm),
+            self.post_attn_norm.as_ref(),
+            self.post_ffn_norm.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+        .sum::<usize>();
         self.qkv.weight_bytes()
             + self.o.weight_bytes()
             + self.gate_up.weight_bytes()
@@ -140,9 +227,17 @@ impl Layer {
                 let q = q.reshape((rows, self.num_heads, 1, self.head_dim))?;
                 let k = k.reshape((rows, self.num_kv_heads, 1, self.head_dim))?;
                 let v = v.reshape((rows, self.num_kv_heads, self.head_dim))?;
-                let (cos, sin) = ctx.angles.per_row()?;
-                let q = ctx.rope.apply(&q, cos, sin)?.squeeze(2)?;
-                let k = ctx.rope.apply(&k, cos, sin)?.squeeze(2)?;
+                let (q, k) = match &self.qk_norms {
+                    Some((q_norm, k_norm)) => (
+                        candle_nn::ops::rms_norm(&q, q_norm, self.eps)?,
+                        candle_nn::ops::rms_norm(&k, k_norm, self.eps)?,
+                    ),
+                    None => (q, k),
+                };
+                let rope = &ctx.ropes[self.rope];
+                let (cos, sin) = ctx.angles[self.rope].per_row()?;
+                let q = rope.apply(&q, cos, sin)?.squeeze(2)?;
+                let k = rope.apply(&k, cos, sin)?.squeeze(2)?;
                 phase_timer::mark(x.device(), "norm, qkv, rope");
                 match ctx.paged {
                     Some((pool, step)) => {
@@ -156,33 +251,41 @@ impl Layer {
             }
         };
         phase_timer::mark(x.device(), "attention");
-        let (x, h) = add_rms_norm(
-            &x,
-            &self.o.forward(&attn)?,
-            &self.ffn_norm,
-            self.eps,
-            ctx.fused_ops,
-        )?;
+        let attn = self.o.forward(&attn)?;
+        let attn = match &self.post_attn_norm {
+            Some(norm) => candle_nn::ops::rms_norm(&attn, norm, self.eps)?,
+            None => attn,
+        };
+        let (x, h) = add_rms_norm(&x, &attn, &self.ffn_norm, self.eps, ctx.fused_ops)?;
         phase_timer::mark(x.device(), "output projection");
 
         let ffn = self.gated_activation(&h, ctx.fused_ops)?;
         let out = self.down.forward(&ffn)?;
+        let out = match &self.post_ffn_norm {
+            Some(norm) => candle_nn::ops::rms_norm(&out, norm, self.eps)?,
+            None => out,
+        };
         phase_timer::mark(x.device(), "feed-forward");
         Ok((x, out))
     }
 
-    /// `silu(gate) * up` of the normed input: one kernel over the fused gate/up projection on CUDA
-    /// (`fused` and fused weights), else an activation and a product.
+    /// `act(gate) * up` of the normed input: for SiLU, one kernel over the fused gate/up
+    /// projection on CUDA (`fused` and fused weights); else an activation and a product (GELU has
+    /// no fused kernel).
     fn gated_activation(&self, h: &Tensor, fused: bool) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if fused {
+        if fused && self.activation == Activation::Silu {
             if let Some(y) = self.gate_up.fused_output(h)? {
                 return super::fused_ops::silu_mul(&y);
             }
         }
         let _ = fused;
         let [gate, up] = self.gate_up.forward::<2>(h)?;
-        candle_nn::ops::silu(&gate)? * up
+        let gate = match self.activation {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            Activation::GeluTanh => gate.gelu()?,
+        };
+        gate * up
     }
 
     /// Attention with per-sequence caches: each sequence appends to and reads its own tensors.
@@ -230,7 +333,7 @@ impl Layer {
             let y = self.qkv.fused_output(h)?.ok_or_else(|| {
                 candle_core::Error::msg("a fused pool write needs fused q/k/v weights")
             })?;
-            let RopeAngles::Indexed { cos, sin, index } = &ctx.angles else {
+            let RopeAngles::Indexed { cos, sin, index } = &ctx.angles[self.rope] else {
                 candle_core::bail!("the fused pool write needs indexed RoPE angles");
             };
             let (keys, values) = pool.layer(layer);
@@ -243,7 +346,7 @@ impl Layer {
                 keys,
                 values,
                 self.num_heads,
-                ctx.rope.interleaved(),
+                ctx.ropes[self.rope].interleaved(),
             )?;
             phase_timer::mark(h.device(), "norm, qkv, rope");
             self.attend_paged(&q, pool, layer, step, ctx)
@@ -300,12 +403,15 @@ impl Layer {
         values: &Tensor,
         batch: &DecodeBatch,
     ) -> Result<Tensor> {
+        // A sliding layer whose window cuts some history short attends through the window mask;
+        // the fused kernel reads whole histories.
+        let window_mask = batch.window_mask.as_ref().filter(|_| self.window.is_some());
         #[cfg(feature = "cuda")]
-        if let Some(lens) = &batch.lens {
+        if let (Some(lens), None) = (&batch.lens, window_mask) {
             let scale = if self.q_prescaled {
                 1.0
             } else {
-                1.0 / (self.head_dim as f32).sqrt()
+                self.scale as f32
             };
             let n = batch.sequences;
             let q = q.reshape((n, self.num_heads, self.head_dim))?;
@@ -330,7 +436,7 @@ impl Layer {
         let k = keys.index_select(&batch.gather, 1)?.reshape(shape)?;
         let v = values.index_select(&batch.gather, 1)?.reshape(shape)?;
         let scores = self.scaled(q.matmul(&k.t()?)?)?;
-        let scores = match &batch.mask {
+        let scores = match window_mask.or(batch.mask.as_ref()) {
             Some(mask) => scores.broadcast_add(mask)?,
             None => scores,
         };
@@ -341,12 +447,18 @@ impl Layer {
             .reshape((n, self.num_heads * self.head_dim))
     }
 
-    /// Attention scores `q·k` scaled by `1/sqrt(head_dim)`, unless the query weights carry it.
+    /// Attention scores `q·k` times the attention scale (unless the query weights carry it), then
+    /// soft-capped where the family caps them.
     fn scaled(&self, scores: Tensor) -> Result<Tensor> {
-        if self.q_prescaled {
-            return Ok(scores);
+        let scores = if self.q_prescaled {
+            scores
+        } else {
+            (scores * self.scale)?
+        };
+        match self.softcap {
+            Some(cap) => (scores / cap as f64)?.tanh()? * cap as f64,
+            None => Ok(scores),
         }
-        scores * (1.0 / (self.head_dim as f64).sqrt())
     }
 
     /// Attention of one sequence: `q: [len, heads, head_dim]` against its whole history
@@ -365,6 +477,16 @@ impl Layer {
     ) -> Result<Tensor> {
         let group = self.num_heads / self.num_kv_heads;
         let len = seg.len;
+        // A decoding row of a sliding layer sees only the window's last positions: read just
+        // those; prompt rows get the window in their mask.
+        let (k, v) = match self.window {
+            Some(w) if len == 1 && k.dim(1)? > w => {
+                let start = k.dim(1)? - w;
+                (k.narrow(1, start, w)?, v.narrow(1, start, w)?)
+            }
+            _ => (k.clone(), v.clone()),
+        };
+        let (k, v) = (&k, &v);
         let kv_len = k.dim(1)?;
         let q = q.transpose(0, 1)?.contiguous()?.reshape((
             self.num_kv_heads,
@@ -381,7 +503,7 @@ impl Layer {
         };
         let scores = self.scaled(q.matmul(&k.t()?)?)?;
         let scores = if len > 1 {
-            let mask = masks.get(len, kv_len, scores.dtype(), scores.device())?;
+            let mask = masks.get(len, kv_len, self.window, scores.dtype(), scores.device())?;
             scores
                 .reshape((self.num_kv_heads, group, len, kv_len))?
                 .broadcast_add(&mask)?
@@ -438,21 +560,30 @@ fn stack_rows(mut parts: Vec<Tensor>) -> Result<Tensor> {
     Tensor::cat(&parts, 0)
 }
 
-/// Projections of the same input. Dense weights are concatenated at load time so one matmul
-/// computes them all (fewer kernel launches: what a GPU step's time is made of); quantized ones run
-/// one by one.
+/// Projections of the same input, with optional biases. Dense weights are concatenated at load
+/// time so one matmul computes them all (fewer kernel launches: what a GPU step's time is made of);
+/// quantized ones run one by one, unless the file stores them as one tensor (Phi-3).
 #[derive(Debug)]
 enum Projections {
-    /// One weight `[Σ outputs, in]`; `widths` are the outputs of each part, in order.
+    /// One weight `[Σ outputs, in]`; `widths` are the outputs of each part, in order; `bias` is
+    /// their biases concatenated.
     Fused {
         weight: Linear,
+        bias: Option<Tensor>,
         widths: Vec<usize>,
     },
-    Separate(Vec<Linear>),
+    Separate {
+        parts: Vec<Linear>,
+        biases: Option<Vec<Tensor>>,
+    },
 }
 
 impl Projections {
-    fn new(parts: Vec<Linear>, fuse: bool) -> std::result::Result<Self, WorkerError> {
+    fn new(
+        parts: Vec<Linear>,
+        biases: Option<Vec<Tensor>>,
+        fuse: bool,
+    ) -> std::result::Result<Self, WorkerError> {
         let dense: Vec<&Tensor> = parts
             .iter()
             .filter_map(|p| match p {
@@ -461,29 +592,46 @@ impl Projections {
             })
             .collect();
         if !fuse || dense.len() != parts.len() {
-            return Ok(Self::Separate(parts));
+            return Ok(Self::Separate { parts, biases });
         }
         let widths = dense.iter().map(|w| w.dim(0)).collect::<Result<Vec<_>>>()?;
+        let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
         Ok(Self::Fused {
             weight: Linear::Dense(Tensor::cat(&dense, 0)?),
+            bias,
             widths,
         })
+    }
+
+    /// Parts the file already stores as one tensor of `widths` rows each.
+    fn prefused(weight: Linear, widths: Vec<usize>) -> Self {
+        Self::Fused {
+            weight,
+            bias: None,
+            widths,
+        }
     }
 
     /// The whole `[rows, Σ out_i]` result when the weights are fused, else `None`.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     fn fused_output(&self, x: &Tensor) -> Result<Option<Tensor>> {
         match self {
-            Self::Fused { weight, .. } => weight.forward(x).map(Some),
-            Self::Separate(_) => Ok(None),
+            Self::Fused { weight, bias, .. } => {
+                with_bias(weight.forward(x)?, bias.as_ref()).map(Some)
+            }
+            Self::Separate { .. } => Ok(None),
         }
     }
 
     /// The `N` outputs for `x: [rows, in]`, each `[rows, out_i]` (views of one result when fused).
     fn forward<const N: usize>(&self, x: &Tensor) -> Result<[Tensor; N]> {
         let outputs: Vec<Tensor> = match self {
-            Self::Fused { weight, widths } => {
-                let y = weight.forward(x)?;
+            Self::Fused {
+                weight,
+                bias,
+                widths,
+            } => {
+                let y = with_bias(weight.forward(x)?, bias.as_ref())?;
                 let mut start = 0;
                 widths
                     .iter()
@@ -494,7 +642,11 @@ impl Projections {
                     })
                     .collect::<Result<_>>()?
             }
-            Self::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect::<Result<_>>()?,
+            Self::Separate { parts, biases } => parts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| with_bias(p.forward(x)?, biases.as_ref().map(|b| &b[i])))
+                .collect::<Result<_>>()?,
         };
         outputs.try_into().map_err(|v: Vec<Tensor>| {
             candle_core::Error::msg(format!("{} projections, not {N}", v.len()))
@@ -502,9 +654,23 @@ impl Projections {
     }
 
     fn weight_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         match self {
-            Self::Fused { weight, .. } => weight.weight_bytes(),
-            Self::Separate(parts) => parts.iter().map(Linear::weight_bytes).sum(),
+            Self::Fused { weight, bias, .. } => {
+                weight.weight_bytes() + bias.as_ref().map_or(0, bytes)
+            }
+            Self::Separate { parts, biases } => {
+                parts.iter().map(Linear::weight_bytes).sum::<usize>()
+                    + biases.iter().flatten().map(bytes).sum::<usize>()
+            }
         }
+    }
+}
+
+/// `y + bias` broadcast over rows, or `y`.
+fn with_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
     }
 }

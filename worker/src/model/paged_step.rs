@@ -19,6 +19,10 @@ pub struct DecodeBatch {
     /// Additive mask `[1, sequences, 1, len]`: 0 for a sequence's own positions, -inf for padding;
     /// `None` when every history is `len` long (nothing padded).
     pub mask: Option<Tensor>,
+    /// The additive mask of the sliding layers when the window cuts some history short: the
+    /// padding's -inf plus -inf for positions the window has left behind. Sliding layers use it
+    /// instead of `mask` (and instead of the fused kernel); `None` when no history outgrows it.
+    pub window_mask: Option<Tensor>,
     /// History length of each sequence, new position included, `[sequences]` (u32): built only
     /// for the fused CUDA kernel, which reads `gather` up to these lengths and needs no mask.
     pub lens: Option<Tensor>,
@@ -68,6 +72,7 @@ struct DecodePlan {
     gather: IndexSlot,
     /// The additive mask's values, `[sequences × len]`, when some history is padded.
     mask: Option<Vec<f32>>,
+    window_mask: Option<Vec<f32>>,
     lens: Option<IndexSlot>,
     sequences: usize,
     len: usize,
@@ -77,12 +82,13 @@ impl PagedStep {
     /// Plans a step into `indexes`. `caches[s]` holds pages for every position of `segments[s]`
     /// (reserved by the caller). `fused_attention`: decode attention runs as one kernel (lengths
     /// instead of a mask); `fused_write`: RoPE and the pool write run as one kernel (plain write
-    /// rows).
+    /// rows). `window`: the stage's sliding window, if some of its layers slide.
     pub fn plan(
         segments: &[Segment],
         caches: &[SequenceKv],
         fused_attention: bool,
         fused_write: bool,
+        window: Option<usize>,
         indexes: &mut IndexBuffer,
     ) -> Result<PagedStepPlan> {
         let pages = |s: usize| {
@@ -123,6 +129,20 @@ impl PagedStep {
                     })
                     .collect()
             });
+            let window_mask = window.filter(|&w| own.iter().any(|&o| o > w)).map(|w| {
+                own.iter()
+                    .flat_map(|&own| {
+                        // Position p is seen from position own - 1 when it is at most w - 1 back.
+                        (0..len).map(move |p| {
+                            if p < own && p + w >= own {
+                                0f32
+                            } else {
+                                f32::NEG_INFINITY
+                            }
+                        })
+                    })
+                    .collect()
+            });
             let lens = fused_attention.then(|| indexes.push(own.iter().map(|&o| o as u32)));
             let rows = (decoding.len() < segments.len())
                 .then(|| indexes.push(decoding.iter().map(|&s| segments[s].offset as u32)));
@@ -130,6 +150,7 @@ impl PagedStep {
                 rows,
                 gather: indexes.push(gather),
                 mask,
+                window_mask,
                 lens,
                 sequences: decoding.len(),
                 len,
@@ -198,13 +219,14 @@ impl PagedStepPlan {
             None => None,
             Some(plan) => {
                 let (n, len) = (plan.sequences, plan.len);
+                let tensor = |mask: Vec<f32>| {
+                    Tensor::from_vec(mask, (1, n, 1, len), device)?.to_dtype(dtype)
+                };
                 Some(DecodeBatch {
                     rows: uploaded.get_some(plan.rows)?,
                     gather: uploaded.get(plan.gather)?,
-                    mask: plan
-                        .mask
-                        .map(|mask| Tensor::from_vec(mask, (1, n, 1, len), device)?.to_dtype(dtype))
-                        .transpose()?,
+                    mask: plan.mask.map(tensor).transpose()?,
+                    window_mask: plan.window_mask.map(tensor).transpose()?,
                     lens: uploaded.get_some(plan.lens)?,
                     sequences: n,
                     len,

@@ -1,42 +1,51 @@
 //! Rotary position embeddings: cos/sin tables computed once per stage for the whole context.
 
 use candle_core::{DType, Device, Result, Tensor};
-use strata_model::config::RopeStyle;
-use strata_model::LlamaConfig;
+use strata_model::config::{rope_inv_freq, RopeScaling, RopeStyle};
+use strata_model::ModelConfig;
 
-/// cos/sin of `position * theta^(-2i/d)` for every position of the context, `[context, head_dim/2]`.
+/// cos/sin of `position * inv_freq_i` for every position of the context, `[context, head_dim/2]`
+/// (times YaRN's attention factor, where it applies).
 #[derive(Debug)]
 pub struct RopeTable {
     cos: Tensor,
     sin: Tensor,
     style: RopeStyle,
     head_dim: usize,
-    theta: f32,
+    /// The head's inverse frequencies, scaling applied (`strata_model::config::rope_inv_freq`).
+    inv_freq: Vec<f32>,
+    /// What cos and sin are multiplied by (YaRN's attention factor; 1 otherwise).
+    mscale: f32,
     /// Whether `rows` slices the precomputed table (the default) or recomputes the rows each call
     /// (kept only to measure what the table saves).
     reuse: bool,
 }
 
 impl RopeTable {
-    pub fn new(config: &LlamaConfig, dtype: DType, device: &Device, reuse: bool) -> Result<Self> {
+    /// The table of layers with base `theta` and `scaling`; `file_factors` are the divisors of
+    /// [`RopeScaling::FileFactors`] (GGUF `rope_freqs.weight`).
+    pub fn new(
+        config: &ModelConfig,
+        (theta, scaling): (f32, &RopeScaling),
+        file_factors: Option<&[f32]>,
+        dtype: DType,
+        device: &Device,
+        reuse: bool,
+    ) -> Result<Self> {
+        let (inv_freq, mscale) = rope_inv_freq(config.head_dim, theta, scaling, file_factors);
         let positions: Vec<u32> = if reuse {
             (0..config.context_length as u32).collect()
         } else {
             vec![0]
         };
-        let (cos, sin) = compute(
-            config.head_dim,
-            config.rope_theta,
-            &positions,
-            dtype,
-            device,
-        )?;
+        let (cos, sin) = compute(&inv_freq, mscale, &positions, dtype, device)?;
         Ok(Self {
             cos,
             sin,
-            style: config.rope_style,
+            style: config.rope.style,
             head_dim: config.head_dim,
-            theta: config.rope_theta,
+            inv_freq,
+            mscale,
             reuse,
         })
     }
@@ -74,8 +83,8 @@ impl RopeTable {
             )
         } else {
             compute(
-                self.head_dim,
-                self.theta,
+                &self.inv_freq,
+                self.mscale,
                 positions,
                 self.cos.dtype(),
                 &device,
@@ -132,19 +141,21 @@ impl RopeAngles {
 }
 
 fn compute(
-    head_dim: usize,
-    theta: f32,
+    inv_freq: &[f32],
+    mscale: f32,
     positions: &[u32],
     dtype: DType,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    let inv_freq: Vec<f32> = (0..head_dim)
-        .step_by(2)
-        .map(|i| 1f32 / theta.powf(i as f32 / head_dim as f32))
-        .collect();
-    let inv_freq = Tensor::from_vec(inv_freq, (1, head_dim / 2), device)?;
+    let inv_freq = Tensor::from_vec(inv_freq.to_vec(), (1, inv_freq.len()), device)?;
     let pos: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
     let pos = Tensor::from_vec(pos, (positions.len(), 1), device)?;
     let freqs = pos.broadcast_mul(&inv_freq)?;
-    Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+    let (cos, sin) = (freqs.cos()?, freqs.sin()?);
+    let (cos, sin) = if mscale == 1.0 {
+        (cos, sin)
+    } else {
+        ((cos * mscale as f64)?, (sin * mscale as f64)?)
+    };
+    Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?))
 }

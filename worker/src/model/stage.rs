@@ -4,8 +4,8 @@
 use std::ops::Range;
 
 use candle_core::{DType, Device, Result, Tensor};
-use strata_model::config::RopeStyle;
-use strata_model::{LlamaConfig, ModelFile, ModelFormat};
+use strata_model::config::{RopeScaling, RopeStyle};
+use strata_model::{ModelConfig, ModelFile, ModelFormat};
 
 use super::kv_cache::SequenceKv;
 use super::kv_pool::KvPool;
@@ -152,12 +152,14 @@ struct Head {
 
 /// A loaded stage.
 pub struct Stage {
-    config: LlamaConfig,
+    config: ModelConfig,
     layers: Range<usize>,
     embedding: Option<Tensor>,
     blocks: Vec<Layer>,
     head: Option<Head>,
-    rope: RopeTable,
+    /// The RoPE tables the stage's layers read: one, or two where sliding layers have a base of
+    /// their own (Gemma 3).
+    ropes: Vec<RopeTable>,
     masks: MaskCache,
     /// Every sequence's keys and values, when the stage keeps them paged.
     pool: Option<KvPool>,
@@ -196,9 +198,41 @@ impl Stage {
         } else {
             None
         };
+        // One table per distinct (base, scaling) among this stage's layers.
+        let file_factors = match config.rope.scaling {
+            RopeScaling::FileFactors => Some(w.host_vec(Role::RopeFreqs)?),
+            _ => None,
+        };
+        let mut rope_keys: Vec<bool> = Vec::new();
+        let mut layer_ropes = Vec::with_capacity(layers.len());
+        for i in layers.clone() {
+            let local = config.rope.local_theta.is_some() && config.window(i).is_some();
+            let index = match rope_keys.iter().position(|&k| k == local) {
+                Some(index) => index,
+                None => {
+                    rope_keys.push(local);
+                    rope_keys.len() - 1
+                }
+            };
+            layer_ropes.push(index);
+        }
+        let ropes = rope_keys
+            .iter()
+            .map(|&local| {
+                RopeTable::new(
+                    &config,
+                    config.rope.for_layer(local),
+                    file_factors.as_deref(),
+                    dtype,
+                    device,
+                    options.reuse_rope,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
         let blocks = layers
             .clone()
-            .map(|i| Layer::load(&mut w, i, &config, options.fuse_projections))
+            .zip(&layer_ropes)
+            .map(|(i, &rope)| Layer::load(&mut w, i, &config, rope, options.fuse_projections))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let head = if is_last {
             // A tied head reuses the embedding matrix; GGUF keeps it quantized for the projection.
@@ -208,7 +242,7 @@ impl Stage {
                 Role::TokenEmbedding
             };
             Some(Head {
-                norm: w.dense(Role::OutputNorm)?,
+                norm: w.norm(Role::OutputNorm)?,
                 output: w.linear(role)?,
             })
         } else {
@@ -240,14 +274,20 @@ impl Stage {
         // kernels (to measure the fusions alone).
         let fused_ops =
             fused_kernels && std::env::var("STRATA_FUSED_OPS").map_or(true, |v| v != "0");
-        let fused_attention = fused_kernels && super::paged_attention_supported(config.head_dim);
-        // GGUF's interleaved RoPE pairing has no dense GGUF model to be tested on here, so only
-        // the halves pairing (Hugging Face checkpoints) takes the fused write.
+        // Strata's decode kernel neither soft-caps scores nor slides a window (sliding layers whose
+        // window cuts a history short take the portable path step by step, see `DecodeBatch`), and
+        // its RoPE-and-write kernel rotates the projection's output as it is, so q/k norms keep
+        // the separate write.
+        let fused_attention = fused_kernels
+            && super::paged_attention_supported(config.head_dim)
+            && !blocks.iter().any(Layer::has_softcap);
+        // GGUF Llama's interleaved RoPE pairing has no dense GGUF model to be tested on here, so
+        // only the halves pairing takes the fused write.
         let fused_write = fused_attention
-            && config.rope_style == RopeStyle::Halves
-            && blocks.iter().all(Layer::has_fused_qkv);
+            && config.rope.style == RopeStyle::Halves
+            && blocks.iter().all(|b| b.has_fused_qkv() && !b.has_qk_norm());
         Ok(Self {
-            rope: RopeTable::new(&config, dtype, device, options.reuse_rope)?,
+            ropes,
             pool,
             masks: MaskCache::new(options.reuse_masks),
             config,
@@ -264,7 +304,7 @@ impl Stage {
         })
     }
 
-    pub fn config(&self) -> &LlamaConfig {
+    pub fn config(&self) -> &ModelConfig {
         &self.config
     }
 
@@ -371,7 +411,8 @@ impl Stage {
                 candle_core::bail!("hidden states sent to the first stage")
             }
         };
-        let angle_rows = indexes.push(self.rope.row_index(&positions)?);
+        // Every table covers the whole context, so the rows are the same for each.
+        let angle_rows = indexes.push(self.ropes[0].row_index(&positions)?);
         self.reserve_pages(segments, caches)?;
         let paged_plan = self
             .pool
@@ -382,6 +423,7 @@ impl Stage {
                     caches,
                     self.fused_attention,
                     self.fused_write,
+                    self.config.sliding_window,
                     &mut indexes,
                 )
             })
@@ -393,7 +435,13 @@ impl Stage {
 
         let mut x = match entry {
             StepEntry::Hidden(hidden) => hidden,
-            StepEntry::Tokens(ids, embedding) => embedding.index_select(&uploaded.get(ids)?, 0)?,
+            StepEntry::Tokens(ids, embedding) => {
+                let x = embedding.index_select(&uploaded.get(ids)?, 0)?;
+                match self.config.embedding_scale() {
+                    Some(scale) => x.affine(scale, 0.0)?,
+                    None => x,
+                }
+            }
         };
         let paged_step = paged_plan
             .map(|plan| {
@@ -407,14 +455,17 @@ impl Stage {
             })
             .transpose()?;
         let fused_write = paged_step.as_ref().is_some_and(|step| step.fused_write);
+        let angle_index = uploaded.get(angle_rows)?;
         let angles = self
-            .rope
-            .angles(&positions, uploaded.get(angle_rows)?, fused_write)?;
+            .ropes
+            .iter()
+            .map(|rope| rope.angles(&positions, angle_index.clone(), fused_write))
+            .collect::<Result<Vec<_>>>()?;
         phase_timer::mark(&self.device, "embedding, step indexes");
         let mut ctx = StepContext {
             segments,
             angles,
-            rope: &self.rope,
+            ropes: &self.ropes,
             masks: &mut self.masks,
             max_len: self.config.context_length,
             paged: self.pool.as_ref().zip(paged_step.as_ref()),
@@ -453,6 +504,10 @@ impl Stage {
             self.fused_ops,
         )?;
         let logits = head.output.forward(&x)?.to_dtype(DType::F32)?;
+        let logits = match self.config.final_softcap {
+            Some(cap) => ((logits / cap as f64)?.tanh()? * cap as f64)?,
+            None => logits,
+        };
         phase_timer::mark(&self.device, "head");
         Ok(logits)
     }
