@@ -17,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod file;
 pub mod rng;
+pub mod spm;
 pub mod synthetic;
 pub mod tokenizer;
 pub mod wire;

@@ -1,8 +1,9 @@
 //! The text tokenizer of a model and its end-of-generation tokens.
 //!
 //! For GGUF files the tokenizer is rebuilt from the file's own metadata the way llama.cpp reads it
-//! (`tokenizer.ggml.*`): byte-level BPE with the merges in the file, the pre-tokenizer named by
-//! `tokenizer.ggml.pre`, control tokens as special tokens, and a BOS only if `add_bos_token` says so.
+//! (`tokenizer.ggml.*`): byte-level BPE with the merges in the file and the pre-tokenizer named by
+//! `tokenizer.ggml.pre` (`gpt2` files), or SentencePiece with the file's scores (`llama` files,
+//! `spm.rs`); control tokens as special tokens, and a BOS only if `add_bos_token` says so.
 //! For Hugging Face directories `tokenizer.json` is used as it is.
 
 use std::collections::{BTreeSet, HashMap};
@@ -18,6 +19,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
+use crate::spm::SpmTokenizer;
 use crate::{ModelError, ModelFile, ModelFormat};
 
 /// Texts of tokens that end a turn in the chat formats of common models. llama.cpp treats a control
@@ -46,7 +48,7 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 /// A model's tokenizer: text to ids and back, plus which ids end generation.
 #[derive(Clone)]
 pub struct TextTokenizer {
-    inner: Tokenizer,
+    inner: Backend,
     /// Prepended by `encode` (GGUF files with `add_bos_token`); HF tokenizers add their own.
     bos_to_prepend: Option<u32>,
     /// Whether `encode` asks the HF post-processor to add special tokens.
@@ -54,10 +56,19 @@ pub struct TextTokenizer {
     end_of_generation: BTreeSet<u32>,
 }
 
+/// The tokenization algorithm.
+#[derive(Clone)]
+enum Backend {
+    /// Hugging Face `tokenizers`: `tokenizer.json`, or byte-level BPE rebuilt from GGUF.
+    Hf(Box<Tokenizer>),
+    /// SentencePiece from GGUF scores.
+    Spm(Box<SpmTokenizer>),
+}
+
 impl std::fmt::Debug for TextTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TextTokenizer")
-            .field("vocab_size", &self.inner.get_vocab_size(true))
+            .field("vocab_size", &self.vocab_size())
             .field("end_of_generation", &self.end_of_generation)
             .finish()
     }
@@ -74,21 +85,28 @@ impl TextTokenizer {
 
     /// Encodes text as a prompt.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
-        let encoding = self
-            .inner
-            .encode(text, self.post_process)
-            .map_err(|e| tokenizer_error(Path::new("<text>"), e))?;
-        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        let mut ids = Vec::new();
         ids.extend(self.bos_to_prepend);
-        ids.extend_from_slice(encoding.get_ids());
+        match &self.inner {
+            Backend::Hf(inner) => {
+                let encoding = inner
+                    .encode(text, self.post_process)
+                    .map_err(|e| tokenizer_error(Path::new("<text>"), e))?;
+                ids.extend_from_slice(encoding.get_ids());
+            }
+            Backend::Spm(spm) => ids.extend(spm.encode(text)),
+        }
         Ok(ids)
     }
 
     /// Decodes ids to text, special tokens included.
     pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
-        self.inner
-            .decode(ids, false)
-            .map_err(|e| tokenizer_error(Path::new("<ids>"), e))
+        match &self.inner {
+            Backend::Hf(inner) => inner
+                .decode(ids, false)
+                .map_err(|e| tokenizer_error(Path::new("<ids>"), e)),
+            Backend::Spm(spm) => Ok(spm.decode(ids)),
+        }
     }
 
     /// Whether the model ends its output with this token.
@@ -103,7 +121,10 @@ impl TextTokenizer {
 
     /// The number of ids the tokenizer knows, added tokens included.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        match &self.inner {
+            Backend::Hf(inner) => inner.get_vocab_size(true),
+            Backend::Spm(spm) => spm.vocab_size(),
+        }
     }
 
     /// Builds the tokenizer from GGUF metadata, as llama.cpp does.
@@ -112,75 +133,58 @@ impl TextTokenizer {
         let string = |key: &str| md.get(key).and_then(|v| v.to_string().ok()).cloned();
         let kind = string("tokenizer.ggml.model")
             .ok_or_else(|| ModelError::invalid(path, "missing tokenizer.ggml.model"))?;
-        if kind != "gpt2" {
+        if kind != "gpt2" && kind != "llama" {
             return Err(ModelError::unsupported(
                 path,
                 format!(
-                    "tokenizer.ggml.model {kind:?}: strata builds byte-level BPE (\"gpt2\") tokenizers \
-                     from GGUF; for SentencePiece models use the Hugging Face directory (tokenizer.json)"
+                    "tokenizer.ggml.model {kind:?}: strata builds byte-level BPE (\"gpt2\") and \
+                     SentencePiece (\"llama\") tokenizers from GGUF"
                 ),
             ));
         }
         let tokens = string_array(md, "tokenizer.ggml.tokens")
             .ok_or_else(|| ModelError::invalid(path, "missing tokenizer.ggml.tokens"))?;
-        let merges = string_array(md, "tokenizer.ggml.merges")
-            .ok_or_else(|| ModelError::invalid(path, "missing tokenizer.ggml.merges"))?;
         let types: Vec<i64> = match md.get("tokenizer.ggml.token_type") {
             Some(Value::Array(values)) => values.iter().map(value_i64).collect(),
             _ => vec![1; tokens.len()],
         };
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(id, t)| ((*t).clone(), id as u32))
-            .collect();
-        let merges = merges
-            .iter()
-            .map(|m| {
-                // llama.cpp splits at the first space after the first byte: tokens never hold a space
-                // (byte-level BPE maps it to 'Ġ') but a merge's first part could start with one.
-                let at = m
-                    .char_indices()
-                    .skip(1)
-                    .find(|(_, c)| *c == ' ')
-                    .map(|(i, _)| i);
-                match at {
-                    Some(i) => Ok((m[..i].to_string(), m[i + 1..].to_string())),
-                    None => Err(ModelError::invalid(
-                        path,
-                        format!("merge {m:?} has no space"),
-                    )),
+        let inner = if kind == "llama" {
+            let scores: Vec<f32> = match md.get("tokenizer.ggml.scores") {
+                Some(Value::Array(values)) => {
+                    values.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect()
                 }
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
+                _ => return Err(ModelError::invalid(path, "missing tokenizer.ggml.scores")),
+            };
+            let add_space_prefix = md
+                .get("tokenizer.ggml.add_space_prefix")
+                .and_then(|v| v.to_bool().ok())
+                .unwrap_or(true);
+            let unknown = md
+                .get("tokenizer.ggml.unknown_token_id")
+                .map(value_i64)
+                .and_then(|v| u32::try_from(v).ok());
+            let spm = SpmTokenizer::new(
+                tokens.iter().map(|t| (*t).clone()).collect(),
+                scores,
+                types.clone(),
+                add_space_prefix,
+                unknown,
+            )
             .map_err(|e| tokenizer_error(path, e))?;
-        let mut inner = Tokenizer::new(bpe);
-        let pre = string("tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
-        inner.with_pre_tokenizer(Some(pre_tokenizer(path, &pre)?));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
-
-        // Control (3) and user-defined (4) tokens are matched whole in the text, like llama.cpp with
-        // special-token parsing on; control tokens are "special".
-        let added: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, t)| **t == 3 || **t == 4)
-            .map(|(text, t)| AddedToken::from((*text).clone(), *t == 3))
-            .collect();
-        inner.add_special_tokens(&added);
-
+            Backend::Spm(Box::new(spm))
+        } else {
+            Backend::Hf(Box::new(bpe_from_gguf(path, md, &tokens, &types)?))
+        };
         let id_of = |key: &str| {
             md.get(key)
                 .map(value_i64)
                 .and_then(|v| u32::try_from(v).ok())
         };
+        // llama.cpp's default when the key is absent: SentencePiece vocabularies add a BOS.
         let add_bos = md
             .get("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
+            .unwrap_or(kind == "llama");
         let bos = id_of("tokenizer.ggml.bos_token_id");
         let mut end_of_generation: BTreeSet<u32> = [
             "tokenizer.ggml.eos_token_id",
@@ -206,6 +210,16 @@ impl TextTokenizer {
     /// Loads `tokenizer.json` from a Hugging Face directory; end-of-generation ids come from
     /// `config.json` and `generation_config.json`.
     pub fn from_hf_dir(dir: &Path) -> Result<Self, ModelError> {
+        let (inner, end_of_generation) = Self::hf_parts(dir)?;
+        Ok(Self {
+            inner: Backend::Hf(Box::new(inner)),
+            bos_to_prepend: None,
+            post_process: true,
+            end_of_generation,
+        })
+    }
+
+    fn hf_parts(dir: &Path) -> Result<(Tokenizer, BTreeSet<u32>), ModelError> {
         let file = dir.join("tokenizer.json");
         let inner = Tokenizer::from_file(&file).map_err(|e| tokenizer_error(&file, e))?;
         let mut end_of_generation = BTreeSet::new();
@@ -232,18 +246,63 @@ impl TextTokenizer {
                 end_of_generation.insert(id);
             }
         }
-        Ok(Self {
-            inner,
-            bos_to_prepend: None,
-            post_process: true,
-            end_of_generation,
-        })
+        Ok((inner, end_of_generation))
     }
+}
 
-    /// The wrapped Hugging Face tokenizer.
-    pub fn inner(&self) -> &Tokenizer {
-        &self.inner
-    }
+/// Byte-level BPE from GGUF metadata (`tokenizer.ggml.model = "gpt2"`).
+fn bpe_from_gguf(
+    path: &Path,
+    md: &HashMap<String, Value>,
+    tokens: &[&String],
+    types: &[i64],
+) -> Result<Tokenizer, ModelError> {
+    let string = |key: &str| md.get(key).and_then(|v| v.to_string().ok()).cloned();
+    let merges = string_array(md, "tokenizer.ggml.merges")
+        .ok_or_else(|| ModelError::invalid(path, "missing tokenizer.ggml.merges"))?;
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| ((*t).clone(), id as u32))
+        .collect();
+    let merges = merges
+        .iter()
+        .map(|m| {
+            // llama.cpp splits at the first space after the first byte: tokens never hold a space
+            // (byte-level BPE maps it to 'Ġ') but a merge's first part could start with one.
+            let at = m
+                .char_indices()
+                .skip(1)
+                .find(|(_, c)| *c == ' ')
+                .map(|(i, _)| i);
+            match at {
+                Some(i) => Ok((m[..i].to_string(), m[i + 1..].to_string())),
+                None => Err(ModelError::invalid(
+                    path,
+                    format!("merge {m:?} has no space"),
+                )),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| tokenizer_error(path, e))?;
+    let mut inner = Tokenizer::new(bpe);
+    let pre = string("tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
+    inner.with_pre_tokenizer(Some(pre_tokenizer(path, &pre)?));
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+
+    // Control (3) and user-defined (4) tokens are matched whole in the text, like llama.cpp with
+    // special-token parsing on; control tokens are "special".
+    let added: Vec<AddedToken> = tokens
+        .iter()
+        .zip(types)
+        .filter(|(_, t)| **t == 3 || **t == 4)
+        .map(|(text, t)| AddedToken::from((*text).clone(), *t == 3))
+        .collect();
+    inner.add_special_tokens(&added);
+    Ok(inner)
 }
 
 fn pre_tokenizer(path: &Path, pre: &str) -> Result<PreTokenizerWrapper, ModelError> {
