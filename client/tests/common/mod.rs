@@ -67,3 +67,94 @@ pub fn ids(v: &Value) -> Vec<u64> {
         .map(|x| x.as_u64().unwrap())
         .collect()
 }
+
+/// A model strata fetches by name (into the cache outside the clone), fetched if missing.
+pub fn known_model(name: &str) -> PathBuf {
+    let known = strata_client::model_cache::KnownModel::by_name(name)
+        .unwrap_or_else(|| panic!("{name} is not a known model"));
+    strata_client::model_cache::fetch(known, false)
+        .unwrap_or_else(|e| panic!("{name}: {e} (run `strata fetch-model {name}`)"))
+}
+
+/// A reference file of `../shared/reference/` (or its copy in `tests/data`).
+pub fn reference_named(file: &str) -> Value {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let shared = root.join("../shared/reference").join(file);
+    let path = if shared.exists() {
+        shared
+    } else {
+        root.join("client/tests/data").join(file)
+    };
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("reference JSON")
+}
+
+/// Every (text, ids) pair of a reference: its tokenization cases and its prompts.
+pub fn tokenization_cases(r: &Value) -> Vec<(String, Vec<u64>)> {
+    let list = |v: &Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
+    let mut cases: Vec<(String, Vec<u64>)> = r["tokenization"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["text"].as_str().unwrap().to_string(), list(&t["ids"])))
+        .collect();
+    for p in r["prompts"].as_array().unwrap() {
+        cases.push((p["text"].as_str().unwrap().into(), list(&p["prompt_ids"])));
+    }
+    cases
+}
+
+/// Asserts `strata tokenize` gives llama.cpp's ids on every case of the reference.
+pub fn assert_tokenizer_matches(model: &str, r: &Value) {
+    let cases = tokenization_cases(r);
+    assert!(cases.len() >= 5);
+    for (text, want) in cases {
+        let out = run(&["tokenize", "--model", model, "--json", &text]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let got: Vec<u64> = v["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        assert_eq!(got, want, "tokenization of {text:?}");
+    }
+}
+
+/// The reference rule on one generation (`--json` output `out`) of reference prompt `p`: the first
+/// `exact_prefix` ids equal llama.cpp's; a later departure must be at a near-tie of our own logits
+/// (top-2 gap < 0.3 nats).
+pub fn assert_follows_reference(p: &Value, out: &Value) {
+    let text = p["text"].as_str().unwrap();
+    let want: Vec<u64> = p["greedy_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    let exact = p["exact_prefix"].as_u64().unwrap() as usize;
+    let got = ids(out);
+    assert_eq!(out["prompt_ids"], p["prompt_ids"], "prompt ids of {text:?}");
+    assert_eq!(got.len(), want.len(), "{text:?}: {got:?}");
+    if let Some(n) = got.iter().zip(&want).position(|(a, b)| a != b) {
+        assert!(n >= exact, "{text:?} departs from llama.cpp at token {n}, inside the exact prefix {exact}: {got:?} vs {want:?}");
+        let top = &out["top_logprobs"][n];
+        let gap = top[0]["logprob"].as_f64().unwrap() - top[1]["logprob"].as_f64().unwrap();
+        assert!(gap < 0.3, "{text:?} departs at token {n} where our top-2 gap is {gap:.3} nats (≥ 0.3): a bug, not a near-tie");
+        eprintln!(
+            "{text:?}: departs at token {n} (exact prefix {exact}) at a near-tie of {gap:.3} nats"
+        );
+    }
+    // The reported top-1 is the token chosen, and log-probabilities are normalized.
+    for (i, top) in out["top_logprobs"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(top.as_array().unwrap().len(), 5);
+        assert_eq!(top[0]["id"].as_u64(), Some(got[i]));
+        assert!(top[0]["logprob"].as_f64().unwrap() <= 0.0);
+    }
+}
