@@ -78,3 +78,19 @@ fn gemma3_tokenizer_matches_llama_cpp() {
 fn gemma3_follows_llama_cpp_through_1_2_3_stages() {
     follows_reference_through_stages("gemma3-270m", "gemma3-270m.json");
 }
+
+/// `strata serve --model qwen2.5-coder-1.5b` answers the official `openai` client's chat request
+/// with the model's own template; the Python function in the reply parses and works.
+#[test]
+fn qwen2_chat_through_the_openai_client_writes_python() {
+    known_model("qwen2.5-coder-1.5b");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_qwen_chat.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .env("STRATA_BIN", common::strata())
+        .output()
+        .expect("run python3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the Qwen chat check failed:\n{stderr}");
+    assert!(stderr.contains("Ran 1 test") && stderr.contains("\nOK"), "{stderr}");
+}
