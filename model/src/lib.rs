@@ -19,6 +19,7 @@ pub mod file;
 pub mod rng;
 pub mod spm;
 pub mod synthetic;
+pub mod tensors;
 pub mod tokenizer;
 pub mod wire;
 

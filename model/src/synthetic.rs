@@ -1,6 +1,7 @@
-//! Random-weight Llama models of real shapes, written as a Hugging Face directory (`config.json`,
-//! `tokenizer.json`, `model.safetensors`), so tests and benchmarks can run real code at real scale on
-//! machines that cannot download weights.
+//! Random-weight models of real shapes and families, written as a Hugging Face directory
+//! (`config.json`, `tokenizer.json`, `model.safetensors`), so tests and benchmarks can run real code
+//! at real scale on machines that cannot download weights, and transformers can load the same files
+//! as a reference.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,7 +13,8 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
 use crate::rng::SplitMix64;
-use crate::ModelError;
+use crate::tensors::{layer_roles, Role};
+use crate::{ModelConfig, ModelError, ModelFormat};
 
 /// The shape of a synthetic model.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,12 +96,56 @@ impl SyntheticConfig {
     }
 }
 
-/// Writes a random-weight model into `dir` (created if needed).
+/// The real `config.json` files strata ships (`model/configs/`), for `strata make-model --config NAME`:
+/// random weights of these models' exact shapes and families, loadable by transformers too.
+const FAMILY_PRESETS: &[(&str, &str)] = &[
+    ("llama-3.2-1b", include_str!("../configs/llama-3.2-1b.json")),
+    ("qwen2.5-1.5b", include_str!("../configs/qwen2.5-1.5b.json")),
+    ("qwen3-1.7b", include_str!("../configs/qwen3-1.7b.json")),
+    ("gemma-3-1b", include_str!("../configs/gemma-3-1b.json")),
+    ("phi-3-mini", include_str!("../configs/phi-3-mini.json")),
+];
+
+/// A shipped real model's `config.json` by name.
+pub fn family_preset(name: &str) -> Option<serde_json::Value> {
+    FAMILY_PRESETS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, text)| serde_json::from_str(text).expect("shipped configs are JSON"))
+}
+
+/// The names of every preset, shapes and real configs.
+pub fn preset_names() -> Vec<&'static str> {
+    let mut names = vec!["tiny", "tinyllama-1.1b", "llama-7b"];
+    names.extend(FAMILY_PRESETS.iter().map(|(n, _)| *n));
+    names
+}
+
+impl SyntheticConfig {
+    /// The Llama `config.json` of this shape.
+    pub fn hf_config(&self) -> serde_json::Value {
+        json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.context_length,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+        })
+    }
+}
+
+/// Writes a random-weight Llama model of `c`'s shape into `dir` (created if needed).
 pub fn write_safetensors_model(dir: &Path, c: &SyntheticConfig) -> Result<(), ModelError> {
-    let io = |e: std::io::Error| ModelError::Io {
-        path: dir.to_owned(),
-        source: e,
-    };
     let invalid = |m: String| ModelError::Invalid {
         path: dir.to_owned(),
         message: m,
@@ -110,80 +156,78 @@ pub fn write_safetensors_model(dir: &Path, c: &SyntheticConfig) -> Result<(), Mo
     {
         return Err(invalid(format!("inconsistent heads in {c:?}")));
     }
+    write_model_from_hf_config(dir, &c.hf_config(), c.dtype, c.seed)
+}
+
+/// Writes a random-weight model of whatever family and shape `config` (a Hugging Face
+/// `config.json`) describes into `dir`: the config itself (its dtype set to `dtype`), a byte-level
+/// tokenizer of its vocabulary size, and `model.safetensors` with every tensor the family has, under
+/// the names transformers reads.
+pub fn write_model_from_hf_config(
+    dir: &Path,
+    config: &serde_json::Value,
+    dtype: DType,
+    seed: u64,
+) -> Result<(), ModelError> {
+    let io = |e: std::io::Error| ModelError::Io {
+        path: dir.to_owned(),
+        source: e,
+    };
+    let invalid = |m: String| ModelError::Invalid {
+        path: dir.to_owned(),
+        message: m,
+    };
+    let mut config = config.clone();
+    config["torch_dtype"] = json!(match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    });
+    let text = serde_json::to_string_pretty(&config).expect("json");
+    let c = ModelConfig::from_hf_json(&dir.join("config.json"), &text)?;
     if c.vocab_size < 260 {
         return Err(invalid(
             "vocab_size must be at least 260 (bytes plus specials)".into(),
         ));
     }
     std::fs::create_dir_all(dir).map_err(io)?;
-    let head_dim = c.hidden_size / c.num_heads;
-    let config = json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads,
-        "num_key_value_heads": c.num_kv_heads,
-        "vocab_size": c.vocab_size,
-        "max_position_embeddings": c.context_length,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": c.rope_theta,
-        "tie_word_embeddings": c.tie_word_embeddings,
-        "hidden_act": "silu",
-        "bos_token_id": 0,
-        "eos_token_id": 1,
-        "torch_dtype": match c.dtype { DType::BF16 => "bfloat16", DType::F16 => "float16", _ => "float32" },
-    });
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string_pretty(&config).expect("json"),
-    )
-    .map_err(io)?;
+    std::fs::write(dir.join("config.json"), &text).map_err(io)?;
     write_tokenizer(&dir.join("tokenizer.json"), c.vocab_size)?;
 
-    let mut rng = Normal::new(c.seed);
+    let mut rng = Normal::new(seed);
     let std = 0.02f32;
+    // Gemma's Hugging Face norms hold `w - 1`: stored near 0 they act near 1, as elsewhere.
+    let norm_base = 1.0 - c.norm_offset;
+    // A tied head reads the embedding back: at std 1 against the layers' 0.02 the residual stream
+    // stays its own token's embedding and the model repeats its last token, so tied models get
+    // embeddings of the layers' scale.
+    let embedding_std = if c.tie_word_embeddings { std } else { 1.0 };
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    let mut add = |name: String, shape: &[usize], scale: Option<f32>| -> Result<(), ModelError> {
+    let mut add = |role: Role| -> Result<(), ModelError> {
+        let shape = role.expected_shape(&c);
         let n: usize = shape.iter().product();
-        let values: Vec<f32> = match scale {
-            Some(s) => (0..n).map(|_| rng.sample() * s).collect(),
-            // Norm weights near 1, as trained models have.
-            None => (0..n).map(|_| 1.0 + rng.sample() * 0.1).collect(),
+        let values: Vec<f32> = if role.is_norm() {
+            (0..n).map(|_| norm_base + rng.sample() * 0.1).collect()
+        } else if matches!(role, Role::TokenEmbedding) {
+            (0..n).map(|_| rng.sample() * embedding_std).collect()
+        } else {
+            (0..n).map(|_| rng.sample() * std).collect()
         };
         let t = Tensor::from_vec(values, shape, &Device::Cpu)
-            .and_then(|t| t.to_dtype(c.dtype))
+            .and_then(|t| t.to_dtype(dtype))
             .map_err(|e| invalid(e.to_string()))?;
-        tensors.insert(name, t);
+        tensors.insert(role.name(ModelFormat::Safetensors, c.family), t);
         Ok(())
     };
-    let (h, q, kv, f) = (
-        c.hidden_size,
-        c.num_heads * head_dim,
-        c.num_kv_heads * head_dim,
-        c.intermediate_size,
-    );
-    add(
-        "model.embed_tokens.weight".into(),
-        &[c.vocab_size, h],
-        Some(1.0),
-    )?;
+    add(Role::TokenEmbedding)?;
     for i in 0..c.num_layers {
-        let p = format!("model.layers.{i}");
-        add(format!("{p}.input_layernorm.weight"), &[h], None)?;
-        add(format!("{p}.self_attn.q_proj.weight"), &[q, h], Some(std))?;
-        add(format!("{p}.self_attn.k_proj.weight"), &[kv, h], Some(std))?;
-        add(format!("{p}.self_attn.v_proj.weight"), &[kv, h], Some(std))?;
-        add(format!("{p}.self_attn.o_proj.weight"), &[h, q], Some(std))?;
-        add(format!("{p}.post_attention_layernorm.weight"), &[h], None)?;
-        add(format!("{p}.mlp.gate_proj.weight"), &[f, h], Some(std))?;
-        add(format!("{p}.mlp.up_proj.weight"), &[f, h], Some(std))?;
-        add(format!("{p}.mlp.down_proj.weight"), &[h, f], Some(std))?;
+        for role in layer_roles(&c, i) {
+            add(role)?;
+        }
     }
-    add("model.norm.weight".into(), &[h], None)?;
+    add(Role::OutputNorm)?;
     if !c.tie_word_embeddings {
-        add("lm_head.weight".into(), &[c.vocab_size, h], Some(std))?;
+        add(Role::Output)?;
     }
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))
         .map_err(|e| invalid(e.to_string()))?;
@@ -273,6 +317,55 @@ mod tests {
             std::fs::read(dir.path().join("model.safetensors"))?,
             std::fs::read(again.path().join("model.safetensors"))?
         );
+        Ok(())
+    }
+
+    /// Each shipped real config opens as its family, with its tensors under the family's names
+    /// (two layers, to keep the files small).
+    #[test]
+    fn family_presets_write_their_tensors() -> Result<(), Box<dyn std::error::Error>> {
+        let expect = [
+            (
+                "llama-3.2-1b",
+                "llama",
+                "model.layers.1.mlp.gate_proj.weight",
+            ),
+            (
+                "qwen2.5-1.5b",
+                "qwen2",
+                "model.layers.1.self_attn.q_proj.bias",
+            ),
+            (
+                "qwen3-1.7b",
+                "qwen3",
+                "model.layers.1.self_attn.q_norm.weight",
+            ),
+            (
+                "gemma-3-1b",
+                "gemma3",
+                "model.layers.1.pre_feedforward_layernorm.weight",
+            ),
+            (
+                "phi-3-mini",
+                "phi3",
+                "model.layers.1.self_attn.qkv_proj.weight",
+            ),
+        ];
+        for (name, family, tensor) in expect {
+            let mut config = family_preset(name).expect("a preset");
+            config["num_hidden_layers"] = json!(2);
+            config["vocab_size"] = json!(300);
+            for k in ["hidden_size", "intermediate_size"] {
+                config[k] = json!(config[k].as_u64().unwrap() / 16);
+            }
+            let dir = tempfile::tempdir()?;
+            write_model_from_hf_config(dir.path(), &config, DType::F32, 1)?;
+            let model = ModelFile::open(dir.path())?;
+            assert_eq!(model.config.family.gguf_architecture, family, "{name}");
+            let st =
+                candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu)?;
+            assert!(st.contains_key(tensor), "{name}: no {tensor}");
+        }
         Ok(())
     }
 }

@@ -4,11 +4,15 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use strata_model::synthetic::{write_safetensors_model, SyntheticConfig};
+use strata_model::synthetic::{
+    family_preset, preset_names, write_model_from_hf_config, SyntheticConfig,
+};
 
 #[derive(Debug, Args)]
 pub struct MakeModelArgs {
-    /// A preset shape (tiny, tinyllama-1.1b, llama-7b) or a Hugging Face config.json to copy the shape of.
+    /// A preset: a Llama shape (tiny, tinyllama-1.1b, llama-7b) or a real model's config.json that
+    /// strata ships (llama-3.2-1b, qwen2.5-1.5b, qwen3-1.7b, gemma-3-1b, phi-3-mini); or the path of
+    /// a Hugging Face config.json of any supported family, written as it is.
     #[arg(long)]
     config: String,
     /// Directory to write config.json, tokenizer.json and model.safetensors into.
@@ -26,41 +30,38 @@ pub struct MakeModelArgs {
 }
 
 pub fn run(args: MakeModelArgs) -> anyhow::Result<()> {
-    let mut config = match SyntheticConfig::preset(&args.config) {
-        Some(c) => c,
-        None => from_file(&args.config)?,
+    let (mut config, default_dtype) = match SyntheticConfig::preset(&args.config) {
+        Some(shape) => (shape.hf_config(), shape.dtype),
+        None => match family_preset(&args.config) {
+            Some(config) => (config, candle_core::DType::BF16),
+            None => (from_file(&args.config)?, candle_core::DType::BF16),
+        },
     };
-    config.seed = args.seed;
     if let Some(layers) = args.layers {
-        config.num_layers = layers;
+        config["num_hidden_layers"] = serde_json::json!(layers);
+        if let Some(types) = config.get_mut("layer_types").and_then(|t| t.as_array_mut()) {
+            types.truncate(layers);
+        }
     }
-    if let Some(dtype) = args.dtype {
-        config.dtype = dtype;
-    }
+    let dtype = args.dtype.unwrap_or(default_dtype);
     eprintln!(
-        "strata: writing a random-weight model {config:?} to {}",
+        "strata: writing a random-weight {} model ({} layers, {}) to {}",
+        config["model_type"].as_str().unwrap_or("llama"),
+        config["num_hidden_layers"],
+        strata_worker::model::stage::dtype_name(dtype),
         args.out.display()
     );
-    write_safetensors_model(&args.out, &config)?;
+    write_model_from_hf_config(&args.out, &config, dtype, args.seed)?;
     println!("{}", args.out.display());
     Ok(())
 }
 
-fn from_file(path: &str) -> anyhow::Result<SyntheticConfig> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{path:?} is neither a preset (tiny, tinyllama-1.1b, llama-7b) nor a readable config.json"))?;
-    let c = strata_model::ModelConfig::from_hf_json(std::path::Path::new(path), &text)?;
-    Ok(SyntheticConfig {
-        num_layers: c.num_layers,
-        hidden_size: c.hidden_size,
-        intermediate_size: c.intermediate_size,
-        num_heads: c.num_heads,
-        num_kv_heads: c.num_kv_heads,
-        vocab_size: c.vocab_size,
-        context_length: c.context_length,
-        rope_theta: c.rope.theta,
-        tie_word_embeddings: c.tie_word_embeddings,
-        dtype: candle_core::DType::BF16,
-        seed: 1,
-    })
+fn from_file(path: &str) -> anyhow::Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "{path:?} is neither a preset ({}) nor a readable config.json",
+            preset_names().join(", ")
+        )
+    })?;
+    serde_json::from_str(&text).with_context(|| format!("{path}: not JSON"))
 }
