@@ -290,3 +290,59 @@ fn byte_of(text: &str) -> Option<u8> {
     let hex = text.strip_prefix("<0x")?.strip_suffix('>')?;
     u8::from_str_radix(hex, 16).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A vocabulary where merge order matters: "▁ab" scores above "▁a" + "b", "bc" above both, so
+    /// "▁abc" becomes "▁a" "bc" (the best-scoring pair merges first), a character outside the
+    /// vocabulary falls back to bytes, and a control token is split out whole.
+    fn vocab() -> SpmTokenizer {
+        let mut tokens: Vec<String> = [
+            "<unk>",
+            "<s>",
+            "</s>",
+            "\u{2581}",
+            "a",
+            "b",
+            "c",
+            "\u{2581}a",
+            "bc",
+            "\u{2581}ab",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut scores = vec![0.0, 0.0, 0.0, -1.0, -2.0, -2.0, -2.0, -3.0, -0.5, -1.5];
+        let mut types = vec![
+            UNKNOWN, CONTROL, CONTROL, NORMAL, NORMAL, NORMAL, NORMAL, NORMAL, NORMAL, NORMAL,
+        ];
+        for b in 0..=255u8 {
+            tokens.push(format!("<0x{b:02X}>"));
+            scores.push(0.0);
+            types.push(BYTE);
+        }
+        SpmTokenizer::new(tokens, scores, types, true, Some(0)).unwrap()
+    }
+
+    #[test]
+    fn merges_by_score_with_byte_fallback_and_specials() {
+        let t = vocab();
+        let id = |s: &str| t.token_to_id(s).unwrap();
+        // Space prefix added: "▁abc" -> bc (-0.5) merges first, then "▁" + "a" (-3) -> "▁a".
+        assert_eq!(t.encode("abc"), vec![id("\u{2581}a"), id("bc")]);
+        // "é" is not in the vocabulary: its two UTF-8 bytes.
+        assert_eq!(
+            t.encode("aé"),
+            vec![id("\u{2581}a"), id("<0xC3>"), id("<0xA9>")]
+        );
+        // The control token is matched whole; the text after it gets the space prefix again.
+        assert_eq!(
+            t.encode("a</s>b"),
+            vec![id("\u{2581}a"), id("</s>"), id("\u{2581}"), id("b")]
+        );
+        assert_eq!(t.decode(&t.encode("abc aé")), " abc aé");
+        assert_eq!(t.encode(""), Vec::<u32>::new());
+    }
+}
