@@ -84,46 +84,12 @@ fn gemma3_follows_llama_cpp_through_1_2_3_stages() {
 #[test]
 fn qwen2_chat_through_the_openai_client_writes_python() {
     known_model("qwen2.5-coder-1.5b");
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/python/openai_qwen_chat.py"
-    );
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .env("STRATA_BIN", common::strata())
-        .output()
-        .expect("run python3");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "the Qwen chat check failed:\n{stderr}"
-    );
-    assert!(
-        stderr.contains("Ran 1 test") && stderr.contains("\nOK"),
-        "{stderr}"
-    );
+    common::run_python_check("openai_qwen_chat.py", 1, "the Qwen chat check");
 }
 
 /// A Llama 3.x GGUF with `rope_freqs` (random weights, non-trivial divisors) through 1 and 2
 /// stages against an independent NumPy float64 forward pass; without the tensor, plain RoPE.
 #[test]
 fn llama3_rope_freqs_match_an_independent_reference() {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/python/rope_freqs_reference.py"
-    );
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .env("STRATA_BIN", common::strata())
-        .output()
-        .expect("run python3");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "the rope_freqs check failed:\n{stderr}"
-    );
-    assert!(
-        stderr.contains("Ran 2 tests") && stderr.contains("\nOK"),
-        "{stderr}"
-    );
+    common::run_python_check("rope_freqs_reference.py", 2, "the rope_freqs check");
 }

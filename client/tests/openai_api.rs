@@ -5,24 +5,7 @@
 
 mod common;
 
-use std::process::Command;
-
 #[test]
 fn the_openai_python_client_gets_strata_generates_text() {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_api.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .env("STRATA_BIN", common::strata())
-        .output()
-        .expect("run python3");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "the OpenAI API checks failed (install the clients: pip install -r client/tests/python/requirements.txt):\n{stderr}"
-    );
-    // unittest reports on stderr; make sure the checks ran rather than being skipped.
-    assert!(
-        stderr.contains("Ran 5 tests") && stderr.contains("\nOK"),
-        "{stderr}"
-    );
+    common::run_python_check("openai_api.py", 5, "the OpenAI API checks");
 }

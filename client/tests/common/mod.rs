@@ -18,18 +18,9 @@ pub fn default_model() -> PathBuf {
         .expect("the default model (run `strata fetch-model`)")
 }
 
-/// llama.cpp's reference outputs: `../shared/reference/smollm2.json` beside the checkout when present
-/// (it may hold newer prompts), else the copy in `tests/data`.
+/// llama.cpp's reference outputs for the default model (see [`reference_named`]).
 pub fn reference() -> Value {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let shared = root.join("../shared/reference/smollm2.json");
-    let path = if shared.exists() {
-        shared
-    } else {
-        root.join("client/tests/data/smollm2-reference.json")
-    };
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).expect("reference JSON")
+    reference_named("smollm2.json")
 }
 
 /// Runs `strata ARGS`, asserting success, and returns the output.
@@ -76,7 +67,8 @@ pub fn known_model(name: &str) -> PathBuf {
         .unwrap_or_else(|e| panic!("{name}: {e} (run `strata fetch-model {name}`)"))
 }
 
-/// A reference file of `../shared/reference/` (or its copy in `tests/data`).
+/// A reference file of llama.cpp's outputs: `../shared/reference/FILE` beside the checkout when
+/// present (it may hold newer prompts), else the copy in `tests/data`.
 pub fn reference_named(file: &str) -> Value {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let shared = root.join("../shared/reference").join(file);
@@ -157,4 +149,28 @@ pub fn assert_follows_reference(p: &Value, out: &Value) {
         assert_eq!(top[0]["id"].as_u64(), Some(got[i]));
         assert!(top[0]["logprob"].as_f64().unwrap() <= 0.0);
     }
+}
+
+/// Runs a Python check of `tests/python/` against this build's binary and asserts that unittest ran
+/// `tests` tests and passed (a skipped or missing test fails too).
+pub fn run_python_check(script: &str, tests: usize, what: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    let out = Command::new("python3")
+        .arg(&path)
+        .env("STRATA_BIN", strata())
+        .output()
+        .expect("run python3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{what} failed (install the clients: pip install -r client/tests/python/requirements.txt):\n{stderr}"
+    );
+    let ran = if tests == 1 {
+        "Ran 1 test ".to_string()
+    } else {
+        format!("Ran {tests} tests")
+    };
+    assert!(stderr.contains(&ran) && stderr.contains("\nOK"), "{stderr}");
 }
