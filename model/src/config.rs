@@ -75,91 +75,67 @@ pub enum WindowPattern {
     AllButEvery(usize),
 }
 
-/// The families strata runs, one row each.
+/// Llama's block: the row every other family departs from.
+const LLAMA: Family = Family {
+    gguf_architecture: "llama",
+    hf_model_types: &["llama", "mistral"],
+    attention_bias: false,
+    qk_norm: false,
+    sandwich_norms: false,
+    activation: Activation::Silu,
+    scaled_embedding: false,
+    hf_norm_offset: false,
+    gguf_rope: RopeStyle::Interleaved,
+    fused_tensors: false,
+    window_pattern: WindowPattern::AllLayers,
+    ties_by_default: false,
+};
+
+/// Gemma's block (Gemma 2 and 3 differ in q/k norms and which layers slide).
+const GEMMA: Family = Family {
+    gguf_architecture: "gemma2",
+    hf_model_types: &["gemma2"],
+    sandwich_norms: true,
+    activation: Activation::GeluTanh,
+    scaled_embedding: true,
+    hf_norm_offset: true,
+    gguf_rope: RopeStyle::Halves,
+    window_pattern: WindowPattern::EvenLayers,
+    ties_by_default: true,
+    ..LLAMA
+};
+
+/// The families strata runs, one row each: what each changes of Llama's block.
 pub static FAMILIES: &[Family] = &[
-    Family {
-        gguf_architecture: "llama",
-        hf_model_types: &["llama", "mistral"],
-        attention_bias: false,
-        qk_norm: false,
-        sandwich_norms: false,
-        activation: Activation::Silu,
-        scaled_embedding: false,
-        hf_norm_offset: false,
-        gguf_rope: RopeStyle::Interleaved,
-        fused_tensors: false,
-        window_pattern: WindowPattern::AllLayers,
-        ties_by_default: false,
-    },
+    LLAMA,
     Family {
         gguf_architecture: "qwen2",
         hf_model_types: &["qwen2"],
         attention_bias: true,
-        qk_norm: false,
-        sandwich_norms: false,
-        activation: Activation::Silu,
-        scaled_embedding: false,
-        hf_norm_offset: false,
         gguf_rope: RopeStyle::Halves,
-        fused_tensors: false,
-        window_pattern: WindowPattern::AllLayers,
-        ties_by_default: false,
+        ..LLAMA
     },
     Family {
         gguf_architecture: "qwen3",
         hf_model_types: &["qwen3"],
-        attention_bias: false,
         qk_norm: true,
-        sandwich_norms: false,
-        activation: Activation::Silu,
-        scaled_embedding: false,
-        hf_norm_offset: false,
         gguf_rope: RopeStyle::Halves,
-        fused_tensors: false,
-        window_pattern: WindowPattern::AllLayers,
-        ties_by_default: false,
+        ..LLAMA
     },
-    Family {
-        gguf_architecture: "gemma2",
-        hf_model_types: &["gemma2"],
-        attention_bias: false,
-        qk_norm: false,
-        sandwich_norms: true,
-        activation: Activation::GeluTanh,
-        scaled_embedding: true,
-        hf_norm_offset: true,
-        gguf_rope: RopeStyle::Halves,
-        fused_tensors: false,
-        window_pattern: WindowPattern::EvenLayers,
-        ties_by_default: true,
-    },
+    GEMMA,
     Family {
         gguf_architecture: "gemma3",
         hf_model_types: &["gemma3_text", "gemma3"],
-        attention_bias: false,
         qk_norm: true,
-        sandwich_norms: true,
-        activation: Activation::GeluTanh,
-        scaled_embedding: true,
-        hf_norm_offset: true,
-        gguf_rope: RopeStyle::Halves,
-        fused_tensors: false,
         window_pattern: WindowPattern::AllButEvery(6),
-        ties_by_default: true,
+        ..GEMMA
     },
     Family {
         gguf_architecture: "phi3",
         hf_model_types: &["phi3"],
-        attention_bias: false,
-        qk_norm: false,
-        sandwich_norms: false,
-        activation: Activation::Silu,
-        scaled_embedding: false,
-        hf_norm_offset: false,
         gguf_rope: RopeStyle::Halves,
         fused_tensors: true,
-        window_pattern: WindowPattern::AllLayers,
-        ties_by_default: false,
+        ..LLAMA
     },
 ];
 

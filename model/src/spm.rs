@@ -141,10 +141,10 @@ impl SpmTokenizer {
 
     /// Splits special tokens out of `text`, longest first, as llama.cpp does.
     fn partition(&self, text: &str) -> Vec<Fragment> {
-        let mut fragments = vec![Fragment::Text(0, text.len())];
         if text.is_empty() {
             return Vec::new();
         }
+        let mut fragments = vec![Fragment::Text(0, text.len())];
         for &id in &self.specials {
             let special = self.tokens[id as usize].as_str();
             if !text.contains(special) {
