@@ -9,7 +9,7 @@ set -uo pipefail
 bin=${1:?strata binary}; out=${2:-/tmp/strata-families}; shift $(( $# >= 2 ? 2 : $# ))
 here="$(cd "$(dirname "$0")" && pwd)"
 presets=("$@")
-((${#presets[@]})) || presets=(llama-3.2-1b qwen2.5-1.5b qwen3-1.7b gemma-3-1b phi-3-mini)
+((${#presets[@]})) || presets=(llama-3.2-1b qwen2.5-1.5b qwen3-1.7b gemma-2-2b gemma-3-1b phi-3-mini)
 status=0
 for preset in "${presets[@]}"; do
     echo "=== $preset"

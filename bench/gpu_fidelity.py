@@ -10,8 +10,15 @@ from transformers import AutoModelForCausalLM
 model_dir, out, configs = sys.argv[1], sys.argv[2], sys.argv[3:]
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
-hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
-hf_bf16 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+# Soft-capped attention (Gemma 2) is only computed by transformers' eager path: SDPA drops the cap.
+config = json.load(open(f"{model_dir}/config.json"))
+attention = "eager" if config.get("attn_logit_softcapping") else "sdpa"
+hf = AutoModelForCausalLM.from_pretrained(
+    model_dir, dtype=torch.float32, attn_implementation=attention
+).cuda().eval()
+hf_bf16 = AutoModelForCausalLM.from_pretrained(
+    model_dir, dtype=torch.bfloat16, attn_implementation=attention
+).cuda().eval()
 
 
 def rel_l2(a, b):

@@ -102,6 +102,7 @@ const FAMILY_PRESETS: &[(&str, &str)] = &[
     ("llama-3.2-1b", include_str!("../configs/llama-3.2-1b.json")),
     ("qwen2.5-1.5b", include_str!("../configs/qwen2.5-1.5b.json")),
     ("qwen3-1.7b", include_str!("../configs/qwen3-1.7b.json")),
+    ("gemma-2-2b", include_str!("../configs/gemma-2-2b.json")),
     ("gemma-3-1b", include_str!("../configs/gemma-3-1b.json")),
     ("phi-3-mini", include_str!("../configs/phi-3-mini.json")),
 ];
@@ -339,6 +340,11 @@ mod tests {
                 "qwen3-1.7b",
                 "qwen3",
                 "model.layers.1.self_attn.q_norm.weight",
+            ),
+            (
+                "gemma-2-2b",
+                "gemma2",
+                "model.layers.1.post_feedforward_layernorm.weight",
             ),
             (
                 "gemma-3-1b",
