@@ -13,9 +13,7 @@ use common::{
 };
 
 /// The reference rule through 1, 2 and 3 stages, and identical tokens whatever the split. Each
-/// prompt runs alone: candle's Q6_K kernel takes another path (repacked tiles) for several rows
-/// than for one, so in a batch a sequence's sums may round differently than solo (ARCHITECTURE.md,
-/// known limits).
+/// prompt runs alone, as llama.cpp's reference did (one sequence per request).
 fn follows_reference_through_stages(name: &str, reference: &str) {
     let model = known_model(name);
     let model = model.to_str().unwrap();

@@ -10,6 +10,8 @@
 
 use candle_core::{Result, Tensor};
 use strata_model::config::Activation;
+
+use super::cpu_kernels::CpuMatmul;
 use strata_model::ModelConfig;
 
 use super::kv_cache::SequenceKv;
@@ -21,6 +23,21 @@ use super::phase_timer;
 use super::rope::{RopeAngles, RopeTable};
 use super::weights::{Role, WeightLoader};
 use crate::WorkerError;
+
+/// `gelu_tanh` as llama.cpp's CPU backend computes it, the engine GGUF files are made for and
+/// checked against: the input rounded to f16 and the result read from an f16 table
+/// (`GGML_GELU_FP16`, `ggml_vec_geglu_f32`), exact beyond ±10. The rounding moves each element by up
+/// to 2⁻¹¹ of itself, enough to flip the 8-bit activation rounding of the next projection here and
+/// there; matching it keeps Gemma's tokens on llama.cpp's (BENCHMARKS.md, GELU).
+fn gelu_through_f16(x: &Tensor) -> Result<Tensor> {
+    use candle_core::DType::{F16, F32};
+    let rounded = x.to_dtype(F16)?.to_dtype(F32)?;
+    let table = rounded.gelu()?.to_dtype(F16)?.to_dtype(F32)?;
+    // Beyond ±10 llama.cpp takes x (or 0) itself, as f32.
+    let big = x.abs()?.ge(10.0)?;
+    let outside = x.relu()?;
+    big.where_cond(&outside, &table)
+}
 
 /// Where one sequence's rows sit in the micro-batch.
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +84,8 @@ pub struct Layer {
     /// RMSNorm of the feed-forward output before the residual add (Gemma).
     post_ffn_norm: Option<Tensor>,
     activation: Activation,
+    /// GELU as llama.cpp's CPU backend computes it (GGUF files): see [`gelu_through_f16`].
+    gelu_through_f16: bool,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -159,6 +178,7 @@ impl Layer {
             down: w.linear(Role::Down(i))?,
             post_ffn_norm: sandwich(w, Role::PostFfnNorm(i))?,
             activation: family.activation,
+            gelu_through_f16: w.is_gguf(),
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
@@ -283,6 +303,7 @@ impl Layer {
         let [gate, up] = self.gate_up.forward::<2>(h)?;
         let gate = match self.activation {
             Activation::Silu => candle_nn::ops::silu(&gate)?,
+            Activation::GeluTanh if self.gelu_through_f16 => gelu_through_f16(&gate)?,
             Activation::GeluTanh => gate.gelu()?,
         };
         gate * up
@@ -562,7 +583,8 @@ fn stack_rows(mut parts: Vec<Tensor>) -> Result<Tensor> {
 
 /// Projections of the same input, with optional biases. Dense weights are concatenated at load
 /// time so one matmul computes them all (fewer kernel launches: what a GPU step's time is made of);
-/// quantized ones run one by one, unless the file stores them as one tensor (Phi-3).
+/// strata's CPU matrices of one format likewise; others run one by one, unless the file stores
+/// them as one tensor (Phi-3).
 #[derive(Debug)]
 enum Projections {
     /// One weight `[Σ outputs, in]`; `widths` are the outputs of each part, in order; `bias` is
@@ -584,6 +606,9 @@ impl Projections {
         biases: Option<Vec<Tensor>>,
         fuse: bool,
     ) -> std::result::Result<Self, WorkerError> {
+        if !fuse {
+            return Ok(Self::Separate { parts, biases });
+        }
         let dense: Vec<&Tensor> = parts
             .iter()
             .filter_map(|p| match p {
@@ -591,13 +616,28 @@ impl Projections {
                 _ => None,
             })
             .collect();
-        if !fuse || dense.len() != parts.len() {
+        let cpu: Vec<&dyn CpuMatmul> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Linear::Cpu(w) => Some(w.as_ref()),
+                _ => None,
+            })
+            .collect();
+        let (weight, widths) = if dense.len() == parts.len() {
+            let widths = dense.iter().map(|w| w.dim(0)).collect::<Result<Vec<_>>>()?;
+            (Linear::Dense(Tensor::cat(&dense, 0)?), widths)
+        } else if let Some(joined) = (cpu.len() == parts.len())
+            .then(|| cpu[0].concat(&cpu[1..]))
+            .flatten()
+        {
+            // strata's CPU kernels fuse when every part has one format (Q4_K_M files mix them).
+            (Linear::Cpu(joined), cpu.iter().map(|w| w.rows()).collect())
+        } else {
             return Ok(Self::Separate { parts, biases });
-        }
-        let widths = dense.iter().map(|w| w.dim(0)).collect::<Result<Vec<_>>>()?;
+        };
         let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
         Ok(Self::Fused {
-            weight: Linear::Dense(Tensor::cat(&dense, 0)?),
+            weight,
             bias,
             widths,
         })

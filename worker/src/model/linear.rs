@@ -2,43 +2,72 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Module, Result, Tensor};
 
-use super::q4_1::Q4_1Matrix;
-use super::q8_0::Q8_0Matrix;
+use super::cpu_kernels::{self, CpuMatmul};
 
-/// `y = x Wᵀ` without bias, as every Llama projection is.
+/// `y = x Wᵀ` without bias (biases are added by the layer).
 #[derive(Debug, Clone)]
 pub enum Linear {
     /// A GGUF weight kept in its quantized form; candle quantizes the activations to match.
     Quantized(QMatMul),
     /// A dense weight `[out, in]` in the stage's compute dtype.
     Dense(Tensor),
-    /// A Q4_1 weight on the CPU, run by strata's AVX2 kernel (see `q4_1.rs`).
-    Q4_1(Arc<Q4_1Matrix>),
-    /// A Q8_0 weight on the CPU (e.g. SmolLM2's tied output head), run by strata's AVX2 kernel.
-    Q8_0(Arc<Q8_0Matrix>),
+    /// A GGUF weight on the CPU, run by strata's AVX2 kernel for its format (see `cpu_kernels`).
+    Cpu(Arc<dyn CpuMatmul>),
+}
+
+/// Which code multiplies a GGUF weight, for the load-time log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kernel {
+    /// strata's AVX2/FMA kernel.
+    StrataAvx2,
+    /// candle's quantized matmul (another device, another format, or a CPU without AVX2/FMA).
+    Candle,
+    /// candle's quantized matmul because strata's kernels are switched off.
+    CandleByChoice,
+}
+
+impl Kernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::StrataAvx2 => "strata AVX2",
+            Self::Candle => "candle",
+            Self::CandleByChoice => "candle (strata's kernels off)",
+        }
+    }
 }
 
 impl Linear {
-    /// A GGUF weight: Q4_1 and Q8_0 on an AVX2 CPU go to strata's kernels when `fast_kernels` is
-    /// on; every other case to candle's quantized matmul.
-    pub fn quantized(weight: QTensor, fast_kernels: bool) -> Result<Self> {
-        let ours = fast_kernels && weight.device().is_cpu() && Q4_1Matrix::supported();
-        if ours && weight.dtype() == GgmlDType::Q4_1 {
+    /// A GGUF weight: on a CPU, strata's kernel for its format where there is one and
+    /// `fast_kernels` is on; candle's quantized matmul otherwise. Also says which it chose.
+    pub fn quantized(weight: QTensor, fast_kernels: bool) -> Result<(Self, Kernel)> {
+        if weight.device().is_cpu() {
             let (n, k) = weight.shape().dims2()?;
-            let matrix = Q4_1Matrix::from_gguf_bytes(&weight.data()?, n, k)
-                .map_err(candle_core::Error::msg)?;
-            return Ok(Self::Q4_1(Arc::new(matrix)));
+            let ours = if fast_kernels {
+                cpu_kernels::matrix_for(weight.dtype(), &weight.data()?, n, k)
+            } else {
+                None
+            };
+            match ours {
+                Some(matrix) => {
+                    let matrix = matrix.map_err(candle_core::Error::msg)?;
+                    return Ok((Self::Cpu(matrix), Kernel::StrataAvx2));
+                }
+                None if !fast_kernels && cpu_kernels::supported() => {
+                    return Ok((
+                        Self::Quantized(QMatMul::from_qtensor(weight)?),
+                        Kernel::CandleByChoice,
+                    ));
+                }
+                None => {}
+            }
         }
-        if ours && weight.dtype() == GgmlDType::Q8_0 {
-            let (n, k) = weight.shape().dims2()?;
-            let matrix = Q8_0Matrix::from_gguf_bytes(&weight.data()?, n, k)
-                .map_err(candle_core::Error::msg)?;
-            return Ok(Self::Q8_0(Arc::new(matrix)));
-        }
-        Ok(Self::Quantized(QMatMul::from_qtensor(weight)?))
+        Ok((
+            Self::Quantized(QMatMul::from_qtensor(weight)?),
+            Kernel::Candle,
+        ))
     }
 
     /// Applies the layer to `x: [rows, in]`, giving `[rows, out]`.
@@ -46,12 +75,7 @@ impl Linear {
         match self {
             Self::Quantized(w) => w.forward(x),
             Self::Dense(w) => x.matmul(&w.t()?),
-            Self::Q4_1(w) => {
-                let rows = x.dim(0)?;
-                let input = x.flatten_all()?.to_vec1::<f32>()?;
-                Tensor::from_vec(w.matmul(&input, rows), (rows, w.rows()), x.device())
-            }
-            Self::Q8_0(w) => {
+            Self::Cpu(w) => {
                 let rows = x.dim(0)?;
                 let input = x.flatten_all()?.to_vec1::<f32>()?;
                 Tensor::from_vec(w.matmul(&input, rows), (rows, w.rows()), x.device())
@@ -66,8 +90,7 @@ impl Linear {
             Self::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) | Self::Dense(t) => {
                 t.elem_count() * t.dtype().size_in_bytes()
             }
-            Self::Q4_1(w) => w.bytes(),
-            Self::Q8_0(w) => w.bytes(),
+            Self::Cpu(w) => w.bytes(),
         }
     }
 }

@@ -5,12 +5,13 @@
 //! - [`kv_cache`], [`kv_pool`], [`rope`], [`mask`]: per-sequence caches (CPU), the paged pool
 //!   (accelerators) and per-stage tables.
 //! - [`weights`], [`linear`]: reading tensors from GGUF or safetensors; quantized or dense projections.
-//! - [`q4_1`]: strata's AVX2 matmul for Q4_1 weights on the CPU.
+//! - [`cpu_kernels`]: strata's AVX2 matmuls for GGUF weights on the CPU (Q4_0..Q8_0, Q4_K..Q6_K).
 //! - `paged_attention` (CUDA builds): decode attention from the paged pool in one kernel.
 //! - `fused_ops` (CUDA builds): residual add + RMSNorm and SiLU · up, one kernel each.
 //! - `cuda_kernel` (CUDA builds): what those two share (NVRTC compilation, device slices).
 //! - [`sampling`]: choosing the next token from logits on the last stage.
 
+pub mod cpu_kernels;
 #[cfg(feature = "cuda")]
 pub mod cuda_kernel;
 #[cfg(feature = "cuda")]
@@ -24,8 +25,6 @@ pub mod mask;
 pub mod paged_attention;
 pub mod paged_step;
 pub mod phase_timer;
-pub mod q4_1;
-pub mod q8_0;
 pub mod rope;
 pub mod sampling;
 pub mod stage;

@@ -248,6 +248,13 @@ impl Stage {
         } else {
             None
         };
+        if let Some(kernels) = w.kernel_summary() {
+            tracing::info!(
+                layers = format!("{}..{}", layers.start, layers.end),
+                device = crate::device::name(device),
+                "quantized matmuls: {kernels}"
+            );
+        }
         let weight_bytes = blocks.iter().map(Layer::weight_bytes).sum::<usize>()
             + embedding
                 .as_ref()

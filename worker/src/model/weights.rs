@@ -10,8 +10,24 @@ use candle_core::{DType, Device, Tensor};
 pub use strata_model::tensors::Role;
 use strata_model::{ModelFile, ModelFormat};
 
-use super::linear::Linear;
+use std::collections::BTreeMap;
+
+use super::linear::{Kernel, Linear};
 use crate::WorkerError;
+
+/// A GGUF tensor type as llama.cpp and the GGUF spec spell it (`Q4_K`, where candle says `Q4K`).
+fn gguf_type_name(dtype: candle_core::quantized::GgmlDType) -> String {
+    use candle_core::quantized::GgmlDType::*;
+    match dtype {
+        Q2K => "Q2_K".into(),
+        Q3K => "Q3_K".into(),
+        Q4K => "Q4_K".into(),
+        Q5K => "Q5_K".into(),
+        Q6K => "Q6_K".into(),
+        Q8K => "Q8_K".into(),
+        other => format!("{other:?}"),
+    }
+}
 
 /// An open model file from which a stage reads only the tensors it needs.
 pub enum WeightSource {
@@ -29,8 +45,10 @@ pub struct WeightLoader<'a> {
     device: Device,
     /// The dtype of dense weights and norms on the device.
     dtype: DType,
-    /// Use strata's own CPU kernels where they exist (Q4_1).
+    /// Use strata's own CPU kernels where they exist.
     fast_kernels: bool,
+    /// Which kernel multiplies each GGUF type loaded so far, and how many tensors of it.
+    kernels: BTreeMap<(String, Kernel), usize>,
 }
 
 impl<'a> WeightLoader<'a> {
@@ -67,7 +85,19 @@ impl<'a> WeightLoader<'a> {
             device: device.clone(),
             dtype,
             fast_kernels,
+            kernels: BTreeMap::new(),
         })
+    }
+
+    /// Which kernel runs each quantized type this loader gave out, e.g. `Q4_K: strata AVX2 (84),
+    /// Q6_K: strata AVX2 (15)`, or `None` for dense weights.
+    pub fn kernel_summary(&self) -> Option<String> {
+        let parts: Vec<String> = self
+            .kernels
+            .iter()
+            .map(|((dtype, kernel), count)| format!("{dtype}: {} ({count})", kernel.name()))
+            .collect();
+        (!parts.is_empty()).then(|| parts.join(", "))
     }
 
     fn name(&self, role: Role) -> String {
@@ -83,6 +113,11 @@ impl<'a> WeightLoader<'a> {
             )));
         }
         Ok(())
+    }
+
+    /// Whether the weights come from a GGUF file.
+    pub fn is_gguf(&self) -> bool {
+        matches!(self.source, WeightSource::Gguf { .. })
     }
 
     /// Whether the file has a tensor for this role.
@@ -103,7 +138,10 @@ impl<'a> WeightLoader<'a> {
                     .tensor(reader, &name, &self.device)
                     .map_err(|e| missing(self.model, &name, e))?;
                 self.check_shape(role, &name, q.shape().dims())?;
-                Ok(Linear::quantized(q, self.fast_kernels)?)
+                let dtype = gguf_type_name(q.dtype());
+                let (linear, kernel) = Linear::quantized(q, self.fast_kernels)?;
+                *self.kernels.entry((dtype, kernel)).or_default() += 1;
+                Ok(linear)
             }
             WeightSource::Safetensors(_) => Ok(Linear::Dense(self.dense(role)?)),
         }

@@ -1,0 +1,133 @@
+//! Activation rows quantized once per matmul, as llama.cpp does before its integer dot products:
+//! Q8_1 blocks of 32 for the 32-element weight formats, Q8_K blocks of 256 for the K-quants.
+
+use half::f16;
+
+/// Elements per Q8_1 block, and per block of every 32-element weight format.
+pub const BLOCK: usize = 32;
+/// Elements per K-quant super-block (and per Q8_K block).
+pub const QK_K: usize = 256;
+
+/// An activation block quantized to 8 bits: `x ≈ d * q`, with `s = d * Σq` kept for the formats with
+/// a minimum (Q4_1, Q5_1).
+#[derive(Debug, Clone, Copy)]
+pub struct BlockQ8_1 {
+    pub d: f32,
+    pub s: f32,
+    pub qs: [i8; BLOCK],
+}
+
+/// A Q8_K activation block: `x ≈ d * q`, and the sums of each 16 `q`, which turn the K-quants'
+/// per-sub-block minimums (and Q6_K's offset of 32) into one product per sub-block.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockQ8K {
+    pub d: f32,
+    pub qs: [i8; QK_K],
+    pub bsums: [i16; QK_K / 16],
+}
+
+/// One activation block type: its element count and llama.cpp's quantization of it.
+pub trait ActivationBlock: Copy + Send + Sync + 'static {
+    const ELEMS: usize;
+    fn quantize(x: &[f32]) -> Self;
+    /// The values this block stands for (`d * q`), for tests.
+    fn dequantize(&self) -> Vec<f32>;
+}
+
+impl ActivationBlock for BlockQ8_1 {
+    const ELEMS: usize = BLOCK;
+
+    /// llama.cpp's `quantize_row_q8_1` (AVX2): `d = max|x| / 127`, `q = x · (127 / max|x|)` rounded
+    /// to nearest-even, `s = d · Σq`, with `d` and `s` stored as f16 (so rounded through f16 here).
+    fn quantize(x: &[f32]) -> Self {
+        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut qs = [0i8; BLOCK];
+        let mut sum = 0i32;
+        for (q, v) in qs.iter_mut().zip(x) {
+            *q = (v * id).round_ties_even() as i8;
+            sum += *q as i32;
+        }
+        Self {
+            d: f16::from_f32(d).to_f32(),
+            s: f16::from_f32(sum as f32 * d).to_f32(),
+            qs,
+        }
+    }
+
+    fn dequantize(&self) -> Vec<f32> {
+        self.qs.iter().map(|q| self.d * *q as f32).collect()
+    }
+}
+
+impl ActivationBlock for BlockQ8K {
+    const ELEMS: usize = QK_K;
+
+    /// llama.cpp's `quantize_row_q8_K_ref`: the element of largest magnitude maps to -127 (its
+    /// sign kept in `d`), rounding to nearest-even, `d` kept in f32.
+    fn quantize(x: &[f32]) -> Self {
+        let (mut max, mut amax) = (0f32, 0f32);
+        for v in x {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = *v;
+            }
+        }
+        let mut block = Self {
+            d: 0.0,
+            qs: [0; QK_K],
+            bsums: [0; QK_K / 16],
+        };
+        if amax == 0.0 {
+            return block;
+        }
+        let iscale = -127.0 / max;
+        for (q, v) in block.qs.iter_mut().zip(x) {
+            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+        }
+        for (sum, group) in block.bsums.iter_mut().zip(block.qs.chunks_exact(16)) {
+            *sum = group.iter().map(|q| *q as i16).sum();
+        }
+        block.d = 1.0 / iscale;
+        block
+    }
+
+    fn dequantize(&self) -> Vec<f32> {
+        self.qs.iter().map(|q| self.d * *q as f32).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check<A: ActivationBlock>(x: &[f32], step: impl Fn(&A) -> f32) {
+        let block = A::quantize(x);
+        for (got, want) in block.dequantize().iter().zip(x) {
+            // Rounding to the nearest step, plus f16 rounding of Q8_1's scale (2^-11 relative).
+            let bound = step(&block) * 0.5 + want.abs() * 1e-3;
+            assert!((got - want).abs() <= bound, "{got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn blocks_round_to_their_nearest_step() {
+        let x: Vec<f32> = (0..QK_K)
+            .map(|i| ((i * 37 % 101) as f32 - 60.0) / 7.0)
+            .collect();
+        check::<BlockQ8K>(&x, |b| b.d.abs());
+        for chunk in x.chunks_exact(BLOCK) {
+            check::<BlockQ8_1>(chunk, |b| b.d);
+        }
+        let q8k = BlockQ8K::quantize(&x);
+        // The largest magnitude maps to -127 exactly, and the sums match the quantized values.
+        assert_eq!(q8k.qs.iter().map(|q| q.unsigned_abs()).max(), Some(127));
+        assert_eq!(
+            q8k.bsums[3],
+            q8k.qs[48..64].iter().map(|q| *q as i16).sum::<i16>()
+        );
+        let zero = BlockQ8K::quantize(&[0.0; QK_K]);
+        assert_eq!((zero.d, zero.bsums), (0.0, [0; 16]));
+    }
+}

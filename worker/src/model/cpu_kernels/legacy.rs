@@ -1,0 +1,241 @@
+//! The 32-element formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) against Q8_1 activations: each weight block
+//! unpacks to 32 bytes, signed (`q - 8`, `q - 16`, Q8_0's bytes) or unsigned with a minimum (Q4_1,
+//! Q5_1), as llama.cpp's `ggml_vec_dot_q*_q8_*` do. Q5_0 and Q8_0 matter for Q4_K_M files too: a
+//! tensor whose rows are not whole 256-element super-blocks (SmolLM2's 576) falls back to them.
+
+use half::f16;
+
+use super::activations::{BlockQ8_1, BLOCK};
+use super::WeightBlock;
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// `x = d * (q - 8)` for 32 4-bit `q` (low nibbles are elements 0..16, high 16..32).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ4_0 {
+    d: f16,
+    qs: [u8; BLOCK / 2],
+}
+
+/// `x = d * q + m` for 32 4-bit `q`.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ4_1 {
+    d: f16,
+    m: f16,
+    qs: [u8; BLOCK / 2],
+}
+
+/// `x = d * (q - 16)` for 32 5-bit `q`: 4 bits in `qs` as Q4_0, the fifth of element `i` in bit `i`
+/// of `qh`.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ5_0 {
+    d: f16,
+    qh: [u8; 4],
+    qs: [u8; BLOCK / 2],
+}
+
+/// `x = d * q + m` for 32 5-bit `q`, laid out as Q5_0.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ5_1 {
+    d: f16,
+    m: f16,
+    qh: [u8; 4],
+    qs: [u8; BLOCK / 2],
+}
+
+/// `x = d * q` for 32 signed bytes.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ8_0 {
+    d: f16,
+    qs: [i8; BLOCK],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
+const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
+const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22);
+const _: () = assert!(std::mem::size_of::<BlockQ5_1>() == 24);
+const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
+
+/// What the shared 32-element dot product needs of a format.
+trait Block32: Copy {
+    /// Whether [`Block32::unpack`] gives signed bytes (else unsigned, with a minimum `m`).
+    const SIGNED: bool;
+    /// The 32 quantized values, in element order.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn unpack(&self) -> __m256i;
+    fn d(&self) -> f16;
+    fn m(&self) -> f16 {
+        f16::ZERO
+    }
+}
+
+/// The 32 nibbles of `qs`: low nibbles first, then high.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
+    let packed = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
+    let both =
+        _mm256_inserti128_si256(_mm256_castsi128_si256(packed), _mm_srli_epi16(packed, 4), 1);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+}
+
+/// 0xFF in byte `i` where bit `i` of `qh` is set, else 0 (llama.cpp's `bytes_from_bits_32`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn bit_bytes(qh: [u8; 4]) -> __m256i {
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(i32::from_le_bytes(qh)),
+        _mm256_set_epi64x(
+            0x0303030303030303,
+            0x0202020202020202,
+            0x0101010101010101,
+            0,
+        ),
+    );
+    let bit = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    _mm256_cmpeq_epi8(bit, _mm256_set1_epi64x(-1))
+}
+
+impl Block32 for BlockQ4_0 {
+    const SIGNED: bool = true;
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack(&self) -> __m256i {
+        _mm256_sub_epi8(nibbles(&self.qs), _mm256_set1_epi8(8))
+    }
+    fn d(&self) -> f16 {
+        self.d
+    }
+}
+
+impl Block32 for BlockQ4_1 {
+    const SIGNED: bool = false;
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack(&self) -> __m256i {
+        nibbles(&self.qs)
+    }
+    fn d(&self) -> f16 {
+        self.d
+    }
+    fn m(&self) -> f16 {
+        self.m
+    }
+}
+
+impl Block32 for BlockQ5_0 {
+    const SIGNED: bool = true;
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack(&self) -> __m256i {
+        // q - 16 as a signed byte: the nibble as is where the fifth bit is set, else nibble | 0xF0.
+        let low = _mm256_andnot_si256(bit_bytes(self.qh), _mm256_set1_epi8(0xF0u8 as i8));
+        _mm256_or_si256(nibbles(&self.qs), low)
+    }
+    fn d(&self) -> f16 {
+        self.d
+    }
+}
+
+impl Block32 for BlockQ5_1 {
+    const SIGNED: bool = false;
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack(&self) -> __m256i {
+        let high = _mm256_and_si256(bit_bytes(self.qh), _mm256_set1_epi8(0x10));
+        _mm256_or_si256(nibbles(&self.qs), high)
+    }
+    fn d(&self) -> f16 {
+        self.d
+    }
+    fn m(&self) -> f16 {
+        self.m
+    }
+}
+
+impl Block32 for BlockQ8_0 {
+    const SIGNED: bool = true;
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack(&self) -> __m256i {
+        _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i)
+    }
+    fn d(&self) -> f16 {
+        self.d
+    }
+}
+
+/// `Σ w·a` over one block in 8 i32 lanes, as f32: `maddubs` multiplies unsigned by signed bytes, so
+/// signed weights lend their sign to the activations (llama.cpp's `mul_sum_i8_pairs`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn block_products(signed: bool, q: __m256i, abs_q: __m256i, y: __m256i) -> __m256 {
+    let y = if signed { _mm256_sign_epi8(y, q) } else { y };
+    let pairs = _mm256_maddubs_epi16(abs_q, y);
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot32<B: Block32, const ROWS: usize>(
+    w: &[B],
+    a: &[BlockQ8_1],
+    kb: usize,
+    out: &mut [f32],
+) {
+    let mut acc = [_mm256_setzero_ps(); ROWS];
+    let mut mins = [0f32; ROWS];
+    for (b, wb) in w.iter().enumerate() {
+        let q = wb.unpack();
+        let abs_q = if B::SIGNED { _mm256_sign_epi8(q, q) } else { q };
+        let (wd, wm) = (super::f32_of(wb.d()), super::f32_of(wb.m()));
+        for r in 0..ROWS {
+            let ab = &a[r * kb + b];
+            let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+            let products = block_products(B::SIGNED, q, abs_q, y);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(wd * ab.d), products, acc[r]);
+            if !B::SIGNED {
+                mins[r] += wm * ab.s;
+            }
+        }
+    }
+    for r in 0..ROWS {
+        out[r] = super::hsum_ps(acc[r]) + mins[r];
+    }
+}
+
+macro_rules! weight_block {
+    ($block:ty, $name:literal) => {
+        impl WeightBlock for $block {
+            const NAME: &'static str = $name;
+            const ELEMS: usize = BLOCK;
+            type Act = BlockQ8_1;
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn dot_rows<const ROWS: usize>(
+                w: &[Self],
+                a: &[BlockQ8_1],
+                kb: usize,
+                out: &mut [f32],
+            ) {
+                dot32::<Self, ROWS>(w, a, kb, out)
+            }
+        }
+    };
+}
+
+weight_block!(BlockQ4_0, "Q4_0");
+weight_block!(BlockQ4_1, "Q4_1");
+weight_block!(BlockQ5_0, "Q5_0");
+weight_block!(BlockQ5_1, "Q5_1");
+weight_block!(BlockQ8_0, "Q8_0");

@@ -1,0 +1,288 @@
+//! strata's CPU matmuls for GGUF weights, with AVX2 and FMA: candle 0.11.1's quantized dot products
+//! are scalar or run one activation row at a time, and on K-quants they decode at 0.40× llama.cpp's
+//! speed (BENCHMARKS.md). Each format follows llama.cpp's block arithmetic (`ggml_vec_dot_*` in
+//! `ggml-cpu/arch/x86/quants.c`): activations are quantized once per row ([`activations`]), products
+//! are summed in integers within a block and scaled in f32 per block.
+//!
+//! The driver ([`QuantMatrix::matmul`]) spreads output columns over the thread pool and runs each
+//! column against tiles of up to [`ROW_TILE`] activation rows, so a weight block is unpacked once per
+//! tile. Every row is computed independently of the others: a sequence's result does not depend on its
+//! batch-mates.
+
+pub mod activations;
+mod k_quants;
+mod legacy;
+mod spin_pool;
+
+use std::any::Any;
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use candle_core::quantized::GgmlDType;
+use rayon::prelude::*;
+
+use activations::ActivationBlock;
+
+/// Activation rows that share one unpacked weight block.
+pub const ROW_TILE: usize = 8;
+/// Columns per parallel task, at least.
+const COLUMNS_PER_TASK: usize = 32;
+/// Multiply-adds below which a matmul runs on the calling thread alone.
+const SMALL_PRODUCT: usize = 1 << 16;
+
+/// The output buffer, written by disjoint tasks.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+// SAFETY: each task writes only its own columns (see `QuantMatrix::matmul`).
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// A quantized weight matrix `[n, k]` on the CPU that strata's own kernel multiplies.
+pub trait CpuMatmul: Any + Debug + Send + Sync {
+    /// Output columns `n`.
+    fn rows(&self) -> usize;
+    /// One matrix of this one's rows followed by `others`' (q/k/v or gate/up fused into one matmul,
+    /// which quantizes the input once and wakes the thread pool once), or `None` unless all have
+    /// this format and input width.
+    fn concat(&self, others: &[&dyn CpuMatmul]) -> Option<Arc<dyn CpuMatmul>>;
+    fn as_any(&self) -> &dyn Any;
+    /// Bytes of the weight.
+    fn bytes(&self) -> usize;
+    /// `x: [m, k]` row-major → `x Wᵀ: [m, n]` row-major.
+    fn matmul(&self, x: &[f32], m: usize) -> Vec<f32>;
+}
+
+/// Whether this CPU runs strata's kernels (AVX2, FMA, F16C); otherwise candle's run everything.
+pub fn supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The formats strata has a kernel for, by GGUF type.
+pub const KERNEL_TYPES: &[GgmlDType] = &[
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_0,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
+
+/// strata's kernel for a GGUF tensor `[n, k]` of type `dtype` (raw bytes as stored), or `None` where
+/// there is none (another type, or a CPU without AVX2/FMA): the caller then uses candle's.
+pub fn matrix_for(
+    dtype: GgmlDType,
+    bytes: &[u8],
+    n: usize,
+    k: usize,
+) -> Option<Result<Arc<dyn CpuMatmul>, String>> {
+    fn build<B: WeightBlock>(
+        bytes: &[u8],
+        n: usize,
+        k: usize,
+    ) -> Option<Result<Arc<dyn CpuMatmul>, String>> {
+        Some(QuantMatrix::<B>::from_gguf_bytes(bytes, n, k).map(|m| Arc::new(m) as _))
+    }
+    if !supported() {
+        return None;
+    }
+    match dtype {
+        GgmlDType::Q4_0 => build::<legacy::BlockQ4_0>(bytes, n, k),
+        GgmlDType::Q4_1 => build::<legacy::BlockQ4_1>(bytes, n, k),
+        GgmlDType::Q5_0 => build::<legacy::BlockQ5_0>(bytes, n, k),
+        GgmlDType::Q5_1 => build::<legacy::BlockQ5_1>(bytes, n, k),
+        GgmlDType::Q8_0 => build::<legacy::BlockQ8_0>(bytes, n, k),
+        GgmlDType::Q4K => build::<k_quants::BlockQ4K>(bytes, n, k),
+        GgmlDType::Q5K => build::<k_quants::BlockQ5K>(bytes, n, k),
+        GgmlDType::Q6K => build::<k_quants::BlockQ6K>(bytes, n, k),
+        _ => None,
+    }
+}
+
+/// One GGUF weight block format: its layout (a `#[repr(C)]` struct of the stored bytes, valid for
+/// any bit pattern), the activation blocks it pairs with, and its AVX2 dot product.
+pub(crate) trait WeightBlock: Copy + Send + Sync + Debug + 'static {
+    const NAME: &'static str;
+    /// Elements per block (and per activation block).
+    const ELEMS: usize;
+    type Act: ActivationBlock;
+
+    /// Dot products of one weight column `w` (`kb` blocks) with `ROWS` activation rows `a` (`kb`
+    /// blocks each, row after row) into `out[..ROWS]`.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA ([`supported`]).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot_rows<const ROWS: usize>(w: &[Self], a: &[Self::Act], kb: usize, out: &mut [f32]);
+}
+
+/// A weight matrix `[n, k]` (n output columns, k inputs) in `B` blocks, row-major.
+#[derive(Debug)]
+pub(crate) struct QuantMatrix<B> {
+    n: usize,
+    k: usize,
+    blocks: Vec<B>,
+}
+
+impl<B: WeightBlock> QuantMatrix<B> {
+    /// Takes the raw bytes of a GGUF tensor of shape `[n, k]`.
+    pub(crate) fn from_gguf_bytes(bytes: &[u8], n: usize, k: usize) -> Result<Self, String> {
+        let size = std::mem::size_of::<B>();
+        if !k.is_multiple_of(B::ELEMS) {
+            return Err(format!(
+                "{} rows of {k} elements are not whole blocks of {}",
+                B::NAME,
+                B::ELEMS
+            ));
+        }
+        let needed = n * k / B::ELEMS * size;
+        if bytes.len() != needed {
+            return Err(format!(
+                "{} tensor [{n}, {k}] needs {needed} bytes, got {}",
+                B::NAME,
+                bytes.len()
+            ));
+        }
+        let blocks = bytes
+            .chunks_exact(size)
+            // SAFETY: `B` is a `repr(C)` struct of integers and f16s, valid for any bytes, and the
+            // chunk holds exactly `size_of::<B>()` of them (read unaligned).
+            .map(|chunk| unsafe { std::ptr::read_unaligned(chunk.as_ptr() as *const B) })
+            .collect();
+        Ok(Self { n, k, blocks })
+    }
+}
+
+impl<B: WeightBlock> CpuMatmul for QuantMatrix<B> {
+    fn rows(&self) -> usize {
+        self.n
+    }
+
+    fn concat(&self, others: &[&dyn CpuMatmul]) -> Option<Arc<dyn CpuMatmul>> {
+        let mut joined = Self {
+            n: self.n,
+            k: self.k,
+            blocks: self.blocks.clone(),
+        };
+        for other in others {
+            let other = other.as_any().downcast_ref::<Self>()?;
+            if other.k != self.k {
+                return None;
+            }
+            joined.n += other.n;
+            joined.blocks.extend_from_slice(&other.blocks);
+        }
+        Some(Arc::new(joined))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn bytes(&self) -> usize {
+        self.blocks.len() * std::mem::size_of::<B>()
+    }
+
+    fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert!(supported(), "strata's CPU kernels need AVX2 and FMA");
+        assert_eq!(x.len(), m * self.k, "activation length");
+        let (n, kb) = (self.n, self.k / B::ELEMS);
+        let act: Vec<B::Act> = if m * self.k >= 1 << 16 {
+            x.par_chunks_exact(B::ELEMS).map(B::Act::quantize).collect()
+        } else {
+            x.chunks_exact(B::ELEMS).map(B::Act::quantize).collect()
+        };
+        // Column-major result: each task owns whole columns, so tasks never share memory.
+        let mut out_t = vec![0f32; n * m];
+        let pool = spin_pool::SpinPool::for_threads(rayon::current_num_threads());
+        // A few tasks per thread: enough to even out, few enough that scheduling stays negligible;
+        // one task (on this thread alone) where the whole product is smaller than a wake-up.
+        let per_task = if n * self.k * m < SMALL_PRODUCT {
+            n
+        } else {
+            COLUMNS_PER_TASK.max(n.div_ceil(pool.threads() * 4))
+        };
+        let out_ptr = SharedOut(out_t.as_mut_ptr());
+        pool.run(n.div_ceil(per_task), &|task| {
+            let first = task * per_task;
+            let columns = per_task.min(n - first);
+            // SAFETY: task `task` alone writes columns `first..first + columns` of `out_t`, which
+            // outlives `run`.
+            let chunk = unsafe {
+                std::slice::from_raw_parts_mut(out_ptr.get().add(first * m), columns * m)
+            };
+            for (c, column) in chunk.chunks_exact_mut(m).enumerate() {
+                let w = &self.blocks[(first + c) * kb..(first + c + 1) * kb];
+                for row0 in (0..m).step_by(ROW_TILE) {
+                    let rows = ROW_TILE.min(m - row0);
+                    let a = &act[row0 * kb..(row0 + rows) * kb];
+                    let out = &mut column[row0..row0 + rows];
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `supported()` was checked above.
+                    unsafe {
+                        match rows {
+                            8 => B::dot_rows::<8>(w, a, kb, out),
+                            7 => B::dot_rows::<7>(w, a, kb, out),
+                            6 => B::dot_rows::<6>(w, a, kb, out),
+                            5 => B::dot_rows::<5>(w, a, kb, out),
+                            4 => B::dot_rows::<4>(w, a, kb, out),
+                            3 => B::dot_rows::<3>(w, a, kb, out),
+                            2 => B::dot_rows::<2>(w, a, kb, out),
+                            _ => B::dot_rows::<1>(w, a, kb, out),
+                        }
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    unreachable!("supported() is false off x86_64: {w:?} {a:?} {out:?}");
+                }
+            }
+        });
+        let mut out = vec![0f32; m * n];
+        for (col, values) in out_t.chunks_exact(m).enumerate() {
+            for (row, v) in values.iter().enumerate() {
+                out[row * n + col] = *v;
+            }
+        }
+        out
+    }
+}
+
+/// A block scale as f32 by the F16C instruction (`half`'s conversion is a call per block here). A
+/// broadcast, not an insert into a register: an insert merges into whatever register the compiler
+/// picks, once the accumulator, which chained every block of a dot product to the one before.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn f32_of(h: half::f16) -> f32 {
+    use std::arch::x86_64::*;
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(h.to_bits() as i16)))
+}
+
+/// The sum of a vector's eight lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum_ps(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let sum4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let sum2 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
+    let sum1 = _mm_add_ss(sum2, _mm_shuffle_ps(sum2, sum2, 1));
+    _mm_cvtss_f32(sum1)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,212 @@
+//! Every kernel against candle's own dequantization (an independent reading of the GGUF block
+//! layouts) followed by an f64 matmul, on odd shapes.
+
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
+use candle_core::Device;
+use half::f16;
+
+use super::activations::{ActivationBlock, BlockQ8K, BlockQ8_1};
+use super::*;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) as u32
+    }
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next() % 20001) as f32 / 10000.0 - 1.0
+    }
+}
+
+/// Byte offsets of each block's f16 scales, and whether a scale is a (negated) minimum: random bytes
+/// elsewhere are valid quantized values, random bytes there would be NaNs and infinities.
+fn scale_fields(dtype: GgmlDType) -> &'static [(usize, bool)] {
+    match dtype {
+        GgmlDType::Q4_0 | GgmlDType::Q5_0 | GgmlDType::Q8_0 => &[(0, false)],
+        GgmlDType::Q4_1 | GgmlDType::Q5_1 => &[(0, false), (2, true)],
+        // d, then dmin (subtracted by the format itself, so positive).
+        GgmlDType::Q4K | GgmlDType::Q5K => &[(0, false), (2, false)],
+        GgmlDType::Q6K => &[(208, false)],
+        other => panic!("no kernel for {other:?}"),
+    }
+}
+
+/// A random `[n, k]` tensor of `dtype` as GGUF bytes, and candle's dequantization of it.
+fn random_tensor(dtype: GgmlDType, n: usize, k: usize, rng: &mut Rng) -> (Vec<u8>, Vec<f32>) {
+    let (size, elems) = (dtype.type_size(), dtype.block_size());
+    let mut bytes: Vec<u8> = (0..n * k / elems * size)
+        .map(|_| rng.next() as u8)
+        .collect();
+    for block in bytes.chunks_exact_mut(size) {
+        for &(offset, negative) in scale_fields(dtype) {
+            let magnitude = 0.002 + 0.02 * (rng.next() % 1000) as f32 / 1000.0;
+            let value = if negative { -magnitude } else { magnitude };
+            block[offset..offset + 2].copy_from_slice(&f16::from_f32(value).to_le_bytes());
+        }
+    }
+    let q = qtensor_from_ggml(dtype, &bytes, vec![n, k], &Device::Cpu).unwrap();
+    let dense = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap();
+    (bytes, dense.to_vec1::<f32>().unwrap())
+}
+
+/// The activations the kernel actually multiplies: `x` quantized as the format's kernel does.
+fn quantized_activations(dtype: GgmlDType, x: &[f32]) -> Vec<f32> {
+    let elems = dtype.block_size();
+    x.chunks_exact(elems)
+        .flat_map(|chunk| {
+            if elems == activations::QK_K {
+                BlockQ8K::quantize(chunk).dequantize()
+            } else {
+                BlockQ8_1::quantize(chunk).dequantize()
+            }
+        })
+        .collect()
+}
+
+/// Q4_1 and Q5_1 apply their minimum `m` to `s`, the activation block's sum rounded through f16 (as
+/// llama.cpp stores it), not to the exact sum: the difference `Σ m · (s - Σ d q)` over a column.
+fn minimum_rounding(dtype: GgmlDType, column: &[u8], x: &[f32]) -> f64 {
+    if !matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_1) {
+        return 0.0;
+    }
+    let size = dtype.type_size();
+    x.chunks_exact(32)
+        .enumerate()
+        .map(|(b, chunk)| {
+            let block = &column[b * size..];
+            let m = f16::from_le_bytes([block[2], block[3]]).to_f32() as f64;
+            let a = BlockQ8_1::quantize(chunk);
+            let exact: f64 = a.qs.iter().map(|q| a.d as f64 * *q as f64).sum();
+            m * (a.s as f64 - exact)
+        })
+        .sum()
+}
+
+fn check(dtype: GgmlDType, n: usize, k: usize, m: usize, seed: u64) {
+    let mut rng = Rng(seed);
+    let (bytes, dense) = random_tensor(dtype, n, k, &mut rng);
+    let matrix = matrix_for(dtype, &bytes, n, k)
+        .expect("a kernel on this CPU")
+        .unwrap();
+    assert_eq!((matrix.rows(), matrix.bytes()), (n, bytes.len()));
+    let x: Vec<f32> = (0..m * k).map(|_| rng.unit()).collect();
+    let got = matrix.matmul(&x, m);
+    let xq = quantized_activations(dtype, &x);
+    for row in 0..m {
+        for col in 0..n {
+            let (w, a) = (&dense[col * k..(col + 1) * k], &xq[row * k..(row + 1) * k]);
+            let exact: f64 = w
+                .iter()
+                .zip(a)
+                .map(|(w, a)| *w as f64 * *a as f64)
+                .sum::<f64>()
+                + minimum_rounding(
+                    dtype,
+                    &bytes[col * k / dtype.block_size() * dtype.type_size()..],
+                    &x[row * k..(row + 1) * k],
+                );
+            let scale: f64 = w
+                .iter()
+                .zip(a)
+                .map(|(w, a)| (*w as f64 * *a as f64).abs())
+                .sum();
+            // Only f32 rounding separates the kernel from the exact product of the same quantized
+            // values: a misread scale, minimum or bit moves whole sub-blocks, far beyond this.
+            let err = (got[row * n + col] as f64 - exact).abs();
+            assert!(
+                err <= 2e-5 * scale + 1e-6,
+                "{dtype:?} [{n}, {k}] × {m} rows: [{row},{col}] {} vs {exact} (scale {scale})",
+                got[row * n + col]
+            );
+            // And the activation quantization stays within llama.cpp's ~1% of the f32 product.
+            let f32_product: f64 = w
+                .iter()
+                .zip(&x[row * k..])
+                .map(|(w, a)| *w as f64 * *a as f64)
+                .sum();
+            assert!((got[row * n + col] as f64 - f32_product).abs() <= 0.02 * scale + 1e-4);
+        }
+    }
+    // Each row alone gives bit-identical results to the row inside the batch.
+    for row in [0, m - 1] {
+        let alone = matrix.matmul(&x[row * k..(row + 1) * k], 1);
+        assert_eq!(alone, got[row * n..(row + 1) * n], "{dtype:?} row {row}");
+    }
+}
+
+#[test]
+fn every_kernel_matches_the_dequantized_product_on_odd_shapes() {
+    if !supported() {
+        eprintln!("skipped: this CPU has no AVX2/FMA, candle's kernels run instead");
+        return;
+    }
+    for (i, &dtype) in KERNEL_TYPES.iter().enumerate() {
+        let kb = if dtype.block_size() == 256 { 256 } else { 32 };
+        // One column and one row; rows that are not a multiple of the tile; columns that are not a
+        // multiple of the pool's tasks; several tiles of a wide input.
+        for (j, (n, blocks, m)) in [(1, 1, 1), (70, 3, 7), (33, 2, 9), (129, 5, 4)]
+            .into_iter()
+            .enumerate()
+        {
+            check(dtype, n, blocks * kb, m, (i * 10 + j) as u64);
+        }
+    }
+}
+
+#[test]
+fn rejects_wrong_sizes() {
+    for &dtype in KERNEL_TYPES {
+        let (size, elems) = (dtype.type_size(), dtype.block_size());
+        if supported() {
+            // Rows that are not whole blocks, and bytes that are not the tensor's.
+            assert!(matrix_for(dtype, &vec![0; 2 * size], 1, elems + 1)
+                .unwrap()
+                .is_err());
+            assert!(matrix_for(dtype, &vec![0; size - 1], 1, elems)
+                .unwrap()
+                .is_err());
+        }
+    }
+    assert!(matrix_for(GgmlDType::Q2K, &[0; 84], 1, 256).is_none());
+}
+
+/// Throughput of each kernel on SmolLM2-sized shapes (prints; run with `--ignored --nocapture`).
+#[test]
+#[ignore]
+fn kernel_throughput() {
+    let mut rng = Rng(7);
+    for &dtype in KERNEL_TYPES {
+        for (n, k, m) in [
+            (64, 256, 1),
+            (3072, 576, 1),
+            (576, 1536, 1),
+            (3072, 576, 128),
+        ]
+        .into_iter()
+        .filter(|s| s.1 % dtype.block_size() == 0)
+        .filter(|s| std::env::var("SHAPES").map_or(true, |v| v != "decode") || s.2 == 1)
+        {
+            let (bytes, _) = random_tensor(dtype, n, k, &mut rng);
+            let w = matrix_for(dtype, &bytes, n, k).unwrap().unwrap();
+            let x: Vec<f32> = (0..m * k).map(|_| rng.unit()).collect();
+            let reps = if m == 1 { 2000 } else { 20 };
+            let start = std::time::Instant::now();
+            for _ in 0..reps {
+                std::hint::black_box(w.matmul(&x, m));
+            }
+            let t = start.elapsed().as_secs_f64() / reps as f64;
+            println!(
+                "{dtype:?} [{n}x{k}] m={m}: {:.1} us, {:.1} GB/s weights, {:.1} GFLOP/s",
+                t * 1e6,
+                bytes.len() as f64 / t / 1e9,
+                2.0 * (n * k * m) as f64 / t / 1e9
+            );
+        }
+    }
+}
