@@ -17,6 +17,7 @@ pub mod bench;
 pub mod candle_llama;
 pub mod candle_reference;
 pub mod client;
+pub mod llama_cpp;
 pub mod local;
 pub mod logits;
 pub mod model_cache;

@@ -63,8 +63,9 @@ struct ThroughputArgs {
 enum Bench {
     /// The same workload with each per-stage optimization (RoPE table, mask cache, warmup) on and off.
     Optimizations(OptimizationArgs),
-    /// Per-core speed: strata's whole model in this process vs candle's `quantized_llama` on the same
-    /// GGUF file and threads (prompt processing and decoding of one sequence).
+    /// Per-core speed: strata's whole model in this process vs llama.cpp's `llama-bench`
+    /// (`--llama-cpp`) or candle's `quantized_llama` (Llama files) on the same GGUF file and threads,
+    /// rounds alternated (prompt processing and decoding of one sequence).
     Kernels(KernelArgs),
     /// candle-transformers' own `llama` on a safetensors model, on any device: the fixed reference
     /// point for GPU speed (batches of same-length prompts; greedy).
@@ -162,6 +163,10 @@ struct KernelArgs {
     /// Interleaved rounds; medians are reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Compare with llama.cpp: the folder holding `llama-bench` (what `bench/llamacpp.sh` prints).
+    /// Its decode runs at the depth the prompt leaves (`-d`), as strata's does.
+    #[arg(long)]
+    llama_cpp: Option<PathBuf>,
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -377,6 +382,16 @@ async fn run_kernels(args: KernelArgs) -> anyhow::Result<()> {
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let llama_cpp = args
+        .llama_cpp
+        .as_deref()
+        .map(strata_client::llama_cpp::LlamaBench::new)
+        .transpose()?;
+    let peer = if llama_cpp.is_some() {
+        "llama.cpp"
+    } else {
+        "candle quantized_llama"
+    };
     let prompt = candle_reference::probe_prompt(args.prompt_tokens);
     let ours = SingleProcess::load(&model, threads)
         .await
@@ -388,9 +403,17 @@ async fn run_kernels(args: KernelArgs) -> anyhow::Result<()> {
             .await
             .map_err(anyhow::Error::msg)?;
         let (m, p, d) = (model.clone(), prompt.clone(), args.decode_tokens);
-        let c = tokio::task::spawn_blocking(move || candle_reference::measure(&m, &p, d)).await??;
+        let c = match llama_cpp.clone() {
+            Some(llama) => {
+                tokio::task::spawn_blocking(move || llama.measure(&m, threads, p.len(), d))
+                    .await??
+            }
+            None => {
+                tokio::task::spawn_blocking(move || candle_reference::measure(&m, &p, d)).await??
+            }
+        };
         println!(
-            "round {round}: strata prompt {:7.1} tok/s decode {:6.1} tok/s | candle quantized_llama prompt {:7.1} tok/s decode {:6.1} tok/s",
+            "round {round}: strata prompt {:7.1} tok/s decode {:6.1} tok/s | {peer} prompt {:7.1} tok/s decode {:6.1} tok/s",
             s.prompt_tok_s, s.decode_tok_s, c.prompt_tok_s, c.decode_tok_s
         );
         s_prompt.push(s.prompt_tok_s);
@@ -405,14 +428,19 @@ async fn run_kernels(args: KernelArgs) -> anyhow::Result<()> {
         median(&mut c_decode),
     );
     println!(
-        "medians, {threads} threads, prompt {} tokens, decode {} tokens:\n  strata  prompt {sp:7.1} tok/s  decode {sd:6.1} tok/s\n  candle  prompt {cp:7.1} tok/s  decode {cd:6.1} tok/s\n  strata / candle: prompt {:.2}x, decode {:.2}x",
-        args.prompt_tokens, args.decode_tokens, sp / cp, sd / cd
+        "medians, {threads} threads, prompt {} tokens, decode {} tokens, {}:\n  strata  prompt {sp:7.1} tok/s  decode {sd:6.1} tok/s\n  {peer}  prompt {cp:7.1} tok/s  decode {cd:6.1} tok/s\n  strata / {peer}: prompt {:.2}x, decode {:.2}x",
+        args.prompt_tokens,
+        args.decode_tokens,
+        model.display(),
+        sp / cp,
+        sd / cd
     );
     if let Some(path) = &args.json {
         let out = json!({
-            "threads": threads, "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens,
+            "model": model, "threads": threads, "prompt_tokens": args.prompt_tokens,
+            "decode_tokens": args.decode_tokens, "rounds": args.rounds, "peer": peer,
             "strata": {"prompt_tok_s": sp, "decode_tok_s": sd},
-            "candle_quantized_llama": {"prompt_tok_s": cp, "decode_tok_s": cd},
+            "peer_speed": {"prompt_tok_s": cp, "decode_tok_s": cd},
             "prompt_ratio": sp / cp, "decode_ratio": sd / cd,
         });
         std::fs::write(path, serde_json::to_string_pretty(&out)?)
