@@ -68,6 +68,12 @@ trait Block32: Copy {
     /// The 32 quantized values, in element order.
     #[cfg(target_arch = "x86_64")]
     unsafe fn unpack(&self) -> __m256i;
+    /// [`Block32::unpack`] with AVX-512's byte masks (a fifth bit is one masked add).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512bw,avx512vl")]
+    unsafe fn unpack_avx512(&self) -> __m256i {
+        self.unpack()
+    }
     fn d(&self) -> f16;
     fn m(&self) -> f16 {
         f16::ZERO
@@ -139,6 +145,12 @@ impl Block32 for BlockQ5_0 {
         let low = _mm256_andnot_si256(bit_bytes(self.qh), _mm256_set1_epi8(0xF0u8 as i8));
         _mm256_or_si256(nibbles(&self.qs), low)
     }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512bw,avx512vl")]
+    unsafe fn unpack_avx512(&self) -> __m256i {
+        let q = nibbles(&self.qs);
+        _mm256_mask_sub_epi8(q, !u32::from_le_bytes(self.qh), q, _mm256_set1_epi8(16))
+    }
     fn d(&self) -> f16 {
         self.d
     }
@@ -151,6 +163,12 @@ impl Block32 for BlockQ5_1 {
     unsafe fn unpack(&self) -> __m256i {
         let high = _mm256_and_si256(bit_bytes(self.qh), _mm256_set1_epi8(0x10));
         _mm256_or_si256(nibbles(&self.qs), high)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512bw,avx512vl")]
+    unsafe fn unpack_avx512(&self) -> __m256i {
+        let q = nibbles(&self.qs);
+        _mm256_mask_add_epi8(q, u32::from_le_bytes(self.qh), q, _mm256_set1_epi8(16))
     }
     fn d(&self) -> f16 {
         self.d
@@ -183,35 +201,58 @@ unsafe fn block_products(signed: bool, q: __m256i, abs_q: __m256i, y: __m256i) -
     _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
 }
 
+/// [`block_products`] with VNNI's `dpbusd`, one instruction for `maddubs` and `madd` (the same
+/// sums: no pair here reaches `maddubs`' saturation).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = "avx2,fma,f16c,avxvnni,avx512bw,avx512vl")]
 #[inline]
-unsafe fn dot32<B: Block32, const ROWS: usize>(
-    w: &[B],
-    a: &[BlockQ8_1],
-    kb: usize,
-    out: &mut [f32],
-) {
-    let mut acc = [_mm256_setzero_ps(); ROWS];
-    let mut mins = [0f32; ROWS];
-    for (b, wb) in w.iter().enumerate() {
-        let q = wb.unpack();
-        let abs_q = if B::SIGNED { _mm256_sign_epi8(q, q) } else { q };
-        let (wd, wm) = (super::f32_of(wb.d()), super::f32_of(wb.m()));
-        for r in 0..ROWS {
-            let ab = &a[r * kb + b];
-            let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
-            let products = block_products(B::SIGNED, q, abs_q, y);
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(wd * ab.d), products, acc[r]);
-            if !B::SIGNED {
-                mins[r] += wm * ab.s;
+unsafe fn block_products_vnni(signed: bool, q: __m256i, abs_q: __m256i, y: __m256i) -> __m256 {
+    let y = if signed { _mm256_sign_epi8(y, q) } else { y };
+    _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), abs_q, y))
+}
+
+/// The 32-element dot product, once per instruction set (`target_feature` is per function).
+macro_rules! dot32 {
+    ($name:ident, $features:literal, $unpack:ident, $products:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn $name<B: Block32, const ROWS: usize>(
+            w: &[B],
+            a: &[BlockQ8_1],
+            kb: usize,
+            out: &mut [f32],
+        ) {
+            let mut acc = [_mm256_setzero_ps(); ROWS];
+            let mut mins = [0f32; ROWS];
+            for (b, wb) in w.iter().enumerate() {
+                let q = wb.$unpack();
+                let abs_q = if B::SIGNED { _mm256_sign_epi8(q, q) } else { q };
+                let (wd, wm) = (super::f32_of(wb.d()), super::f32_of(wb.m()));
+                for r in 0..ROWS {
+                    let ab = &a[r * kb + b];
+                    let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+                    let products = $products(B::SIGNED, q, abs_q, y);
+                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(wd * ab.d), products, acc[r]);
+                    if !B::SIGNED {
+                        mins[r] += wm * ab.s;
+                    }
+                }
+            }
+            for r in 0..ROWS {
+                out[r] = super::hsum_ps(acc[r]) + mins[r];
             }
         }
-    }
-    for r in 0..ROWS {
-        out[r] = super::hsum_ps(acc[r]) + mins[r];
-    }
+    };
 }
+
+dot32!(dot32, "avx2,fma,f16c", unpack, block_products);
+dot32!(
+    dot32_avx512,
+    "avx2,fma,f16c,avxvnni,avx512bw,avx512vl",
+    unpack_avx512,
+    block_products_vnni
+);
 
 macro_rules! weight_block {
     ($block:ty, $name:literal) => {
@@ -229,6 +270,17 @@ macro_rules! weight_block {
                 out: &mut [f32],
             ) {
                 dot32::<Self, ROWS>(w, a, kb, out)
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma,f16c,avxvnni,avx512bw,avx512vl")]
+            unsafe fn dot_rows_avx512<const ROWS: usize>(
+                w: &[Self],
+                a: &[BlockQ8_1],
+                kb: usize,
+                out: &mut [f32],
+            ) {
+                dot32_avx512::<Self, ROWS>(w, a, kb, out)
             }
         }
     };

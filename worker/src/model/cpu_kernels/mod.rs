@@ -55,7 +55,15 @@ pub trait CpuMatmul: Any + Debug + Send + Sync {
     /// Bytes of the weight.
     fn bytes(&self) -> usize;
     /// `x: [m, k]` row-major → `x Wᵀ: [m, n]` row-major.
-    fn matmul(&self, x: &[f32], m: usize) -> Vec<f32>;
+    fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.matmul_with(
+            x,
+            m,
+            Isa::detect().expect("strata's CPU kernels need AVX2, FMA and F16C"),
+        )
+    }
+    /// [`CpuMatmul::matmul`] on one instruction set (one of [`Isa::available`]).
+    fn matmul_with(&self, x: &[f32], m: usize, isa: Isa) -> Vec<f32>;
 }
 
 /// Whether this CPU runs strata's kernels (AVX2, FMA, F16C); otherwise candle's run everything.
@@ -69,6 +77,48 @@ pub fn supported() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
+    }
+}
+
+/// The instruction sets a kernel may use, in the order they build on each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// AVX2, FMA, F16C: the baseline ([`supported`]).
+    Avx2,
+    /// Also AVX-VNNI and AVX-512 BW/VL (on 256-bit vectors): one `dpbusd` per product and byte
+    /// masks for Q5's fifth bits.
+    Avx512,
+}
+
+impl Isa {
+    /// The best this CPU runs, or `None` without the baseline.
+    pub fn detect() -> Option<Isa> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let wide = is_x86_feature_detected!("avxvnni")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl");
+            supported().then_some(if wide { Isa::Avx512 } else { Isa::Avx2 })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    }
+
+    /// Every level this CPU runs.
+    pub fn available() -> Vec<Isa> {
+        [Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|isa| Isa::detect().is_some_and(|best| *isa <= best))
+            .collect()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx2 => "AVX2",
+            Isa::Avx512 => "AVX2+VNNI+AVX-512VL",
+        }
     }
 }
 
@@ -130,6 +180,21 @@ pub(crate) trait WeightBlock: Copy + Send + Sync + Debug + 'static {
     /// The CPU has AVX2 and FMA ([`supported`]).
     #[cfg(target_arch = "x86_64")]
     unsafe fn dot_rows<const ROWS: usize>(w: &[Self], a: &[Self::Act], kb: usize, out: &mut [f32]);
+
+    /// [`WeightBlock::dot_rows`] with AVX-VNNI and AVX-512's byte masks on 256-bit vectors, where
+    /// the format has such a variant.
+    ///
+    /// # Safety
+    /// As `dot_rows`, and the CPU has them ([`Isa::Avx512`]).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot_rows_avx512<const ROWS: usize>(
+        w: &[Self],
+        a: &[Self::Act],
+        kb: usize,
+        out: &mut [f32],
+    ) {
+        Self::dot_rows::<ROWS>(w, a, kb, out)
+    }
 }
 
 /// A weight matrix `[n, k]` (n output columns, k inputs) in `B` blocks, row-major.
@@ -199,8 +264,12 @@ impl<B: WeightBlock> CpuMatmul for QuantMatrix<B> {
         self.blocks.len() * std::mem::size_of::<B>()
     }
 
-    fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        assert!(supported(), "strata's CPU kernels need AVX2 and FMA");
+    fn matmul_with(&self, x: &[f32], m: usize, isa: Isa) -> Vec<f32> {
+        assert!(
+            Isa::available().contains(&isa),
+            "{} asked of a CPU without it",
+            isa.name()
+        );
         assert_eq!(x.len(), m * self.k, "activation length");
         let (n, kb) = (self.n, self.k / B::ELEMS);
         let act: Vec<B::Act> = if m * self.k >= 1 << 16 {
@@ -234,18 +303,9 @@ impl<B: WeightBlock> CpuMatmul for QuantMatrix<B> {
                     let a = &act[row0 * kb..(row0 + rows) * kb];
                     let out = &mut column[row0..row0 + rows];
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `supported()` was checked above.
+                    // SAFETY: this CPU runs `isa` (checked above).
                     unsafe {
-                        match rows {
-                            8 => B::dot_rows::<8>(w, a, kb, out),
-                            7 => B::dot_rows::<7>(w, a, kb, out),
-                            6 => B::dot_rows::<6>(w, a, kb, out),
-                            5 => B::dot_rows::<5>(w, a, kb, out),
-                            4 => B::dot_rows::<4>(w, a, kb, out),
-                            3 => B::dot_rows::<3>(w, a, kb, out),
-                            2 => B::dot_rows::<2>(w, a, kb, out),
-                            _ => B::dot_rows::<1>(w, a, kb, out),
-                        }
+                        dot_tile::<B>(isa, rows, w, a, kb, out)
                     }
                     #[cfg(not(target_arch = "x86_64"))]
                     unreachable!("supported() is false off x86_64: {w:?} {a:?} {out:?}");
@@ -260,6 +320,31 @@ impl<B: WeightBlock> CpuMatmul for QuantMatrix<B> {
         }
         out
     }
+}
+
+/// One tile of `rows` (1..=[`ROW_TILE`]) activation rows against one weight column.
+///
+/// # Safety
+/// The CPU runs `isa`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn dot_tile<B: WeightBlock>(
+    isa: Isa,
+    rows: usize,
+    w: &[B],
+    a: &[B::Act],
+    kb: usize,
+    out: &mut [f32],
+) {
+    macro_rules! tile {
+        ($($n:literal)*) => {
+            match (isa, rows) {
+                $((Isa::Avx2, $n) => B::dot_rows::<$n>(w, a, kb, out),
+                  (Isa::Avx512, $n) => B::dot_rows_avx512::<$n>(w, a, kb, out),)*
+                _ => unreachable!("a tile has 1..={ROW_TILE} rows"),
+            }
+        };
+    }
+    tile!(1 2 3 4 5 6 7 8)
 }
 
 /// A block scale as f32 by the F16C instruction (`half`'s conversion is a call per block here). A

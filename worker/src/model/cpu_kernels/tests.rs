@@ -133,6 +133,10 @@ fn check(dtype: GgmlDType, n: usize, k: usize, m: usize, seed: u64) {
             assert!((got[row * n + col] as f64 - f32_product).abs() <= 0.02 * scale + 1e-4);
         }
     }
+    // Every instruction set gives exactly the same results (the same integer sums).
+    for isa in Isa::available() {
+        assert_eq!(matrix.matmul_with(&x, m, isa), got, "{dtype:?} on {isa:?}");
+    }
     // Each row alone gives bit-identical results to the row inside the batch.
     for row in [0, m - 1] {
         let alone = matrix.matmul(&x[row * k..(row + 1) * k], 1);
