@@ -14,6 +14,7 @@
 pub mod cpu_kernels;
 #[cfg(feature = "cuda")]
 pub mod cuda_kernel;
+pub mod embedding;
 #[cfg(feature = "cuda")]
 pub mod fused_ops;
 pub mod kv_cache;

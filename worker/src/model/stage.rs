@@ -2,11 +2,13 @@
 //! the final norm and output head if it is the last.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor};
 use strata_model::config::{RopeScaling, RopeStyle};
 use strata_model::{ModelConfig, ModelFile, ModelFormat};
 
+use super::embedding::Embedding;
 use super::kv_cache::SequenceKv;
 use super::kv_pool::KvPool;
 use super::layer::{add_pending_and_norm, Layer, Segment, StepContext};
@@ -140,7 +142,9 @@ pub enum StageInput {
 /// embedding rows of token ids that travel in the step's index upload.
 enum StepEntry {
     Hidden(Tensor),
+    /// Ids on the device (dense tables), or the rows already looked up on the host (quantized ones).
     Tokens(IndexSlot, Tensor),
+    Rows(Tensor),
 }
 
 /// The final norm and output projection.
@@ -154,7 +158,7 @@ struct Head {
 pub struct Stage {
     config: ModelConfig,
     layers: Range<usize>,
-    embedding: Option<Tensor>,
+    embedding: Option<Arc<Embedding>>,
     blocks: Vec<Layer>,
     head: Option<Head>,
     /// The RoPE tables the stage's layers read: one, or two where sliding layers have a base of
@@ -175,6 +179,14 @@ pub struct Stage {
 }
 
 impl Stage {
+    /// Embedding rows times the family's scale (Gemma's √hidden).
+    fn scale_embedding(&self, x: Tensor) -> Result<Tensor> {
+        match self.config.embedding_scale() {
+            Some(scale) => x.affine(scale, 0.0),
+            None => Ok(x),
+        }
+    }
+
     /// Loads `layers` of `model` onto `device`; `dtype` is the activation dtype (f32 for GGUF).
     pub fn load(
         model: &ModelFile,
@@ -194,7 +206,7 @@ impl Stage {
         let is_first = layers.start == 0;
         let is_last = layers.end == config.num_layers;
         let embedding = if is_first {
-            Some(w.dense(Role::TokenEmbedding)?)
+            Some(Arc::new(w.embedding(Role::TokenEmbedding)?))
         } else {
             None
         };
@@ -256,9 +268,7 @@ impl Stage {
             );
         }
         let weight_bytes = blocks.iter().map(Layer::weight_bytes).sum::<usize>()
-            + embedding
-                .as_ref()
-                .map_or(0, |e| e.elem_count() * dtype.size_in_bytes())
+            + embedding.as_ref().map_or(0, |e| e.bytes())
             + head.as_ref().map_or(0, |h| h.output.weight_bytes());
         let paged = match options.kv_layout {
             KvLayout::Auto => !device.is_cpu(),
@@ -407,7 +417,10 @@ impl Stage {
         let mut indexes = IndexBuffer::default();
         let entry = match (input, &self.embedding) {
             (StageInput::Tokens(ids), Some(embedding)) if ids.len() == positions.len() => {
-                StepEntry::Tokens(indexes.push(ids), embedding.clone())
+                match embedding.as_ref() {
+                    Embedding::Dense(table) => StepEntry::Tokens(indexes.push(ids), table.clone()),
+                    quantized => StepEntry::Rows(quantized.rows_of(&ids, self.dtype)?),
+                }
             }
             (StageInput::Tokens(ids), Some(_)) => {
                 candle_core::bail!("{} token ids for {} positions", ids.len(), positions.len())
@@ -442,13 +455,11 @@ impl Stage {
 
         let mut x = match entry {
             StepEntry::Hidden(hidden) => hidden,
-            StepEntry::Tokens(ids, embedding) => {
-                let x = embedding.index_select(&uploaded.get(ids)?, 0)?;
-                match self.config.embedding_scale() {
-                    Some(scale) => x.affine(scale, 0.0)?,
-                    None => x,
-                }
+            StepEntry::Tokens(ids, table) => {
+                let x = table.index_select(&uploaded.get(ids)?, 0)?;
+                self.scale_embedding(x)?
             }
+            StepEntry::Rows(x) => self.scale_embedding(x)?,
         };
         let paged_step = paged_plan
             .map(|plan| {

@@ -12,6 +12,9 @@ use strata_model::{ModelFile, ModelFormat};
 
 use std::collections::BTreeMap;
 
+use candle_core::quantized::GgmlDType;
+
+use super::embedding::Embedding;
 use super::linear::{Kernel, Linear};
 use crate::WorkerError;
 
@@ -145,6 +148,35 @@ impl<'a> WeightLoader<'a> {
             }
             WeightSource::Safetensors(_) => Ok(Linear::Dense(self.dense(role)?)),
         }
+    }
+
+    /// The token embedding table: kept as the file stores it for a CPU stage reading a quantized
+    /// GGUF table (rows dequantized per lookup), dense in the compute dtype otherwise.
+    pub fn embedding(&mut self, role: Role) -> Result<Embedding, WorkerError> {
+        let name = self.name(role);
+        if let (WeightSource::Gguf { content, reader }, true) =
+            (&mut self.source, self.device.is_cpu())
+        {
+            let dtype = content.tensor_infos.get(&name).map(|i| i.ggml_dtype);
+            let quantized = !matches!(
+                dtype,
+                None | Some(GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+            );
+            if quantized {
+                let q = content
+                    .tensor(reader, &name, &self.device)
+                    .map_err(|e| missing(self.model, &name, e))?;
+                self.check_shape(role, &name, q.shape().dims())?;
+                let (rows, cols) = q.shape().dims2()?;
+                return Ok(Embedding::Quantized {
+                    dtype: q.dtype(),
+                    bytes: q.data()?.into_owned(),
+                    rows,
+                    cols,
+                });
+            }
+        }
+        Ok(Embedding::Dense(self.dense(role)?))
     }
 
     /// A norm weight in the compute dtype, with the family's offset added (Gemma's `1 + w` in
