@@ -21,8 +21,8 @@ pub enum Linear {
 /// Which code multiplies a GGUF weight, for the load-time log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kernel {
-    /// strata's AVX2/FMA kernel.
-    StrataAvx2,
+    /// strata's kernel, on the instruction set named (`CpuMatmul::isa_name`).
+    Strata(&'static str),
     /// candle's quantized matmul (another device, another format, or a CPU without AVX2/FMA).
     Candle,
     /// candle's quantized matmul because strata's kernels are switched off.
@@ -30,11 +30,11 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    pub fn name(self) -> &'static str {
+    pub fn name(self) -> String {
         match self {
-            Self::StrataAvx2 => "strata AVX2",
-            Self::Candle => "candle",
-            Self::CandleByChoice => "candle (strata's kernels off)",
+            Self::Strata(isa) => format!("strata {isa}"),
+            Self::Candle => "candle".into(),
+            Self::CandleByChoice => "candle (strata's kernels off)".into(),
         }
     }
 }
@@ -53,7 +53,8 @@ impl Linear {
             match ours {
                 Some(matrix) => {
                     let matrix = matrix.map_err(candle_core::Error::msg)?;
-                    return Ok((Self::Cpu(matrix), Kernel::StrataAvx2));
+                    let kernel = Kernel::Strata(matrix.isa_name());
+                    return Ok((Self::Cpu(matrix), kernel));
                 }
                 None if !fast_kernels && cpu_kernels::supported() => {
                     return Ok((

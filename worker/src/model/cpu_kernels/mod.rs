@@ -52,6 +52,8 @@ pub trait CpuMatmul: Any + Debug + Send + Sync {
     /// this format and input width.
     fn concat(&self, others: &[&dyn CpuMatmul]) -> Option<Arc<dyn CpuMatmul>>;
     fn as_any(&self) -> &dyn Any;
+    /// The instruction set [`CpuMatmul::matmul`] runs this format on here.
+    fn isa_name(&self) -> &'static str;
     /// Bytes of the weight.
     fn bytes(&self) -> usize;
     /// `x: [m, k]` row-major → `x Wᵀ: [m, n]` row-major.
@@ -172,6 +174,8 @@ pub(crate) trait WeightBlock: Copy + Send + Sync + Debug + 'static {
     /// Elements per block (and per activation block).
     const ELEMS: usize;
     type Act: ActivationBlock;
+    /// Whether [`WeightBlock::dot_rows_avx512`] is a kernel of its own (else it runs `dot_rows`).
+    const WIDE: bool = false;
 
     /// Dot products of one weight column `w` (`kb` blocks) with `ROWS` activation rows `a` (`kb`
     /// blocks each, row after row) into `out[..ROWS]`.
@@ -258,6 +262,13 @@ impl<B: WeightBlock> CpuMatmul for QuantMatrix<B> {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    fn isa_name(&self) -> &'static str {
+        match Isa::detect() {
+            Some(Isa::Avx512) if B::WIDE => Isa::Avx512.name(),
+            _ => Isa::Avx2.name(),
+        }
     }
 
     fn bytes(&self) -> usize {
