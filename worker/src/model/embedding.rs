@@ -3,20 +3,15 @@
 //! its file stores it (Q4_K), for the same values (dequantization is per block, so a row alone
 //! dequantizes to exactly what the whole table would).
 
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 
 #[derive(Debug)]
 pub enum Embedding {
     /// Rows in the compute dtype on the stage's device (safetensors, and GGUF off the CPU).
     Dense(Tensor),
-    /// A GGUF table `[rows, cols]` as stored, on the CPU.
-    Quantized {
-        dtype: GgmlDType,
-        bytes: Vec<u8>,
-        rows: usize,
-        cols: usize,
-    },
+    /// A GGUF table as stored, on the CPU.
+    Quantized(QuantizedTable),
 }
 
 impl Embedding {
@@ -24,32 +19,49 @@ impl Embedding {
     pub fn bytes(&self) -> usize {
         match self {
             Self::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
-            Self::Quantized { bytes, .. } => bytes.len(),
+            Self::Quantized(table) => table.bytes.len(),
         }
     }
+}
 
-    /// The rows of `ids` from a quantized table, as `[ids, cols]` in `dtype`.
-    pub fn rows_of(&self, ids: &[u32], dtype: DType) -> Result<Tensor> {
-        let Self::Quantized {
-            dtype: stored,
-            bytes,
+/// A quantized table `[rows, cols]`, its rows dequantized as they are looked up.
+#[derive(Debug)]
+pub struct QuantizedTable {
+    dtype: GgmlDType,
+    bytes: Vec<u8>,
+    rows: usize,
+    cols: usize,
+}
+
+impl QuantizedTable {
+    pub fn new(table: &QTensor) -> Result<Self> {
+        let (rows, cols) = table.shape().dims2()?;
+        Ok(Self {
+            dtype: table.dtype(),
+            bytes: table.data()?.into_owned(),
             rows,
             cols,
-        } = self
-        else {
-            candle_core::bail!("rows_of is for quantized tables");
-        };
-        let row_bytes = bytes.len() / rows;
+        })
+    }
+
+    /// The rows of `ids`, as `[ids, cols]` in `dtype`.
+    pub fn rows_of(&self, ids: &[u32], dtype: DType) -> Result<Tensor> {
+        let row_bytes = self.bytes.len() / self.rows;
         let mut picked = Vec::with_capacity(ids.len() * row_bytes);
         for &id in ids {
             let id = id as usize;
-            if id >= *rows {
-                candle_core::bail!("token id {id} is outside the vocabulary of {rows}");
+            if id >= self.rows {
+                candle_core::bail!("token id {id} is outside the vocabulary of {}", self.rows);
             }
-            picked.extend_from_slice(&bytes[id * row_bytes..(id + 1) * row_bytes]);
+            picked.extend_from_slice(&self.bytes[id * row_bytes..(id + 1) * row_bytes]);
         }
-        qtensor_from_ggml(*stored, &picked, vec![ids.len(), *cols], &Device::Cpu)?
-            .dequantize(&Device::Cpu)?
-            .to_dtype(dtype)
+        qtensor_from_ggml(
+            self.dtype,
+            &picked,
+            vec![ids.len(), self.cols],
+            &Device::Cpu,
+        )?
+        .dequantize(&Device::Cpu)?
+        .to_dtype(dtype)
     }
 }

@@ -10,10 +10,9 @@
 
 use candle_core::{Result, Tensor};
 use strata_model::config::Activation;
-
-use super::cpu_kernels::CpuMatmul;
 use strata_model::ModelConfig;
 
+use super::cpu_kernels::CpuMatmul;
 use super::kv_cache::SequenceKv;
 use super::kv_pool::KvPool;
 use super::linear::Linear;
@@ -626,9 +625,10 @@ impl Projections {
         let (weight, widths) = if dense.len() == parts.len() {
             let widths = dense.iter().map(|w| w.dim(0)).collect::<Result<Vec<_>>>()?;
             (Linear::Dense(Tensor::cat(&dense, 0)?), widths)
-        } else if let Some(joined) = (cpu.len() == parts.len())
-            .then(|| cpu[0].concat(&cpu[1..]))
-            .flatten()
+        } else if let Some(joined) = cpu
+            .split_first()
+            .filter(|_| cpu.len() == parts.len())
+            .and_then(|(first, rest)| first.concat(rest))
         {
             // strata's CPU kernels fuse when every part has one format (Q4_K_M files mix them).
             (Linear::Cpu(joined), cpu.iter().map(|w| w.rows()).collect())

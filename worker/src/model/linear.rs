@@ -43,32 +43,20 @@ impl Linear {
     /// A GGUF weight: on a CPU, strata's kernel for its format where there is one and
     /// `fast_kernels` is on; candle's quantized matmul otherwise. Also says which it chose.
     pub fn quantized(weight: QTensor, fast_kernels: bool) -> Result<(Self, Kernel)> {
-        if weight.device().is_cpu() {
+        if weight.device().is_cpu() && cpu_kernels::supported() {
+            if !fast_kernels {
+                let matmul = QMatMul::from_qtensor(weight)?;
+                return Ok((Self::Quantized(matmul), Kernel::CandleByChoice));
+            }
             let (n, k) = weight.shape().dims2()?;
-            let ours = if fast_kernels {
-                cpu_kernels::matrix_for(weight.dtype(), &weight.data()?, n, k)
-            } else {
-                None
-            };
-            match ours {
-                Some(matrix) => {
-                    let matrix = matrix.map_err(candle_core::Error::msg)?;
-                    let kernel = Kernel::Strata(matrix.isa_name());
-                    return Ok((Self::Cpu(matrix), kernel));
-                }
-                None if !fast_kernels && cpu_kernels::supported() => {
-                    return Ok((
-                        Self::Quantized(QMatMul::from_qtensor(weight)?),
-                        Kernel::CandleByChoice,
-                    ));
-                }
-                None => {}
+            if let Some(matrix) = cpu_kernels::matrix_for(weight.dtype(), &weight.data()?, n, k) {
+                let matrix = matrix.map_err(candle_core::Error::msg)?;
+                let kernel = Kernel::Strata(matrix.isa_name());
+                return Ok((Self::Cpu(matrix), kernel));
             }
         }
-        Ok((
-            Self::Quantized(QMatMul::from_qtensor(weight)?),
-            Kernel::Candle,
-        ))
+        let matmul = QMatMul::from_qtensor(weight)?;
+        Ok((Self::Quantized(matmul), Kernel::Candle))
     }
 
     /// Applies the layer to `x: [rows, in]`, giving `[rows, out]`.

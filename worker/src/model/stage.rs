@@ -2,7 +2,6 @@
 //! the final norm and output head if it is the last.
 
 use std::ops::Range;
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor};
 use strata_model::config::{RopeScaling, RopeStyle};
@@ -142,8 +141,9 @@ pub enum StageInput {
 /// embedding rows of token ids that travel in the step's index upload.
 enum StepEntry {
     Hidden(Tensor),
-    /// Ids on the device (dense tables), or the rows already looked up on the host (quantized ones).
+    /// Ids in the index upload, and the dense table they select from on the device.
     Tokens(IndexSlot, Tensor),
+    /// Rows already looked up on the host (a quantized table).
     Rows(Tensor),
 }
 
@@ -158,7 +158,7 @@ struct Head {
 pub struct Stage {
     config: ModelConfig,
     layers: Range<usize>,
-    embedding: Option<Arc<Embedding>>,
+    embedding: Option<Embedding>,
     blocks: Vec<Layer>,
     head: Option<Head>,
     /// The RoPE tables the stage's layers read: one, or two where sliding layers have a base of
@@ -206,7 +206,7 @@ impl Stage {
         let is_first = layers.start == 0;
         let is_last = layers.end == config.num_layers;
         let embedding = if is_first {
-            Some(Arc::new(w.embedding(Role::TokenEmbedding)?))
+            Some(w.embedding(Role::TokenEmbedding)?)
         } else {
             None
         };
@@ -417,9 +417,11 @@ impl Stage {
         let mut indexes = IndexBuffer::default();
         let entry = match (input, &self.embedding) {
             (StageInput::Tokens(ids), Some(embedding)) if ids.len() == positions.len() => {
-                match embedding.as_ref() {
+                match embedding {
                     Embedding::Dense(table) => StepEntry::Tokens(indexes.push(ids), table.clone()),
-                    quantized => StepEntry::Rows(quantized.rows_of(&ids, self.dtype)?),
+                    Embedding::Quantized(table) => {
+                        StepEntry::Rows(table.rows_of(&ids, self.dtype)?)
+                    }
                 }
             }
             (StageInput::Tokens(ids), Some(_)) => {

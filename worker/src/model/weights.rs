@@ -1,33 +1,29 @@
 //! Reading one stage's tensors from a GGUF file or a safetensors directory, by role rather than by
 //! file-specific name, with shapes checked against the config.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::BufReader;
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 pub use strata_model::tensors::Role;
 use strata_model::{ModelFile, ModelFormat};
 
-use std::collections::BTreeMap;
-
-use candle_core::quantized::GgmlDType;
-
-use super::embedding::Embedding;
+use super::embedding::{Embedding, QuantizedTable};
 use super::linear::{Kernel, Linear};
 use crate::WorkerError;
 
 /// A GGUF tensor type as llama.cpp and the GGUF spec spell it (`Q4_K`, where candle says `Q4K`).
-fn gguf_type_name(dtype: candle_core::quantized::GgmlDType) -> String {
-    use candle_core::quantized::GgmlDType::*;
+fn gguf_type_name(dtype: GgmlDType) -> String {
     match dtype {
-        Q2K => "Q2_K".into(),
-        Q3K => "Q3_K".into(),
-        Q4K => "Q4_K".into(),
-        Q5K => "Q5_K".into(),
-        Q6K => "Q6_K".into(),
-        Q8K => "Q8_K".into(),
+        GgmlDType::Q2K => "Q2_K".into(),
+        GgmlDType::Q3K => "Q3_K".into(),
+        GgmlDType::Q4K => "Q4_K".into(),
+        GgmlDType::Q5K => "Q5_K".into(),
+        GgmlDType::Q6K => "Q6_K".into(),
+        GgmlDType::Q8K => "Q8_K".into(),
         other => format!("{other:?}"),
     }
 }
@@ -132,51 +128,45 @@ impl<'a> WeightLoader<'a> {
         }
     }
 
+    /// A GGUF tensor as stored, its shape checked against the config.
+    fn gguf_tensor(&mut self, role: Role) -> Result<Option<QTensor>, WorkerError> {
+        let name = self.name(role);
+        let WeightSource::Gguf { content, reader } = &mut self.source else {
+            return Ok(None);
+        };
+        let q = content
+            .tensor(reader, &name, &self.device)
+            .map_err(|e| missing(self.model, &name, e))?;
+        self.check_shape(role, &name, q.shape().dims())?;
+        Ok(Some(q))
+    }
+
     /// A projection: quantized from GGUF, dense in the compute dtype from safetensors.
     pub fn linear(&mut self, role: Role) -> Result<Linear, WorkerError> {
-        let name = self.name(role);
-        match &mut self.source {
-            WeightSource::Gguf { content, reader } => {
-                let q = content
-                    .tensor(reader, &name, &self.device)
-                    .map_err(|e| missing(self.model, &name, e))?;
-                self.check_shape(role, &name, q.shape().dims())?;
-                let dtype = gguf_type_name(q.dtype());
-                let (linear, kernel) = Linear::quantized(q, self.fast_kernels)?;
-                *self.kernels.entry((dtype, kernel)).or_default() += 1;
-                Ok(linear)
-            }
-            WeightSource::Safetensors(_) => Ok(Linear::Dense(self.dense(role)?)),
-        }
+        let Some(q) = self.gguf_tensor(role)? else {
+            return Ok(Linear::Dense(self.dense(role)?));
+        };
+        let dtype = gguf_type_name(q.dtype());
+        let (linear, kernel) = Linear::quantized(q, self.fast_kernels)?;
+        *self.kernels.entry((dtype, kernel)).or_default() += 1;
+        Ok(linear)
     }
 
     /// The token embedding table: kept as the file stores it for a CPU stage reading a quantized
     /// GGUF table (rows dequantized per lookup), dense in the compute dtype otherwise.
     pub fn embedding(&mut self, role: Role) -> Result<Embedding, WorkerError> {
-        let name = self.name(role);
-        if let (WeightSource::Gguf { content, reader }, true) =
-            (&mut self.source, self.device.is_cpu())
-        {
-            let dtype = content.tensor_infos.get(&name).map(|i| i.ggml_dtype);
-            let quantized = !matches!(
-                dtype,
-                None | Some(GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
-            );
-            if quantized {
-                let q = content
-                    .tensor(reader, &name, &self.device)
-                    .map_err(|e| missing(self.model, &name, e))?;
-                self.check_shape(role, &name, q.shape().dims())?;
-                let (rows, cols) = q.shape().dims2()?;
-                return Ok(Embedding::Quantized {
-                    dtype: q.dtype(),
-                    bytes: q.data()?.into_owned(),
-                    rows,
-                    cols,
-                });
-            }
+        if !self.device.is_cpu() {
+            return Ok(Embedding::Dense(self.dense(role)?));
         }
-        Ok(Embedding::Dense(self.dense(role)?))
+        let Some(q) = self.gguf_tensor(role)? else {
+            return Ok(Embedding::Dense(self.dense(role)?));
+        };
+        Ok(match q.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                Embedding::Dense(q.dequantize(&self.device)?.to_dtype(self.dtype)?)
+            }
+            _ => Embedding::Quantized(QuantizedTable::new(&q)?),
+        })
     }
 
     /// A norm weight in the compute dtype, with the family's offset added (Gemma's `1 + w` in

@@ -30,7 +30,8 @@ pub struct BlockQ8K {
 pub trait ActivationBlock: Copy + Send + Sync + 'static {
     const ELEMS: usize;
     fn quantize(x: &[f32]) -> Self;
-    /// The values this block stands for (`d * q`), for tests.
+    /// The values this block stands for (`d * q`).
+    #[cfg(test)]
     fn dequantize(&self) -> Vec<f32>;
 }
 
@@ -56,6 +57,7 @@ impl ActivationBlock for BlockQ8_1 {
         }
     }
 
+    #[cfg(test)]
     fn dequantize(&self) -> Vec<f32> {
         self.qs.iter().map(|q| self.d * *q as f32).collect()
     }
@@ -93,6 +95,7 @@ impl ActivationBlock for BlockQ8K {
         block
     }
 
+    #[cfg(test)]
     fn dequantize(&self) -> Vec<f32> {
         self.qs.iter().map(|q| self.d * *q as f32).collect()
     }

@@ -93,18 +93,74 @@ unsafe fn scaled_products(q: __m256i, y: &[i8], scale: __m256i) -> __m256i {
     _mm256_madd_epi16(scale, _mm256_maddubs_epi16(q, y))
 }
 
-/// The Q4_K and Q5_K dot product of one super-block; `high` holds Q5_K's `qh` (ignored for Q4_K).
+/// What the shared Q4_K/Q5_K dot product reads of a super-block.
+trait Q45Block: Copy {
+    /// Whether the block has fifth bits ([`Q45Block::high`]).
+    const FIVE_BITS: bool;
+    /// `d`, `dmin`, the packed scales and minimums, and the low 4 bits.
+    fn parts(&self) -> (f16, f16, &[u8; 12], &[u8; QK_K / 2]);
+    /// Q5_K's `qh` (unused for Q4_K).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn high(&self) -> __m256i;
+}
+
+impl Q45Block for BlockQ4K {
+    const FIVE_BITS: bool = false;
+    fn parts(&self) -> (f16, f16, &[u8; 12], &[u8; QK_K / 2]) {
+        (self.d, self.dmin, &self.scales, &self.qs)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn high(&self) -> __m256i {
+        _mm256_setzero_si256()
+    }
+}
+
+impl Q45Block for BlockQ5K {
+    const FIVE_BITS: bool = true;
+    fn parts(&self) -> (f16, f16, &[u8; 12], &[u8; QK_K / 2]) {
+        (self.d, self.dmin, &self.scales, &self.qs)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn high(&self) -> __m256i {
+        _mm256_loadu_si256(self.qh.as_ptr() as *const __m256i)
+    }
+}
+
+/// The Q4_K and Q5_K dot products of one weight column with `ROWS` activation rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn dot_q45k<const ROWS: usize, const FIVE_BITS: bool>(
-    (d, dmin): (f32, f32),
-    (scales, qs): (&[u8; 12], &[u8; QK_K / 2]),
-    high: __m256i,
+unsafe fn dot_rows_q45<B: Q45Block, const ROWS: usize>(
+    w: &[B],
+    a: &[BlockQ8K],
+    kb: usize,
+    out: &mut [f32],
+) {
+    let mut acc = [_mm256_setzero_ps(); ROWS];
+    let mut mins = [_mm_setzero_ps(); ROWS];
+    for (b, wb) in w.iter().enumerate() {
+        dot_q45k::<B, ROWS>(wb, row_blocks::<ROWS>(a, kb, b), &mut acc, &mut mins);
+    }
+    for r in 0..ROWS {
+        out[r] = super::hsum_ps(acc[r]) - hsum_128(mins[r]);
+    }
+}
+
+/// One super-block of [`dot_rows_q45`], into the rows' accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_q45k<B: Q45Block, const ROWS: usize>(
+    wb: &B,
     a: [&BlockQ8K; ROWS],
     acc: &mut [__m256; ROWS],
     mins_acc: &mut [__m128; ROWS],
 ) {
+    let (d, dmin, scales, qs) = wb.parts();
+    let (d, dmin) = (super::f32_of(d), super::f32_of(dmin));
+    let high = wb.high();
     let m4 = _mm256_set1_epi8(0x0F);
     let scales_mins = scales_and_mins(scales);
     // The 8 scales in both halves, for byte shuffles that broadcast one of them.
@@ -115,7 +171,7 @@ unsafe fn dot_q45k<const ROWS: usize, const FIVE_BITS: bool>(
         let bits = _mm256_loadu_si256(qs[32 * j..].as_ptr() as *const __m256i);
         let mut lo = _mm256_and_si256(bits, m4);
         let mut hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
-        if FIVE_BITS {
+        if B::FIVE_BITS {
             let h = high;
             let one = _mm256_set1_epi8(1);
             let shift_lo = _mm_cvtsi32_si128(2 * j as i32);
@@ -178,15 +234,6 @@ fn row_blocks<const ROWS: usize>(a: &[BlockQ8K], kb: usize, b: usize) -> [&Block
     std::array::from_fn(|r| &a[r * kb + b])
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn finish<const ROWS: usize>(acc: &[__m256; ROWS], offsets: &[f32; ROWS], out: &mut [f32]) {
-    for r in 0..ROWS {
-        out[r] = super::hsum_ps(acc[r]) - offsets[r];
-    }
-}
-
 impl WeightBlock for BlockQ4K {
     const NAME: &'static str = "Q4_K";
     const ELEMS: usize = QK_K;
@@ -195,22 +242,7 @@ impl WeightBlock for BlockQ4K {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_rows<const ROWS: usize>(w: &[Self], a: &[BlockQ8K], kb: usize, out: &mut [f32]) {
-        let mut acc = [_mm256_setzero_ps(); ROWS];
-        let mut mins = [_mm_setzero_ps(); ROWS];
-        for (b, wb) in w.iter().enumerate() {
-            let (d, dmin) = (super::f32_of(wb.d), super::f32_of(wb.dmin));
-            let rows = row_blocks::<ROWS>(a, kb, b);
-            let high = _mm256_setzero_si256();
-            dot_q45k::<ROWS, false>(
-                (d, dmin),
-                (&wb.scales, &wb.qs),
-                high,
-                rows,
-                &mut acc,
-                &mut mins,
-            );
-        }
-        finish(&acc, &mins.map(|m| hsum_128(m)), out);
+        dot_rows_q45::<Self, ROWS>(w, a, kb, out)
     }
 }
 
@@ -222,22 +254,7 @@ impl WeightBlock for BlockQ5K {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_rows<const ROWS: usize>(w: &[Self], a: &[BlockQ8K], kb: usize, out: &mut [f32]) {
-        let mut acc = [_mm256_setzero_ps(); ROWS];
-        let mut mins = [_mm_setzero_ps(); ROWS];
-        for (b, wb) in w.iter().enumerate() {
-            let (d, dmin) = (super::f32_of(wb.d), super::f32_of(wb.dmin));
-            let rows = row_blocks::<ROWS>(a, kb, b);
-            let high = _mm256_loadu_si256(wb.qh.as_ptr() as *const __m256i);
-            dot_q45k::<ROWS, true>(
-                (d, dmin),
-                (&wb.scales, &wb.qs),
-                high,
-                rows,
-                &mut acc,
-                &mut mins,
-            );
-        }
-        finish(&acc, &mins.map(|m| hsum_128(m)), out);
+        dot_rows_q45::<Self, ROWS>(w, a, kb, out)
     }
 }
 
@@ -296,6 +313,8 @@ impl WeightBlock for BlockQ6K {
                 acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(total), acc[r]);
             }
         }
-        finish(&acc, &[0.0; ROWS], out);
+        for r in 0..ROWS {
+            out[r] = super::hsum_ps(acc[r]);
+        }
     }
 }

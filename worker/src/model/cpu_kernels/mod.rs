@@ -64,7 +64,7 @@ pub trait CpuMatmul: Any + Debug + Send + Sync {
             Isa::detect().expect("strata's CPU kernels need AVX2, FMA and F16C"),
         )
     }
-    /// [`CpuMatmul::matmul`] on one instruction set (one of [`Isa::available`]).
+    /// [`CpuMatmul::matmul`] on one instruction set (one that [`Isa::runs_here`]).
     fn matmul_with(&self, x: &[f32], m: usize, isa: Isa) -> Vec<f32>;
 }
 
@@ -108,11 +108,16 @@ impl Isa {
         }
     }
 
+    /// Whether this CPU runs this level.
+    pub fn runs_here(self) -> bool {
+        Isa::detect().is_some_and(|best| self <= best)
+    }
+
     /// Every level this CPU runs.
     pub fn available() -> Vec<Isa> {
         [Isa::Avx2, Isa::Avx512]
             .into_iter()
-            .filter(|isa| Isa::detect().is_some_and(|best| *isa <= best))
+            .filter(|isa| isa.runs_here())
             .collect()
     }
 
@@ -276,11 +281,7 @@ impl<B: WeightBlock> CpuMatmul for QuantMatrix<B> {
     }
 
     fn matmul_with(&self, x: &[f32], m: usize, isa: Isa) -> Vec<f32> {
-        assert!(
-            Isa::available().contains(&isa),
-            "{} asked of a CPU without it",
-            isa.name()
-        );
+        assert!(isa.runs_here(), "{} asked of a CPU without it", isa.name());
         assert_eq!(x.len(), m * self.k, "activation length");
         let (n, kb) = (self.n, self.k / B::ELEMS);
         let act: Vec<B::Act> = if m * self.k >= 1 << 16 {

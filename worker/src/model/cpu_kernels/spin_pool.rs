@@ -47,14 +47,30 @@ pub struct SpinPool {
 }
 
 impl SpinPool {
-    /// The pool for `threads` threads, shared by every caller that asks for that many.
+    /// The pool for `threads` threads, shared by every caller that asks for that many. Each calling
+    /// thread remembers its last answer, so a matmul takes no lock to find its pool.
     pub fn for_threads(threads: usize) -> Arc<SpinPool> {
+        thread_local! {
+            static LAST: std::cell::RefCell<Option<Arc<SpinPool>>> = const { std::cell::RefCell::new(None) };
+        }
+        let threads = threads.max(1);
+        LAST.with_borrow_mut(|last| match last {
+            Some(pool) if pool.threads() == threads => pool.clone(),
+            _ => {
+                let pool = Self::shared(threads);
+                *last = Some(pool.clone());
+                pool
+            }
+        })
+    }
+
+    fn shared(threads: usize) -> Arc<SpinPool> {
         static POOLS: OnceLock<Mutex<HashMap<usize, Arc<SpinPool>>>> = OnceLock::new();
         let pools = POOLS.get_or_init(Default::default);
         let mut pools = pools.lock().unwrap_or_else(|e| e.into_inner());
         pools
-            .entry(threads.max(1))
-            .or_insert_with(|| Arc::new(SpinPool::new(threads.max(1) - 1)))
+            .entry(threads)
+            .or_insert_with(|| Arc::new(SpinPool::new(threads - 1)))
             .clone()
     }
 

@@ -194,7 +194,6 @@ fn kernel_throughput() {
         ]
         .into_iter()
         .filter(|s| s.1 % dtype.block_size() == 0)
-        .filter(|s| std::env::var("SHAPES").map_or(true, |v| v != "decode") || s.2 == 1)
         {
             let (bytes, _) = random_tensor(dtype, n, k, &mut rng);
             let w = matrix_for(dtype, &bytes, n, k).unwrap().unwrap();
