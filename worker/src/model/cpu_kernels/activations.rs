@@ -30,6 +30,10 @@ pub struct BlockQ8K {
 pub trait ActivationBlock: Copy + Send + Sync + 'static {
     const ELEMS: usize;
     fn quantize(x: &[f32]) -> Self;
+    /// The block's scale `d`.
+    fn scale(&self) -> f32;
+    /// `d · Σq` where the block keeps it (Q8_1), else 0.
+    fn scaled_sum(&self) -> f32;
     /// The values this block stands for (`d * q`).
     #[cfg(test)]
     fn dequantize(&self) -> Vec<f32>;
@@ -37,6 +41,14 @@ pub trait ActivationBlock: Copy + Send + Sync + 'static {
 
 impl ActivationBlock for BlockQ8_1 {
     const ELEMS: usize = BLOCK;
+
+    fn scale(&self) -> f32 {
+        self.d
+    }
+
+    fn scaled_sum(&self) -> f32 {
+        self.s
+    }
 
     /// llama.cpp's `quantize_row_q8_1` (AVX2): `d = max|x| / 127`, `q = x · (127 / max|x|)` rounded
     /// to nearest-even, `s = d · Σq`, with `d` and `s` stored as f16 (so rounded through f16 here).
@@ -65,6 +77,14 @@ impl ActivationBlock for BlockQ8_1 {
 
 impl ActivationBlock for BlockQ8K {
     const ELEMS: usize = QK_K;
+
+    fn scale(&self) -> f32 {
+        self.d
+    }
+
+    fn scaled_sum(&self) -> f32 {
+        0.0
+    }
 
     /// llama.cpp's `quantize_row_q8_K_ref`: the element of largest magnitude maps to -127 (its
     /// sign kept in `d`), rounding to nearest-even, `d` kept in f32.

@@ -6,7 +6,7 @@
 use half::f16;
 
 use super::activations::{BlockQ8K, QK_K};
-use super::WeightBlock;
+use super::{RowScales, WeightBlock};
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -128,83 +128,176 @@ impl Q45Block for BlockQ5K {
     }
 }
 
-/// The Q4_K and Q5_K dot products of one weight column with `ROWS` activation rows.
+/// `sumi + Σ scale · q · y` in 8 i32 lanes over one 32-element vector pair (`q` unsigned, `y`
+/// signed): `maddubs`, `madd` and an add.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn dot_rows_q45<B: Q45Block, const ROWS: usize>(
-    w: &[B],
-    a: &[BlockQ8K],
-    kb: usize,
-    out: &mut [f32],
-) {
-    let mut acc = [_mm256_setzero_ps(); ROWS];
-    let mut mins = [_mm_setzero_ps(); ROWS];
-    for (b, wb) in w.iter().enumerate() {
-        dot_q45k::<B, ROWS>(wb, row_blocks::<ROWS>(a, kb, b), &mut acc, &mut mins);
-    }
-    for r in 0..ROWS {
-        out[r] = super::hsum_ps(acc[r]) - hsum_128(mins[r]);
-    }
+unsafe fn add_scaled_products(sumi: __m256i, q: __m256i, y: &[i8], scale: __m256i) -> __m256i {
+    _mm256_add_epi32(sumi, scaled_products(q, y, scale))
 }
 
-/// One super-block of [`dot_rows_q45`], into the rows' accumulators.
+/// [`add_scaled_products`] with VNNI's `dpwssd` for the `madd` and the add (the same integers).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn dot_q45k<B: Q45Block, const ROWS: usize>(
-    wb: &B,
-    a: [&BlockQ8K; ROWS],
-    acc: &mut [__m256; ROWS],
-    mins_acc: &mut [__m128; ROWS],
-) {
-    let (d, dmin, scales, qs) = wb.parts();
-    let (d, dmin) = (super::f32_of(d), super::f32_of(dmin));
-    let high = wb.high();
-    let m4 = _mm256_set1_epi8(0x0F);
-    let scales_mins = scales_and_mins(scales);
-    // The 8 scales in both halves, for byte shuffles that broadcast one of them.
-    let sc128 = _mm256_castsi256_si128(scales_mins);
-    let sc = _mm256_set_m128i(sc128, sc128);
-    let mut sumi = [_mm256_setzero_si256(); ROWS];
-    for j in 0..QK_K / 64 {
-        let bits = _mm256_loadu_si256(qs[32 * j..].as_ptr() as *const __m256i);
-        let mut lo = _mm256_and_si256(bits, m4);
-        let mut hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
-        if B::FIVE_BITS {
-            let h = high;
-            let one = _mm256_set1_epi8(1);
-            let shift_lo = _mm_cvtsi32_si128(2 * j as i32);
-            let shift_hi = _mm_cvtsi32_si128(2 * j as i32 + 1);
-            let h_lo = _mm256_and_si256(_mm256_srl_epi16(h, shift_lo), one);
-            let h_hi = _mm256_and_si256(_mm256_srl_epi16(h, shift_hi), one);
-            lo = _mm256_or_si256(lo, _mm256_slli_epi16(h_lo, 4));
-            hi = _mm256_or_si256(hi, _mm256_slli_epi16(h_hi, 4));
-        }
-        let s_lo = _mm256_shuffle_epi8(sc, _mm256_set1_epi16(broadcast_word(2 * j)));
-        let s_hi = _mm256_shuffle_epi8(sc, _mm256_set1_epi16(broadcast_word(2 * j + 1)));
-        for r in 0..ROWS {
-            let y = &a[r].qs[64 * j..];
-            let p = _mm256_add_epi32(
-                scaled_products(lo, y, s_lo),
-                scaled_products(hi, &y[32..], s_hi),
-            );
-            sumi[r] = _mm256_add_epi32(sumi[r], p);
-        }
-    }
-    for r in 0..ROWS {
-        acc[r] = _mm256_fmadd_ps(
-            _mm256_set1_ps(d * a[r].d),
-            _mm256_cvtepi32_ps(sumi[r]),
-            acc[r],
-        );
-        mins_acc[r] = _mm_fmadd_ps(
-            _mm_set1_ps(dmin * a[r].d),
-            _mm_cvtepi32_ps(min_products(scales_mins, a[r])),
-            mins_acc[r],
-        );
-    }
+unsafe fn add_scaled_products_vnni(sumi: __m256i, q: __m256i, y: &[i8], scale: __m256i) -> __m256i {
+    let y = _mm256_loadu_si256(y.as_ptr() as *const __m256i);
+    _mm256_dpwssd_epi32(sumi, _mm256_maddubs_epi16(q, y), scale)
 }
+
+/// The K-quant dot products of one weight column with `ROWS` activation rows, once per instruction
+/// set (`target_feature` is per function): `$add` accumulates one scaled 32-element product.
+macro_rules! k_kernels {
+    ($module:ident, $features:literal, $add:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        mod $module {
+            use super::*;
+
+            /// Q4_K and Q5_K.
+            #[target_feature(enable = $features)]
+            #[inline]
+            pub(super) unsafe fn dot_rows_q45<B: Q45Block, const ROWS: usize>(
+                w: &[B],
+                a: &[BlockQ8K],
+                kb: usize,
+                out: &mut [f32],
+            ) {
+                let mut acc = [_mm256_setzero_ps(); ROWS];
+                let mut mins = [_mm_setzero_ps(); ROWS];
+                for (b, wb) in w.iter().enumerate() {
+                    dot_q45k::<B, ROWS>(wb, row_blocks::<ROWS>(a, kb, b), &mut acc, &mut mins);
+                }
+                for r in 0..ROWS {
+                    out[r] = super::super::hsum_ps(acc[r]) - hsum_128(mins[r]);
+                }
+            }
+
+            /// One super-block of [`dot_rows_q45`], into the rows' accumulators.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn dot_q45k<B: Q45Block, const ROWS: usize>(
+                wb: &B,
+                a: [&BlockQ8K; ROWS],
+                acc: &mut [__m256; ROWS],
+                mins_acc: &mut [__m128; ROWS],
+            ) {
+                let (d, dmin, scales, qs) = wb.parts();
+                let (d, dmin) = (super::super::f32_of(d), super::super::f32_of(dmin));
+                let high = wb.high();
+                let m4 = _mm256_set1_epi8(0x0F);
+                let scales_mins = scales_and_mins(scales);
+                // The 8 scales in both halves, for byte shuffles that broadcast one of them.
+                let sc128 = _mm256_castsi256_si128(scales_mins);
+                let sc = _mm256_set_m128i(sc128, sc128);
+                let mut sumi = [_mm256_setzero_si256(); ROWS];
+                for j in 0..QK_K / 64 {
+                    let bits = _mm256_loadu_si256(qs[32 * j..].as_ptr() as *const __m256i);
+                    let mut lo = _mm256_and_si256(bits, m4);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+                    if B::FIVE_BITS {
+                        let one = _mm256_set1_epi8(1);
+                        let shift_lo = _mm_cvtsi32_si128(2 * j as i32);
+                        let shift_hi = _mm_cvtsi32_si128(2 * j as i32 + 1);
+                        let h_lo = _mm256_and_si256(_mm256_srl_epi16(high, shift_lo), one);
+                        let h_hi = _mm256_and_si256(_mm256_srl_epi16(high, shift_hi), one);
+                        lo = _mm256_or_si256(lo, _mm256_slli_epi16(h_lo, 4));
+                        hi = _mm256_or_si256(hi, _mm256_slli_epi16(h_hi, 4));
+                    }
+                    let s_lo = _mm256_shuffle_epi8(sc, _mm256_set1_epi16(broadcast_word(2 * j)));
+                    let s_hi =
+                        _mm256_shuffle_epi8(sc, _mm256_set1_epi16(broadcast_word(2 * j + 1)));
+                    for r in 0..ROWS {
+                        let y = &a[r].qs[64 * j..];
+                        sumi[r] = $add(sumi[r], lo, y, s_lo);
+                        sumi[r] = $add(sumi[r], hi, &y[32..], s_hi);
+                    }
+                }
+                for r in 0..ROWS {
+                    acc[r] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(d * a[r].d),
+                        _mm256_cvtepi32_ps(sumi[r]),
+                        acc[r],
+                    );
+                    mins_acc[r] = _mm_fmadd_ps(
+                        _mm_set1_ps(dmin * a[r].d),
+                        _mm_cvtepi32_ps(min_products(scales_mins, a[r])),
+                        mins_acc[r],
+                    );
+                }
+            }
+
+            /// Q6_K.
+            #[target_feature(enable = $features)]
+            #[inline]
+            pub(super) unsafe fn dot_rows_q6k<const ROWS: usize>(
+                w: &[BlockQ6K],
+                a: &[BlockQ8K],
+                kb: usize,
+                out: &mut [f32],
+            ) {
+                let m4 = _mm256_set1_epi8(0x0F);
+                let m2 = _mm256_set1_epi8(3);
+                let mut acc = [_mm256_setzero_ps(); ROWS];
+                for (b, wb) in w.iter().enumerate() {
+                    let d = super::super::f32_of(wb.d);
+                    let rows = row_blocks::<ROWS>(a, kb, b);
+                    let mut sumi = [_mm256_setzero_si256(); ROWS];
+                    for half in 0..2 {
+                        let ql = &wb.ql[64 * half..];
+                        let b1 = _mm256_loadu_si256(ql.as_ptr() as *const __m256i);
+                        let b2 = _mm256_loadu_si256(ql[32..].as_ptr() as *const __m256i);
+                        let bh = _mm256_loadu_si256(wb.qh[32 * half..].as_ptr() as *const __m256i);
+                        let q = [
+                            _mm256_or_si256(_mm256_and_si256(b1, m4), six_bit_high(bh, m2, 0)),
+                            _mm256_or_si256(_mm256_and_si256(b2, m4), six_bit_high(bh, m2, 2)),
+                            _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16(b1, 4), m4),
+                                six_bit_high(bh, m2, 4),
+                            ),
+                            _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16(b2, 4), m4),
+                                six_bit_high(bh, m2, 6),
+                            ),
+                        ];
+                        for (v, qv) in q.iter().enumerate() {
+                            // Lanes 0..8 hold elements 0..16 (one sub-block), 8..16 the next.
+                            let s = 8 * half + 2 * v;
+                            let scale = _mm256_set_m128i(
+                                _mm_set1_epi16(wb.scales[s + 1] as i16),
+                                _mm_set1_epi16(wb.scales[s] as i16),
+                            );
+                            for r in 0..ROWS {
+                                let y = &rows[r].qs[128 * half + 32 * v..];
+                                sumi[r] = $add(sumi[r], *qv, y, scale);
+                            }
+                        }
+                    }
+                    // The stored q are q - 32 plus 32: take 32 · Σ_j sc_j · (sum of sub-block j).
+                    let sc16 =
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.scales.as_ptr() as *const __m128i));
+                    for r in 0..ROWS {
+                        let sums = _mm256_loadu_si256(rows[r].bsums.as_ptr() as *const __m256i);
+                        let offset = _mm256_slli_epi32(_mm256_madd_epi16(sc16, sums), 5);
+                        let total = _mm256_sub_epi32(sumi[r], offset);
+                        let scale = _mm256_set1_ps(d * rows[r].d);
+                        acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(total), acc[r]);
+                    }
+                }
+                for r in 0..ROWS {
+                    out[r] = super::super::hsum_ps(acc[r]);
+                }
+            }
+        }
+    };
+}
+
+k_kernels!(avx2, "avx2,fma,f16c", add_scaled_products);
+k_kernels!(
+    vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    add_scaled_products_vnni
+);
 
 /// The shuffle control that copies 16-bit lane `i` of a 128-bit half into every lane.
 const fn broadcast_word(i: usize) -> i16 {
@@ -234,87 +327,41 @@ fn row_blocks<const ROWS: usize>(a: &[BlockQ8K], kb: usize, b: usize) -> [&Block
     std::array::from_fn(|r| &a[r * kb + b])
 }
 
-impl WeightBlock for BlockQ4K {
-    const NAME: &'static str = "Q4_K";
-    const ELEMS: usize = QK_K;
-    type Act = BlockQ8K;
+macro_rules! weight_block {
+    ($block:ty, $name:literal, $kernel:ident $(::<$generic:ty>)?) => {
+        impl WeightBlock for $block {
+            const NAME: &'static str = $name;
+            const ELEMS: usize = QK_K;
+            type Act = BlockQ8K;
+            const WIDE: bool = true;
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_rows<const ROWS: usize>(w: &[Self], a: &[BlockQ8K], kb: usize, out: &mut [f32]) {
-        dot_rows_q45::<Self, ROWS>(w, a, kb, out)
-    }
-}
-
-impl WeightBlock for BlockQ5K {
-    const NAME: &'static str = "Q5_K";
-    const ELEMS: usize = QK_K;
-    type Act = BlockQ8K;
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_rows<const ROWS: usize>(w: &[Self], a: &[BlockQ8K], kb: usize, out: &mut [f32]) {
-        dot_rows_q45::<Self, ROWS>(w, a, kb, out)
-    }
-}
-
-impl WeightBlock for BlockQ6K {
-    const NAME: &'static str = "Q6_K";
-    const ELEMS: usize = QK_K;
-    type Act = BlockQ8K;
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_rows<const ROWS: usize>(w: &[Self], a: &[BlockQ8K], kb: usize, out: &mut [f32]) {
-        let m4 = _mm256_set1_epi8(0x0F);
-        let m2 = _mm256_set1_epi8(3);
-        let mut acc = [_mm256_setzero_ps(); ROWS];
-        for (b, wb) in w.iter().enumerate() {
-            let d = super::f32_of(wb.d);
-            let rows = row_blocks::<ROWS>(a, kb, b);
-            let mut sumi = [_mm256_setzero_si256(); ROWS];
-            for half in 0..2 {
-                let ql = &wb.ql[64 * half..];
-                let b1 = _mm256_loadu_si256(ql.as_ptr() as *const __m256i);
-                let b2 = _mm256_loadu_si256(ql[32..].as_ptr() as *const __m256i);
-                let bh = _mm256_loadu_si256(wb.qh[32 * half..].as_ptr() as *const __m256i);
-                let q = [
-                    _mm256_or_si256(_mm256_and_si256(b1, m4), six_bit_high(bh, m2, 0)),
-                    _mm256_or_si256(_mm256_and_si256(b2, m4), six_bit_high(bh, m2, 2)),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(b1, 4), m4),
-                        six_bit_high(bh, m2, 4),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(b2, 4), m4),
-                        six_bit_high(bh, m2, 6),
-                    ),
-                ];
-                for (v, qv) in q.iter().enumerate() {
-                    // Lanes 0..8 hold elements 0..16 (one sub-block), 8..16 the next.
-                    let s = 8 * half + 2 * v;
-                    let scale = _mm256_set_m128i(
-                        _mm_set1_epi16(wb.scales[s + 1] as i16),
-                        _mm_set1_epi16(wb.scales[s] as i16),
-                    );
-                    for r in 0..ROWS {
-                        let y = &rows[r].qs[128 * half + 32 * v..];
-                        sumi[r] = _mm256_add_epi32(sumi[r], scaled_products(*qv, y, scale));
-                    }
-                }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn dot_rows<const ROWS: usize>(
+                w: &[Self],
+                a: &[BlockQ8K],
+                kb: usize,
+                _scales: &[RowScales],
+                out: &mut [f32],
+            ) {
+                avx2::$kernel::<$($generic,)? ROWS>(w, a, kb, out)
             }
-            // The stored q are q - 32 plus 32: take 32 · Σ_j sc_j · (sum of sub-block j).
-            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.scales.as_ptr() as *const __m128i));
-            for r in 0..ROWS {
-                let sums = _mm256_loadu_si256(rows[r].bsums.as_ptr() as *const __m256i);
-                let offset = _mm256_slli_epi32(_mm256_madd_epi16(sc16, sums), 5);
-                let total = _mm256_sub_epi32(sumi[r], offset);
-                let scale = _mm256_set1_ps(d * rows[r].d);
-                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(total), acc[r]);
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+            unsafe fn dot_rows_avx512<const ROWS: usize>(
+                w: &[Self],
+                a: &[BlockQ8K],
+                kb: usize,
+                _scales: &[RowScales],
+                out: &mut [f32],
+            ) {
+                vnni::$kernel::<$($generic,)? ROWS>(w, a, kb, out)
             }
         }
-        for r in 0..ROWS {
-            out[r] = super::hsum_ps(acc[r]);
-        }
-    }
+    };
 }
+
+weight_block!(BlockQ4K, "Q4_K", dot_rows_q45::<BlockQ4K>);
+weight_block!(BlockQ5K, "Q5_K", dot_rows_q45::<BlockQ5K>);
+weight_block!(BlockQ6K, "Q6_K", dot_rows_q6k);

@@ -6,7 +6,7 @@
 use half::f16;
 
 use super::activations::{BlockQ8_1, BLOCK};
-use super::WeightBlock;
+use super::{RowScales, WeightBlock, ROW_TILE};
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -70,7 +70,7 @@ trait Block32: Copy {
     unsafe fn unpack(&self) -> __m256i;
     /// [`Block32::unpack`] with AVX-512's byte masks (a fifth bit is one masked add).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c,avx512bw,avx512vl")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
     unsafe fn unpack_avx512(&self) -> __m256i {
         self.unpack()
     }
@@ -146,7 +146,7 @@ impl Block32 for BlockQ5_0 {
         _mm256_or_si256(nibbles(&self.qs), low)
     }
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c,avx512bw,avx512vl")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
     unsafe fn unpack_avx512(&self) -> __m256i {
         let q = nibbles(&self.qs);
         _mm256_mask_sub_epi8(q, !u32::from_le_bytes(self.qh), q, _mm256_set1_epi8(16))
@@ -165,7 +165,7 @@ impl Block32 for BlockQ5_1 {
         _mm256_or_si256(nibbles(&self.qs), high)
     }
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c,avx512bw,avx512vl")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
     unsafe fn unpack_avx512(&self) -> __m256i {
         let q = nibbles(&self.qs);
         _mm256_mask_add_epi8(q, u32::from_le_bytes(self.qh), q, _mm256_set1_epi8(16))
@@ -204,14 +204,16 @@ unsafe fn block_products(signed: bool, q: __m256i, abs_q: __m256i, y: __m256i) -
 /// [`block_products`] with VNNI's `dpbusd`, one instruction for `maddubs` and `madd` (the same
 /// sums: no pair here reaches `maddubs`' saturation).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c,avxvnni,avx512bw,avx512vl")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
 unsafe fn block_products_vnni(signed: bool, q: __m256i, abs_q: __m256i, y: __m256i) -> __m256 {
     let y = if signed { _mm256_sign_epi8(y, q) } else { y };
-    _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), abs_q, y))
+    _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), abs_q, y))
 }
 
-/// The 32-element dot product, once per instruction set (`target_feature` is per function).
+/// The 32-element dot product, once per instruction set (`target_feature` is per function). The
+/// tile's activation scales come as vectors ([`RowScales`]): one multiply gives every row's block
+/// scale and one the minimums' share, the same f32 operations per row as one row at a time.
 macro_rules! dot32 {
     ($name:ident, $features:literal, $unpack:ident, $products:ident) => {
         #[cfg(target_arch = "x86_64")]
@@ -221,26 +223,32 @@ macro_rules! dot32 {
             w: &[B],
             a: &[BlockQ8_1],
             kb: usize,
+            scales: &[RowScales],
             out: &mut [f32],
         ) {
             let mut acc = [_mm256_setzero_ps(); ROWS];
-            let mut mins = [0f32; ROWS];
-            for (b, wb) in w.iter().enumerate() {
+            let mut mins = _mm256_setzero_ps();
+            for ((b, wb), rs) in w.iter().enumerate().zip(scales) {
                 let q = wb.$unpack();
                 let abs_q = if B::SIGNED { _mm256_sign_epi8(q, q) } else { q };
-                let (wd, wm) = (super::f32_of(wb.d()), super::f32_of(wb.m()));
+                let wd = _mm256_set1_ps(super::f32_of(wb.d()));
+                let row_d = _mm256_mul_ps(wd, _mm256_load_ps(rs.d.as_ptr()));
+                if !B::SIGNED {
+                    let wm = _mm256_set1_ps(super::f32_of(wb.m()));
+                    mins = _mm256_add_ps(mins, _mm256_mul_ps(wm, _mm256_load_ps(rs.s.as_ptr())));
+                }
                 for r in 0..ROWS {
                     let ab = &a[r * kb + b];
                     let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
                     let products = $products(B::SIGNED, q, abs_q, y);
-                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(wd * ab.d), products, acc[r]);
-                    if !B::SIGNED {
-                        mins[r] += wm * ab.s;
-                    }
+                    let scale = _mm256_permutevar8x32_ps(row_d, _mm256_set1_epi32(r as i32));
+                    acc[r] = _mm256_fmadd_ps(scale, products, acc[r]);
                 }
             }
+            let mut min_lanes = [0f32; ROW_TILE];
+            _mm256_storeu_ps(min_lanes.as_mut_ptr(), mins);
             for r in 0..ROWS {
-                out[r] = super::hsum_ps(acc[r]) + mins[r];
+                out[r] = super::hsum_ps(acc[r]) + min_lanes[r];
             }
         }
     };
@@ -249,7 +257,7 @@ macro_rules! dot32 {
 dot32!(dot32, "avx2,fma,f16c", unpack, block_products);
 dot32!(
     dot32_avx512,
-    "avx2,fma,f16c,avxvnni,avx512bw,avx512vl",
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
     unpack_avx512,
     block_products_vnni
 );
@@ -268,20 +276,22 @@ macro_rules! weight_block {
                 w: &[Self],
                 a: &[BlockQ8_1],
                 kb: usize,
+                scales: &[RowScales],
                 out: &mut [f32],
             ) {
-                dot32::<Self, ROWS>(w, a, kb, out)
+                dot32::<Self, ROWS>(w, a, kb, scales, out)
             }
 
             #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx2,fma,f16c,avxvnni,avx512bw,avx512vl")]
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
             unsafe fn dot_rows_avx512<const ROWS: usize>(
                 w: &[Self],
                 a: &[BlockQ8_1],
                 kb: usize,
+                scales: &[RowScales],
                 out: &mut [f32],
             ) {
-                dot32_avx512::<Self, ROWS>(w, a, kb, out)
+                dot32_avx512::<Self, ROWS>(w, a, kb, scales, out)
             }
         }
     };

@@ -30,6 +30,29 @@ const COLUMNS_PER_TASK: usize = 32;
 /// Multiply-adds below which a matmul runs on the calling thread alone.
 const SMALL_PRODUCT: usize = 1 << 16;
 
+/// One block position of a row tile: each row's activation scale and scaled sum, lane `r` for row
+/// `r`, so a kernel scales all rows' products with one vector multiply.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C, align(32))]
+pub(crate) struct RowScales {
+    pub d: [f32; ROW_TILE],
+    pub s: [f32; ROW_TILE],
+}
+
+/// [`RowScales`] of every tile of `m` rows (`kb` blocks each): tile `t`'s are `[t * kb..][..kb]`.
+fn row_scales<A: ActivationBlock>(act: &[A], m: usize, kb: usize) -> Vec<RowScales> {
+    let tiles = m.div_ceil(ROW_TILE);
+    let mut scales = vec![RowScales::default(); tiles * kb];
+    for (row, blocks) in act.chunks_exact(kb).enumerate() {
+        let (tile, r) = (row / ROW_TILE, row % ROW_TILE);
+        for (b, block) in blocks.iter().enumerate() {
+            scales[tile * kb + b].d[r] = block.scale();
+            scales[tile * kb + b].s[r] = block.scaled_sum();
+        }
+    }
+    scales
+}
+
 /// The output buffer, written by disjoint tasks.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
@@ -87,8 +110,9 @@ pub fn supported() -> bool {
 pub enum Isa {
     /// AVX2, FMA, F16C: the baseline ([`supported`]).
     Avx2,
-    /// Also AVX-VNNI and AVX-512 BW/VL (on 256-bit vectors): one `dpbusd` per product and byte
-    /// masks for Q5's fifth bits.
+    /// Also AVX-512 BW/VL/VNNI, on 256-bit vectors (every AVX-512 CPU since Ice Lake and Zen 4):
+    /// one `dpbusd` or `dpwssd` where AVX2 needs two or three instructions, and byte masks for
+    /// Q5's fifth bits.
     Avx512,
 }
 
@@ -97,9 +121,10 @@ impl Isa {
     pub fn detect() -> Option<Isa> {
         #[cfg(target_arch = "x86_64")]
         {
-            let wide = is_x86_feature_detected!("avxvnni")
+            let wide = is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vl");
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni");
             supported().then_some(if wide { Isa::Avx512 } else { Isa::Avx2 })
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -124,7 +149,7 @@ impl Isa {
     pub fn name(self) -> &'static str {
         match self {
             Isa::Avx2 => "AVX2",
-            Isa::Avx512 => "AVX2+VNNI+AVX-512VL",
+            Isa::Avx512 => "AVX-512VL/VNNI",
         }
     }
 }
@@ -183,14 +208,20 @@ pub(crate) trait WeightBlock: Copy + Send + Sync + Debug + 'static {
     const WIDE: bool = false;
 
     /// Dot products of one weight column `w` (`kb` blocks) with `ROWS` activation rows `a` (`kb`
-    /// blocks each, row after row) into `out[..ROWS]`.
+    /// blocks each, row after row, their scales also in `scales`, one per block) into `out[..ROWS]`.
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA ([`supported`]).
     #[cfg(target_arch = "x86_64")]
-    unsafe fn dot_rows<const ROWS: usize>(w: &[Self], a: &[Self::Act], kb: usize, out: &mut [f32]);
+    unsafe fn dot_rows<const ROWS: usize>(
+        w: &[Self],
+        a: &[Self::Act],
+        kb: usize,
+        scales: &[RowScales],
+        out: &mut [f32],
+    );
 
-    /// [`WeightBlock::dot_rows`] with AVX-VNNI and AVX-512's byte masks on 256-bit vectors, where
+    /// [`WeightBlock::dot_rows`] with AVX-512 VNNI and byte masks on 256-bit vectors, where
     /// the format has such a variant.
     ///
     /// # Safety
@@ -200,9 +231,10 @@ pub(crate) trait WeightBlock: Copy + Send + Sync + Debug + 'static {
         w: &[Self],
         a: &[Self::Act],
         kb: usize,
+        scales: &[RowScales],
         out: &mut [f32],
     ) {
-        Self::dot_rows::<ROWS>(w, a, kb, out)
+        Self::dot_rows::<ROWS>(w, a, kb, scales, out)
     }
 }
 
@@ -289,6 +321,7 @@ impl<B: WeightBlock> CpuMatmul for QuantMatrix<B> {
         } else {
             x.chunks_exact(B::ELEMS).map(B::Act::quantize).collect()
         };
+        let scales = row_scales(&act, m, kb);
         // Column-major result: each task owns whole columns, so tasks never share memory.
         let mut out_t = vec![0f32; n * m];
         let pool = spin_pool::SpinPool::for_threads(rayon::current_num_threads());
@@ -313,14 +346,15 @@ impl<B: WeightBlock> CpuMatmul for QuantMatrix<B> {
                 for row0 in (0..m).step_by(ROW_TILE) {
                     let rows = ROW_TILE.min(m - row0);
                     let a = &act[row0 * kb..(row0 + rows) * kb];
+                    let scales = &scales[row0 / ROW_TILE * kb..][..kb];
                     let out = &mut column[row0..row0 + rows];
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: this CPU runs `isa` (checked above).
                     unsafe {
-                        dot_tile::<B>(isa, rows, w, a, kb, out)
+                        dot_tile::<B>(isa, rows, w, a, kb, scales, out)
                     }
                     #[cfg(not(target_arch = "x86_64"))]
-                    unreachable!("supported() is false off x86_64: {w:?} {a:?} {out:?}");
+                    unreachable!("supported() is false off x86_64: {w:?} {a:?} {scales:?} {out:?}");
                 }
             }
         });
@@ -345,13 +379,14 @@ unsafe fn dot_tile<B: WeightBlock>(
     w: &[B],
     a: &[B::Act],
     kb: usize,
+    scales: &[RowScales],
     out: &mut [f32],
 ) {
     macro_rules! tile {
         ($($n:literal)*) => {
             match (isa, rows) {
-                $((Isa::Avx2, $n) => B::dot_rows::<$n>(w, a, kb, out),
-                  (Isa::Avx512, $n) => B::dot_rows_avx512::<$n>(w, a, kb, out),)*
+                $((Isa::Avx2, $n) => B::dot_rows::<$n>(w, a, kb, scales, out),
+                  (Isa::Avx512, $n) => B::dot_rows_avx512::<$n>(w, a, kb, scales, out),)*
                 _ => unreachable!("a tile has 1..={ROW_TILE} rows"),
             }
         };
