@@ -1,5 +1,6 @@
 //! Cancellation frees caches on every stage at once; a flood past the admission bounds is refused
-//! with RESOURCE_EXHAUSTED while the admitted requests come out right and the workers live on.
+//! with RESOURCE_EXHAUSTED while the admitted requests come out right and the workers live on; a
+//! burst larger than one Forward a worker accepts queues and is served in parts.
 
 mod common;
 
@@ -123,6 +124,57 @@ async fn a_flood_past_the_bounds_is_refused_and_the_rest_is_right() {
         assert_eq!(alone.token_ids, ids, "{prompt:?}");
     }
     assert_eq!(active_per_stage(&client).await, vec![0, 0]);
+    cluster.stop().await.unwrap();
+}
+
+/// Issue #20's first probe, scaled to this machine: 64 prompts of ~600 tokens against a worker
+/// that takes 16,384 positions per Forward all failed, because micro-batches were built past it.
+/// Here 24 prompts of ~150 tokens (3,600 positions) go to a worker that takes 256.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_past_a_workers_forward_limit_queues_and_is_served_in_parts() {
+    let options = LocalOptions {
+        worker_args: vec!["--max-batch-rows".into(), "256".into()],
+        ..LocalOptions::new(common::strata(), 1, common::default_model())
+    };
+    let cluster = LocalCluster::start(options).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let params = GenerateParams {
+        max_tokens: 4,
+        ignore_eos: true,
+        ..GenerateParams::default()
+    };
+    let subjects = ["the sea", "a mountain", "the city", "an old clock"];
+    let distinct: Vec<String> = subjects
+        .iter()
+        .map(|s| format!("Write about {s}. {}", "Think of every detail. ".repeat(30)))
+        .collect();
+    for prompt in &distinct {
+        let n = client.tokenize(prompt).await.unwrap().len();
+        assert!((140..256).contains(&n), "{n} prompt tokens");
+    }
+    let prompts: Vec<String> = (0..24).map(|i| distinct[i % 4].clone()).collect();
+    let started = Instant::now();
+    let results = client.generate_batch(&prompts, &params).await;
+    eprintln!("24 prompts served in {:?}", started.elapsed());
+    let mut alone = Vec::new();
+    for prompt in &distinct {
+        alone.push(
+            client
+                .generate_collect(prompt, &params)
+                .await
+                .unwrap()
+                .token_ids,
+        );
+    }
+    for (i, result) in results.into_iter().enumerate() {
+        let got = result.unwrap_or_else(|e| panic!("request {i} failed: {e}"));
+        assert_eq!(
+            got.token_ids,
+            alone[i % 4],
+            "request {i} differs from its solo run"
+        );
+    }
+    assert_eq!(active_per_stage(&client).await, vec![0]);
     cluster.stop().await.unwrap();
 }
 

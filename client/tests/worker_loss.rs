@@ -1,6 +1,7 @@
 //! Losing a worker mid-generation, with real processes: with a spare the stream completes with the
 //! uninterrupted run's tokens; without one the client gets UNAVAILABLE naming the stage and worker
-//! within 5 s, and the coordinator serves again once the worker is back at its address.
+//! within 5 s, and the coordinator serves again once the worker is back at its address. A hung
+//! worker (SIGSTOP) ends every stream, running or queued, within 5 s too.
 
 mod common;
 
@@ -36,13 +37,21 @@ fn params(seed: u64, temperature: f32) -> GenerateParams {
 
 /// A coordinator in this process over `workers` (even split) with `spares`; returns its client.
 async fn coordinator(workers: &[&WorkerProcess], spares: &[&WorkerProcess]) -> StrataClient {
+    coordinator_with(workers, spares, Default::default()).await
+}
+
+async fn coordinator_with(
+    workers: &[&WorkerProcess],
+    spares: &[&WorkerProcess],
+    scheduler: strata_coordinator::scheduler::SchedulerLimits,
+) -> StrataClient {
     let config = CoordinatorConfig {
         model: common::default_model(),
         workers: workers.iter().map(|w| w.address.clone()).collect(),
         expected_devices: Vec::new(),
         split: SplitSpec::Even,
         warmup: true,
-        scheduler: Default::default(),
+        scheduler,
         requests: Default::default(),
         max_message_bytes: 64 << 20,
         security: Security::none(),
@@ -177,4 +186,104 @@ async fn without_a_spare_the_client_hears_at_once_and_service_resumes() {
     assert_eq!(after, expected);
     first.stop().await.unwrap();
     restarted.stop().await.unwrap();
+}
+
+fn signal(worker: &WorkerProcess, signal: &str) {
+    let pid = worker.pid().expect("the worker runs");
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// Issue #20's probes: a SIGSTOPped worker held 8 streams for 120 s, and after a loss the queued
+/// requests waited 600 s for their deadline. Now every stream, running or queued, has its answer
+/// within 5 s, and the service is back after SIGCONT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_worker_ends_every_stream_and_the_queue_within_5_s() {
+    let first = WorkerProcess::spawn(&options()).await.unwrap();
+    let second = WorkerProcess::spawn(&options()).await.unwrap();
+    let limits = strata_coordinator::scheduler::SchedulerLimits {
+        max_active: 2,
+        ..Default::default()
+    };
+    let client = coordinator_with(&[&first, &second], &[], limits).await;
+    let long = GenerateParams {
+        max_tokens: 2000,
+        ignore_eos: true,
+        ..GenerateParams::default()
+    };
+    let mut streams = Vec::new();
+    for i in 0..6 {
+        streams.push(
+            client
+                .generate(&format!("{PROMPT} {i}"), &long)
+                .await
+                .unwrap(),
+        );
+    }
+    // Two run (the rest queue): wait until the first has tokens out.
+    let mut seen = 0;
+    while seen < 5 {
+        if let Some(Ok(Event::Token(_))) = streams[0].next().await {
+            seen += 1;
+        }
+    }
+    signal(&second, "-STOP");
+    let stopped = Instant::now();
+    let ends = streams.into_iter().map(|mut stream| async move {
+        loop {
+            match stream.next().await {
+                Some(Ok(Event::Token(_))) => {}
+                Some(Ok(Event::Finished(f))) => panic!("finished while its worker hung: {f:?}"),
+                Some(Err(e)) => return (e, stopped.elapsed()),
+                None => panic!("the stream ended without an answer"),
+            }
+        }
+    });
+    let ends = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(ends))
+        .await
+        .expect("streams still open 30 s after the worker hung");
+    signal(&second, "-CONT");
+    for (i, (error, waited)) in ends.iter().enumerate() {
+        eprintln!("stream {i}: {waited:?}: {error}");
+        let ClientError::Status(status) = error else {
+            panic!("stream {i}: not a status: {error}");
+        };
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unavailable,
+            "stream {i}: {status:?}"
+        );
+        assert!(
+            status.message().contains("stage 1"),
+            "stream {i}: {status:?}"
+        );
+        assert!(
+            *waited < Duration::from_secs(5),
+            "stream {i} waited {waited:?}"
+        );
+    }
+    // Awake again, the worker takes its stage back and the service resumes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let health = client.health().await.unwrap();
+        if health.status == v1::health_response::Status::Serving as i32 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not serving again: {}",
+            health.message
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = client
+        .generate_collect(PROMPT, &params(0, 0.0))
+        .await
+        .unwrap();
+    assert_eq!(after.token_ids.len(), 64);
+    first.stop().await.unwrap();
+    second.stop().await.unwrap();
 }

@@ -17,6 +17,9 @@ use crate::CoordinatorError;
 
 /// How long to wait for a worker to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a `Release` or an `Info` fan-out waits for one worker: a hung worker must not hold
+/// up finishing requests (their final events follow the release) or `Info`.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One worker and the layers it runs.
 #[derive(Debug, Clone)]
@@ -33,6 +36,35 @@ pub struct StageHandle {
     pub layers: Range<usize>,
     /// Bytes of weights the stage holds on its device.
     pub weight_bytes: u64,
+    /// What one Forward may carry here (`WorkerInfo`; `usize::MAX` where the worker does not say).
+    pub limits: StageLimits,
+}
+
+/// A worker's bounds on one Forward, as its `Info` reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StageLimits {
+    /// Positions over all the step's sequences.
+    pub max_batch_rows: usize,
+    /// Sequences holding a KV cache at once.
+    pub max_sequences: usize,
+}
+
+impl StageLimits {
+    pub fn of(info: &v1::WorkerInfo) -> Self {
+        let bound = |v: u32| if v == 0 { usize::MAX } else { v as usize };
+        Self {
+            max_batch_rows: bound(info.max_batch_rows),
+            max_sequences: bound(info.max_sequences),
+        }
+    }
+
+    /// The tighter of two stages' bounds: what a micro-batch through both must keep to.
+    pub fn min(self, other: Self) -> Self {
+        Self {
+            max_batch_rows: self.max_batch_rows.min(other.max_batch_rows),
+            max_sequences: self.max_sequences.min(other.max_sequences),
+        }
+    }
 }
 
 /// A connected worker whose stage is not loaded yet.
@@ -166,6 +198,7 @@ pub async fn load_stage(
         .map_err(|status| CoordinatorError::stage(index, &worker.address, status))?
         .into_inner();
     Ok(StageHandle {
+        limits: StageLimits::of(&worker.info),
         address: worker.address,
         link: Arc::new(ForwardLink::new(
             client.clone(),
@@ -247,6 +280,17 @@ impl Pipeline {
 
     pub fn stages(&self) -> &[StageHandle] {
         &self.stages
+    }
+
+    /// The bounds every stage keeps to: a micro-batch within them is never refused for its size.
+    pub fn limits(&self) -> StageLimits {
+        self.stages.iter().map(|s| s.limits).fold(
+            StageLimits {
+                max_batch_rows: usize::MAX,
+                max_sequences: usize::MAX,
+            },
+            StageLimits::min,
+        )
     }
 
     /// How many micro-batches the pipeline can compute at once: one per device (see
@@ -395,7 +439,12 @@ impl Pipeline {
             let mut client = s.client.clone();
             let seq_ids = seq_ids.clone();
             async move {
-                match client.release(v1::ReleaseRequest { seq_ids }).await {
+                let call = client.release(v1::ReleaseRequest { seq_ids });
+                let Ok(answer) = tokio::time::timeout(CONTROL_TIMEOUT, call).await else {
+                    tracing::warn!(worker = %s.address, "release: no answer within {CONTROL_TIMEOUT:?}");
+                    return;
+                };
+                match answer {
                     Ok(_) => {}
                     // An unreachable worker holds no caches any more: nothing was lost.
                     Err(status) if status.code() == tonic::Code::Unavailable => {
@@ -415,9 +464,9 @@ impl Pipeline {
         let calls = self.stages.iter().map(|s| {
             let mut client = s.client.clone();
             async move {
-                client
-                    .info(v1::InfoRequest {})
+                tokio::time::timeout(CONTROL_TIMEOUT, client.info(v1::InfoRequest {}))
                     .await
+                    .ok()?
                     .ok()
                     .map(|r| r.into_inner().active_sequences)
             }

@@ -111,7 +111,7 @@ async fn load_on(
 
 /// Health checks in a row that may go unanswered before a stage counts as lost (a refusal, or a
 /// worker that says it lost its stage, counts at once).
-const SLOW_CHECKS_TOLERATED: u32 = 3;
+const SLOW_CHECKS_TOLERATED: u32 = 2;
 
 /// Checks every stage of `pipeline` each `interval` and calls `on_loss(generation, stage, reason)`
 /// for the first that is down. Ends when the pipeline is replaced (its last strong reference
@@ -124,7 +124,11 @@ pub fn watch(
     tokio::spawn(async move {
         let mut slow_checks = 0;
         loop {
-            tokio::time::sleep(interval).await;
+            // After an unanswered check, the next goes at once: its timeout already waited, and
+            // a hung worker counts as lost within about `SLOW_CHECKS_TOLERATED` timeouts.
+            if slow_checks == 0 {
+                tokio::time::sleep(interval).await;
+            }
             let Some(current) = pipeline.upgrade() else {
                 return;
             };

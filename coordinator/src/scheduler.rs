@@ -12,8 +12,10 @@
 //! its worker returns (`recovery.rs`). With a spare, every sequence waits and is then *replayed*:
 //! under a fresh id its prompt and the tokens generated so far are prefilled again, rebuilding the
 //! caches on every stage, and generation continues with the tokens it would have produced. Without
-//! one, the affected requests fail at once with UNAVAILABLE naming the stage and worker, new ones are
-//! refused until the stage is back, and the coordinator serves again as soon as it is.
+//! one, the affected requests fail at once with UNAVAILABLE naming the stage and worker (those in a
+//! step on the lost stage, those ready and those still queued), new ones are refused until the stage
+//! is back, and the coordinator serves again as soon as it is. A step out on a lost stage is not
+//! waited for: a hung worker would hold it until the stage timeout.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -25,7 +27,7 @@ use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use strata_model::TextTokenizer;
 use strata_proto::v1;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
 
 use crate::detokenize::{IncrementalDecoder, StopCheck, StopMatcher};
@@ -164,6 +166,7 @@ pub fn spawn(
         outage: None,
         replacing: None,
         stalled: Vec::new(),
+        lost: watch::channel(None).0,
         metrics,
     };
     scheduler.watch_health();
@@ -269,7 +272,40 @@ struct Scheduler {
     replacing: Option<BoxFuture<'static, StageHandle>>,
     /// Sequences waiting for the lost stage to be back, to be replayed.
     stalled: Vec<Sequence>,
+    /// The last loss, so the steps out on that pipeline generation end at once.
+    lost: watch::Sender<Option<LostStage>>,
     metrics: Arc<Metrics>,
+}
+
+/// A stage lost on one pipeline generation, as the steps out on it are told.
+#[derive(Debug, Clone)]
+struct LostStage {
+    generation: u64,
+    stage: usize,
+    address: String,
+    reason: String,
+}
+
+/// Waits until `generation` of the pipeline has lost a stage, and says so as a step's error.
+async fn lost_on(
+    mut lost: watch::Receiver<Option<LostStage>>,
+    generation: u64,
+) -> CoordinatorError {
+    let loss = lost
+        .wait_for(|l| l.as_ref().is_some_and(|l| l.generation == generation))
+        .await
+        .ok()
+        .and_then(|l| l.clone());
+    match loss {
+        Some(l) => CoordinatorError::Stage {
+            stage: l.stage,
+            address: l.address,
+            code: tonic::Code::Unavailable,
+            message: format!("lost while the step was out: {}", l.reason),
+        },
+        // The scheduler is gone, and with it whoever waits for this step.
+        None => std::future::pending().await,
+    }
 }
 
 /// A micro-batch back from the pipeline, with the sequences it carried.
@@ -350,6 +386,12 @@ impl Scheduler {
         }
         let lost = self.pipeline.stages()[stage].clone();
         tracing::error!(stage, worker = %lost.address, %reason, spares = ?self.spares, "stage lost");
+        self.lost.send_replace(Some(LostStage {
+            generation: self.pipeline.generation(),
+            stage,
+            address: lost.address.clone(),
+            reason: reason.clone(),
+        }));
         let mut candidates = self.spares.clone();
         candidates.push(lost.address.clone());
         self.replacing = Some(
@@ -370,6 +412,21 @@ impl Scheduler {
         });
         let ready = std::mem::take(&mut self.ready);
         self.hold_for_replay(ready);
+        self.fail_waiting_unless_replaying();
+    }
+
+    /// Requests still queued when no replay is coming: they fail now, as new ones are refused,
+    /// instead of waiting for their deadline.
+    fn fail_waiting_unless_replaying(&mut self) {
+        let Some(outage) = self.outage.as_ref().filter(|o| !o.replaying) else {
+            return;
+        };
+        let status = outage.status();
+        let waiting: Vec<Sequence> = self.waiting.drain(..).collect();
+        // Queued sequences hold nothing on any stage: there is nothing to release.
+        for seq in waiting {
+            let _ = seq.events.send(Err(status.clone()));
+        }
     }
 
     /// Sequences whose caches are incomplete: held for replay while replaying, else failed.
@@ -451,6 +508,7 @@ impl Scheduler {
         );
         let stalled = std::mem::take(&mut self.stalled);
         self.hold_for_replay(stalled);
+        self.fail_waiting_unless_replaying();
     }
 
     fn handle(&mut self, command: Command) {
@@ -520,7 +578,18 @@ impl Scheduler {
     }
 
     fn admit(&mut self) {
-        while self.active() < self.limits.max_active.max(1) {
+        // Nothing runs until the stage is back: queued requests keep their place (while a
+        // replay is coming) instead of taking slots.
+        if self.outage.is_some() {
+            return;
+        }
+        // A sequence admitted holds a cache on every stage: no more than the tightest stage keeps.
+        let max_active = self
+            .limits
+            .max_active
+            .min(self.pipeline.limits().max_sequences)
+            .max(1);
+        while self.active() < max_active {
             let Some(mut seq) = self.waiting.pop_front() else {
                 break;
             };
@@ -614,11 +683,14 @@ impl Scheduler {
         }
         let devices = self.pipeline.parallel_micro_batches();
         let stages = self.pipeline.stages().len();
+        // Every micro-batch fits every stage's row limit, and so does one prompt chunk alone.
+        let max_rows = self.pipeline.limits().max_batch_rows.max(1);
+        let chunk = self.limits.max_prefill_chunk.clamp(1, max_rows);
         while !self.ready.is_empty() && self.in_flight.len() < stages {
             let prompts_only = self.in_flight.len() >= devices;
             let parallel = if prompts_only { stages } else { devices };
             let group = self.active().div_ceil(parallel).max(1);
-            let sequences: Vec<Sequence> = if prompts_only {
+            let mut sequences: Vec<Sequence> = if prompts_only {
                 self.take_prompts(group)
             } else {
                 let group = group.min(self.ready.len());
@@ -627,8 +699,14 @@ impl Scheduler {
             if sequences.is_empty() {
                 break;
             }
-            let chunk = self.limits.max_prefill_chunk.max(1);
-            let fed: Vec<usize> = sequences.iter().map(|s| s.next_feed(chunk)).collect();
+            let mut fed: Vec<usize> = sequences.iter().map(|s| s.next_feed(chunk)).collect();
+            // The rest wait, at the front, for the next micro-batch: a burst goes through in parts.
+            let fit = rows_that_fit(&fed, max_rows);
+            if fit < sequences.len() {
+                fed.truncate(fit);
+                let rest = sequences.split_off(fit);
+                self.ready.splice(0..0, rest);
+            }
             let entries: Vec<StepEntry> = sequences
                 .iter()
                 .zip(&fed)
@@ -645,8 +723,12 @@ impl Scheduler {
             self.next_step_id += 1;
             self.in_flight_sequences += sequences.len();
             let pipeline = self.pipeline.clone();
+            let lost = lost_on(self.lost.subscribe(), pipeline.generation());
             self.in_flight.push(Box::pin(async move {
-                let result = pipeline.step(step_id, &entries).await;
+                let result = tokio::select! {
+                    result = pipeline.step(step_id, &entries) => result,
+                    loss = lost => Err(loss),
+                };
                 FinishedStep {
                     generation: pipeline.generation(),
                     sequences,
@@ -751,6 +833,20 @@ impl Scheduler {
     }
 }
 
+/// How many of a micro-batch's candidates, feeding `feeds[i]` positions each, fit in `max_rows`
+/// positions: the longest prefix that does, and never none (one chunk alone always fits).
+fn rows_that_fit(feeds: &[usize], max_rows: usize) -> usize {
+    let mut rows = 0usize;
+    let fit = feeds
+        .iter()
+        .take_while(|&&n| {
+            rows = rows.saturating_add(n);
+            rows <= max_rows
+        })
+        .count();
+    fit.max(1).min(feeds.len())
+}
+
 /// Takes a sampled token into the sequence and streams it. Returns why the sequence ends, if it does.
 fn advance(
     seq: &mut Sequence,
@@ -845,5 +941,32 @@ async fn sleep_until_or_never(deadline: Option<Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rows_that_fit;
+
+    #[test]
+    fn micro_batches_keep_within_the_row_limit() {
+        for (feeds, max_rows, fit) in [
+            (&[512, 512, 512][..], 16_384, 3),
+            (&[512; 64][..], 16_384, 32),
+            (&[512, 100, 1][..], 612, 2),
+            (&[512, 100, 1][..], 613, 3),
+            (&[1; 8][..], 5, 5),
+            // A prefix only: the decode after the prompt that does not fit waits too.
+            (&[300, 400, 1][..], 500, 1),
+            // One candidate always goes, even alone over the limit (the chunk is clamped to it).
+            (&[700][..], 500, 1),
+            (&[][..], 500, 0),
+        ] {
+            assert_eq!(
+                rows_that_fit(feeds, max_rows),
+                fit,
+                "{feeds:?} in {max_rows}"
+            );
+        }
     }
 }

@@ -178,6 +178,7 @@ pub struct Engine {
     /// The state after the last job, so `Info` and `Health` answer at once instead of queueing
     /// behind compute (a health check stuck behind a long prefill looked like a dead worker).
     published: Arc<Mutex<EngineStats>>,
+    limits: EngineLimits,
 }
 
 impl Engine {
@@ -228,9 +229,14 @@ impl Engine {
                 state.run(job);
             }
         });
+        let limits = EngineLimits {
+            max_cache_bytes: Some(max_cache_bytes),
+            ..limits
+        };
         Ok(Self {
             jobs,
             device,
+            limits,
             published,
             spin: strata_transport::spin::async_budget(spin),
         })
@@ -286,6 +292,11 @@ impl Engine {
     }
 
     /// The state as of the last finished job; never waits for compute.
+    /// The limits every Forward is checked against, the KV bound resolved.
+    pub fn limits(&self) -> &EngineLimits {
+        &self.limits
+    }
+
     pub fn stats(&self) -> EngineStats {
         self.published
             .lock()

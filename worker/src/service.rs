@@ -172,6 +172,7 @@ async fn forward_once(
 impl v1::worker_server::Worker for WorkerService {
     async fn info(&self, _: Request<v1::InfoRequest>) -> Result<Response<v1::WorkerInfo>, Status> {
         let stats = self.engine.stats();
+        let limits = self.engine.limits();
         let crate::device::Memory { total, available } = self.memory();
         Ok(Response::new(v1::WorkerInfo {
             device: self.identity.device.clone(),
@@ -190,6 +191,9 @@ impl v1::worker_server::Worker for WorkerService {
             threads: self.identity.threads as u32,
             version: env!("CARGO_PKG_VERSION").into(),
             calibration: *self.calibration.lock().unwrap_or_else(|e| e.into_inner()),
+            max_batch_rows: limits.max_batch_rows.min(u32::MAX as usize) as u32,
+            max_sequences: limits.max_sequences.min(u32::MAX as usize) as u32,
+            max_cache_bytes: limits.max_cache_bytes.unwrap_or(0) as u64,
         }))
     }
 

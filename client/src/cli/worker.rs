@@ -30,6 +30,11 @@ pub struct WorkerArgs {
     /// Most sequences that may hold a KV cache at once.
     #[arg(long, env = "STRATA_MAX_SEQUENCES", default_value_t = EngineLimits::default().max_sequences)]
     max_sequences: usize,
+    /// Most positions (over all sequences) one Forward may carry: bounds the activations a step
+    /// holds. The coordinator sizes its micro-batches to fit.
+    #[arg(long, env = "STRATA_MAX_BATCH_ROWS", default_value_t = EngineLimits::default().max_batch_rows as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_batch_rows: u32,
     /// Memory all KV caches together may take, in MiB (default: half the memory the device can give
     /// at start: the GPU's own on a CUDA worker).
     /// Requests that would grow past it are refused with RESOURCE_EXHAUSTED instead of running out.
@@ -121,9 +126,9 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         },
         limits: EngineLimits {
             max_sequences: args.max_sequences,
+            max_batch_rows: args.max_batch_rows as usize,
             max_cache_bytes: args.max_cache_mib.map(|mib| mib << 20),
             idle_spin: args.idle_spin_us.map(std::time::Duration::from_micros),
-            ..EngineLimits::default()
         },
         max_message_bytes: args.max_message_mib << 20,
         security,
