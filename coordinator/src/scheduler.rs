@@ -49,6 +49,10 @@ pub struct SchedulerLimits {
     /// Prompt tokens of one sequence fed per step: a long prompt is prefilled over several steps so
     /// the sequences sharing its micro-batch keep decoding meanwhile.
     pub max_prefill_chunk: usize,
+    /// Positions of one micro-batch over all its sequences (vLLM's `max_num_batched_tokens`): a
+    /// burst of prompts goes through in parts, each step short next to the stage timeout (2,048
+    /// positions of SmolLM2 take ~8 s on 2 cores), and decoding sequences wait at most one part.
+    pub max_step_positions: usize,
 }
 
 impl Default for SchedulerLimits {
@@ -57,6 +61,7 @@ impl Default for SchedulerLimits {
             max_active: 64,
             max_queued: 1024,
             max_prefill_chunk: 512,
+            max_step_positions: 2048,
         }
     }
 }
@@ -683,8 +688,13 @@ impl Scheduler {
         }
         let devices = self.pipeline.parallel_micro_batches();
         let stages = self.pipeline.stages().len();
-        // Every micro-batch fits every stage's row limit, and so does one prompt chunk alone.
-        let max_rows = self.pipeline.limits().max_batch_rows.max(1);
+        // Every micro-batch fits the step budget and every stage's row limit, and so does one
+        // prompt chunk alone.
+        let max_rows = self
+            .limits
+            .max_step_positions
+            .min(self.pipeline.limits().max_batch_rows)
+            .max(1);
         let chunk = self.limits.max_prefill_chunk.clamp(1, max_rows);
         while !self.ready.is_empty() && self.in_flight.len() < stages {
             let prompts_only = self.in_flight.len() >= devices;

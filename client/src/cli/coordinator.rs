@@ -68,6 +68,12 @@ pub struct CoordinatorArgs {
     /// Prompt tokens of one sequence per step; longer prompts are prefilled over several steps.
     #[arg(long, env = "STRATA_MAX_PREFILL_CHUNK", default_value_t = SchedulerLimits::default().max_prefill_chunk)]
     max_prefill_chunk: usize,
+    /// Positions (over all sequences) of one step: a burst of prompts is prefilled over several
+    /// steps, so each stays well within `--stage-timeout` and decoding sequences wait at most one
+    /// such step for their next token. Workers' own Forward limits bound it too.
+    #[arg(long, env = "STRATA_MAX_STEP_POSITIONS", default_value_t = SchedulerLimits::default().max_step_positions as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_step_positions: u32,
     /// The most new tokens one request may ask for.
     #[arg(long, env = "STRATA_MAX_NEW_TOKENS", default_value_t = RequestLimits::default().max_new_tokens)]
     max_new_tokens: usize,
@@ -181,6 +187,7 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
             max_active: args.max_active.unwrap_or(scheduler_defaults.max_active),
             max_queued: args.max_queued.unwrap_or(scheduler_defaults.max_queued),
             max_prefill_chunk: args.max_prefill_chunk,
+            max_step_positions: args.max_step_positions as usize,
         },
         requests: RequestLimits {
             max_new_tokens: args.max_new_tokens,

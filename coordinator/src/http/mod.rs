@@ -4,6 +4,7 @@
 //! Handlers go through [`CoordinatorService`] exactly like gRPC calls do (one validation, one
 //! scheduler, one set of metrics); `openai.rs` converts OpenAI's JSON to and from it.
 
+mod connection;
 mod openai;
 
 use std::future::Future;
@@ -17,14 +18,17 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use strata_transport::{Security, ServerAuth};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
+
+use connection::{Activity, TrackedIo};
 
 use crate::service::CoordinatorService;
 use crate::CoordinatorError;
@@ -108,7 +112,8 @@ async fn not_found(request: Request) -> Response {
 }
 
 /// Serves the HTTP API on `listener` until `shutdown` resolves, then lets running requests finish
-/// (up to 30 s).
+/// (up to 30 s). Idle connections are closed after 20 s, headers must arrive within 10 s, and at
+/// most 4,096 connections are open at once (see `connection.rs`).
 pub async fn serve(
     listener: TcpListener,
     service: CoordinatorService,
@@ -127,6 +132,7 @@ pub async fn serve(
     );
     let app = router(service, security.auth_check());
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(connection::MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -141,16 +147,23 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "HTTP connection refused: {} open", connection::MAX_CONNECTIONS);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
         let tls = tls.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let _slot = slot;
+            let activity = Activity::new();
+            let tcp = TrackedIo::new(tcp, activity.clone());
             let Some(acceptor) = tls else {
-                return serve_connection(tcp, app, watcher, peer).await;
+                return serve_connection(tcp, app, watcher, peer, activity).await;
             };
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => serve_connection(stream, app, watcher, peer).await,
+                Ok(Ok(stream)) => serve_connection(stream, app, watcher, peer, activity).await,
                 // A plaintext client on the TLS port lands here: worth a line, not an error.
                 Ok(Err(e)) => tracing::info!(%peer, error = %e, "HTTP TLS handshake failed"),
                 Err(_) => tracing::info!(%peer, "HTTP TLS handshake timed out"),
@@ -167,15 +180,34 @@ pub async fn serve(
     Ok(())
 }
 
-/// Serves HTTP/1.1 or HTTP/2 on one (plain or TLS) connection until it closes or shutdown drains it.
-async fn serve_connection<I>(io: I, app: Router, watcher: Watcher, peer: SocketAddr)
-where
+/// Serves HTTP/1.1 or HTTP/2 on one (plain or TLS) connection until it closes, shutdown drains it,
+/// or it is idle too long.
+async fn serve_connection<I>(
+    io: I,
+    app: Router,
+    watcher: Watcher,
+    peer: SocketAddr,
+    activity: Arc<Activity>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let connection = auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(app))
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(connection::HEADER_TIMEOUT);
+    let service = connection::counted(app, activity.clone());
+    let connection = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service))
         .into_owned();
-    if let Err(e) = watcher.watch(connection).await {
-        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+    tokio::select! {
+        ended = watcher.watch(connection) => {
+            if let Err(e) = ended {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+            }
+        }
+        () = activity.until_idle() => {
+            tracing::debug!(%peer, "HTTP connection closed: idle for {:?}", connection::IDLE_TIMEOUT);
+        }
     }
 }

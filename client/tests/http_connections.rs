@@ -1,0 +1,88 @@
+//! What idle or slow HTTP clients can hold (issue #20's probe: 900 idle connections to the HTTP port
+//! were never closed): 2,000 connections that send nothing, or stop mid-header, do not stop a real
+//! request, and the server closes every one of them within 30 s.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use strata_client::{LocalCluster, LocalOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One HTTP/1.1 request on a fresh connection; the status line of the answer.
+async fn status_line(address: &str, request: &str) -> String {
+    let mut tcp = TcpStream::connect(address).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+        .await
+        .expect("no answer within 10 s")
+        .unwrap();
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_half_sent_connections_are_closed_and_do_not_stop_requests() {
+    let options = LocalOptions {
+        http: Some("127.0.0.1:0".into()),
+        ..LocalOptions::new(common::strata(), 1, common::default_model())
+    };
+    let cluster = LocalCluster::start(options).await.unwrap();
+    let url = cluster.http_url().expect("an HTTP port").to_string();
+    let address = url.trim_start_matches("http://").to_string();
+    let opened = Instant::now();
+    let mut idle = Vec::new();
+    for i in 0..2000 {
+        let mut tcp = TcpStream::connect(&address).await.unwrap();
+        // Every tenth stops in the middle of its headers (a slow-headers client).
+        if i % 10 == 0 {
+            tcp.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+        }
+        idle.push(tcp);
+    }
+    eprintln!("2000 connections open in {:?}", opened.elapsed());
+    let asked = Instant::now();
+    let line = status_line(
+        &address,
+        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(line.contains(" 200 "), "{line}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+    // Every idle connection is closed by the server (end of stream, or a reset) within 30 s.
+    let closes = idle.into_iter().map(|mut tcp| async move {
+        let mut buf = [0u8; 512];
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return opened.elapsed(),
+                // A slow-headers client may get a 408 before the close.
+                Ok(_) => {}
+            }
+        }
+    });
+    let closed = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(closes))
+        .await
+        .expect("connections still open 30 s after they went idle");
+    let last = closed.iter().max().unwrap();
+    eprintln!("every idle connection closed within {last:?} of opening");
+    assert!(*last < Duration::from_secs(30), "{last:?}");
+    // And the server still serves.
+    let line = status_line(
+        &address,
+        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(line.contains(" 200 "), "{line}");
+    cluster.stop().await.unwrap();
+}
