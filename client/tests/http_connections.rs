@@ -10,8 +10,8 @@ use strata_client::{LocalCluster, LocalOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// One HTTP/1.1 request on a fresh connection; the status line of the answer.
-async fn status_line(address: &str, request: &str) -> String {
+/// One HTTP/1.1 request on a fresh connection; the whole answer.
+async fn answer(address: &str, request: &str) -> String {
     let mut tcp = TcpStream::connect(address).await.unwrap();
     tcp.write_all(request.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
@@ -19,11 +19,13 @@ async fn status_line(address: &str, request: &str) -> String {
         .await
         .expect("no answer within 10 s")
         .unwrap();
-    String::from_utf8_lossy(&answer)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string()
+    String::from_utf8_lossy(&answer).to_string()
+}
+
+/// The status line of [`answer`].
+async fn status_line(address: &str, request: &str) -> String {
+    let answer = answer(address, request).await;
+    answer.lines().next().unwrap_or_default().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,5 +86,40 @@ async fn idle_and_half_sent_connections_are_closed_and_do_not_stop_requests() {
     )
     .await;
     assert!(line.contains(" 200 "), "{line}");
+    cluster.stop().await.unwrap();
+}
+
+/// `/health` answers probes without a key but tells the reason (worker addresses, their errors)
+/// only to a caller with one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_without_the_key_says_only_ready_or_not() {
+    let options = LocalOptions {
+        http: Some("127.0.0.1:0".into()),
+        ..LocalOptions::new(common::strata(), 1, common::default_model())
+    };
+    let cluster = LocalCluster::start(options).await.unwrap();
+    let url = cluster.http_url().expect("an HTTP port").to_string();
+    let address = url.trim_start_matches("http://").to_string();
+    let token = cluster
+        .security()
+        .token()
+        .expect("a token")
+        .as_str()
+        .to_string();
+    let open = answer(
+        &address,
+        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(open.starts_with("HTTP/1.1 200"), "{open}");
+    assert!(open.ends_with(r#"{"status":"ok"}"#), "{open}");
+    let keyed = answer(
+        &address,
+        &format!(
+            "GET /health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert!(keyed.contains(r#""message":"serving "#), "{keyed}");
     cluster.stop().await.unwrap();
 }

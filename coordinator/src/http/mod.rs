@@ -47,7 +47,8 @@ struct AppState {
 }
 
 /// The routes, with the token check in front of everything but `/health` (load balancers and
-/// orchestrators probe it without credentials; it says only whether the pipeline serves).
+/// orchestrators probe it without credentials; without the token it says only whether the
+/// pipeline serves).
 fn router(service: CoordinatorService, auth: ServerAuth) -> Router {
     let state = AppState { service, auth };
     let protected = Router::new()
@@ -74,14 +75,29 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
     }
 }
 
-async fn health(State(state): State<AppState>) -> Response {
-    match state.service.health().await {
-        Ok((true, message)) => {
-            axum::Json(serde_json::json!({"status": "ok", "message": message})).into_response()
+/// Ready or not, for anyone (load balancers probe without credentials); why, with which worker,
+/// only for a caller with the token: the reason names worker addresses and their errors.
+async fn health(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    let authorized = state
+        .auth
+        .check(
+            headers
+                .get(header::AUTHORIZATION)
+                .map(HeaderValue::as_bytes),
+        )
+        .is_ok();
+    let body = |status: &str, message: String| {
+        let mut body = serde_json::json!({ "status": status });
+        if authorized {
+            body["message"] = message.into();
         }
+        axum::Json(body)
+    };
+    match state.service.health().await {
+        Ok((true, message)) => body("ok", message).into_response(),
         Ok((false, message)) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({"status": "unavailable", "message": message})),
+            body("unavailable", message),
         )
             .into_response(),
         Err(status) => openai::ApiError::from(status).into_response(),
