@@ -47,6 +47,12 @@ pub enum TransportError {
     Write { path: PathBuf, reason: String },
 }
 
+/// Concurrent streams one client connection may open on a gRPC port.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// How often an idle gRPC connection is pinged, and how long the answer may take.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Where a node's security material lives (all optional; each part works alone).
 #[derive(Debug, Clone, Default)]
 pub struct SecurityFiles {
@@ -144,6 +150,14 @@ impl Security {
 
     /// Turns on TLS for a server when this node has a certificate and key.
     pub fn configure_server(&self, server: Server) -> Result<Server, TransportError> {
+        // One client connection cannot open streams without bound (the coordinator's clients
+        // open one per request, a worker sees a handful), and a peer that vanishes without closing
+        // its connection is noticed by HTTP/2 and TCP keepalives instead of holding it forever.
+        let server = server
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .tcp_keepalive(Some(KEEPALIVE_INTERVAL));
         match self.tls.as_ref().and_then(TlsMaterial::server_config) {
             Some(config) => server
                 .tls_config(config)
