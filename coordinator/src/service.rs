@@ -62,23 +62,29 @@ fn invalid(message: String) -> Status {
 }
 
 impl CoordinatorService {
-    fn tokenize(&self, text: &str) -> Result<Vec<u32>, Status> {
-        if text.len() > self.limits.max_prompt_bytes {
+    fn check_prompt_bytes(&self, bytes: usize, what: &str) -> Result<(), Status> {
+        if bytes > self.limits.max_prompt_bytes {
             return Err(invalid(format!(
-                "prompt of {} bytes is over the limit of {}",
-                text.len(),
+                "{what} of {bytes} bytes {} over the limit of {}",
+                if what.ends_with('s') { "are" } else { "is" },
                 self.limits.max_prompt_bytes
             )));
         }
+        Ok(())
+    }
+
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>, Status> {
+        self.check_prompt_bytes(text.len(), "prompt")?;
         self.tokenizer
             .encode(text)
             .map_err(|e| Status::internal(format!("tokenizer: {e}")))
     }
 
-    /// The prompt text: `prompt` as given, or `messages` rendered with the model's chat template.
-    fn prompt_text(&self, r: &v1::GenerateRequest) -> Result<String, Status> {
+    /// The prompt's ids: `prompt` as given, or `messages` rendered with the model's chat template,
+    /// their content tokenized as text (a control token typed in a message stays characters).
+    fn prompt_ids(&self, r: &v1::GenerateRequest) -> Result<Vec<u32>, Status> {
         if r.messages.is_empty() {
-            return Ok(r.prompt.clone());
+            return self.tokenize(&r.prompt);
         }
         if !r.prompt.is_empty() {
             return Err(invalid(
@@ -103,15 +109,28 @@ impl CoordinatorService {
             .iter()
             .map(|m| m.content.len() + m.role.len())
             .sum();
-        if bytes > self.limits.max_prompt_bytes {
-            return Err(invalid(format!(
-                "messages of {bytes} bytes are over the limit of {}",
-                self.limits.max_prompt_bytes
-            )));
-        }
-        template
-            .render(&messages)
-            .map_err(|e| invalid(format!("chat messages: {e}")))
+        self.check_prompt_bytes(bytes, "messages")?;
+        let rendered = template
+            .render_with_content(&messages)
+            .map_err(|e| invalid(format!("chat messages: {e}")))?;
+        self.check_prompt_bytes(rendered.text.len(), "the rendered chat")?;
+        let encoded = match &rendered.content {
+            Some(content) => self.tokenizer.encode_with_data(&rendered.text, content),
+            None => {
+                if let Some(m) = messages
+                    .iter()
+                    .find(|m| self.tokenizer.has_control_text(&m.content))
+                {
+                    return Err(invalid(format!(
+                        "a {} message holds a control token's text, and {}'s chat template changes \
+                         message content in a way that cannot keep it text",
+                        m.role, self.model.name
+                    )));
+                }
+                self.tokenizer.encode(&rendered.text)
+            }
+        };
+        encoded.map_err(|e| Status::internal(format!("tokenizer: {e}")))
     }
 
     fn validate(
@@ -120,7 +139,7 @@ impl CoordinatorService {
         client_timeout: Option<Duration>,
         request_id: Arc<str>,
     ) -> Result<GenerationRequest, Status> {
-        let prompt_ids = self.tokenize(&self.prompt_text(&r)?)?;
+        let prompt_ids = self.prompt_ids(&r)?;
         if prompt_ids.is_empty() {
             return Err(invalid(
                 "the prompt is empty: give at least one token of text".into(),

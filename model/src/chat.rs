@@ -2,6 +2,7 @@
 //! Face `tokenizer_config.json`), rendered with minijinja the way `transformers` renders it.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::Value;
@@ -99,6 +100,77 @@ impl ChatTemplate {
     }
 }
 
+/// A rendered prompt and where the messages' content lies in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedChat {
+    pub text: String,
+    /// Byte ranges of `text` that are message content (the user's text, not the template's), or
+    /// `None` where the template changes content in a way that cannot be followed (say `upper`).
+    pub content: Option<Vec<Range<usize>>>,
+}
+
+/// Stands for message `i`'s content in a second rendering, to find where the template puts it:
+/// private-use characters no template trims, changes or contains.
+fn marker(i: usize) -> String {
+    format!("\u{E000}{i}\u{E001}")
+}
+
+impl ChatTemplate {
+    /// [`ChatTemplate::render`], and where each message's content landed (see
+    /// `TextTokenizer::encode_with_data`). The template is rendered once more with a marker for each
+    /// content; putting the contents (as they are, or trimmed, as Gemma's template trims them) in
+    /// place of the markers must give the same text, or the template changed the content in a way
+    /// that cannot be followed (`content` is `None`).
+    pub fn render_with_content(&self, messages: &[ChatMessage]) -> Result<RenderedChat, String> {
+        let text = self.render(messages)?;
+        if messages.iter().any(|m| {
+            m.role.contains(['\u{E000}', '\u{E001}'])
+                || m.content.contains(['\u{E000}', '\u{E001}'])
+        }) {
+            return Err("chat messages may not contain the characters U+E000 or U+E001".into());
+        }
+        let marked: Vec<ChatMessage> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| ChatMessage {
+                role: m.role.clone(),
+                content: marker(i),
+            })
+            .collect();
+        let skeleton = self.render(&marked)?;
+        for trim in [false, true] {
+            let mut rebuilt = String::with_capacity(text.len());
+            let mut content = Vec::new();
+            let mut rest = skeleton.as_str();
+            while let Some(open) = rest.find('\u{E000}') {
+                let Some(close) = rest[open..].find('\u{E001}') else {
+                    break;
+                };
+                let index: Option<usize> = rest[open + 3..open + close].parse().ok();
+                let Some(m) = index.and_then(|i| messages.get(i)) else {
+                    break;
+                };
+                rebuilt.push_str(&rest[..open]);
+                let body = if trim { m.content.trim() } else { &m.content };
+                content.push(rebuilt.len()..rebuilt.len() + body.len());
+                rebuilt.push_str(body);
+                rest = &rest[open + close + 3..];
+            }
+            rebuilt.push_str(rest);
+            if rebuilt == text {
+                return Ok(RenderedChat {
+                    text,
+                    content: Some(content),
+                });
+            }
+        }
+        Ok(RenderedChat {
+            text,
+            content: None,
+        })
+    }
+}
+
 /// GGUF's `tokenizer.chat_template`, and the texts of its BOS and EOS tokens.
 pub(crate) fn from_gguf_metadata(md: &HashMap<String, Value>) -> Option<ChatTemplateSource> {
     let source = md.get("tokenizer.chat_template")?.to_string().ok()?.clone();
@@ -174,6 +246,34 @@ mod tests {
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
              <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
+    }
+
+    #[test]
+    fn content_ranges_follow_the_template_trimmed_or_not() {
+        let spans = |source: &str, messages: &[ChatMessage]| {
+            let t = ChatTemplate::new(Path::new("m"), source.into(), String::new(), String::new())
+                .unwrap();
+            t.render_with_content(messages).map(|r| {
+                let texts: Option<Vec<String>> = r
+                    .content
+                    .map(|spans| spans.iter().map(|c| r.text[c.clone()].into()).collect());
+                (r.text, texts)
+            })
+        };
+        let messages = [user(" Hi <|im_end|> "), user("again")];
+        let (text, contents) = spans(SMOLLM2, &messages).unwrap();
+        assert_eq!(contents.unwrap(), [" Hi <|im_end|> ", "again"]);
+        assert!(text.starts_with("<|im_start|>system\n"));
+        // Gemma's templates trim the content.
+        let trims = "{% for m in messages %}<t>{{ m['content'] | trim }}</t>{% endfor %}";
+        let (text, contents) = spans(trims, &messages).unwrap();
+        assert_eq!(text, "<t>Hi <|im_end|></t><t>again</t>");
+        assert_eq!(contents.unwrap(), ["Hi <|im_end|>", "again"]);
+        // A template that rewrites content cannot be followed: no ranges, not a guess.
+        let upper = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}";
+        assert_eq!(spans(upper, &messages).unwrap().1, None);
+        // The markers' characters are refused in messages.
+        assert!(spans(SMOLLM2, &[user("\u{E000}0\u{E001}")]).is_err());
     }
 
     #[test]

@@ -99,9 +99,16 @@ impl SpmTokenizer {
 
     /// The ids of `text` (no BOS; the caller adds it).
     pub fn encode(&self, text: &str) -> Vec<u32> {
+        self.encode_with_data(text, &[])
+    }
+
+    /// [`SpmTokenizer::encode`], with control and unknown tokens not matched where they overlap
+    /// the byte ranges `data` (llama.cpp's `parse_special = false` there; user-defined tokens
+    /// still are).
+    pub fn encode_with_data(&self, text: &str, data: &[std::ops::Range<usize>]) -> Vec<u32> {
         let mut out = Vec::new();
         let mut prev_special = true;
-        for fragment in self.partition(text) {
+        for fragment in self.partition(text, data) {
             match fragment {
                 Fragment::Token(id) => {
                     out.push(id);
@@ -139,8 +146,18 @@ impl SpmTokenizer {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
-    /// Splits special tokens out of `text`, longest first, as llama.cpp does.
-    fn partition(&self, text: &str) -> Vec<Fragment> {
+    /// The control tokens' texts and ids.
+    pub fn control_tokens(&self) -> Vec<(String, u32)> {
+        self.specials
+            .iter()
+            .filter(|&&id| matches!(self.types[id as usize], CONTROL | UNKNOWN))
+            .map(|&id| (self.tokens[id as usize].clone(), id))
+            .collect()
+    }
+
+    /// Splits special tokens out of `text`, longest first, as llama.cpp does; control and unknown
+    /// tokens overlapping `data` stay text.
+    fn partition(&self, text: &str, data: &[std::ops::Range<usize>]) -> Vec<Fragment> {
         if text.is_empty() {
             return Vec::new();
         }
@@ -150,19 +167,31 @@ impl SpmTokenizer {
             if !text.contains(special) {
                 continue;
             }
+            let parse_here = |at: usize| {
+                !matches!(self.types[id as usize], CONTROL | UNKNOWN)
+                    || !data
+                        .iter()
+                        .any(|r| r.start < at + special.len() && at < r.end)
+            };
             let mut next = Vec::with_capacity(fragments.len() + 2);
             for fragment in fragments {
                 let Fragment::Text(mut start, end) = fragment else {
                     next.push(fragment);
                     continue;
                 };
-                while let Some(at) = text[start..end].find(special) {
-                    let at = start + at;
+                let mut search = start;
+                while let Some(found) = text[search..end].find(special) {
+                    let at = search + found;
+                    if !parse_here(at) {
+                        search = at + special.chars().next().map_or(1, char::len_utf8);
+                        continue;
+                    }
                     if at > start {
                         next.push(Fragment::Text(start, at));
                     }
                     next.push(Fragment::Token(id));
                     start = at + special.len();
+                    search = start;
                 }
                 if start < end {
                     next.push(Fragment::Text(start, end));

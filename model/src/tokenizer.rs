@@ -7,7 +7,9 @@
 //! For Hugging Face directories `tokenizer.json` is used as it is.
 
 use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -37,6 +39,34 @@ const END_OF_GENERATION_TEXTS: &[&str] = &[
     "<｜end▁of▁sentence｜>",
 ];
 
+/// Where control tokens stand in `text` outside the `data` ranges, in order, as (byte offset,
+/// length, id): longest token first wherever two could start at one place.
+fn control_matches(
+    text: &str,
+    controls: &[(String, u32)],
+    data: &[Range<usize>],
+) -> Vec<(usize, usize, u32)> {
+    let mut found = Vec::new();
+    let mut at = 0;
+    while at < text.len() {
+        let rest = &text[at..];
+        let hit = controls.iter().find(|(special, _)| {
+            rest.starts_with(special.as_str())
+                && !data
+                    .iter()
+                    .any(|r| r.start < at + special.len() && at < r.end)
+        });
+        match hit {
+            Some((special, id)) => {
+                found.push((at, special.len(), *id));
+                at += special.len();
+            }
+            None => at += rest.chars().next().map_or(1, char::len_utf8),
+        }
+    }
+    found
+}
+
 /// The Llama 3 pre-tokenizer split (llama.cpp `LLAMA_VOCAB_PRE_TYPE_LLAMA3`): numbers in groups of
 /// up to three digits.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -54,6 +84,11 @@ pub struct TextTokenizer {
     /// Whether `encode` asks the HF post-processor to add special tokens.
     post_process: bool,
     end_of_generation: BTreeSet<u32>,
+    /// The HF tokenizer with special tokens read as plain text, made the first time a request
+    /// has control-token text in its data (`encode_with_data`).
+    hf_as_text: OnceLock<Tokenizer>,
+    /// [`TextTokenizer::control_tokens`], listed once.
+    controls: OnceLock<Vec<(String, u32)>>,
 }
 
 /// The tokenization algorithm.
@@ -97,6 +132,85 @@ impl TextTokenizer {
             Backend::Spm(spm) => ids.extend(spm.encode(text)),
         }
         Ok(ids)
+    }
+
+    /// Encodes a prompt in which the byte ranges `data` (chat messages' content) are text the
+    /// user typed: a control token's text there (`<|im_start|>`) is tokenized as the characters it
+    /// is, never as the control token, so content cannot open a turn of its own (llama.cpp's
+    /// `parse_special = false` for those ranges). Everywhere else, as [`TextTokenizer::encode`];
+    /// with no control-token text in `data`, exactly it.
+    pub fn encode_with_data(
+        &self,
+        text: &str,
+        data: &[Range<usize>],
+    ) -> Result<Vec<u32>, ModelError> {
+        let controls = self.control_tokens();
+        let in_data = |range: &Range<usize>| {
+            controls
+                .iter()
+                .any(|(special, _)| text[range.clone()].contains(special.as_str()))
+        };
+        if !data.iter().any(in_data) {
+            return self.encode(text);
+        }
+        let mut ids = Vec::new();
+        ids.extend(self.bos_to_prepend);
+        match &self.inner {
+            Backend::Spm(spm) => ids.extend(spm.encode_with_data(text, data)),
+            Backend::Hf(inner) => {
+                let as_text = self.hf_as_text.get_or_init(|| {
+                    let mut plain = (**inner).clone();
+                    plain.set_encode_special_tokens(true);
+                    plain
+                });
+                let encode = |piece: &str, add_special: bool| {
+                    as_text
+                        .encode(piece, add_special)
+                        .map(|e| e.get_ids().to_vec())
+                        .map_err(|e| tokenizer_error(Path::new("<text>"), e))
+                };
+                // What the post-processor adds around a whole prompt (a BOS) comes once.
+                ids.extend(encode("", self.post_process)?);
+                let mut start = 0;
+                for (at, len, id) in control_matches(text, controls, data) {
+                    if at > start {
+                        ids.extend(encode(&text[start..at], false)?);
+                    }
+                    ids.push(id);
+                    start = at + len;
+                }
+                if start < text.len() {
+                    ids.extend(encode(&text[start..], false)?);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Whether `text` holds the text of a control token.
+    pub fn has_control_text(&self, text: &str) -> bool {
+        self.control_tokens()
+            .iter()
+            .any(|(special, _)| text.contains(special.as_str()))
+    }
+
+    /// The control tokens' texts and ids, longest first.
+    fn control_tokens(&self) -> &[(String, u32)] {
+        self.controls.get_or_init(|| self.list_control_tokens())
+    }
+
+    fn list_control_tokens(&self) -> Vec<(String, u32)> {
+        let mut controls: Vec<(String, u32)> = match &self.inner {
+            Backend::Hf(inner) => inner
+                .get_added_tokens_decoder()
+                .into_iter()
+                .filter(|(_, t)| t.special && !t.content.is_empty())
+                .map(|(id, t)| (t.content, id))
+                .collect(),
+            Backend::Spm(spm) => spm.control_tokens(),
+        };
+        controls.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        controls
     }
 
     /// Decodes ids to text, special tokens included.
@@ -204,6 +318,8 @@ impl TextTokenizer {
             bos_to_prepend: if add_bos { bos } else { None },
             post_process: false,
             end_of_generation,
+            hf_as_text: OnceLock::new(),
+            controls: OnceLock::new(),
         })
     }
 
@@ -216,6 +332,8 @@ impl TextTokenizer {
             bos_to_prepend: None,
             post_process: true,
             end_of_generation,
+            hf_as_text: OnceLock::new(),
+            controls: OnceLock::new(),
         })
     }
 

@@ -2,8 +2,9 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::Args;
-use strata_model::{ModelFile, TextTokenizer};
+use strata_model::{ChatMessage, ChatTemplate, ModelFile, TextTokenizer};
 
 #[derive(Debug, Args)]
 pub struct TokenizeArgs {
@@ -15,13 +16,37 @@ pub struct TokenizeArgs {
     /// Print `{"ids": [...]}` instead of one id per line.
     #[arg(long)]
     json: bool,
+    /// Encode the text as one user message in the model's chat template, as the chat API does:
+    /// control tokens typed in it stay text.
+    #[arg(long)]
+    chat: bool,
 }
 
 pub fn run(args: TokenizeArgs) -> anyhow::Result<()> {
     let path = strata_client::model_cache::resolve_model(args.model.as_deref())?;
     let model = ModelFile::open(&path)?;
     let tokenizer = TextTokenizer::load(&model)?;
-    let ids = tokenizer.encode(&args.text)?;
+    let ids = if args.chat {
+        let template = ChatTemplate::load(&model)?
+            .with_context(|| format!("{} has no chat template", path.display()))?;
+        let messages = [ChatMessage {
+            role: "user".into(),
+            content: args.text,
+        }];
+        let rendered = template
+            .render_with_content(&messages)
+            .map_err(|e| anyhow::anyhow!("chat template: {e}"))?;
+        match &rendered.content {
+            Some(content) => tokenizer.encode_with_data(&rendered.text, content)?,
+            None if tokenizer.has_control_text(&messages[0].content) => anyhow::bail!(
+                "the text holds a control token's text, and this model's chat template changes \
+                 message content in a way that cannot keep it text"
+            ),
+            None => tokenizer.encode(&rendered.text)?,
+        }
+    } else {
+        tokenizer.encode(&args.text)?
+    };
     if args.json {
         println!("{}", serde_json::json!({ "ids": ids }));
     } else {
