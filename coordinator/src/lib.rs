@@ -17,6 +17,7 @@ pub mod http;
 pub mod metrics;
 pub mod pipeline;
 pub mod plan;
+pub mod prompt_threads;
 pub mod recovery;
 pub mod scheduler;
 pub mod server;

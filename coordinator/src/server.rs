@@ -146,6 +146,9 @@ impl Coordinator {
                 chat,
                 limits: config.requests,
                 metrics,
+                prompt_work: Arc::new(crate::prompt_threads::PromptThreads::start(
+                    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+                )?),
             },
             security: config.security,
             initial_stages,

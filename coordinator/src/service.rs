@@ -27,6 +27,8 @@ pub struct RequestLimits {
     pub max_prompt_bytes: usize,
     pub max_stop_strings: usize,
     pub max_stop_bytes: usize,
+    /// Chat messages in one request.
+    pub max_messages: usize,
     /// The longest a request may run, queueing included; a client's `grpc-timeout` can only
     /// shorten it.
     pub max_request_time: Duration,
@@ -40,6 +42,7 @@ impl Default for RequestLimits {
             max_prompt_bytes: 1 << 20,
             max_stop_strings: 16,
             max_stop_bytes: 256,
+            max_messages: 4096,
             max_request_time: Duration::from_secs(600),
         }
     }
@@ -55,6 +58,8 @@ pub struct CoordinatorService {
     pub(crate) chat: Option<Arc<ChatTemplate>>,
     pub(crate) limits: RequestLimits,
     pub(crate) metrics: Arc<Metrics>,
+    /// Where tokenizing and template rendering run (`prompt_threads.rs`).
+    pub(crate) prompt_work: Arc<crate::prompt_threads::PromptThreads>,
 }
 
 fn invalid(message: String) -> Status {
@@ -62,6 +67,22 @@ fn invalid(message: String) -> Status {
 }
 
 impl CoordinatorService {
+    /// Runs `work` (tokenizing, rendering) on the prompt threads, so the async threads keep
+    /// streaming meanwhile.
+    async fn off_async_threads<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&CoordinatorService) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let service = self.clone();
+        self.prompt_work.run(Box::new(move || {
+            let _ = done.send(work(&service));
+        }));
+        result
+            .await
+            .map_err(|_| Status::internal("tokenizing failed"))?
+    }
+
     fn check_prompt_bytes(&self, bytes: usize, what: &str) -> Result<(), Status> {
         if bytes > self.limits.max_prompt_bytes {
             return Err(invalid(format!(
@@ -139,19 +160,25 @@ impl CoordinatorService {
         client_timeout: Option<Duration>,
         request_id: Arc<str>,
     ) -> Result<GenerationRequest, Status> {
-        let prompt_ids = self.prompt_ids(&r)?;
-        if prompt_ids.is_empty() {
-            return Err(invalid(
-                "the prompt is empty: give at least one token of text".into(),
-            ));
-        }
-        let context = self.model.config.context_length;
-        if prompt_ids.len() >= context {
+        // The cheap checks first: a request refused for its sizes costs no tokenizing.
+        if r.messages.len() > self.limits.max_messages {
             return Err(invalid(format!(
-                "the prompt is {} tokens; the model's context length is {context}, leaving no room to generate",
-                prompt_ids.len()
+                "{} chat messages; at most {} are allowed",
+                r.messages.len(),
+                self.limits.max_messages
             )));
         }
+        let prompt_bytes = r.prompt.len()
+            + r.messages
+                .iter()
+                .map(|m| m.content.len() + m.role.len())
+                .sum::<usize>();
+        let what = if r.messages.is_empty() {
+            "prompt"
+        } else {
+            "messages"
+        };
+        self.check_prompt_bytes(prompt_bytes, what)?;
         let max_tokens = match r.max_tokens as usize {
             0 => self.limits.default_max_tokens,
             n if n > self.limits.max_new_tokens => {
@@ -200,6 +227,19 @@ impl CoordinatorService {
                 self.limits.max_stop_bytes
             )));
         }
+        let prompt_ids = self.prompt_ids(&r)?;
+        if prompt_ids.is_empty() {
+            return Err(invalid(
+                "the prompt is empty: give at least one token of text".into(),
+            ));
+        }
+        let context = self.model.config.context_length;
+        if prompt_ids.len() >= context {
+            return Err(invalid(format!(
+                "the prompt is {} tokens; the model's context length is {context}, leaving no room to generate",
+                prompt_ids.len()
+            )));
+        }
         let time = client_timeout.map_or(self.limits.max_request_time, |t| {
             t.min(self.limits.max_request_time)
         });
@@ -225,7 +265,11 @@ impl CoordinatorService {
         api: Api,
     ) -> Result<Events, Status> {
         let started = async {
-            let request = self.validate(request, client_timeout, request_id)?;
+            let request = self
+                .off_async_threads(move |service| {
+                    service.validate(request, client_timeout, request_id)
+                })
+                .await?;
             let prompt_tokens = request.prompt_ids.len();
             let (events, stream) = mpsc::unbounded_channel();
             self.scheduler.submit(request, events).await?;
@@ -455,7 +499,11 @@ impl v1::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<v1::TokenizeRequest>,
     ) -> Result<Response<v1::TokenizeResponse>, Status> {
-        let ids = self.tokenize(&request.into_inner().text)?;
+        let text = request.into_inner().text;
+        self.check_prompt_bytes(text.len(), "prompt")?;
+        let ids = self
+            .off_async_threads(move |service| service.tokenize(&text))
+            .await?;
         Ok(Response::new(v1::TokenizeResponse { ids }))
     }
 

@@ -39,6 +39,43 @@ const END_OF_GENERATION_TEXTS: &[&str] = &[
     "<｜end▁of▁sentence｜>",
 ];
 
+/// The most bytes [`TextTokenizer::encode`] hands a byte-level BPE tokenizer at once.
+const PIECE_BYTES: usize = 64 << 10;
+
+/// `text` cut into pieces of at most [`PIECE_BYTES`], each cut where every byte-level pre-tokenizer
+/// here (GPT-2's, Llama 3's, Qwen2's, with or without single digits) ends a pre-token anyway, so the
+/// ids are those of the whole text: after a line break that a non-space follows, or before a space
+/// between two letters. Only a stretch of that length with neither (one character repeated, say)
+/// is cut where it must, at a character boundary.
+fn pieces(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        if rest.len() <= PIECE_BYTES {
+            return Some(std::mem::take(&mut rest));
+        }
+        let window = &rest.as_bytes()[..PIECE_BYTES];
+        let letter = |b: u8| b.is_ascii_alphabetic();
+        let cut = (PIECE_BYTES / 2..PIECE_BYTES - 1)
+            .rev()
+            .find(|&i| {
+                (window[i - 1] == b'\n' && !window[i].is_ascii_whitespace())
+                    || (window[i] == b' ' && letter(window[i - 1]) && letter(window[i + 1]))
+            })
+            .unwrap_or_else(|| {
+                (1..=PIECE_BYTES)
+                    .rev()
+                    .find(|&i| rest.is_char_boundary(i))
+                    .unwrap_or(rest.len())
+            });
+        let (piece, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(piece)
+    })
+}
+
 /// Where control tokens stand in `text` outside the `data` ranges, in order, as (byte offset,
 /// length, id): longest token first wherever two could start at one place.
 fn control_matches(
@@ -123,6 +160,17 @@ impl TextTokenizer {
         let mut ids = Vec::new();
         ids.extend(self.bos_to_prepend);
         match &self.inner {
+            // Long texts go through in pieces cut where the pre-tokenizer cuts anyway, keeping
+            // only ids: a 1 MiB prompt as one encoding held ~90 MiB (a token string and offsets
+            // per token, and BPE's merge state for a 1 MiB word).
+            Backend::Hf(inner) if !self.post_process && text.len() > PIECE_BYTES => {
+                for piece in pieces(text) {
+                    let encoding = inner
+                        .encode(piece, false)
+                        .map_err(|e| tokenizer_error(Path::new("<text>"), e))?;
+                    ids.extend_from_slice(encoding.get_ids());
+                }
+            }
             Backend::Hf(inner) => {
                 let encoding = inner
                     .encode(text, self.post_process)
@@ -485,5 +533,50 @@ fn tokenizer_error(path: &Path, e: impl std::fmt::Display) -> ModelError {
     ModelError::Tokenizer {
         path: path.to_owned(),
         message: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The default model as `strata fetch-model` caches it (CI fetches it before the tests).
+    fn smollm2() -> TextTokenizer {
+        let home = std::env::var_os("STRATA_HOME")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+                    .join(".cache/strata")
+            });
+        let path = home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let model = ModelFile::open(&path)
+            .unwrap_or_else(|e| panic!("{e} (run `strata fetch-model` first)"));
+        TextTokenizer::load(&model).unwrap()
+    }
+
+    #[test]
+    fn long_texts_tokenize_in_pieces_exactly_as_in_one() {
+        let tokenizer = smollm2();
+        let Backend::Hf(inner) = &tokenizer.inner else {
+            panic!("SmolLM2 has a byte-level BPE tokenizer");
+        };
+        let whole = |text: &str| inner.encode(text, false).unwrap().get_ids().to_vec();
+        let line = "Le café coûte 3,50 € — it's 12:30!\tOK?  Ja, 2024-05-06;  x\n\n  indented";
+        let prose = "word ".repeat(40_000);
+        let mut mixed = String::new();
+        while mixed.len() < 300_000 {
+            mixed.push_str(line);
+            mixed.push('\n');
+        }
+        for text in [mixed.as_str(), prose.as_str()] {
+            assert!(text.len() > 2 * PIECE_BYTES);
+            assert!(pieces(text).all(|p| p.len() <= PIECE_BYTES));
+            assert_eq!(pieces(text).collect::<String>(), text);
+            assert_eq!(tokenizer.encode(text).unwrap(), whole(text));
+        }
+        // A run with no place to cut is cut anyway, and loses nothing.
+        let run = "a".repeat(200_000);
+        let ids = tokenizer.encode(&run).unwrap();
+        assert_eq!(tokenizer.decode(&ids).unwrap(), run);
     }
 }
