@@ -287,3 +287,64 @@ async fn a_hung_worker_ends_every_stream_and_the_queue_within_5_s() {
     first.stop().await.unwrap();
     second.stop().await.unwrap();
 }
+
+/// A stage loaded over by someone else (another layer range on the same worker) is noticed by the
+/// health checks and loaded back: requests are right again within seconds, not failing forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_loaded_over_by_someone_else_is_noticed_and_put_back() {
+    let first = WorkerProcess::spawn(&options()).await.unwrap();
+    let second = WorkerProcess::spawn(&options()).await.unwrap();
+    let client = coordinator(&[&first, &second], &[]).await;
+    let greedy = params(0, 0.0);
+    let expected = client
+        .generate_collect(PROMPT, &greedy)
+        .await
+        .unwrap()
+        .token_ids;
+
+    let mut raw = v1::worker_client::WorkerClient::connect(format!("http://{}", second.address))
+        .await
+        .unwrap();
+    let info = raw.info(v1::InfoRequest {}).await.unwrap().into_inner();
+    let planned = info.loaded.expect("a stage");
+    let fingerprint = info.model.expect("a model").fingerprint;
+    raw.load_stage(v1::LoadStageRequest {
+        model_fingerprint: fingerprint,
+        layers: Some(v1::LayerRange { start: 0, end: 3 }),
+        output_dtype: 0,
+    })
+    .await
+    .unwrap();
+    let swapped = Instant::now();
+    loop {
+        let info = raw.info(v1::InfoRequest {}).await.unwrap().into_inner();
+        if info.loaded == Some(planned) {
+            break;
+        }
+        assert!(
+            swapped.elapsed() < Duration::from_secs(10),
+            "the coordinator did not put its stage back: {:?}",
+            info.loaded
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "stage put back {:?} after it was loaded over",
+        swapped.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.generate_collect(PROMPT, &greedy).await {
+            Ok(again) => {
+                assert_eq!(again.token_ids, expected);
+                break;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "not serving again: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    first.stop().await.unwrap();
+    second.stop().await.unwrap();
+}

@@ -248,8 +248,8 @@ impl Pipeline {
         self.generation
     }
 
-    /// Asks every stage's worker for `Health` (within `timeout`); the first stage that does not
-    /// answer `SERVING`, why, and whether it merely did not answer in time (a busy host) rather
+    /// Asks every stage's worker for `Health` and `Info` (within `timeout` each); the first stage
+    /// that does not answer `SERVING` with the planned layers, why, and whether it merely did not answer in time (a busy host) rather
     /// than refusing or saying it lost its stage.
     pub async fn first_unhealthy(&self, timeout: Duration) -> Option<(usize, String, bool)> {
         let calls = self.stages.iter().map(|s| {
@@ -260,8 +260,27 @@ impl Pipeline {
                     Ok(Err(status)) => Some((status.message().to_string(), false)),
                     Ok(Ok(r)) => {
                         let r = r.into_inner();
-                        (r.status != v1::health_response::Status::Serving as i32)
-                            .then(|| (format!("not serving: {}", r.message), false))
+                        if r.status != v1::health_response::Status::Serving as i32 {
+                            return Some((format!("not serving: {}", r.message), false));
+                        }
+                        // Serving, but perhaps another stage: someone else loaded it over ours.
+                        let info = tokio::time::timeout(timeout, client.info(v1::InfoRequest {}));
+                        match info.await {
+                            Ok(Ok(info)) => {
+                                let loaded = info.into_inner().loaded.map(|l| l.start as usize..l.end as usize);
+                                (loaded.as_ref() != Some(&s.layers)).then(|| {
+                                    (
+                                        format!(
+                                            "it holds layers {loaded:?}, not the planned {:?} (loaded over by another coordinator?)",
+                                            s.layers
+                                        ),
+                                        false,
+                                    )
+                                })
+                            }
+                            Ok(Err(status)) => Some((status.message().to_string(), false)),
+                            Err(_) => Some((format!("no answer to Info within {timeout:?}"), true)),
+                        }
                     }
                 }
             }

@@ -162,7 +162,6 @@ pub fn spawn(
         in_flight: FuturesUnordered::new(),
         in_flight_sequences: 0,
         inbox_closed: false,
-        next_seq_id: 1,
         next_step_id: 1,
         spares: recovery.spares.clone(),
         recovery: Arc::new(recovery),
@@ -175,7 +174,24 @@ pub fn spawn(
         metrics,
     };
     scheduler.watch_health();
-    tokio::spawn(scheduler.run());
+    let task = tokio::spawn(scheduler.run());
+    // Without its scheduler the coordinator would listen on and refuse everything: a panic there
+    // ends the process, with a line saying so, for a supervisor to restart it.
+    tokio::spawn(async move {
+        if let Err(e) = task.await {
+            if e.is_panic() {
+                let panic = e.into_panic();
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(%message, "the scheduler panicked; the coordinator exits");
+                eprintln!("strata: the scheduler panicked ({message}); the coordinator exits");
+                std::process::exit(70);
+            }
+        }
+    });
     SchedulerHandle { commands }
 }
 
@@ -265,7 +281,6 @@ struct Scheduler {
     /// Sequences inside `in_flight`.
     in_flight_sequences: usize,
     inbox_closed: bool,
-    next_seq_id: u64,
     next_step_id: u64,
     recovery: Arc<RecoveryConfig>,
     /// Workers that may take over a lost stage, in order.
@@ -443,8 +458,7 @@ impl Scheduler {
             // left positions on the stages before the lost one.
             self.release(sequences.iter().map(|s| s.id).collect());
             for mut seq in sequences {
-                seq.id = self.next_seq_id;
-                self.next_seq_id += 1;
+                seq.id = fresh_seq_id();
                 seq.cached = 0;
                 self.ready.push(seq);
             }
@@ -538,8 +552,7 @@ impl Scheduler {
                     ))));
                     return;
                 }
-                let id = self.next_seq_id;
-                self.next_seq_id += 1;
+                let id = fresh_seq_id();
                 tracing::debug!(
                     request_id = %request.request_id,
                     seq = id,
@@ -841,6 +854,12 @@ impl Scheduler {
             self.hold_for_replay(to_replay);
         }
     }
+}
+
+/// A new sequence id: 64 random bits (never 0), so whoever else holds the cluster's token cannot
+/// guess another request's sequence to release it or feed it (ids counted up from 1 could be).
+fn fresh_seq_id() -> u64 {
+    crate::service::random_u64().max(1)
 }
 
 /// How many of a micro-batch's candidates, feeding `feeds[i]` positions each, fit in `max_rows`
