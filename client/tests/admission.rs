@@ -178,6 +178,62 @@ async fn a_burst_past_a_workers_forward_limit_queues_and_is_served_in_parts() {
     cluster.stop().await.unwrap();
 }
 
+/// Two prompts that fit the worker's KV bound one at a time but not in one step: the step is
+/// refused (before anything changes) and each retries alone, instead of both failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_refusal_of_a_shared_step_fails_no_batch_mate() {
+    let options = LocalOptions {
+        // SmolLM2 in f32 needs 45 KiB of KV per position, and a step may allocate twice its
+        // size: 64 MiB takes ~728 new positions at once, one 450-token prompt but not two.
+        worker_args: vec!["--max-cache-mib".into(), "64".into()],
+        ..LocalOptions::new(common::strata(), 1, common::default_model())
+    };
+    let cluster = LocalCluster::start(options).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let params = GenerateParams {
+        max_tokens: 1,
+        ignore_eos: true,
+        ..GenerateParams::default()
+    };
+    let prompts: Vec<String> = ["the sea", "a mountain"]
+        .iter()
+        .map(|s| format!("Write about {s}. {}", "Think of every detail. ".repeat(90)))
+        .collect();
+    for prompt in &prompts {
+        let n = client.tokenize(prompt).await.unwrap().len();
+        assert!((400..700).contains(&n), "{n} prompt tokens");
+    }
+    // A stream that decodes meanwhile, so both prompts arrive while a step is out and go into
+    // the next one together.
+    let long = GenerateParams {
+        max_tokens: 400,
+        ignore_eos: true,
+        ..GenerateParams::default()
+    };
+    let mut stream = client
+        .generate("Tell me about the sea.", &long)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        stream.next().await.unwrap().unwrap();
+    }
+    let results = client.generate_batch(&prompts, &params).await;
+    for (prompt, result) in prompts.iter().zip(results) {
+        let got = result.unwrap_or_else(|e| panic!("a batch-mate failed: {e}"));
+        let alone = client.generate_collect(prompt, &params).await.unwrap();
+        assert_eq!(got.token_ids, alone.token_ids);
+    }
+    let mut streamed = 3;
+    while let Some(event) = stream.next().await {
+        if let Event::Token(_) = event.expect("the decoding stream kept going") {
+            streamed += 1;
+        }
+    }
+    assert_eq!(streamed, 400);
+    assert_eq!(active_per_stage(&client).await, vec![0]);
+    cluster.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_past_its_grpc_timeout_ends_with_deadline_exceeded_and_frees_its_caches() {
     use strata_proto::v1;

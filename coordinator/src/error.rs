@@ -76,6 +76,12 @@ impl CoordinatorError {
         )
     }
 
+    /// Whether stage `stage` refused a step for its limits (RESOURCE_EXHAUSTED): a worker checks a
+    /// whole step before it changes anything.
+    pub fn is_capacity_refusal_at(&self, stage: usize) -> bool {
+        matches!(self, Self::Stage { stage: s, code: Code::ResourceExhausted, .. } if *s == stage)
+    }
+
     /// The stage a failure happened at.
     pub fn stage_index(&self) -> Option<usize> {
         match self {

@@ -244,6 +244,9 @@ struct Sequence {
     first_token: Option<Instant>,
     stage_forward: Vec<Duration>,
     stage_hop: Vec<Duration>,
+    /// Goes in a micro-batch of its own: the first stage had no room for a step it shared, and
+    /// alone it learns whether the refusal is its own.
+    alone: bool,
 }
 
 impl Sequence {
@@ -574,6 +577,7 @@ impl Scheduler {
                     first_token: None,
                     stage_forward: vec![Duration::ZERO; num_stages],
                     stage_hop: vec![Duration::ZERO; num_stages],
+                    alone: false,
                 });
                 // Free active slots are taken at once, so the queue bound counts only the requests that
                 // really wait, however many arrive together.
@@ -723,8 +727,13 @@ impl Scheduler {
                 break;
             }
             let mut fed: Vec<usize> = sequences.iter().map(|s| s.next_feed(chunk)).collect();
-            // The rest wait, at the front, for the next micro-batch: a burst goes through in parts.
-            let fit = rows_that_fit(&fed, max_rows);
+            // The rest wait, at the front, for the next micro-batch: a burst goes through in parts,
+            // and a sequence to retry alone goes alone.
+            let fit = match sequences.iter().position(|s| s.alone) {
+                Some(0) => 1,
+                Some(first_alone) => rows_that_fit(&fed[..first_alone], max_rows),
+                None => rows_that_fit(&fed, max_rows),
+            };
             if fit < sequences.len() {
                 fed.truncate(fit);
                 let rest = sequences.split_off(fit);
@@ -792,6 +801,19 @@ impl Scheduler {
                 self.hold_for_replay(done.sequences);
                 return;
             }
+            // The first stage refused the whole step for room (its KV bound) before changing
+            // anything on any stage: each sequence retries alone, and only one that is refused
+            // alone fails, not its batch-mates.
+            Err(e) if e.is_capacity_refusal_at(0) && done.sequences.len() > 1 => {
+                tracing::info!(error = %e, sequences = done.sequences.len(), "no room for the step; its sequences retry one by one");
+                let retry: Vec<Sequence> = done
+                    .sequences
+                    .into_iter()
+                    .map(|seq| Sequence { alone: true, ..seq })
+                    .collect();
+                self.ready.splice(0..0, retry);
+                return;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "step failed");
                 let status = Status::from(e);
@@ -820,6 +842,7 @@ impl Scheduler {
             done.sequences.into_iter().zip(done.fed).zip(result.sampled)
         {
             seq.cached += fed;
+            seq.alone = false;
             for (i, (forward, hop)) in result.stage_forward.iter().zip(&stage_hop).enumerate() {
                 seq.stage_forward[i] += *forward;
                 seq.stage_hop[i] += *hop;
