@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::Stream;
-use strata_model::{ChatMessage, ChatTemplate, ModelFile, TextTokenizer};
+use strata_model::{ChatMessage, ChatPromptError, ChatTemplate, ModelFile, TextTokenizer};
 use strata_proto::v1;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
@@ -94,8 +94,8 @@ impl CoordinatorService {
         Ok(())
     }
 
+    /// `text`'s ids; its size is checked by the caller, before it queues the work.
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, Status> {
-        self.check_prompt_bytes(text.len(), "prompt")?;
         self.tokenizer
             .encode(text)
             .map_err(|e| Status::internal(format!("tokenizer: {e}")))
@@ -126,32 +126,13 @@ impl CoordinatorService {
                 content: m.content.clone(),
             })
             .collect();
-        let bytes: usize = messages
-            .iter()
-            .map(|m| m.content.len() + m.role.len())
-            .sum();
-        self.check_prompt_bytes(bytes, "messages")?;
-        let rendered = template
-            .render_with_content(&messages)
-            .map_err(|e| invalid(format!("chat messages: {e}")))?;
-        self.check_prompt_bytes(rendered.text.len(), "the rendered chat")?;
-        let encoded = match &rendered.content {
-            Some(content) => self.tokenizer.encode_with_data(&rendered.text, content),
-            None => {
-                if let Some(m) = messages
-                    .iter()
-                    .find(|m| self.tokenizer.has_control_text(&m.content))
-                {
-                    return Err(invalid(format!(
-                        "a {} message holds a control token's text, and {}'s chat template changes \
-                         message content in a way that cannot keep it text",
-                        m.role, self.model.name
-                    )));
-                }
-                self.tokenizer.encode(&rendered.text)
-            }
-        };
-        encoded.map_err(|e| Status::internal(format!("tokenizer: {e}")))
+        // `validate` has checked the messages' sizes.
+        template
+            .prompt_ids(&self.tokenizer, &messages, self.limits.max_prompt_bytes)
+            .map_err(|e| match e {
+                ChatPromptError::Invalid(why) => invalid(format!("chat messages: {why}")),
+                ChatPromptError::Tokenizer(e) => Status::internal(format!("tokenizer: {e}")),
+            })
     }
 
     fn validate(

@@ -9,7 +9,7 @@ use candle_core::quantized::gguf_file::Value;
 use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
 use serde::Serialize;
 
-use crate::{ModelError, ModelFile};
+use crate::{ModelError, ModelFile, TextTokenizer};
 
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -109,6 +109,17 @@ pub struct RenderedChat {
     pub content: Option<Vec<Range<usize>>>,
 }
 
+/// Why a conversation did not become a prompt.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatPromptError {
+    /// The messages cannot be a prompt: the template refused them, the prompt is too long, or
+    /// control-token text could not be kept text.
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Tokenizer(#[from] ModelError),
+}
+
 /// Stands for message `i`'s content in a second rendering, to find where the template puts it:
 /// private-use characters no template trims, changes or contains.
 fn marker(i: usize) -> String {
@@ -116,6 +127,50 @@ fn marker(i: usize) -> String {
 }
 
 impl ChatTemplate {
+    /// The prompt ids of `messages`, rendered (at most `max_bytes` long) and tokenized with their
+    /// content as data: a control token typed in a message stays characters. Only a conversation
+    /// with such text is rendered a second time, to find where its content landed
+    /// ([`ChatTemplate::render_with_content`]); any other tokenizes as its rendered text.
+    pub fn prompt_ids(
+        &self,
+        tokenizer: &TextTokenizer,
+        messages: &[ChatMessage],
+        max_bytes: usize,
+    ) -> Result<Vec<u32>, ChatPromptError> {
+        let too_long = |text: &str| {
+            (text.len() > max_bytes).then(|| {
+                ChatPromptError::Invalid(format!(
+                    "the rendered chat of {} bytes is over the limit of {max_bytes}",
+                    text.len()
+                ))
+            })
+        };
+        let Some(typed) = messages
+            .iter()
+            .find(|m| tokenizer.has_control_text(&m.content))
+        else {
+            let text = self.render(messages).map_err(ChatPromptError::Invalid)?;
+            return match too_long(&text) {
+                Some(e) => Err(e),
+                None => Ok(tokenizer.encode(&text)?),
+            };
+        };
+        let rendered = self
+            .render_with_content(messages)
+            .map_err(ChatPromptError::Invalid)?;
+        if let Some(e) = too_long(&rendered.text) {
+            return Err(e);
+        }
+        match &rendered.content {
+            Some(content) => Ok(tokenizer.encode_with_data(&rendered.text, content)?),
+            None => Err(ChatPromptError::Invalid(format!(
+                "a {} message holds a control token's text, and the model's chat template changes \
+                 message content in a way that cannot keep it text",
+                typed.role
+            ))),
+        }
+    }
+
     /// [`ChatTemplate::render`], and where each message's content landed (see
     /// `TextTokenizer::encode_with_data`). The template is rendered once more with a marker for each
     /// content; putting the contents (as they are, or trimmed, as Gemma's template trims them) in

@@ -23,7 +23,7 @@ pub mod tensors;
 pub mod tokenizer;
 pub mod wire;
 
-pub use chat::{ChatMessage, ChatTemplate, ChatTemplateSource, RenderedChat};
+pub use chat::{ChatMessage, ChatPromptError, ChatTemplate, ChatTemplateSource, RenderedChat};
 pub use config::ModelConfig;
 pub use error::ModelError;
 pub use file::{ModelFile, ModelFormat};

@@ -33,17 +33,7 @@ pub fn run(args: TokenizeArgs) -> anyhow::Result<()> {
             role: "user".into(),
             content: args.text,
         }];
-        let rendered = template
-            .render_with_content(&messages)
-            .map_err(|e| anyhow::anyhow!("chat template: {e}"))?;
-        match &rendered.content {
-            Some(content) => tokenizer.encode_with_data(&rendered.text, content)?,
-            None if tokenizer.has_control_text(&messages[0].content) => anyhow::bail!(
-                "the text holds a control token's text, and this model's chat template changes \
-                 message content in a way that cannot keep it text"
-            ),
-            None => tokenizer.encode(&rendered.text)?,
-        }
+        template.prompt_ids(&tokenizer, &messages, usize::MAX)?
     } else {
         tokenizer.encode(&args.text)?
     };
