@@ -333,7 +333,6 @@ macro_rules! weight_block {
             const NAME: &'static str = $name;
             const ELEMS: usize = QK_K;
             type Act = BlockQ8K;
-            const WIDE: bool = true;
 
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma,f16c")]

@@ -268,7 +268,6 @@ macro_rules! weight_block {
             const NAME: &'static str = $name;
             const ELEMS: usize = BLOCK;
             type Act = BlockQ8_1;
-            const WIDE: bool = true;
 
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma,f16c")]

@@ -204,8 +204,6 @@ pub(crate) trait WeightBlock: Copy + Send + Sync + Debug + 'static {
     /// Elements per block (and per activation block).
     const ELEMS: usize;
     type Act: ActivationBlock;
-    /// Whether [`WeightBlock::dot_rows_avx512`] is a kernel of its own (else it runs `dot_rows`).
-    const WIDE: bool = false;
 
     /// Dot products of one weight column `w` (`kb` blocks) with `ROWS` activation rows `a` (`kb`
     /// blocks each, row after row, their scales also in `scales`, one per block) into `out[..ROWS]`.
@@ -221,8 +219,7 @@ pub(crate) trait WeightBlock: Copy + Send + Sync + Debug + 'static {
         out: &mut [f32],
     );
 
-    /// [`WeightBlock::dot_rows`] with AVX-512 VNNI and byte masks on 256-bit vectors, where
-    /// the format has such a variant.
+    /// [`WeightBlock::dot_rows`] with AVX-512 VNNI and byte masks on 256-bit vectors.
     ///
     /// # Safety
     /// As `dot_rows`, and the CPU has them ([`Isa::Avx512`]).
@@ -233,9 +230,7 @@ pub(crate) trait WeightBlock: Copy + Send + Sync + Debug + 'static {
         kb: usize,
         scales: &[RowScales],
         out: &mut [f32],
-    ) {
-        Self::dot_rows::<ROWS>(w, a, kb, scales, out)
-    }
+    );
 }
 
 /// A weight matrix `[n, k]` (n output columns, k inputs) in `B` blocks, row-major.
@@ -302,10 +297,7 @@ impl<B: WeightBlock> CpuMatmul for QuantMatrix<B> {
     }
 
     fn isa_name(&self) -> &'static str {
-        match Isa::detect() {
-            Some(Isa::Avx512) if B::WIDE => Isa::Avx512.name(),
-            _ => Isa::Avx2.name(),
-        }
+        Isa::detect().unwrap_or(Isa::Avx2).name()
     }
 
     fn bytes(&self) -> usize {
