@@ -28,15 +28,21 @@ async fn status_line(address: &str, request: &str) -> String {
     answer.lines().next().unwrap_or_default().to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_and_half_sent_connections_are_closed_and_do_not_stop_requests() {
+/// One local worker and a coordinator serving HTTP; the HTTP port's `host:port`.
+async fn with_http() -> (LocalCluster, String) {
     let options = LocalOptions {
         http: Some("127.0.0.1:0".into()),
         ..LocalOptions::new(common::strata(), 1, common::default_model())
     };
     let cluster = LocalCluster::start(options).await.unwrap();
-    let url = cluster.http_url().expect("an HTTP port").to_string();
+    let url = cluster.http_url().expect("an HTTP port");
     let address = url.trim_start_matches("http://").to_string();
+    (cluster, address)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_half_sent_connections_are_closed_and_do_not_stop_requests() {
+    let (cluster, address) = with_http().await;
     let opened = Instant::now();
     let mut idle = Vec::new();
     for i in 0..2000 {
@@ -93,13 +99,7 @@ async fn idle_and_half_sent_connections_are_closed_and_do_not_stop_requests() {
 /// only to a caller with one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_without_the_key_says_only_ready_or_not() {
-    let options = LocalOptions {
-        http: Some("127.0.0.1:0".into()),
-        ..LocalOptions::new(common::strata(), 1, common::default_model())
-    };
-    let cluster = LocalCluster::start(options).await.unwrap();
-    let url = cluster.http_url().expect("an HTTP port").to_string();
-    let address = url.trim_start_matches("http://").to_string();
+    let (cluster, address) = with_http().await;
     let token = cluster
         .security()
         .token()

@@ -65,6 +65,23 @@ async fn coordinator_with(
     StrataClient::connect(&url).await.unwrap()
 }
 
+/// Waits (up to 30 s) until the coordinator's `Health` says it serves again.
+async fn wait_until_serving(client: &StrataClient) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let health = client.health().await.unwrap();
+        if health.status == v1::health_response::Status::Serving as i32 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not serving again: {}",
+            health.message
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Streams a generation, calling `at_token(n)` after the n-th token; returns the ids, or the error
 /// and when it came.
 async fn stream_until(
@@ -165,19 +182,7 @@ async fn without_a_spare_the_client_hears_at_once_and_service_resumes() {
 
     // The worker comes back at the same address; the coordinator reloads its stage by itself.
     let restarted = WorkerProcess::spawn_at(&options(), &address).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let health = client.health().await.unwrap();
-        if health.status == v1::health_response::Status::Serving as i32 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not serving again: {}",
-            health.message
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_serving(&client).await;
     let after = client
         .generate_collect(PROMPT, &params)
         .await
@@ -266,19 +271,7 @@ async fn a_hung_worker_ends_every_stream_and_the_queue_within_5_s() {
         );
     }
     // Awake again, the worker takes its stage back and the service resumes.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let health = client.health().await.unwrap();
-        if health.status == v1::health_response::Status::Serving as i32 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not serving again: {}",
-            health.message
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_serving(&client).await;
     let after = client
         .generate_collect(PROMPT, &params(0, 0.0))
         .await
