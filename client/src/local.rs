@@ -8,7 +8,7 @@ use std::time::Duration;
 use strata_coordinator::plan::SplitSpec;
 use strata_coordinator::scheduler::SchedulerLimits;
 use strata_coordinator::service::RequestLimits;
-use strata_coordinator::{Coordinator, CoordinatorConfig};
+use strata_coordinator::{ClientAccess, Coordinator, CoordinatorConfig};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
@@ -60,9 +60,16 @@ pub struct LocalOptions {
     pub worker_args: Vec<String>,
     /// The coordinator's admission bounds.
     pub scheduler: SchedulerLimits,
-    /// TLS files and token for every port. Without a token, the cluster makes one up, so other
-    /// users of this host cannot drive its workers.
+    /// TLS files and the cluster's token for every port. Without a token, the cluster makes one
+    /// up, so other users of this host cannot drive its workers.
     pub security: SecurityFiles,
+    /// The coordinator's client API keys file. Without it (and without `api_key`), the cluster
+    /// makes up one key, named `local`.
+    pub api_keys: Option<PathBuf>,
+    /// One client API key (named `env`), instead of a file.
+    pub api_key: Option<String>,
+    /// The `/metrics` scrape token's file.
+    pub metrics_token: Option<PathBuf>,
     /// Where the coordinator's gRPC port listens (default: a free loopback port).
     pub listen: String,
     /// Where the coordinator's HTTP API (OpenAI, `/metrics`) listens, if anywhere.
@@ -82,6 +89,9 @@ impl LocalOptions {
             worker_args: Vec::new(),
             scheduler: SchedulerLimits::default(),
             security: SecurityFiles::default(),
+            api_keys: None,
+            api_key: None,
+            metrics_token: None,
             listen: "127.0.0.1:0".into(),
             http: None,
         }
@@ -97,6 +107,9 @@ pub struct LocalCluster {
     coordinator: Option<JoinHandle<Result<(), strata_coordinator::CoordinatorError>>>,
     plan: Vec<(String, std::ops::Range<usize>)>,
     security: Security,
+    /// What a client of this cluster presents: its TLS and the client key, when it is known.
+    client_security: Security,
+    api_key: Option<AuthToken>,
 }
 
 /// A worker child process.
@@ -221,13 +234,22 @@ impl WorkerProcess {
 }
 
 /// Listens on `address` (refusing a non-loopback one without TLS and a token); the URL to reach it.
-async fn bind(address: &str, security: &Security) -> Result<(TcpListener, String), String> {
+async fn bind(
+    address: &str,
+    security: &Security,
+    clients: &ClientAccess,
+) -> Result<(TcpListener, String), String> {
     let listener = TcpListener::bind(address)
         .await
         .map_err(|e| format!("cannot listen on {address}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     security
-        .check_listen(local, false)
+        .check_listen(
+            local,
+            strata_transport::Peers::Clients,
+            &clients.clients,
+            false,
+        )
         .map_err(|e| e.to_string())?;
     let scheme = if security.tls_enabled() {
         "https"
@@ -248,6 +270,23 @@ impl LocalCluster {
             options.security.token = Some(token.as_str().to_string());
         }
         let security = Security::load(&options.security).map_err(|e| e.to_string())?;
+        let api_key = match (&options.api_keys, &options.api_key) {
+            (Some(_), _) => None,
+            (None, Some(key)) => Some(AuthToken::new(key).map_err(|e| e.to_string())?),
+            (None, None) => Some(AuthToken::generate().map_err(|e| e.to_string())?),
+        };
+        let name = if options.api_key.is_some() {
+            "env"
+        } else {
+            "local"
+        };
+        let clients = ClientAccess::load(
+            options.api_keys.as_deref(),
+            api_key.clone().map(|key| (name, key)),
+            options.metrics_token.as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
+        let client_security = security.with_credential(api_key.clone());
         let spawns = (0..options.workers).map(|_| WorkerProcess::spawn(&options));
         let mut workers = Vec::new();
         let mut failure = None;
@@ -273,6 +312,7 @@ impl LocalCluster {
             requests: RequestLimits::default(),
             max_message_bytes: strata_worker::server::DEFAULT_MAX_MESSAGE_BYTES,
             security: security.clone(),
+            clients: clients.clone(),
             spares: Vec::new(),
             stage_timeout: Duration::from_secs(120),
         };
@@ -290,10 +330,10 @@ impl LocalCluster {
             .iter()
             .map(|s| (s.address.clone(), s.layers.clone()))
             .collect();
-        let (listener, url) = bind(&options.listen, &security).await?;
+        let (listener, url) = bind(&options.listen, &security, &clients).await?;
         let (http_listener, http_url) = match &options.http {
             Some(address) => {
-                let (l, u) = bind(address, &security).await?;
+                let (l, u) = bind(address, &security, &clients).await?;
                 (Some(l), Some(u))
             }
             None => (None, None),
@@ -310,17 +350,29 @@ impl LocalCluster {
             coordinator: Some(server),
             plan,
             security,
+            client_security,
+            api_key,
         })
     }
 
-    /// A client of this cluster's coordinator, with its TLS and token.
+    /// A client of this cluster's coordinator, with its TLS and API key.
     pub async fn client(&self) -> Result<StrataClient, ClientError> {
-        StrataClient::connect_with(&self.url, &self.security).await
+        StrataClient::connect_with(&self.url, &self.client_security).await
     }
 
-    /// The TLS and token every port of this cluster requires.
+    /// The TLS and cluster token of this cluster's nodes (what its workers require).
     pub fn security(&self) -> &Security {
         &self.security
+    }
+
+    /// What a client of this cluster presents: its TLS and the client API key.
+    pub fn client_security(&self) -> &Security {
+        &self.client_security
+    }
+
+    /// The client API key, when the cluster made it up or was given it (not from a keys file).
+    pub fn api_key(&self) -> Option<&AuthToken> {
+        self.api_key.as_ref()
     }
 
     /// The coordinator's URL.

@@ -42,7 +42,7 @@ impl SingleProcess {
         let started = Instant::now();
         let out = self
             .engine
-            .forward(vec![step(prompt.to_vec(), 0)])
+            .forward(self.epoch, vec![step(prompt.to_vec(), 0)])
             .await
             .map_err(|e| e.to_string())?;
         let prompt_time = started.elapsed().as_secs_f64();
@@ -51,14 +51,14 @@ impl SingleProcess {
         for i in 0..decode {
             let out = self
                 .engine
-                .forward(vec![step(vec![next], prompt.len() + i)])
+                .forward(self.epoch, vec![step(vec![next], prompt.len() + i)])
                 .await
                 .map_err(|e| e.to_string())?;
             next = sampled(out.outputs)?;
         }
         let decode_time = started.elapsed().as_secs_f64();
         self.engine
-            .release(vec![id])
+            .release(self.epoch, vec![id])
             .await
             .map_err(|e| e.to_string())?;
         Ok(crate::candle_reference::Speed {
@@ -78,6 +78,8 @@ fn sampled(outputs: Vec<(u64, StepOutput)>) -> Result<u32, String> {
 /// A whole model on the CPU of this process.
 pub struct SingleProcess {
     engine: Engine,
+    /// The epoch of the engine's one load.
+    epoch: u64,
     tokenizer: TextTokenizer,
 }
 
@@ -95,12 +97,17 @@ impl SingleProcess {
             threads,
         )
         .map_err(|e| e.to_string())?;
-        engine
+        let epoch = engine
             .load(0..layers, None)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .epoch;
         engine.warmup(16).await.map_err(|e| e.to_string())?;
-        Ok(Self { engine, tokenizer })
+        Ok(Self {
+            engine,
+            epoch,
+            tokenizer,
+        })
     }
 
     /// Generates `max_tokens` greedy tokens for every prompt at once: one prefill step with all
@@ -144,7 +151,7 @@ impl SingleProcess {
             let step_started = Instant::now();
             let result = self
                 .engine
-                .forward(steps)
+                .forward(self.epoch, steps)
                 .await
                 .map_err(|e| e.to_string())?;
             if step == 0 {
@@ -165,7 +172,10 @@ impl SingleProcess {
             }
         }
         let ids: Vec<u64> = seqs.iter().map(|(id, _)| *id).collect();
-        self.engine.release(ids).await.map_err(|e| e.to_string())?;
+        self.engine
+            .release(self.epoch, ids)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(BatchRun {
             wall: started.elapsed(),
             ttft,

@@ -245,7 +245,7 @@ async fn a_request_past_its_grpc_timeout_ends_with_deadline_exceeded_and_frees_i
     .await
     .unwrap();
     let channel = cluster
-        .security()
+        .client_security()
         .connect(cluster.url(), Duration::from_secs(5))
         .await
         .unwrap();

@@ -1,4 +1,5 @@
-//! A worker refuses malformed Forward calls with a clear status, loses nothing, and keeps serving.
+//! A worker refuses malformed Forward calls with a clear status, loses nothing, and keeps serving;
+//! calls with a stale epoch or a guessed sequence id change nothing and say nothing of others.
 
 mod common;
 
@@ -34,10 +35,11 @@ fn seq(seq_id: u64, start_pos: u32, input: v1::sequence_input::Input) -> v1::Seq
     }
 }
 
-fn forward(sequences: Vec<v1::SequenceInput>) -> v1::ForwardRequest {
+fn forward(epoch: u64, sequences: Vec<v1::SequenceInput>) -> v1::ForwardRequest {
     v1::ForwardRequest {
         step_id: 1,
         sequences,
+        epoch,
     }
 }
 
@@ -73,14 +75,131 @@ fn load(model_fingerprint: &str, start: u32, end: u32) -> v1::LoadStageRequest {
     }
 }
 
+/// Loads layers 15..30 and returns the load's epoch.
+async fn loaded_epoch(
+    client: &mut WorkerClient<tonic::transport::Channel>,
+    fingerprint: &str,
+) -> u64 {
+    let epoch = client
+        .load_stage(load(fingerprint, 15, 30))
+        .await
+        .unwrap()
+        .into_inner()
+        .epoch;
+    assert_ne!(epoch, 0);
+    epoch
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_epochs_and_guessed_ids_change_nothing() {
+    let (worker, mut client) = spawn_worker(&[]).await;
+    use v1::sequence_input::Input;
+    let fingerprint = fingerprint(&mut client).await;
+    let first = loaded_epoch(&mut client, &fingerprint).await;
+    let epoch = loaded_epoch(&mut client, &fingerprint).await;
+    assert_ne!(first, epoch, "every load has its own epoch");
+    let info = client.info(v1::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.epoch, epoch);
+    // A sequence of the current load, with 3 positions: nothing below may touch it.
+    client
+        .forward(forward(
+            epoch,
+            vec![seq(7, 0, Input::Hidden(hidden(3, HIDDEN)))],
+        ))
+        .await
+        .unwrap();
+    let unchanged = |info: v1::WorkerInfo| (info.active_sequences, info.cached_positions);
+
+    for stale in [0, first, epoch ^ 1] {
+        for s in [
+            seq(7, 3, Input::Hidden(hidden(1, HIDDEN))),
+            seq(8, 0, Input::Hidden(hidden(1, HIDDEN))),
+        ] {
+            let err = client.forward(forward(stale, vec![s])).await.unwrap_err();
+            assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+            assert!(
+                err.message().contains("not the loaded one"),
+                "{}",
+                err.message()
+            );
+            assert!(
+                !err.message().contains(&epoch.to_string()),
+                "the current epoch leaked"
+            );
+        }
+        let err = client
+            .release(v1::ReleaseRequest {
+                seq_ids: vec![7],
+                epoch: stale,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        let info = client.info(v1::InfoRequest {}).await.unwrap().into_inner();
+        assert_eq!(
+            unchanged(info),
+            (1, 3),
+            "a stale call with epoch {stale} changed the stage"
+        );
+    }
+
+    // Guessed ids with the right epoch: a continuation is refused without saying what is cached,
+    // a start makes a sequence of the guesser's own, a release frees nothing.
+    for guess in [1u64, 8, u64::MAX, 0x5eed] {
+        let err = client
+            .forward(forward(
+                epoch,
+                vec![seq(guess, 3, Input::Hidden(hidden(1, HIDDEN)))],
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{err:?}");
+        let released = client
+            .release(v1::ReleaseRequest {
+                seq_ids: vec![guess],
+                epoch,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(released.released, 0);
+    }
+    // Rewriting the real sequence's positions is refused, and the error does not say its length.
+    let err = client
+        .forward(forward(
+            epoch,
+            vec![seq(7, 1, Input::Hidden(hidden(1, HIDDEN)))],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(!err.message().contains('3'), "{}", err.message());
+    let info = client.info(v1::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(unchanged(info), (1, 3));
+
+    // The rightful caller carries on.
+    client
+        .forward(forward(
+            epoch,
+            vec![seq(7, 3, Input::Hidden(hidden(1, HIDDEN)))],
+        ))
+        .await
+        .unwrap();
+    worker.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
     let (worker, mut client) = spawn_worker(&[]).await;
     use v1::sequence_input::Input;
 
     // Before LoadStage there is nothing to run.
+    let epoch = 0;
     let err = client
-        .forward(forward(vec![seq(1, 0, Input::Hidden(hidden(1, HIDDEN)))]))
+        .forward(forward(
+            epoch,
+            vec![seq(1, 0, Input::Hidden(hidden(1, HIDDEN)))],
+        ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
@@ -102,11 +221,17 @@ async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    client.load_stage(load(&fingerprint, 15, 30)).await.unwrap();
+    let err = client.load_stage(load("", 15, 30)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("fingerprint"), "{}", err.message());
+    let epoch = loaded_epoch(&mut client, &fingerprint).await;
 
     // A sequence with 3 cached positions, to check that rejected calls leave it alone.
     client
-        .forward(forward(vec![seq(7, 0, Input::Hidden(hidden(3, HIDDEN)))]))
+        .forward(forward(
+            epoch,
+            vec![seq(7, 0, Input::Hidden(hidden(3, HIDDEN)))],
+        ))
         .await
         .unwrap();
 
@@ -143,13 +268,13 @@ async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
             "skipped position",
             vec![seq(7, 5, Input::Hidden(hidden(1, HIDDEN)))],
             Code::InvalidArgument,
-            "3 positions are cached",
+            "is not where its cache ends",
         ),
         (
             "rewritten position",
             vec![seq(7, 0, Input::Hidden(hidden(1, HIDDEN)))],
             Code::InvalidArgument,
-            "3 positions are cached",
+            "is not where its cache ends",
         ),
         (
             "tokens to a later stage",
@@ -198,7 +323,10 @@ async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
         ),
     ];
     for (what, sequences, code, message) in cases {
-        let err = client.forward(forward(sequences)).await.expect_err(what);
+        let err = client
+            .forward(forward(epoch, sequences))
+            .await
+            .expect_err(what);
         assert_eq!(err.code(), code, "{what}: {err:?}");
         assert!(
             err.message().contains(message),
@@ -207,11 +335,10 @@ async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
         );
     }
     let long = client
-        .forward(forward(vec![seq(
-            9,
-            0,
-            Input::Hidden(hidden(8193, HIDDEN)),
-        )]))
+        .forward(forward(
+            epoch,
+            vec![seq(9, 0, Input::Hidden(hidden(8193, HIDDEN)))],
+        ))
         .await
         .unwrap_err();
     assert_eq!(long.code(), Code::InvalidArgument);
@@ -223,7 +350,10 @@ async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
 
     // Nothing was lost: sequence 7 continues at position 3 and the last stage samples a token.
     let ok = client
-        .forward(forward(vec![seq(7, 3, Input::Hidden(hidden(1, HIDDEN)))]))
+        .forward(forward(
+            epoch,
+            vec![seq(7, 3, Input::Hidden(hidden(1, HIDDEN)))],
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -243,7 +373,10 @@ async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
     let info = client.info(v1::InfoRequest {}).await.unwrap().into_inner();
     assert_eq!((info.active_sequences, info.cached_positions), (1, 4));
     let ok = client
-        .forward(forward(vec![seq(7, 4, Input::Hidden(hidden(1, HIDDEN)))]))
+        .forward(forward(
+            epoch,
+            vec![seq(7, 4, Input::Hidden(hidden(1, HIDDEN)))],
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -253,6 +386,7 @@ async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
     let released = client
         .release(v1::ReleaseRequest {
             seq_ids: vec![7, 7, 1000],
+            epoch,
         })
         .await
         .unwrap()
@@ -282,12 +416,15 @@ async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
 async fn kv_memory_past_the_bound_is_refused_not_a_crash() {
     let (worker, mut client) = spawn_worker(&["--max-cache-mib", "1"]).await;
     let fingerprint = fingerprint(&mut client).await;
-    client.load_stage(load(&fingerprint, 15, 30)).await.unwrap();
+    let epoch = loaded_epoch(&mut client, &fingerprint).await;
     use v1::sequence_input::Input;
     // 15 layers × 3 kv heads × 64 × 4 bytes × 2 (k, v) = 23 KiB per position: 64 positions could
     // need ~3 MiB, over the 1 MiB bound.
     let err = client
-        .forward(forward(vec![seq(1, 0, Input::Hidden(hidden(64, HIDDEN)))]))
+        .forward(forward(
+            epoch,
+            vec![seq(1, 0, Input::Hidden(hidden(64, HIDDEN)))],
+        ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
@@ -297,7 +434,10 @@ async fn kv_memory_past_the_bound_is_refused_not_a_crash() {
         err.message()
     );
     client
-        .forward(forward(vec![seq(1, 0, Input::Hidden(hidden(8, HIDDEN)))]))
+        .forward(forward(
+            epoch,
+            vec![seq(1, 0, Input::Hidden(hidden(8, HIDDEN)))],
+        ))
         .await
         .unwrap();
     let info = client.info(v1::InfoRequest {}).await.unwrap().into_inner();
@@ -313,16 +453,20 @@ async fn health_and_info_answer_while_a_long_forward_computes() {
     use v1::sequence_input::Input;
     let (worker, mut client) = spawn_worker(&["--threads", "1"]).await;
     let fingerprint = fingerprint(&mut client).await;
-    client.load_stage(load(&fingerprint, 0, 30)).await.unwrap();
+    let epoch = client
+        .load_stage(load(&fingerprint, 0, 30))
+        .await
+        .unwrap()
+        .into_inner()
+        .epoch;
     let ids: Vec<u32> = (0..500).map(|i| 100 + (i % 1000)).collect();
     let mut busy = client.clone();
     let long = tokio::spawn(async move {
         let started = Instant::now();
-        busy.forward(forward(vec![seq(
-            1,
-            0,
-            Input::Tokens(v1::TokenIds { ids }),
-        )]))
+        busy.forward(forward(
+            epoch,
+            vec![seq(1, 0, Input::Tokens(v1::TokenIds { ids }))],
+        ))
         .await
         .unwrap();
         started.elapsed()

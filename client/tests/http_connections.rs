@@ -100,7 +100,8 @@ async fn idle_and_half_sent_connections_are_closed_and_do_not_stop_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_without_the_key_says_only_ready_or_not() {
     let (cluster, address) = with_http().await;
-    let token = cluster
+    let token = cluster.api_key().expect("a key").as_str().to_string();
+    let member = cluster
         .security()
         .token()
         .expect("a token")
@@ -121,5 +122,14 @@ async fn health_without_the_key_says_only_ready_or_not() {
     )
     .await;
     assert!(keyed.contains(r#""message":"serving "#), "{keyed}");
+    // The cluster's token is no client key: it learns no more than anyone.
+    let member = answer(
+        &address,
+        &format!(
+            "GET /health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {member}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert!(member.ends_with(r#"{"status":"ok"}"#), "{member}");
     cluster.stop().await.unwrap();
 }

@@ -59,7 +59,7 @@ async fn oversized_requests_are_bounded_and_a_stream_keeps_its_pace() {
     .await
     .unwrap();
     let channel = cluster
-        .security()
+        .client_security()
         .connect(cluster.url(), Duration::from_secs(5))
         .await
         .unwrap();

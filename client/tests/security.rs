@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use strata_client::local::WorkerProcess;
 use strata_client::{GenerateParams, LocalCluster, LocalOptions};
@@ -67,7 +67,9 @@ async fn a_secure_worker_admits_only_tls_calls_with_the_token() {
     let status = info(&no_token, &address).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert!(
-        status.message().contains("requires an auth token"),
+        status
+            .message()
+            .contains("requires the cluster's auth token"),
         "{status:?}"
     );
 
@@ -132,13 +134,18 @@ async fn a_cluster_over_tls_with_a_token_generates_the_same_tokens() {
     assert!(secure.url().starts_with("https://"), "{}", secure.url());
     assert_eq!(token_ids(&secure, prompt, &params).await, expected);
 
-    // The coordinator's port wants the token too.
+    // The coordinator's port wants a client API key, and the cluster's token is not one.
     let no_token = without_token(&files);
     let client = strata_client::StrataClient::connect_with(secure.url(), &no_token)
         .await
         .unwrap();
     let err = client.generate_collect(prompt, &params).await.unwrap_err();
-    assert!(err.to_string().contains("auth token"), "{err}");
+    assert!(err.to_string().contains("requires an API key"), "{err}");
+    let member = strata_client::StrataClient::connect_with(secure.url(), secure.security())
+        .await
+        .unwrap();
+    let err = member.generate_collect(prompt, &params).await.unwrap_err();
+    assert!(err.to_string().contains("unknown API key"), "{err}");
 
     // Plaintext to the TLS port is refused (how h2 reports it varies: a frame-size error, which the
     // client turns into a hint about TLS, or a cancelled call).
@@ -174,6 +181,174 @@ async fn a_cluster_over_tls_with_a_token_generates_the_same_tokens() {
         "a client without a certificate got through mutual TLS"
     );
     secure.stop().await.unwrap();
+}
+
+/// The role rules on real processes: a worker admits cluster members only (the node CA's
+/// certificates and the cluster's token), so a client's key, a client's certificate, or both with
+/// the token are refused; a client certificate cannot serve as a worker either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_ports_admit_only_cluster_members() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = keys(dir.path());
+    let client_dir = dir.path().join("client");
+    let client = SecurityFiles::from_keys_dir(&client_dir);
+    let options = LocalOptions {
+        security: node.clone(),
+        ..LocalOptions::new(common::strata(), 1, common::default_model())
+    };
+    let worker = WorkerProcess::spawn(&options).await.unwrap();
+    let address = worker.address.clone();
+    let member = Security::load(&node).unwrap();
+    assert!(info(&member, &address).await.is_ok());
+
+    // The node's certificate, but a client's API key as the credential: refused by the token check.
+    let api_key = std::fs::read_to_string(client_dir.join("api-key")).unwrap();
+    let with_key = Security::load(&SecurityFiles {
+        token_file: None,
+        token: Some(api_key.trim().into()),
+        ..node.clone()
+    })
+    .unwrap();
+    let status = info(&with_key, &address).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(status.message(), "wrong auth token");
+
+    // A client's certificate (client CA), even with the cluster's token: the handshake fails.
+    let stolen_token = Security::load(&SecurityFiles {
+        token_file: node.token_file.clone(),
+        ..client.clone()
+    })
+    .unwrap();
+    assert!(info(&stolen_token, &address).await.is_err());
+    // No certificate at all: the worker requires one once it has a CA.
+    let no_cert = Security::load(&SecurityFiles {
+        cert: None,
+        key: None,
+        ..node.clone()
+    })
+    .unwrap();
+    assert!(info(&no_cert, &address).await.is_err());
+    assert!(info(&member, &address).await.is_ok());
+    worker.stop().await.unwrap();
+
+    // A worker presenting a client certificate is no worker to a coordinator: the client
+    // certificate is for client auth only, and its CA is not the node CA.
+    let impostor = WorkerProcess::spawn(&LocalOptions {
+        security: SecurityFiles {
+            cert: client.cert.clone(),
+            key: client.key.clone(),
+            ..node.clone()
+        },
+        ..LocalOptions::new(common::strata(), 1, common::default_model())
+    })
+    .await
+    .unwrap();
+    let refused = info(&member, &impostor.address).await.unwrap_err();
+    assert!(
+        refused.message().contains("certificate") || refused.message().contains("cannot connect"),
+        "{refused:?}"
+    );
+    let _ = impostor.stop().await;
+}
+
+/// Client keys come from a file with names: each request is counted under its key's name, a
+/// key removed from the file stops working within seconds without a restart, and the other keys
+/// keep working; `/metrics` wants its scrape token, not a client key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_are_named_counted_and_revocable_by_editing_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys_file = dir.path().join("api-keys");
+    let (alice_line, alice) = strata_transport::new_key_line("alice").unwrap();
+    let (bob_line, bob) = strata_transport::new_key_line("bob").unwrap();
+    std::fs::write(&keys_file, format!("# clients\n{alice_line}{bob_line}")).unwrap();
+    let scrape = AuthToken::generate().unwrap();
+    let scrape_file = dir.path().join("scrape");
+    std::fs::write(&scrape_file, scrape.as_str()).unwrap();
+    let cluster = LocalCluster::start(LocalOptions {
+        api_keys: Some(keys_file.clone()),
+        metrics_token: Some(scrape_file),
+        http: Some("127.0.0.1:0".into()),
+        ..LocalOptions::new(common::strata(), 1, common::default_model())
+    })
+    .await
+    .unwrap();
+    assert!(cluster.api_key().is_none());
+    let http = cluster.http_url().unwrap().to_string();
+    let complete = |key: &AuthToken| {
+        let http = http.clone();
+        let key = key.as_str().to_string();
+        async move {
+            common::http_post(
+                &format!("{http}/v1/completions"),
+                &key,
+                r#"{"model":"SmolLM2-135M-Instruct.Q4_1","prompt":"Hello","max_tokens":2}"#,
+            )
+            .await
+        }
+    };
+    let grpc = |key: &AuthToken| {
+        let security = cluster.security().with_credential(Some(key.clone()));
+        let url = cluster.url().to_string();
+        async move {
+            let client = strata_client::StrataClient::connect_with(&url, &security).await?;
+            client
+                .generate_collect(
+                    "Hello",
+                    &GenerateParams {
+                        max_tokens: 2,
+                        ..GenerateParams::default()
+                    },
+                )
+                .await
+        }
+    };
+    assert_eq!(complete(&alice).await.0, 200);
+    assert_eq!(complete(&bob).await.0, 200);
+    grpc(&alice).await.unwrap();
+
+    let (status, body) = common::http_get(&format!("{http}/metrics"), scrape.as_str()).await;
+    assert_eq!(status, 200, "{body}");
+    for line in [
+        r#"strata_requests_total{api="openai",key="alice",outcome="length"} 1"#,
+        r#"strata_requests_total{api="openai",key="bob",outcome="length"} 1"#,
+        r#"strata_requests_total{api="grpc",key="alice",outcome="length"} 1"#,
+    ] {
+        assert!(body.contains(line), "missing {line} in\n{body}");
+    }
+    assert_eq!(
+        common::http_get(&format!("{http}/metrics"), alice.as_str())
+            .await
+            .0,
+        401
+    );
+
+    // Revoke alice by editing the file; the coordinator rereads it.
+    std::fs::write(&keys_file, &bob_line).unwrap();
+    let revoked = Instant::now();
+    loop {
+        let (status, body) = complete(&alice).await;
+        if status == 401 {
+            assert!(body.contains("unknown API key"), "{body}");
+            break;
+        }
+        assert!(
+            revoked.elapsed() < Duration::from_secs(5),
+            "alice's key still works"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "a revoked key was refused {:?} after the file changed",
+        revoked.elapsed()
+    );
+    let err = grpc(&alice).await.unwrap_err();
+    assert!(err.to_string().contains("unknown API key"), "{err}");
+    assert_eq!(complete(&bob).await.0, 200);
+    // A file that does not parse keeps the keys as they were.
+    std::fs::write(&keys_file, "bob\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(complete(&bob).await.0, 200);
+    cluster.stop().await.unwrap();
 }
 
 #[test]

@@ -55,6 +55,7 @@ async fn coordinator_with(
         requests: Default::default(),
         max_message_bytes: 64 << 20,
         security: Security::none(),
+        clients: strata_coordinator::ClientAccess::open(),
         spares: spares.iter().map(|w| w.address.clone()).collect(),
         stage_timeout: Duration::from_secs(30),
     };
@@ -281,8 +282,9 @@ async fn a_hung_worker_ends_every_stream_and_the_queue_within_5_s() {
     second.stop().await.unwrap();
 }
 
-/// A stage loaded over by someone else (another layer range on the same worker) is noticed by the
-/// health checks and loaded back: requests are right again within seconds, not failing forever.
+/// A stage loaded over by someone else (another layer range on the same worker, or the same range:
+/// a new epoch) is noticed by the health checks and loaded back: requests are right again within
+/// seconds, not failing forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_loaded_over_by_someone_else_is_noticed_and_put_back() {
     let first = WorkerProcess::spawn(&options()).await.unwrap();
@@ -301,6 +303,7 @@ async fn a_stage_loaded_over_by_someone_else_is_noticed_and_put_back() {
     let info = raw.info(v1::InfoRequest {}).await.unwrap().into_inner();
     let planned = info.loaded.expect("a stage");
     let fingerprint = info.model.expect("a model").fingerprint;
+    let planned_fingerprint = fingerprint.clone();
     raw.load_stage(v1::LoadStageRequest {
         model_fingerprint: fingerprint,
         layers: Some(v1::LayerRange { start: 0, end: 3 }),
@@ -323,6 +326,47 @@ async fn a_stage_loaded_over_by_someone_else_is_noticed_and_put_back() {
     }
     eprintln!(
         "stage put back {:?} after it was loaded over",
+        swapped.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.generate_collect(PROMPT, &greedy).await {
+            Ok(again) => {
+                assert_eq!(again.token_ids, expected);
+                break;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "not serving again: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
+    // Loaded over with the very layers planned: only the epoch tells, and it is enough.
+    let ours = raw
+        .load_stage(v1::LoadStageRequest {
+            model_fingerprint: planned_fingerprint,
+            layers: Some(planned),
+            output_dtype: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .epoch;
+    let swapped = Instant::now();
+    loop {
+        let info = raw.info(v1::InfoRequest {}).await.unwrap().into_inner();
+        if info.epoch != ours {
+            break;
+        }
+        assert!(
+            swapped.elapsed() < Duration::from_secs(10),
+            "the coordinator did not notice its stage was loaded again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "stage loaded again {:?} after it was loaded over with the same layers",
         swapped.elapsed()
     );
     let deadline = Instant::now() + Duration::from_secs(30);

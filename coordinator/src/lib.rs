@@ -24,4 +24,4 @@ pub mod server;
 pub mod service;
 
 pub use error::CoordinatorError;
-pub use server::{run, Coordinator, CoordinatorConfig};
+pub use server::{run, ClientAccess, Coordinator, CoordinatorConfig};

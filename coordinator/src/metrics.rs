@@ -18,6 +18,8 @@ use crate::scheduler::SchedulerStats;
 struct RequestLabels {
     /// `grpc` or `openai`.
     api: &'static str,
+    /// The client API key's name (`-` on an open port).
+    key: String,
     /// A finish reason (`eos`, `length`, `stop`, `context`), `cancelled`, or the gRPC code of a
     /// failure (`invalid_argument`, `resource_exhausted`, `unavailable`, ...).
     outcome: String,
@@ -178,10 +180,11 @@ impl Metrics {
     }
 
     /// A request ended (or was refused) with `outcome`.
-    pub fn request_ended(&self, api: Api, outcome: &str) {
+    pub fn request_ended(&self, api: Api, key: &str, outcome: &str) {
         self.requests
             .get_or_create(&RequestLabels {
                 api: api.label(),
+                key: key.to_string(),
                 outcome: outcome.to_string(),
             })
             .inc();
@@ -248,12 +251,12 @@ mod tests {
         m.request_accepted(7);
         m.token(0.25, None);
         m.token(0.30, Some(0.05));
-        m.request_ended(Api::OpenAi, "length");
+        m.request_ended(Api::OpenAi, "alice", "length");
         m.stage_step(1, 0.01, 0.002);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &m.registry).unwrap();
         for line in [
-            "strata_requests_total{api=\"openai\",outcome=\"length\"} 1",
+            "strata_requests_total{api=\"openai\",key=\"alice\",outcome=\"length\"} 1",
             "strata_prompt_tokens_total 7",
             "strata_generated_tokens_total 2",
             "strata_time_to_first_token_seconds_count 1",

@@ -34,6 +34,9 @@ pub struct StageHandle {
     /// non-empty one take turns on one device.
     pub physical_device: String,
     pub layers: Range<usize>,
+    /// The epoch the worker gave this load: every Forward and Release carries it, and a worker
+    /// reporting another one has been loaded by someone else since.
+    pub epoch: u64,
     /// Bytes of weights the stage holds on its device.
     pub weight_bytes: u64,
     /// What one Forward may carry here (`WorkerInfo`; `usize::MAX` where the worker does not say).
@@ -208,6 +211,7 @@ pub async fn load_stage(
         device: worker.info.device,
         physical_device: worker.info.physical_device,
         layers,
+        epoch: loaded.epoch,
         weight_bytes: loaded.weight_bytes,
     })
 }
@@ -249,7 +253,7 @@ impl Pipeline {
     }
 
     /// Asks every stage's worker for `Health` and `Info` (within `timeout` each); the first stage
-    /// that does not answer `SERVING` with the planned layers, why, and whether it merely did not answer in time (a busy host) rather
+    /// that does not answer `SERVING` with the planned layers and epoch, why, and whether it merely did not answer in time (a busy host) rather
     /// than refusing or saying it lost its stage.
     pub async fn first_unhealthy(&self, timeout: Duration) -> Option<(usize, String, bool)> {
         let calls = self.stages.iter().map(|s| {
@@ -267,16 +271,24 @@ impl Pipeline {
                         let info = tokio::time::timeout(timeout, client.info(v1::InfoRequest {}));
                         match info.await {
                             Ok(Ok(info)) => {
-                                let loaded = info.into_inner().loaded.map(|l| l.start as usize..l.end as usize);
-                                (loaded.as_ref() != Some(&s.layers)).then(|| {
-                                    (
+                                let info = info.into_inner();
+                                let loaded = info.loaded.map(|l| l.start as usize..l.end as usize);
+                                if loaded.as_ref() != Some(&s.layers) {
+                                    Some((
                                         format!(
                                             "it holds layers {loaded:?}, not the planned {:?} (loaded over by another coordinator?)",
                                             s.layers
                                         ),
                                         false,
-                                    )
-                                })
+                                    ))
+                                } else if info.epoch != s.epoch {
+                                    Some((
+                                        "its stage was loaded again since this coordinator loaded it (by another coordinator?)".to_string(),
+                                        false,
+                                    ))
+                                } else {
+                                    None
+                                }
                             }
                             Ok(Err(status)) => Some((status.message().to_string(), false)),
                             Err(_) => Some((format!("no answer to Info within {timeout:?}"), true)),
@@ -364,7 +376,11 @@ impl Pipeline {
                 })
                 .collect();
             let started = Instant::now();
-            let request = v1::ForwardRequest { step_id, sequences };
+            let request = v1::ForwardRequest {
+                step_id,
+                sequences,
+                epoch: stage.epoch,
+            };
             let mut client = stage.client.clone();
             let call = async {
                 if unary_forward() {
@@ -458,7 +474,10 @@ impl Pipeline {
             let mut client = s.client.clone();
             let seq_ids = seq_ids.clone();
             async move {
-                let call = client.release(v1::ReleaseRequest { seq_ids });
+                let call = client.release(v1::ReleaseRequest {
+                    seq_ids,
+                    epoch: s.epoch,
+                });
                 let Ok(answer) = tokio::time::timeout(CONTROL_TIMEOUT, call).await else {
                     tracing::warn!(worker = %s.address, "release: no answer within {CONTROL_TIMEOUT:?}");
                     return;

@@ -79,6 +79,8 @@ pub struct GenerationRequest {
     pub deadline: Instant,
     /// Names the request in every log line about it, here and on the workers.
     pub request_id: Arc<str>,
+    /// The name of the client's API key (`-` on an open port), for logs.
+    pub caller: Arc<str>,
 }
 
 /// A snapshot for `Info` and `Health`.
@@ -484,6 +486,7 @@ impl Scheduler {
             let status = status(seq);
             tracing::warn!(
                 request_id = %seq.request.request_id,
+                key = %seq.request.caller,
                 seq = seq.id,
                 code = ?status.code(),
                 message = status.message(),
@@ -558,6 +561,7 @@ impl Scheduler {
                 let id = fresh_seq_id();
                 tracing::debug!(
                     request_id = %request.request_id,
+                    key = %request.caller,
                     seq = id,
                     prompt_tokens = request.prompt_ids.len(),
                     "request queued"
@@ -964,6 +968,7 @@ fn finish(
     let micros = |d: Duration| d.as_micros() as u64;
     tracing::info!(
         request_id = %seq.request.request_id,
+        key = %seq.request.caller,
         seq = seq.id,
         reason = ?reason,
         prompt_tokens = seq.request.prompt_ids.len(),

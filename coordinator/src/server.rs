@@ -10,8 +10,9 @@ use futures::FutureExt;
 use strata_model::{ChatTemplate, ModelFile, TextTokenizer};
 use strata_proto::v1;
 use strata_proto::v1::coordinator_server::CoordinatorServer;
-use strata_transport::Security;
+use strata_transport::{ApiKeys, AuthToken, Peers, Security, ServerAuth, TransportError};
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
 use crate::metrics::Metrics;
@@ -38,18 +39,77 @@ pub struct CoordinatorConfig {
     pub requests: RequestLimits,
     /// Largest gRPC message to and from workers, in bytes.
     pub max_message_bytes: usize,
-    /// TLS and token: for dialing the workers and for serving clients.
+    /// TLS and the cluster's token: for dialing the workers; TLS for serving clients.
     pub security: Security,
+    /// Who may use the client ports.
+    pub clients: ClientAccess,
     /// Idle workers that take over the stage of a worker that is lost.
     pub spares: Vec<String>,
     /// The longest one stage may take to answer a Forward before its worker counts as lost.
     pub stage_timeout: Duration,
 }
 
+/// Who may use the coordinator's client ports (gRPC and HTTP).
+#[derive(Debug, Clone)]
+pub struct ClientAccess {
+    /// The API's check: client API keys, or open (loopback, `--insecure`). Never the cluster's
+    /// token.
+    pub clients: ServerAuth,
+    /// The check of `/metrics`: the scrape token. `None` on a port with API keys refuses every
+    /// scrape (a client's key is not a scraper's); on an open port, `/metrics` is open too.
+    pub metrics: Option<ServerAuth>,
+}
+
+impl ClientAccess {
+    /// Open to anyone (loopback tests and tools).
+    pub fn open() -> Self {
+        Self {
+            clients: ServerAuth::clients(None),
+            metrics: None,
+        }
+    }
+
+    /// Keys from `api_keys` (reread every second while serving, so a key is added or revoked by
+    /// editing the file) or one key, `single` (name, key); the scrape token from `metrics_token`.
+    /// Without keys the client ports are open. Call inside the runtime.
+    pub fn load(
+        api_keys: Option<&std::path::Path>,
+        single: Option<(&str, AuthToken)>,
+        metrics_token: Option<&std::path::Path>,
+    ) -> Result<Self, TransportError> {
+        let keys = match (api_keys, single) {
+            (Some(_), Some(_)) => {
+                return Err(TransportError::Invalid(
+                    "give client keys in --api-keys or STRATA_API_KEY, not both".into(),
+                ))
+            }
+            (Some(path), None) => {
+                let keys = Arc::new(ApiKeys::load(path)?);
+                if keys.names().is_empty() {
+                    tracing::warn!(file = %path.display(), "the API keys file holds no key: every client is refused until one is added");
+                }
+                keys.watch();
+                Some(keys)
+            }
+            (None, Some((name, key))) => Some(Arc::new(ApiKeys::single(name, key)?)),
+            (None, None) => None,
+        };
+        let metrics = match metrics_token {
+            Some(path) => Some(ServerAuth::new(Some(AuthToken::read(path)?))),
+            None => None,
+        };
+        Ok(Self {
+            clients: ServerAuth::clients(keys),
+            metrics,
+        })
+    }
+}
+
 /// A coordinator whose pipeline is loaded and whose scheduler runs; ready to serve.
 pub struct Coordinator {
     service: CoordinatorService,
     security: Security,
+    clients: ClientAccess,
     /// The stages as planned (the live ones are the scheduler's: a stage may move to a spare).
     initial_stages: Vec<pipeline::StageHandle>,
 }
@@ -151,6 +211,7 @@ impl Coordinator {
                 )?),
             },
             security: config.security,
+            clients: config.clients,
             initial_stages,
         })
     }
@@ -174,7 +235,13 @@ impl Coordinator {
         let shutdown = shutdown.shared();
         let service = self.service.clone();
         let security = self.security.clone();
-        let http = crate::http::serve(http, service, &security, shutdown.clone());
+        let http = crate::http::serve(
+            http,
+            service,
+            &security,
+            self.clients.clone(),
+            shutdown.clone(),
+        );
         let grpc = self.serve(grpc, shutdown);
         futures::try_join!(grpc, http).map(|_| ())
     }
@@ -188,17 +255,17 @@ impl Coordinator {
         tracing::info!(
             address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             tls = self.security.tls_enabled(),
-            auth = self.security.token().is_some(),
+            api_keys = !self.clients.clients.is_open(),
             "coordinator listening"
         );
         let mut server = self
             .security
-            .configure_server(tonic::transport::Server::builder())?;
+            .configure_server(tonic::transport::Server::builder(), Peers::Clients)?;
         server
-            .add_service(
-                self.security
-                    .server_auth(CoordinatorServer::new(self.service)),
-            )
+            .add_service(InterceptedService::new(
+                CoordinatorServer::new(self.service),
+                self.clients.clients,
+            ))
             // Token-at-a-time traffic is latency-bound: without TCP_NODELAY, Nagle's algorithm and
             // delayed ACKs add ~40 ms to every hop.
             .serve_with_incoming_shutdown(

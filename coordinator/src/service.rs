@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use futures::Stream;
 use strata_model::{ChatMessage, ChatPromptError, ChatTemplate, ModelFile, TextTokenizer};
 use strata_proto::v1;
+use strata_transport::Caller;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
@@ -140,6 +141,7 @@ impl CoordinatorService {
         r: v1::GenerateRequest,
         client_timeout: Option<Duration>,
         request_id: Arc<str>,
+        caller: Arc<str>,
     ) -> Result<GenerationRequest, Status> {
         // The cheap checks first: a request refused for its sizes costs no tokenizing.
         if r.messages.len() > self.limits.max_messages {
@@ -233,22 +235,26 @@ impl CoordinatorService {
             ignore_eos: r.ignore_eos,
             deadline: Instant::now() + time,
             request_id,
+            caller,
         })
     }
 
     /// Validates, tokenizes and queues a request: the one way in for every API. Refusals and the
-    /// request's events are counted in the metrics under `api`.
+    /// request's events are counted in the metrics under `api` and the caller's key name.
     pub async fn start_generation(
         &self,
         request: v1::GenerateRequest,
         client_timeout: Option<Duration>,
         request_id: Arc<str>,
+        caller: Caller,
         api: Api,
     ) -> Result<Events, Status> {
+        let key: Arc<str> = caller.label().into();
         let started = async {
+            let key = key.clone();
             let request = self
                 .off_async_threads(move |service| {
-                    service.validate(request, client_timeout, request_id)
+                    service.validate(request, client_timeout, request_id, key)
                 })
                 .await?;
             let prompt_tokens = request.prompt_ids.len();
@@ -264,12 +270,14 @@ impl CoordinatorService {
                     stream,
                     metrics: self.metrics.clone(),
                     api,
+                    key,
                     last_token_us: None,
                     ended: false,
                 })
             }
             Err(status) => {
-                self.metrics.request_ended(api, &code_label(status.code()));
+                self.metrics
+                    .request_ended(api, &key, &code_label(status.code()));
                 Err(status)
             }
         }
@@ -340,6 +348,8 @@ pub struct Events {
     stream: mpsc::UnboundedReceiver<Result<v1::GenerateResponse, Status>>,
     metrics: Arc<Metrics>,
     api: Api,
+    /// The API key's name (`-` on an open port).
+    key: Arc<str>,
     last_token_us: Option<u64>,
     ended: bool,
 }
@@ -365,13 +375,14 @@ impl Events {
                     .request_finished(finished.total_us as f64 / 1e6);
                 let reason = v1::FinishReason::try_from(finished.reason)
                     .unwrap_or(v1::FinishReason::Unspecified);
-                self.metrics.request_ended(self.api, finish_label(reason));
+                self.metrics
+                    .request_ended(self.api, &self.key, finish_label(reason));
             }
             Ok(v1::GenerateResponse { event: None }) => {}
             Err(status) => {
                 self.ended = true;
                 self.metrics
-                    .request_ended(self.api, &code_label(status.code()));
+                    .request_ended(self.api, &self.key, &code_label(status.code()));
             }
         }
     }
@@ -395,7 +406,7 @@ impl Stream for Events {
 impl Drop for Events {
     fn drop(&mut self) {
         if !self.ended {
-            self.metrics.request_ended(self.api, "cancelled");
+            self.metrics.request_ended(self.api, &self.key, "cancelled");
         }
     }
 }
@@ -466,8 +477,19 @@ impl v1::coordinator_server::Coordinator for CoordinatorService {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout);
         let id = request_id(metadata.get("x-request-id").and_then(|v| v.to_str().ok()));
+        let caller = request
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or_default();
         let events = self
-            .start_generation(request.into_inner(), client_timeout, id.clone(), Api::Grpc)
+            .start_generation(
+                request.into_inner(),
+                client_timeout,
+                id.clone(),
+                caller,
+                Api::Grpc,
+            )
             .await?;
         let mut response = Response::new(events);
         if let Ok(value) = id.parse() {

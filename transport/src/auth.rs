@@ -1,5 +1,5 @@
-//! The shared bearer token: read from a file or the environment, attached by clients, checked by
-//! servers on every call.
+//! Bearer credentials: the cluster's shared token (every worker port) or a client API key (the
+//! coordinator's client ports), attached by callers and checked by servers on every call.
 
 use std::fmt;
 use std::path::Path;
@@ -9,7 +9,7 @@ use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
-use crate::TransportError;
+use crate::{ApiKeys, TransportError};
 
 /// Shortest token accepted: guessing must be out of reach.
 const MIN_TOKEN_CHARS: usize = 16;
@@ -66,7 +66,7 @@ impl AuthToken {
     }
 
     /// Compares in time independent of where the first difference is.
-    fn matches(&self, presented: &[u8]) -> bool {
+    pub(crate) fn matches(&self, presented: &[u8]) -> bool {
         let expected = self.0.as_bytes();
         if presented.len() != expected.len() {
             return false;
@@ -79,50 +79,90 @@ impl AuthToken {
     }
 }
 
-/// Server side: rejects calls whose `authorization` header is not `Bearer <token>`.
+/// Who a server admits.
 #[derive(Debug, Clone)]
-pub struct ServerAuth {
-    token: Option<AuthToken>,
+enum Admits {
+    /// Anyone (loopback, or `--insecure`).
+    Anyone,
+    /// Holders of the cluster's token: cluster members.
+    Members(AuthToken),
+    /// Holders of a client API key.
+    Clients(Arc<ApiKeys>),
 }
 
-impl ServerAuth {
-    pub fn new(token: Option<AuthToken>) -> Self {
-        Self { token }
+/// The caller a server admitted, as request extensions carry it: the API key's name, `None` on
+/// an open port or for a cluster member.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Caller(pub Option<Arc<str>>);
+
+impl Caller {
+    /// The name for logs and metrics: the key's, or `-`.
+    pub fn label(&self) -> &str {
+        self.0.as_deref().unwrap_or("-")
     }
 }
 
+/// Server side: rejects calls whose `authorization` header is not `Bearer <credential>`.
+#[derive(Debug, Clone)]
+pub struct ServerAuth {
+    admits: Admits,
+}
+
 impl ServerAuth {
-    /// Checks an `authorization` header value (`Bearer <token>`); the one rule for every port,
-    /// gRPC and HTTP alike. The error is the message to show the caller.
-    pub fn check(&self, header: Option<&[u8]>) -> Result<(), &'static str> {
-        let Some(token) = &self.token else {
-            return Ok(());
-        };
-        let Some(presented) = header else {
-            return Err(
-                "this server requires an auth token: send `authorization: Bearer <token>` \
+    /// Admits holders of `token`, or anyone without one.
+    pub fn new(token: Option<AuthToken>) -> Self {
+        Self {
+            admits: token.map_or(Admits::Anyone, Admits::Members),
+        }
+    }
+
+    /// Admits holders of one of `keys` (a coordinator's client ports), or anyone without them.
+    pub fn clients(keys: Option<Arc<ApiKeys>>) -> Self {
+        Self {
+            admits: keys.map_or(Admits::Anyone, Admits::Clients),
+        }
+    }
+
+    /// Whether every caller is admitted.
+    pub fn is_open(&self) -> bool {
+        matches!(self.admits, Admits::Anyone)
+    }
+
+    /// Checks an `authorization` header value (`Bearer <credential>`); the one rule for every
+    /// port, gRPC and HTTP alike. The error is the message to show the caller.
+    pub fn check(&self, header: Option<&[u8]>) -> Result<Caller, &'static str> {
+        let presented = header.map(|h| {
+            h.strip_prefix(b"Bearer ")
+                .or_else(|| h.strip_prefix(b"bearer "))
+                .unwrap_or(h)
+        });
+        match (&self.admits, presented) {
+            (Admits::Anyone, _) => Ok(Caller::default()),
+            (Admits::Members(_), None) => Err(
+                "this server requires the cluster's auth token: send `authorization: Bearer <token>` \
                  (strata: --auth-token-file or --keys)",
-            );
-        };
-        let presented = presented
-            .strip_prefix(b"Bearer ")
-            .or_else(|| presented.strip_prefix(b"bearer "))
-            .unwrap_or(presented);
-        if token.matches(presented) {
-            Ok(())
-        } else {
-            Err("wrong auth token")
+            ),
+            (Admits::Clients(_), None) => Err(
+                "this server requires an API key: send `authorization: Bearer <key>` \
+                 (strata: --api-key-file, STRATA_API_KEY or --keys)",
+            ),
+            (Admits::Members(token), Some(p)) if token.matches(p) => Ok(Caller::default()),
+            (Admits::Members(_), Some(_)) => Err("wrong auth token"),
+            (Admits::Clients(keys), Some(p)) => {
+                keys.check(p).map(|name| Caller(Some(name))).ok_or("unknown API key")
+            }
         }
     }
 }
 
 impl Interceptor for ServerAuth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let header = request
             .metadata()
             .get("authorization")
             .map(|h| h.as_bytes());
-        self.check(header).map_err(Status::unauthenticated)?;
+        let caller = self.check(header).map_err(Status::unauthenticated)?;
+        request.extensions_mut().insert(caller);
         Ok(request)
     }
 }
@@ -173,11 +213,38 @@ mod tests {
         assert!(call(&mut auth, Some("Bearer 0123456789abcdef0123")).is_ok());
         let missing = call(&mut auth, None).unwrap_err();
         assert_eq!(missing.code(), tonic::Code::Unauthenticated);
-        assert!(missing.message().contains("requires an auth token"));
+        assert!(missing
+            .message()
+            .contains("requires the cluster's auth token"));
         let wrong = call(&mut auth, Some("Bearer 0123456789abcdef0124")).unwrap_err();
         assert_eq!(wrong.message(), "wrong auth token");
         assert!(call(&mut auth, Some("Bearer 0123456789abcdef012")).is_err());
         assert!(call(&mut auth, Some("Bearer ")).is_err());
+    }
+
+    #[test]
+    fn client_ports_admit_api_keys_by_name_and_never_the_cluster_token() {
+        let key = AuthToken::new("client-key-0123456789").unwrap();
+        let keys = Arc::new(ApiKeys::single("alice", key).unwrap());
+        let auth = ServerAuth::clients(Some(keys));
+        assert_eq!(
+            auth.check(Some(b"Bearer client-key-0123456789")),
+            Ok(Caller(Some("alice".into())))
+        );
+        assert_eq!(
+            auth.check(Some(b"Bearer 0123456789abcdef0123")),
+            Err("unknown API key")
+        );
+        assert!(auth
+            .check(None)
+            .unwrap_err()
+            .contains("requires an API key"));
+        let members = ServerAuth::new(Some(AuthToken::new("0123456789abcdef0123").unwrap()));
+        assert_eq!(
+            members.check(Some(b"Bearer client-key-0123456789")),
+            Err("wrong auth token")
+        );
+        assert!(ServerAuth::clients(None).is_open());
     }
 
     #[test]

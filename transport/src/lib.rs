@@ -1,10 +1,13 @@
-//! Security for every strata gRPC port: TLS (rustls) and a shared bearer token.
+//! Security for every strata port: TLS (rustls) and bearer credentials, by role.
 //!
-//! Workers and coordinators build their servers with [`Security::configure_server`] and wrap each
-//! service in [`Security::server_auth`]; the coordinator and clients dial with [`Security::connect`],
-//! whose channel attaches the token to every call. `strata keys` writes a cluster's files with
-//! [`keys::generate`]. [`spin::spin_first`] is how GPU pipelines wait for a message that is due soon.
+//! Two kinds of port: a worker's admits cluster members (the node CA's certificates and the
+//! cluster's token); a coordinator's client ports admit clients (the client CA's certificates too,
+//! and client API keys, [`ApiKeys`], never the token). Servers are built with
+//! [`Security::configure_server`] for their [`Peers`] and wrap each service in a [`ServerAuth`];
+//! callers dial with [`Security::connect`], whose channel attaches this node's credential to every
+//! call. `strata keys` writes a cluster's files with [`keys::generate`]. [`spin::spin_first`] is how GPU pipelines wait for a message that is due soon.
 
+mod api_keys;
 mod auth;
 pub mod keys;
 pub mod spin;
@@ -18,8 +21,9 @@ use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Server};
 
-pub use auth::{AuthToken, ClientAuth, ServerAuth};
-pub use tls::TlsMaterial;
+pub use api_keys::{new_key_line, ApiKeys};
+pub use auth::{AuthToken, Caller, ClientAuth, ServerAuth};
+pub use tls::{Peers, TlsMaterial, HANDSHAKE_TIMEOUT};
 
 /// A channel that carries the token on every call.
 pub type AuthChannel = InterceptedService<Channel, ClientAuth>;
@@ -36,11 +40,15 @@ pub enum TransportError {
     #[error("invalid security setup: {0}")]
     Invalid(String),
     #[error(
-        "refusing to listen on {address} without TLS and an auth token: anyone who can reach it \
-         could use it. Run `strata keys --out DIR` and pass `--keys DIR` (or --tls-cert/--tls-key \
-         and --auth-token-file), or pass --insecure to accept the risk"
+        "refusing to listen on {address} without TLS and {credential}: anyone who can reach it \
+         could use it. Run `strata keys --out DIR` and pass {hint}, or pass --insecure to accept \
+         the risk"
     )]
-    InsecureBind { address: SocketAddr },
+    InsecureBind {
+        address: SocketAddr,
+        credential: &'static str,
+        hint: &'static str,
+    },
     #[error("cannot connect to {address}: {reason}")]
     Connect { address: String, reason: String },
     #[error("cannot write {path}: {reason}")]
@@ -62,24 +70,44 @@ pub struct SecurityFiles {
     pub key: Option<PathBuf>,
     /// Certificates trusted for peers (PEM); dialing uses TLS when this is set.
     pub ca: Option<PathBuf>,
-    /// Servers also require clients to present a certificate signed by `ca` (mutual TLS).
+    /// Certificates trusted, besides `ca`, for the clients of a client-facing port.
+    pub client_ca: Option<PathBuf>,
+    /// Servers also require clients to present a certificate signed by `ca` (or, on a client
+    /// port, `client_ca`): mutual TLS.
     pub mutual_tls: bool,
-    /// The shared token's file (its first line).
+    /// The file of the credential this node sends (its first line): the cluster's token for a
+    /// node, an API key for a client. A worker also admits only its holders.
     pub token_file: Option<PathBuf>,
-    /// The token itself (e.g. from an environment variable); `token_file` wins if both are set.
+    /// The credential itself (e.g. from an environment variable); `token_file` wins if both are set.
     pub token: Option<String>,
     /// The name to expect in peers' certificates instead of the host in their address.
     pub server_name: Option<String>,
 }
 
 impl SecurityFiles {
-    /// The files `strata keys --out dir` writes.
+    /// The files of a directory `strata keys` wrote: a node's (`token`, and `client-ca.pem` for a
+    /// coordinator's client ports) or a client's (`api-key`). Given a new cluster's top directory,
+    /// the node's files in it.
     pub fn from_keys_dir(dir: &Path) -> Self {
+        let node = dir.join(keys::NODE_DIR);
+        let dir = if !dir.join(keys::CERT_FILE).exists() && node.join(keys::CERT_FILE).exists() {
+            node
+        } else {
+            dir.to_path_buf()
+        };
+        let token = dir.join(keys::TOKEN_FILE);
+        let api_key = dir.join(keys::API_KEY_FILE);
+        let client_ca = dir.join(keys::CLIENT_CA_FILE);
         Self {
             cert: Some(dir.join(keys::CERT_FILE)),
             key: Some(dir.join(keys::KEY_FILE)),
             ca: Some(dir.join(keys::CA_FILE)),
-            token_file: Some(dir.join(keys::TOKEN_FILE)),
+            client_ca: client_ca.exists().then_some(client_ca),
+            token_file: Some(if !token.exists() && api_key.exists() {
+                api_key
+            } else {
+                token
+            }),
             ..Self::default()
         }
     }
@@ -122,6 +150,14 @@ impl Security {
         })
     }
 
+    /// The same TLS, sending `credential` instead (a client's API key in place of the token).
+    pub fn with_credential(&self, credential: Option<AuthToken>) -> Self {
+        Self {
+            token: credential,
+            ..self.clone()
+        }
+    }
+
     pub fn tls_enabled(&self) -> bool {
         self.tls.as_ref().is_some_and(TlsMaterial::can_serve)
     }
@@ -130,26 +166,47 @@ impl Security {
         self.token.as_ref()
     }
 
-    /// Refuses a non-loopback listen address unless both TLS and a token are on, or the user said
-    /// `--insecure` (then it warns).
-    pub fn check_listen(&self, address: SocketAddr, insecure: bool) -> Result<(), TransportError> {
-        if address.ip().is_loopback() || (self.tls_enabled() && self.token.is_some()) {
+    /// Refuses a non-loopback listen address for `peers` unless TLS is on and `admits` asks for a
+    /// credential, or the user said `--insecure` (then it warns).
+    pub fn check_listen(
+        &self,
+        address: SocketAddr,
+        peers: Peers,
+        admits: &ServerAuth,
+        insecure: bool,
+    ) -> Result<(), TransportError> {
+        if address.ip().is_loopback() || (self.tls_enabled() && !admits.is_open()) {
             return Ok(());
         }
         if insecure {
             tracing::warn!(
                 %address,
                 tls = self.tls_enabled(),
-                token = self.token.is_some(),
-                "listening beyond loopback without TLS and a token (--insecure)"
+                credential = !admits.is_open(),
+                "listening beyond loopback without TLS and a credential (--insecure)"
             );
             return Ok(());
         }
-        Err(TransportError::InsecureBind { address })
+        let (credential, hint) = if peers == Peers::Members {
+            (
+                "the cluster's token",
+                "`--keys DIR/node` (or --tls-cert/--tls-key and --auth-token-file)",
+            )
+        } else {
+            (
+                "client API keys",
+                "`--keys DIR/node --api-keys DIR/api-keys` (or --tls-cert/--tls-key and --api-keys)",
+            )
+        };
+        Err(TransportError::InsecureBind {
+            address,
+            credential,
+            hint,
+        })
     }
 
-    /// Turns on TLS for a server when this node has a certificate and key.
-    pub fn configure_server(&self, server: Server) -> Result<Server, TransportError> {
+    /// Turns on TLS for a server of `peers` when this node has a certificate and key.
+    pub fn configure_server(&self, server: Server, peers: Peers) -> Result<Server, TransportError> {
         // One client connection cannot open streams without bound (the coordinator's clients
         // open one per request, a worker sees a handful), and a peer that vanishes without closing
         // its connection is noticed by HTTP/2 and TCP keepalives instead of holding it forever.
@@ -158,7 +215,7 @@ impl Security {
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .tcp_keepalive(Some(KEEPALIVE_INTERVAL));
-        match self.tls.as_ref().and_then(TlsMaterial::server_config) {
+        match self.tls.as_ref().and_then(|t| t.server_config(peers)) {
             Some(config) => server
                 .tls_config(config)
                 .map_err(|e| TransportError::Invalid(format!("TLS server setup failed: {e}"))),
@@ -166,7 +223,7 @@ impl Security {
         }
     }
 
-    /// The token check for ports that are not gRPC (the HTTP API).
+    /// The check of a members' port: the cluster's token (when this node has one).
     pub fn auth_check(&self) -> ServerAuth {
         ServerAuth::new(self.token.clone())
     }
@@ -180,9 +237,9 @@ impl Security {
         }
     }
 
-    /// Wraps a service so every call must carry the token (when one is set).
+    /// Wraps a members' service so every call must carry the cluster's token (when one is set).
     pub fn server_auth<S>(&self, service: S) -> InterceptedService<S, ServerAuth> {
-        InterceptedService::new(service, ServerAuth::new(self.token.clone()))
+        InterceptedService::new(service, self.auth_check())
     }
 
     /// The endpoint for `address` (`host:port`, or a URL): https when this node trusts a CA.

@@ -15,10 +15,25 @@ use crate::{SecurityFiles, TransportError};
 pub struct TlsMaterial {
     /// Certificate chain and private key: this node's identity as a server and as a client.
     identity: Option<(Vec<u8>, Vec<u8>)>,
-    /// Trusted roots for peers.
+    /// Trusted roots for peers: the servers this node dials, and the clients of a members' port.
     ca: Option<Vec<u8>>,
+    /// Roots trusted besides `ca` for the clients of a client-facing port (the coordinator's).
+    client_ca: Option<Vec<u8>>,
     mutual: bool,
 }
+
+/// Who connects to a server: this decides which CAs its mutual TLS trusts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peers {
+    /// Cluster members only (a worker's port): certificates of the node CA.
+    Members,
+    /// Clients (the coordinator's ports): the client CA's certificates, and nodes'.
+    Clients,
+}
+
+/// A TLS handshake that has not finished by then is dropped, so half-open connections cannot pile
+/// up on a port.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl TlsMaterial {
     /// `None` when no TLS file is named.
@@ -39,6 +54,14 @@ impl TlsMaterial {
             Some(path) => Some(read_pem(path, "the TLS CA certificate", "CERTIFICATE")?),
             None => None,
         };
+        let client_ca = match &files.client_ca {
+            Some(path) => Some(read_pem(
+                path,
+                "the TLS client CA certificate",
+                "CERTIFICATE",
+            )?),
+            None => None,
+        };
         if files.mutual_tls && (ca.is_none() || identity.is_none()) {
             return Err(TransportError::Invalid(
                 "mutual TLS needs --tls-ca (to check peers) and --tls-cert/--tls-key (to be checked)"
@@ -51,6 +74,7 @@ impl TlsMaterial {
         Ok(Some(Self {
             identity,
             ca,
+            client_ca,
             mutual: files.mutual_tls,
         }))
     }
@@ -60,19 +84,33 @@ impl TlsMaterial {
         self.identity.is_some()
     }
 
-    pub fn server_config(&self) -> Option<ServerTlsConfig> {
+    /// The roots a server of `peers` checks client certificates against (PEM, concatenated).
+    fn client_roots(&self, peers: Peers) -> Option<Vec<u8>> {
+        let mut roots = self.ca.clone()?;
+        if let (Peers::Clients, Some(client_ca)) = (peers, &self.client_ca) {
+            if !roots.ends_with(b"\n") {
+                roots.push(b'\n');
+            }
+            roots.extend_from_slice(client_ca);
+        }
+        Some(roots)
+    }
+
+    pub fn server_config(&self, peers: Peers) -> Option<ServerTlsConfig> {
         let (cert, key) = self.identity.as_ref()?;
-        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        let mut config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(cert, key))
+            .timeout(HANDSHAKE_TIMEOUT);
         if self.mutual {
-            if let Some(ca) = &self.ca {
-                config = config.client_ca_root(Certificate::from_pem(ca));
+            if let Some(roots) = self.client_roots(peers) {
+                config = config.client_ca_root(Certificate::from_pem(roots));
             }
         }
         Some(config)
     }
 
-    /// The same server identity (and client checks) as a rustls configuration, for the HTTP port.
-    /// Offers HTTP/2 and HTTP/1.1.
+    /// The same server identity (and client checks) as a rustls configuration, for the HTTP port
+    /// (a client port). Offers HTTP/2 and HTTP/1.1.
     pub fn rustls_server_config(&self) -> Result<Arc<rustls::ServerConfig>, TransportError> {
         let invalid = |e: String| TransportError::Invalid(format!("TLS server setup failed: {e}"));
         let (cert, key) = self
@@ -87,10 +125,10 @@ impl TlsMaterial {
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| invalid(e.to_string()))?;
-        let builder = match (&self.ca, self.mutual) {
+        let builder = match (self.client_roots(Peers::Clients), self.mutual) {
             (Some(ca), true) => {
                 let mut roots = rustls::RootCertStore::empty();
-                for c in CertificateDer::pem_slice_iter(ca) {
+                for c in CertificateDer::pem_slice_iter(&ca) {
                     let c = c.map_err(|e| invalid(format!("CA certificate: {e}")))?;
                     roots
                         .add(c)

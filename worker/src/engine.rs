@@ -110,6 +110,8 @@ pub struct ForwardResult {
 /// What a LoadStage did.
 #[derive(Debug, Clone)]
 pub struct LoadReport {
+    /// Names this load: Forward and Release must carry it (see `StageEpoch`).
+    pub epoch: u64,
     pub layers: Range<usize>,
     pub has_embedding: bool,
     pub has_head: bool,
@@ -121,6 +123,8 @@ pub struct LoadReport {
 #[derive(Debug, Clone, Default)]
 pub struct EngineStats {
     pub loaded: Option<Range<usize>>,
+    /// The loaded stage's epoch (0: none loaded).
+    pub epoch: u64,
     pub active_sequences: usize,
     pub cached_positions: usize,
     pub cache_bytes: usize,
@@ -135,10 +139,12 @@ enum Job {
         reply: Reply<LoadReport>,
     },
     Forward {
+        epoch: u64,
         steps: Vec<SequenceStep>,
         reply: Reply<ForwardResult>,
     },
     Release {
+        epoch: u64,
         seq_ids: Vec<u64>,
         reply: Reply<usize>,
     },
@@ -210,6 +216,7 @@ impl Engine {
             limits,
             max_cache_bytes,
             stage: None,
+            epoch: 0,
             output_dtype: DType::F32,
             sequences: HashMap::new(),
             steps: 0,
@@ -276,14 +283,28 @@ impl Engine {
         .await
     }
 
-    /// Runs a micro-batch.
-    pub async fn forward(&self, steps: Vec<SequenceStep>) -> Result<ForwardResult, WorkerError> {
-        self.call(|reply| Job::Forward { steps, reply }).await
+    /// Runs a micro-batch on the stage loaded as `epoch`.
+    pub async fn forward(
+        &self,
+        epoch: u64,
+        steps: Vec<SequenceStep>,
+    ) -> Result<ForwardResult, WorkerError> {
+        self.call(|reply| Job::Forward {
+            epoch,
+            steps,
+            reply,
+        })
+        .await
     }
 
-    /// Frees sequences; returns how many existed.
-    pub async fn release(&self, seq_ids: Vec<u64>) -> Result<usize, WorkerError> {
-        self.call(|reply| Job::Release { seq_ids, reply }).await
+    /// Frees sequences of the stage loaded as `epoch`; returns how many existed.
+    pub async fn release(&self, epoch: u64, seq_ids: Vec<u64>) -> Result<usize, WorkerError> {
+        self.call(|reply| Job::Release {
+            epoch,
+            seq_ids,
+            reply,
+        })
+        .await
     }
 
     /// Runs a throwaway pass of `tokens` prompt positions plus a few decode steps.
@@ -332,6 +353,10 @@ struct State {
     /// `limits.max_cache_bytes`, or the device's default for it.
     max_cache_bytes: usize,
     stage: Option<Stage>,
+    /// The loaded stage's epoch: random, fresh at every load, 0 while none is loaded. A caller
+    /// that loaded an earlier stage (another coordinator, or this one before a reload) holds
+    /// another, and its Forward and Release change nothing.
+    epoch: u64,
     output_dtype: DType,
     sequences: HashMap<u64, SequenceKv>,
     published: Arc<Mutex<EngineStats>>,
@@ -368,8 +393,23 @@ impl State {
                 output_dtype,
                 reply,
             } => guarded!(reply, self.load(layers, output_dtype)),
-            Job::Forward { steps, reply } => guarded!(reply, self.forward(steps)),
-            Job::Release { seq_ids, reply } => {
+            Job::Forward {
+                epoch,
+                steps,
+                reply,
+            } => guarded!(
+                reply,
+                self.check_epoch(epoch).and_then(|()| self.forward(steps))
+            ),
+            Job::Release {
+                epoch,
+                seq_ids,
+                reply,
+            } => {
+                if let Err(e) = self.check_epoch(epoch) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
                 let released = seq_ids
                     .iter()
                     .filter(|id| self.sequences.remove(id).is_some())
@@ -390,9 +430,26 @@ impl State {
         }
     }
 
+    /// Refuses a call made for another load of the stage than the current one.
+    fn check_epoch(&self, epoch: u64) -> Result<(), WorkerError> {
+        if self.stage.is_none() {
+            return Err(WorkerError::FailedPrecondition(
+                "no stage loaded: call LoadStage first".into(),
+            ));
+        }
+        if epoch != self.epoch {
+            return Err(WorkerError::FailedPrecondition(format!(
+                "stage epoch {epoch} is not the loaded one: this worker's stage was loaded again \
+                 since (by another coordinator, or a reload); load it to use it"
+            )));
+        }
+        Ok(())
+    }
+
     fn stats(&self) -> EngineStats {
         EngineStats {
             loaded: self.stage.as_ref().map(Stage::layers),
+            epoch: self.epoch,
             active_sequences: self.sequences.len(),
             cached_positions: self.sequences.values().map(SequenceKv::len).sum(),
             cache_bytes: self.sequences.values().map(SequenceKv::bytes).sum(),
@@ -406,13 +463,16 @@ impl State {
     ) -> Result<LoadReport, WorkerError> {
         let started = Instant::now();
         self.stage = None;
+        self.epoch = 0;
         self.kept_probes = None;
         self.sequences.clear();
         let dtype = self.options.compute_dtype(&self.model, &self.device)?;
         let mut stage = Stage::load(&self.model, layers, &self.device, dtype, self.options)?;
         stage.limit_pool_bytes(self.max_cache_bytes)?;
         self.output_dtype = output_dtype.unwrap_or(dtype);
+        self.epoch = fresh_epoch();
         let report = LoadReport {
+            epoch: self.epoch,
             layers: stage.layers(),
             has_embedding: stage.is_first(),
             has_head: stage.is_last(),
@@ -876,6 +936,20 @@ fn sample_rows(
         .collect())
 }
 
+/// A new stage epoch: 64 random bits, never 0 (0 means no stage); the clock's if the OS has no
+/// randomness to give.
+fn fresh_epoch() -> u64 {
+    let mut bytes = [0u8; 8];
+    let random = match getrandom::fill(&mut bytes) {
+        Ok(()) => u64::from_le_bytes(bytes),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64,
+    };
+    random.max(1)
+}
+
 /// Checks a whole micro-batch against the stage and the cached sequences before anything changes.
 fn validate(
     steps: &[SequenceStep],
@@ -914,12 +988,13 @@ fn validate(
                 )))
             }
             None => new_sequences += 1,
+            // The cached length is not said: an error tells the caller nothing about a sequence
+            // beyond what it sent.
             Some(cache) if cache.len() != step.start_pos => {
                 return Err(WorkerError::invalid(format!(
-                    "sequence {id}: start_pos {} but {} positions are cached; positions must follow on \
-                     without gaps or rewrites",
+                    "sequence {id}: start_pos {} is not where its cache ends; positions must follow \
+                     on without gaps or rewrites",
                     step.start_pos,
-                    cache.len()
                 )))
             }
             Some(_) => {}

@@ -73,7 +73,10 @@ pub async fn run(
             .max_encoding_message_size(config.max_message_bytes);
     let mut server = config
         .security
-        .configure_server(tonic::transport::Server::builder())
+        .configure_server(
+            tonic::transport::Server::builder(),
+            strata_transport::Peers::Members,
+        )
         .map_err(|e| WorkerError::Internal(e.to_string()))?;
     server
         .add_service(config.security.server_auth(service))

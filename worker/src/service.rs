@@ -133,7 +133,7 @@ async fn forward_once(
         .map(step_from_wire)
         .collect::<Result<Vec<_>, _>>()?;
     let decoding = started.elapsed();
-    let result = engine.forward(steps).await?;
+    let result = engine.forward(r.epoch, steps).await?;
     let encoding = Instant::now();
     let mut outputs = Vec::with_capacity(result.outputs.len());
     for (seq_id, output) in result.outputs {
@@ -194,6 +194,7 @@ impl v1::worker_server::Worker for WorkerService {
             max_batch_rows: limits.max_batch_rows.min(u32::MAX as usize) as u32,
             max_sequences: limits.max_sequences.min(u32::MAX as usize) as u32,
             max_cache_bytes: limits.max_cache_bytes.unwrap_or(0) as u64,
+            epoch: stats.epoch,
         }))
     }
 
@@ -203,7 +204,13 @@ impl v1::worker_server::Worker for WorkerService {
     ) -> Result<Response<v1::LoadStageResponse>, Status> {
         let r = request.into_inner();
         let mine = &self.identity.model.fingerprint;
-        if !r.model_fingerprint.is_empty() && &r.model_fingerprint != mine {
+        if r.model_fingerprint.is_empty() {
+            return Err(WorkerError::invalid(
+                "LoadStage without a model fingerprint: name the model the stage is planned for",
+            )
+            .into());
+        }
+        if &r.model_fingerprint != mine {
             return Err(WorkerError::FailedPrecondition(format!(
                 "model mismatch: the coordinator planned for model {} but this worker holds {} ({})",
                 r.model_fingerprint,
@@ -235,6 +242,7 @@ impl v1::worker_server::Worker for WorkerService {
             has_head: report.has_head,
             load_ns: report.load_time.as_nanos() as u64,
             weight_bytes: report.weight_bytes as u64,
+            epoch: report.epoch,
         }))
     }
 
@@ -292,7 +300,8 @@ impl v1::worker_server::Worker for WorkerService {
         &self,
         request: Request<v1::ReleaseRequest>,
     ) -> Result<Response<v1::ReleaseResponse>, Status> {
-        let released = self.engine.release(request.into_inner().seq_ids).await?;
+        let r = request.into_inner();
+        let released = self.engine.release(r.epoch, r.seq_ids).await?;
         Ok(Response::new(v1::ReleaseResponse {
             released: released as u32,
         }))

@@ -26,6 +26,8 @@ const VOCAB: u32 = 512;
 /// One stage under test, and where it believes each sequence is.
 struct Target {
     service: WorkerService,
+    /// The epoch of the stage's load.
+    epoch: u64,
     first: bool,
     positions: HashMap<u64, u32>,
 }
@@ -208,7 +210,7 @@ async fn stage(model: &ModelFile, layers: std::ops::Range<usize>) -> Target {
     )
     .unwrap();
     let first = layers.start == 0;
-    engine.load(layers, None).await.unwrap();
+    let epoch = engine.load(layers, None).await.unwrap().epoch;
     let identity = WorkerIdentity {
         device: "cpu".into(),
         physical_device: String::new(),
@@ -218,6 +220,7 @@ async fn stage(model: &ModelFile, layers: std::ops::Range<usize>) -> Target {
     };
     Target {
         service: WorkerService::new(engine, identity),
+        epoch,
         first,
         positions: HashMap::new(),
     }
@@ -258,10 +261,28 @@ async fn forward_survives_arbitrary_requests() {
             } else {
                 vec![rng.below(8) as u64]
             };
+            // Now and then a release made for another load: refused, and nothing is freed.
+            let stale = rng.chance(10);
             let request = Request::new(v1::ReleaseRequest {
                 seq_ids: ids.clone(),
+                epoch: if stale {
+                    target.epoch ^ 1
+                } else {
+                    target.epoch
+                },
             });
-            target.service.release(request).await.unwrap();
+            let released = target.service.release(request).await;
+            if stale {
+                let status = released.expect_err("a stale release was accepted");
+                assert_eq!(
+                    status.code(),
+                    Code::FailedPrecondition,
+                    "exec {exec}, seed {seed}"
+                );
+                *outcomes.entry("stale release".into()).or_default() += 1;
+                continue;
+            }
+            released.unwrap();
             for id in ids {
                 target.positions.remove(&id);
             }
@@ -288,12 +309,23 @@ async fn forward_survives_arbitrary_requests() {
             .iter()
             .map(|s| (s.seq_id, s.start_pos.saturating_add(rows_of(&s.input))))
             .collect();
+        // A hostile call may carry another load's epoch: it must be refused before anything runs.
+        let epoch = if hostile && rng.chance(5) {
+            rng.next_u64()
+        } else {
+            target.epoch
+        };
         let request = Request::new(v1::ForwardRequest {
             step_id: rng.next_u64(),
             sequences,
+            epoch,
         });
         match target.service.forward(request).await {
             Ok(response) => {
+                assert_eq!(
+                    epoch, target.epoch,
+                    "exec {exec}, seed {seed}: a stale epoch ran"
+                );
                 let response = response.into_inner();
                 assert_eq!(
                     response.outputs.len(),
@@ -325,6 +357,7 @@ async fn forward_survives_arbitrary_requests() {
                     // the caches stay full and every later call stops at the bound.
                     let all = Request::new(v1::ReleaseRequest {
                         seq_ids: (0..6).chain(target.positions.keys().copied()).collect(),
+                        epoch: target.epoch,
                     });
                     target.service.release(all).await.unwrap();
                     target.positions.clear();

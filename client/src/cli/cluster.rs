@@ -50,14 +50,17 @@ impl ClusterArgs {
             worker_args,
             scheduler: Default::default(),
             security: self.security.files(),
+            api_keys: None,
+            api_key: None,
+            metrics_token: None,
             listen: "127.0.0.1:0".into(),
             http: None,
         })
     }
 
-    /// Connects to `url` with these TLS and token settings.
+    /// Connects to `url` as a client: these TLS settings and an API key.
     pub async fn connect(&self, url: &str) -> anyhow::Result<StrataClient> {
-        Ok(StrataClient::connect_with(url, &self.security.load()?).await?)
+        Ok(StrataClient::connect_with(url, &self.security.load_client()?).await?)
     }
 
     /// Starts the local cluster these arguments describe, with extra worker flags.

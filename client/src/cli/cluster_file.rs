@@ -59,6 +59,12 @@ pub struct SecuritySection {
     pub mutual_tls: bool,
     pub tls_server_name: Option<String>,
     pub auth_token_file: Option<PathBuf>,
+    /// CA certificate(s) trusted for clients' certificates besides `tls_ca`.
+    pub tls_client_ca: Option<PathBuf>,
+    /// The client API keys file (`NAME KEY` lines).
+    pub api_keys: Option<PathBuf>,
+    /// The `/metrics` scrape token's file.
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 impl ClusterFile {
@@ -89,6 +95,9 @@ impl ClusterFile {
             &mut s.tls_key,
             &mut s.tls_ca,
             &mut s.auth_token_file,
+            &mut s.tls_client_ca,
+            &mut s.api_keys,
+            &mut s.metrics_token_file,
         ] {
             resolve(p);
         }

@@ -8,7 +8,8 @@ use clap::Args;
 use strata_coordinator::plan::SplitSpec;
 use strata_coordinator::scheduler::SchedulerLimits;
 use strata_coordinator::service::RequestLimits;
-use strata_coordinator::CoordinatorConfig;
+use strata_coordinator::{ClientAccess, CoordinatorConfig};
+use strata_transport::Peers;
 use tokio::net::TcpListener;
 
 use super::cluster_file::ClusterFile;
@@ -79,8 +80,17 @@ pub struct CoordinatorArgs {
     max_new_tokens: usize,
     #[command(flatten)]
     security: SecurityArgs,
-    /// Allow listening beyond loopback without TLS and a token (anyone who can reach the port can
-    /// use it).
+    /// Client API keys, one `NAME KEY` per line (`strata keys` writes one; `strata keys client`
+    /// adds more). Reread every second: edit it to add or revoke a key. Names appear in logs and
+    /// metrics. One key may instead be in STRATA_API_KEY. Without keys the client ports are open.
+    #[arg(long, env = "STRATA_API_KEYS")]
+    api_keys: Option<PathBuf>,
+    /// A file whose first line is the token `/metrics` scrapes must carry (client keys are not
+    /// accepted there). Without it, `/metrics` is open only where the API is.
+    #[arg(long, env = "STRATA_METRICS_TOKEN_FILE")]
+    metrics_token_file: Option<PathBuf>,
+    /// Allow listening beyond loopback without TLS and client keys (anyone who can reach the port
+    /// can use it).
     #[arg(long, env = "STRATA_INSECURE")]
     insecure: bool,
     /// The longest a request may run, queueing included, in seconds (a client's grpc-timeout can
@@ -119,6 +129,9 @@ impl CoordinatorArgs {
         s.mutual_tls |= f.mutual_tls;
         s.tls_server_name = s.tls_server_name.take().or(f.tls_server_name);
         s.auth_token_file = s.auth_token_file.take().or(f.auth_token_file);
+        s.tls_client_ca = s.tls_client_ca.take().or(f.tls_client_ca);
+        self.api_keys = self.api_keys.take().or(f.api_keys);
+        self.metrics_token_file = self.metrics_token_file.take().or(f.metrics_token_file);
         self
     }
 }
@@ -150,26 +163,43 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         );
         let files = args.security.files();
         println!(
-            "tls: {}; token: {}; mutual tls: {}",
+            "tls: {}; token: {}; mutual tls: {}; api keys: {}; metrics token: {}",
             files.cert.is_some(),
             files.token_file.is_some() || files.token.is_some(),
-            files.mutual_tls
+            files.mutual_tls,
+            args.api_keys
+                .as_deref()
+                .map_or("none".into(), |p| p.display().to_string()),
+            args.metrics_token_file.is_some()
         );
         return Ok(());
     }
     let model = strata_client::model_cache::resolve_model(args.model.as_deref())?;
     let security = args.security.load()?;
+    let single_key = std::env::var(super::security::API_KEY_ENV)
+        .ok()
+        .filter(|k| !k.is_empty())
+        .map(|k| strata_transport::AuthToken::new(&k))
+        .transpose()
+        .context("STRATA_API_KEY")?;
+    let clients = ClientAccess::load(
+        args.api_keys.as_deref(),
+        single_key.map(|key| ("env", key)),
+        args.metrics_token_file.as_deref(),
+    )?;
     // Check the listen addresses before loading anything, so a refused bind fails at once.
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    security.check_listen(listener.local_addr()?, args.insecure)?;
+    let check =
+        |address| security.check_listen(address, Peers::Clients, &clients.clients, args.insecure);
+    check(listener.local_addr()?)?;
     let http = match &args.http {
         Some(address) => {
             let l = TcpListener::bind(address)
                 .await
                 .with_context(|| format!("cannot listen on {address} (--http)"))?;
-            security.check_listen(l.local_addr()?, args.insecure)?;
+            check(l.local_addr()?)?;
             Some(l)
         }
         None => None,
@@ -200,6 +230,7 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         },
         max_message_bytes: strata_worker::server::DEFAULT_MAX_MESSAGE_BYTES,
         security,
+        clients,
         spares: args.spares,
         stage_timeout: Duration::from_secs(args.stage_timeout.unwrap_or(120).max(1)),
     };

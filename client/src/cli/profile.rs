@@ -28,7 +28,7 @@ pub async fn run(args: ProfileArgs) -> anyhow::Result<()> {
             println!(
                 "(cold and warm start need fresh workers: run with --local N to include them)"
             );
-            Target::Remote(url.clone(), args.cluster.security.load()?)
+            Target::Remote(url.clone(), args.cluster.security.load_client()?)
         }
         None => Target::Local(args.cluster.local_options(true, Vec::new())?),
     };

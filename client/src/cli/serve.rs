@@ -16,6 +16,13 @@ pub struct ServeArgs {
     /// Where the HTTP API (OpenAI /v1, /health, /metrics) listens.
     #[arg(long, env = "STRATA_HTTP", default_value = "127.0.0.1:8000")]
     http: String,
+    /// Client API keys, one `NAME KEY` per line, reread every second (see `strata coordinator
+    /// --api-keys`). Without it, the key is STRATA_API_KEY's, or one made up and printed.
+    #[arg(long, env = "STRATA_API_KEYS")]
+    api_keys: Option<std::path::PathBuf>,
+    /// A file whose first line is the token `/metrics` scrapes must carry.
+    #[arg(long, env = "STRATA_METRICS_TOKEN_FILE")]
+    metrics_token_file: Option<std::path::PathBuf>,
     /// Skip warming the stages (the first request pays for it).
     #[arg(long)]
     no_warmup: bool,
@@ -32,8 +39,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut options = args.cluster.local_options(!args.no_warmup, Vec::new())?;
     options.listen = args.listen.clone();
     options.http = Some(args.http.clone());
-    // Without a token the local cluster makes one up; it must be shown, or nobody could use the API.
-    let made_up_token = options.security.token.is_none() && options.security.token_file.is_none();
+    options.api_keys = args.api_keys.clone();
+    options.api_key = std::env::var(super::security::API_KEY_ENV)
+        .ok()
+        .filter(|k| !k.is_empty() && args.api_keys.is_none());
+    options.metrics_token = args.metrics_token_file.clone();
+    // Without keys the local cluster makes one up; it must be shown, or nobody could use the API.
+    let made_up_key = options.api_keys.is_none() && options.api_key.is_none();
     let cluster = strata_client::LocalCluster::start(options)
         .await
         .map_err(anyhow::Error::msg)?;
@@ -46,10 +58,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let http = cluster.http_url().unwrap_or_default().to_string();
     eprintln!("strata: gRPC API at {}", cluster.url());
     eprintln!("strata: OpenAI-compatible API at {http}/v1 (metrics at {http}/metrics)");
-    if let (true, Some(token)) = (made_up_token, cluster.security().token()) {
+    if let (true, Some(key)) = (made_up_key, cluster.api_key()) {
         eprintln!(
-            "strata: API key (send `Authorization: Bearer <key>`; set your own with STRATA_AUTH_TOKEN or --auth-token-file):\n{}",
-            token.as_str()
+            "strata: API key (send `Authorization: Bearer <key>`; set your own with STRATA_API_KEY or --api-keys):\n{}",
+            key.as_str()
         );
     }
     if args.announce {

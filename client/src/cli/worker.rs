@@ -98,8 +98,13 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let security = args.security.load()?;
-    security.check_listen(listener.local_addr()?, args.insecure)?;
+    let security = worker_security(&args.security)?;
+    security.check_listen(
+        listener.local_addr()?,
+        strata_transport::Peers::Members,
+        &security.auth_check(),
+        args.insecure,
+    )?;
     if args.announce {
         println!(
             "{}{}",
@@ -136,4 +141,13 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     strata_worker::run(listener, config, shutdown_signal(args.exit_on_stdin_eof)).await?;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// A worker admits cluster members only: with a certificate and a CA, its callers must present a
+/// certificate of that CA (mutual TLS, always), and it never trusts a client CA.
+fn worker_security(args: &SecurityArgs) -> anyhow::Result<strata_transport::Security> {
+    let mut files = args.files();
+    files.client_ca = None;
+    files.mutual_tls = files.cert.is_some() && files.ca.is_some();
+    strata_transport::Security::load(&files).context("invalid TLS or token settings")
 }

@@ -175,3 +175,45 @@ pub fn run_python_check(script: &str, tests: usize, what: &str) {
     };
     assert!(stderr.contains(&ran) && stderr.contains("\nOK"), "{stderr}");
 }
+
+/// One HTTP/1.1 request to `url` (`http://host:port/path`) on a fresh connection, with `key` as
+/// the bearer credential: the status code and the body.
+pub async fn http_request(method: &str, url: &str, key: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").expect("an http:// URL");
+    let (address, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        tcp.read_to_end(&mut answer),
+    )
+    .await
+    .expect("no answer within 60 s")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub async fn http_post(url: &str, key: &str, body: &str) -> (u16, String) {
+    http_request("POST", url, key, body).await
+}
+
+pub async fn http_get(url: &str, key: &str) -> (u16, String) {
+    http_request("GET", url, key, "").await
+}

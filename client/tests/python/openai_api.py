@@ -2,8 +2,9 @@
 `strata serve` (two worker processes and a coordinator) on loopback ports.
 
 Checks: completions and streamed chat completions give the same greedy text as `strata generate`
-(and `strata generate --chat`); a wrong key gets 401 in OpenAI's error shape; `/metrics` parses
-with prometheus_client's OpenMetrics parser and its counters move by exactly what one request did.
+(and `strata generate --chat`); a wrong key, and the cluster's token, get 401 in OpenAI's error
+shape; `/metrics` takes only its scrape token, parses with prometheus_client's OpenMetrics parser
+and its counters move by exactly what one request did, under the key's name.
 
 Run: STRATA_BIN=target/release/strata python3 client/tests/python/openai_api.py (cargo test runs it: client/tests/openai_api.rs)
 """
@@ -12,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import unittest
 import urllib.request
 
@@ -19,17 +21,20 @@ import openai
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 STRATA = os.environ.get("STRATA_BIN", "target/release/strata")
-TOKEN = "openai-api-test-token-0123456789abcdef"
+TOKEN = "openai-api-test-token-0123456789abcdef"  # the cluster's, between nodes
+API_KEY = "openai-api-client-key-0123456789abcdef"  # the client's
+SCRAPE_TOKEN = "openai-api-scrape-token-0123456789"
 PROMPT = "The capital of France is"
 QUESTION = "What is the capital of France?"
 MAX_TOKENS = 24
 
 
-def start_server():
-    env = dict(os.environ, STRATA_AUTH_TOKEN=TOKEN, RUST_LOG="warn")
+def start_server(scrape_token_file):
+    env = dict(os.environ, STRATA_AUTH_TOKEN=TOKEN, STRATA_API_KEY=API_KEY, RUST_LOG="warn")
     proc = subprocess.Popen(
         [STRATA, "serve", "--local", "2", "--listen", "127.0.0.1:0",
-         "--http", "127.0.0.1:0", "--threads", "1", "--announce"],
+         "--http", "127.0.0.1:0", "--threads", "1", "--announce",
+         "--metrics-token-file", scrape_token_file],
         stdout=subprocess.PIPE, env=env, text=True)
     line = proc.stdout.readline()
     if not line.startswith("STRATA_LISTENING "):
@@ -46,11 +51,11 @@ def strata_generate(grpc, prompt, chat=False):
     if chat:
         args.append("--chat")
     out = subprocess.run(args, check=True, capture_output=True, text=True,
-                         env=dict(os.environ, STRATA_AUTH_TOKEN=TOKEN)).stdout
+                         env=dict(os.environ, STRATA_API_KEY=API_KEY)).stdout
     return json.loads(out)["text"]
 
 
-def scrape(http, token=TOKEN):
+def scrape(http, token=SCRAPE_TOKEN):
     request = urllib.request.Request(f"http://{http}/metrics",
                                      headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request) as response:
@@ -69,14 +74,19 @@ def sample(samples, name, **labels):
 class OpenAiApiTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.proc, cls.grpc, cls.http = start_server()
-        cls.client = openai.OpenAI(base_url=f"http://{cls.http}/v1", api_key=TOKEN)
+        cls.scratch = tempfile.TemporaryDirectory()
+        scrape_file = os.path.join(cls.scratch.name, "scrape-token")
+        with open(scrape_file, "w") as f:
+            f.write(SCRAPE_TOKEN + "\n")
+        cls.proc, cls.grpc, cls.http = start_server(scrape_file)
+        cls.client = openai.OpenAI(base_url=f"http://{cls.http}/v1", api_key=API_KEY)
         cls.model = cls.client.models.list().data[0].id
 
     @classmethod
     def tearDownClass(cls):
         cls.proc.terminate()
         cls.proc.wait(timeout=30)
+        cls.scratch.cleanup()
 
     def test_completion_matches_strata_generate(self):
         r = self.client.completions.create(model=self.model, prompt=PROMPT,
@@ -122,10 +132,16 @@ class OpenAiApiTest(unittest.TestCase):
         self.assertEqual(caught.exception.status_code, 401)
         body = caught.exception.body
         self.assertEqual(body["type"], "invalid_request_error")
-        self.assertEqual(body["message"], "wrong auth token")
-        with self.assertRaises(urllib.error.HTTPError) as scraped:
-            scrape(self.http, token="wrong-token-wrong-token")
-        self.assertEqual(scraped.exception.code, 401)
+        self.assertEqual(body["message"], "unknown API key")
+        # The cluster's token is no client's key.
+        member = openai.OpenAI(base_url=f"http://{self.http}/v1", api_key=TOKEN)
+        with self.assertRaises(openai.AuthenticationError):
+            member.completions.create(model=self.model, prompt=PROMPT, max_tokens=4)
+        # /metrics takes its scrape token only: neither a wrong one nor a client's key.
+        for token in ("wrong-token-wrong-token", API_KEY, TOKEN):
+            with self.assertRaises(urllib.error.HTTPError) as scraped:
+                scrape(self.http, token=token)
+            self.assertEqual(scraped.exception.code, 401)
 
     def test_bad_requests_get_400_in_openai_shape(self):
         with self.assertRaises(openai.BadRequestError) as caught:
@@ -146,7 +162,8 @@ class OpenAiApiTest(unittest.TestCase):
             return sample(after, name, **labels) - sample(before, name, **labels)
 
         n = r.usage.completion_tokens
-        self.assertEqual(delta("strata_requests_total", api="openai", outcome="length"), 1)
+        self.assertEqual(
+            delta("strata_requests_total", api="openai", key="env", outcome="length"), 1)
         self.assertEqual(delta("strata_generated_tokens_total"), n)
         self.assertEqual(delta("strata_prompt_tokens_total"), r.usage.prompt_tokens)
         self.assertEqual(delta("strata_time_to_first_token_seconds_count"), 1)

@@ -22,7 +22,7 @@ TOKEN = "openai-qwen-test-token-0123456789abcdef"
 class QwenChat(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        env = dict(os.environ, STRATA_AUTH_TOKEN=TOKEN, RUST_LOG="warn")
+        env = dict(os.environ, STRATA_API_KEY=TOKEN, RUST_LOG="warn")
         cls.proc = subprocess.Popen(
             [STRATA, "serve", "--model", "qwen2.5-coder-1.5b", "--local", "2",
              "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--announce", "--no-warmup"],

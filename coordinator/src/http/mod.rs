@@ -1,5 +1,6 @@
 //! The coordinator's HTTP port (`--http ADDR`): the OpenAI-compatible API, `/health` and
-//! `/metrics`, with the same TLS certificate and bearer token as the gRPC port.
+//! `/metrics`, with the same TLS certificate and client API keys as the gRPC port; `/metrics` has
+//! its own scrape token.
 //!
 //! Handlers go through [`CoordinatorService`] exactly like gRPC calls do (one validation, one
 //! scheduler, one set of metrics); `openai.rs` converts OpenAI's JSON to and from it.
@@ -22,7 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
-use strata_transport::{Security, ServerAuth};
+use strata_transport::{Security, HANDSHAKE_TIMEOUT};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -30,56 +31,87 @@ use tokio_rustls::TlsAcceptor;
 
 use connection::{Activity, TrackedIo};
 
+use crate::server::ClientAccess;
 use crate::service::CoordinatorService;
 use crate::CoordinatorError;
 
 pub use openai::model_id;
 
-/// How long a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long running requests may take to finish after shutdown is asked for.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Clone)]
 struct AppState {
     service: CoordinatorService,
-    auth: ServerAuth,
+    access: ClientAccess,
 }
 
-/// The routes, with the token check in front of everything but `/health` (load balancers and
-/// orchestrators probe it without credentials; without the token it says only whether the
-/// pipeline serves).
-fn router(service: CoordinatorService, auth: ServerAuth) -> Router {
-    let state = AppState { service, auth };
-    let protected = Router::new()
+/// The routes, with the API key check in front of the API, the scrape token's in front of
+/// `/metrics`, and none in front of `/health` (load balancers and orchestrators probe it without
+/// credentials; without a key it says only whether the pipeline serves).
+fn router(service: CoordinatorService, access: ClientAccess) -> Router {
+    let state = AppState { service, access };
+    let api = Router::new()
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))
-        .route("/metrics", get(metrics))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    let scrape =
+        Router::new()
+            .route("/metrics", get(metrics))
+            .route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                require_scrape_token,
+            ));
     Router::new()
         .route("/health", get(health))
-        .merge(protected)
+        .merge(api)
+        .merge(scrape)
         .fallback(not_found)
         .with_state(state)
 }
 
-async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let header = request
+fn authorization(request: &Request) -> Option<&[u8]> {
+    request
         .headers()
         .get(header::AUTHORIZATION)
-        .map(HeaderValue::as_bytes);
-    match state.auth.check(header) {
+        .map(HeaderValue::as_bytes)
+}
+
+async fn require_key(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    match state.access.clients.check(authorization(&request)) {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(message) => openai::ApiError::unauthorized(message).into_response(),
+    }
+}
+
+async fn require_scrape_token(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let checked = match &state.access.metrics {
+        Some(token) => token.check(authorization(&request)).map(drop),
+        None if state.access.clients.is_open() => Ok(()),
+        None => {
+            Err("this coordinator has no metrics scrape token: start it with --metrics-token-file")
+        }
+    };
+    match checked {
         Ok(()) => next.run(request).await,
         Err(message) => openai::ApiError::unauthorized(message).into_response(),
     }
 }
 
 /// Ready or not, for anyone (load balancers probe without credentials); why, with which worker,
-/// only for a caller with the token: the reason names worker addresses and their errors.
+/// only for a caller with an API key: the reason names worker addresses and their errors.
 async fn health(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
     let authorized = state
-        .auth
+        .access
+        .clients
         .check(
             headers
                 .get(header::AUTHORIZATION)
@@ -134,6 +166,7 @@ pub async fn serve(
     listener: TcpListener,
     service: CoordinatorService,
     security: &Security,
+    access: ClientAccess,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), CoordinatorError> {
     let tls = security
@@ -143,10 +176,11 @@ pub async fn serve(
     tracing::info!(
         address = ?address,
         tls = tls.is_some(),
-        auth = security.token().is_some(),
+        api_keys = !access.clients.is_open(),
+        metrics_token = access.metrics.is_some(),
         "HTTP API listening"
     );
-    let app = router(service, security.auth_check());
+    let app = router(service, access);
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(connection::MAX_CONNECTIONS));
     tokio::pin!(shutdown);

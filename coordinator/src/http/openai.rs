@@ -10,12 +10,13 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use strata_model::ModelFile;
 use strata_proto::v1;
+use strata_transport::Caller;
 use tonic::{Code, Status};
 
 use super::AppState;
@@ -481,12 +482,13 @@ impl ChunkWriter {
 async fn start(
     state: &AppState,
     headers: &HeaderMap,
+    caller: Caller,
     request: v1::GenerateRequest,
 ) -> Result<(Events, String), ApiError> {
     let id = request_id(headers.get("x-request-id").and_then(|v| v.to_str().ok()));
     let events = state
         .service
-        .start_generation(request, None, id.clone(), Api::OpenAi)
+        .start_generation(request, None, id.clone(), caller, Api::OpenAi)
         .await?;
     Ok((events, id.to_string()))
 }
@@ -500,6 +502,7 @@ fn with_request_id(mut response: Response, id: &str) -> Response {
 
 pub async fn completions(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -527,11 +530,20 @@ pub async fn completions(
         .common
         .to_request(&state, Some(body.common.max_tokens.unwrap_or(16)))?;
     request.prompt = prompt;
-    respond(&state, &headers, request, Flavor::Completion, &body.common).await
+    respond(
+        &state,
+        &headers,
+        caller,
+        request,
+        Flavor::Completion,
+        &body.common,
+    )
+    .await
 }
 
 pub async fn chat_completions(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -575,19 +587,28 @@ pub async fn chat_completions(
     let max_tokens = body.max_completion_tokens.or(body.common.max_tokens);
     let mut request = body.common.to_request(&state, max_tokens)?;
     request.messages = messages;
-    respond(&state, &headers, request, Flavor::Chat, &body.common).await
+    respond(
+        &state,
+        &headers,
+        caller,
+        request,
+        Flavor::Chat,
+        &body.common,
+    )
+    .await
 }
 
 /// Starts the generation, then streams it as SSE or answers with the whole completion.
 async fn respond(
     state: &AppState,
     headers: &HeaderMap,
+    caller: Caller,
     request: v1::GenerateRequest,
     flavor: Flavor,
     common: &Common,
 ) -> Result<Response, ApiError> {
     let model = model_id(state.service.model());
-    let (events, id) = start(state, headers, request).await?;
+    let (events, id) = start(state, headers, caller, request).await?;
     let (prefix, object) = match flavor {
         Flavor::Completion => ("cmpl", "text_completion"),
         Flavor::Chat => ("chatcmpl", "chat.completion"),
