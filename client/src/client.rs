@@ -58,6 +58,8 @@ pub struct GenerateParams {
     /// Send the prompt as one user message of a conversation, rendered by the coordinator with the
     /// model's chat template.
     pub chat: bool,
+    /// Read control-token text in a raw prompt as those tokens (see `GenerateRequest`).
+    pub parse_special: bool,
 }
 
 impl Default for GenerateParams {
@@ -72,6 +74,7 @@ impl Default for GenerateParams {
             top_logprobs: 0,
             ignore_eos: false,
             chat: false,
+            parse_special: false,
         }
     }
 }
@@ -244,6 +247,7 @@ impl StrataClient {
             stop: params.stop.clone(),
             top_logprobs: params.top_logprobs,
             ignore_eos: params.ignore_eos,
+            parse_special: params.parse_special,
         };
         let stream = self.inner.clone().generate(request).await?.into_inner();
         Ok(Box::pin(stream.map(|item| {
@@ -287,12 +291,15 @@ impl StrataClient {
         futures::future::join_all(prompts.iter().map(|p| self.generate_collect(p, params))).await
     }
 
-    /// Encodes text as the coordinator encodes prompts.
+    /// Encodes text as the coordinator encodes prompts (control-token text as text).
     pub async fn tokenize(&self, text: &str) -> Result<Vec<u32>, ClientError> {
         let r = self
             .inner
             .clone()
-            .tokenize(v1::TokenizeRequest { text: text.into() })
+            .tokenize(v1::TokenizeRequest {
+                text: text.into(),
+                parse_special: false,
+            })
             .await?;
         Ok(r.into_inner().ids)
     }

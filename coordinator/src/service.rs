@@ -95,10 +95,11 @@ impl CoordinatorService {
         Ok(())
     }
 
-    /// `text`'s ids; its size is checked by the caller, before it queues the work.
-    fn tokenize(&self, text: &str) -> Result<Vec<u32>, Status> {
+    /// `text`'s ids, control-token text read as those tokens only with `parse_special`; its size
+    /// is checked by the caller, before it queues the work.
+    fn tokenize(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, Status> {
         self.tokenizer
-            .encode(text)
+            .encode_prompt(text, parse_special)
             .map_err(|e| Status::internal(format!("tokenizer: {e}")))
     }
 
@@ -106,7 +107,7 @@ impl CoordinatorService {
     /// their content tokenized as text (a control token typed in a message stays characters).
     fn prompt_ids(&self, r: &v1::GenerateRequest) -> Result<Vec<u32>, Status> {
         if r.messages.is_empty() {
-            return self.tokenize(&r.prompt);
+            return self.tokenize(&r.prompt, r.parse_special);
         }
         if !r.prompt.is_empty() {
             return Err(invalid(
@@ -502,10 +503,13 @@ impl v1::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<v1::TokenizeRequest>,
     ) -> Result<Response<v1::TokenizeResponse>, Status> {
-        let text = request.into_inner().text;
+        let v1::TokenizeRequest {
+            text,
+            parse_special,
+        } = request.into_inner();
         self.check_prompt_bytes(text.len(), "prompt")?;
         let ids = self
-            .off_async_threads(move |service| service.tokenize(&text))
+            .off_async_threads(move |service| service.tokenize(&text, parse_special))
             .await?;
         Ok(Response::new(v1::TokenizeResponse { ids }))
     }

@@ -182,6 +182,17 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    /// Encodes a raw prompt: with `parse_special`, control-token text in it is read as those
+    /// tokens, as [`TextTokenizer::encode`] does; without, it is all text the user typed
+    /// (llama.cpp's `parse_special = false`), so `<|im_start|>` in it is characters.
+    pub fn encode_prompt(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, ModelError> {
+        if parse_special {
+            self.encode(text)
+        } else {
+            self.encode_with_data(text, &[0..text.len()])
+        }
+    }
+
     /// Encodes a prompt in which the byte ranges `data` (chat messages' content) are text the
     /// user typed: a control token's text there (`<|im_start|>`) is tokenized as the characters it
     /// is, never as the control token, so content cannot open a turn of its own (llama.cpp's

@@ -50,8 +50,12 @@ pub struct GenerateArgs {
     #[arg(long)]
     ignore_eos: bool,
     /// Send the prompt as a user message in the model's chat template (as the OpenAI chat API does).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "parse_special")]
     chat: bool,
+    /// Read control-token text in the prompt (`<|im_start|>`) as those tokens; by default it is
+    /// text, like the rest of the prompt.
+    #[arg(long)]
+    parse_special: bool,
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -73,6 +77,7 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         top_logprobs: if args.json { 5 } else { 0 },
         ignore_eos: args.ignore_eos,
         chat: args.chat,
+        parse_special: args.parse_special,
     };
     if let Some(url) = &args.cluster.coordinator {
         let client = args.cluster.connect(url).await?;

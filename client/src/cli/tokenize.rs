@@ -18,8 +18,12 @@ pub struct TokenizeArgs {
     json: bool,
     /// Encode the text as one user message in the model's chat template, as the chat API does:
     /// control tokens typed in it stay text.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "parse_special")]
     chat: bool,
+    /// Read control-token text (`<|im_start|>`) as those tokens, as a prompt sent with
+    /// `parse_special` is; by default it is text, as a prompt is.
+    #[arg(long)]
+    parse_special: bool,
 }
 
 pub fn run(args: TokenizeArgs) -> anyhow::Result<()> {
@@ -35,7 +39,7 @@ pub fn run(args: TokenizeArgs) -> anyhow::Result<()> {
         }];
         template.prompt_ids(&tokenizer, &messages, usize::MAX)?
     } else {
-        tokenizer.encode(&args.text)?
+        tokenizer.encode_prompt(&args.text, args.parse_special)?
     };
     if args.json {
         println!("{}", serde_json::json!({ "ids": ids }));

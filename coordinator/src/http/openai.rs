@@ -202,6 +202,10 @@ pub struct CompletionRequest {
     echo: bool,
     #[serde(default)]
     logprobs: Option<u32>,
+    /// An extension (llama.cpp's server has it too): read control-token text in the prompt as
+    /// those tokens. Off, the prompt is text.
+    #[serde(default)]
+    parse_special: bool,
     #[serde(flatten)]
     common: Common,
 }
@@ -309,6 +313,7 @@ impl Common {
             top_logprobs: 0,
             ignore_eos: self.ignore_eos,
             messages: Vec::new(),
+            parse_special: false,
         })
     }
 
@@ -530,6 +535,7 @@ pub async fn completions(
         .common
         .to_request(&state, Some(body.common.max_tokens.unwrap_or(16)))?;
     request.prompt = prompt;
+    request.parse_special = body.parse_special;
     respond(
         &state,
         &headers,
