@@ -133,3 +133,74 @@ async fn health_without_the_key_says_only_ready_or_not() {
     assert!(member.ends_with(r#"{"status":"ok"}"#), "{member}");
     cluster.stop().await.unwrap();
 }
+
+/// A body over the limit is refused with 413 before it is read whole, and one that trickles in is
+/// cut off with 408, both in OpenAI's error shape; the port serves a real request meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_trickled_bodies_are_refused_in_openai_shape() {
+    let (cluster, address) = with_http().await;
+    let key = cluster.api_key().expect("a key").as_str().to_string();
+    let head = |length: usize| {
+        format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    // Trickled: the headers and a few bytes of a 100-byte body, then nothing.
+    let trickle_address = address.clone();
+    let trickle_head = head(100);
+    let trickled = tokio::spawn(async move {
+        let mut tcp = TcpStream::connect(&trickle_address).await.unwrap();
+        tcp.write_all(trickle_head.as_bytes()).await.unwrap();
+        tcp.write_all(b"{\"model\":").await.unwrap();
+        let started = Instant::now();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(60), tcp.read_to_end(&mut answer))
+            .await
+            .expect("no answer within 60 s")
+            .unwrap();
+        (
+            String::from_utf8_lossy(&answer).to_string(),
+            started.elapsed(),
+        )
+    });
+
+    let big = 9 << 20;
+    let mut tcp = TcpStream::connect(&address).await.unwrap();
+    tcp.write_all(head(big).as_bytes()).await.unwrap();
+    let chunk = vec![b' '; 1 << 20];
+    for _ in 0..9 {
+        // The server may answer and close before all of it is sent.
+        if tcp.write_all(&chunk).await.is_err() {
+            break;
+        }
+    }
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), tcp.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.contains(r#""type":"invalid_request_error""#),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("over the limit of 8388608 bytes"),
+        "{answer}"
+    );
+
+    let url = format!("http://{address}/v1/completions");
+    let (status, body) = common::http_post(
+        &url,
+        &key,
+        r#"{"model":"SmolLM2-135M-Instruct.Q4_1","prompt":"Hello","max_tokens":2}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    let (answer, waited) = trickled.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("did not arrive within"), "{answer}");
+    assert!(waited < Duration::from_secs(40), "{waited:?}");
+    eprintln!("a trickled body was cut off after {waited:?}");
+    cluster.stop().await.unwrap();
+}

@@ -61,12 +61,13 @@ stop() {  # name
 # (no ping on minimal hosts: the workers' ports are waited for below)
 
 "$strata" keys --out "$work/keys" --host "${addr[c]}" --host "${addr[w0]}" --host "${addr[w1]}" >/dev/null
-sec=(--keys "$work/keys" --mutual-tls)
+node=(--keys "$work/keys/node")
+client=(--keys "$work/keys/client")
 
 # Workers on their hosts, listening beyond loopback (allowed: TLS and a token are on).
 for w in w0 w1; do
     spawn_in "$w" "$w" "$strata" worker --listen "${addr[$w]}:7100" --model "$model" --threads 1 \
-        "${sec[@]}" </dev/null >/dev/null 2>"$work/$w.log"
+        "${node[@]}" </dev/null >/dev/null 2>"$work/$w.log"
 done
 wait_port() {  # ns host port
     for _ in $(seq 100); do
@@ -94,7 +95,7 @@ start_coordinator() {  # workers port
     stop coordinator
     : >"$work/coord.out"
     spawn_in c coordinator "$strata" coordinator --listen "${addr[c]}:$2" --workers "$1" --split even \
-        --model "$model" "${sec[@]}" --announce </dev/null >"$work/coord.out" 2>"$work/coord.log"
+        --model "$model" "${node[@]}" --api-keys "$work/keys/api-keys" --mutual-tls --announce </dev/null >"$work/coord.out" 2>"$work/coord.log"
     for _ in $(seq 300); do
         grep -q STRATA_LISTENING "$work/coord.out" 2>/dev/null && return 0
         sleep 0.2
@@ -124,7 +125,7 @@ for delay in 0 2 10; do
         fi
     fi
     start_coordinator "$workers" $(( 7000 + delay ))
-    out="$(in_ns c timeout 120 "$strata" generate --coordinator "https://${addr[c]}:$(( 7000 + delay ))" "${sec[@]}" \
+    out="$(in_ns c timeout 120 "$strata" generate --coordinator "https://${addr[c]}:$(( 7000 + delay ))" "${client[@]}" \
         --prompt "$prompt" --max-tokens "$max_tokens" --temperature 0 --json)"
     line="$("$python" - "$out" "$ref_tokens" "$delay" "$method" <<'PY'
 import json, sys

@@ -5,13 +5,14 @@
 use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures::{Stream, StreamExt};
+use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use strata_model::ModelFile;
@@ -50,6 +51,16 @@ impl ApiError {
             kind: "invalid_request_error",
             code: None,
             param,
+        }
+    }
+
+    fn refused(status: StatusCode, message: String) -> Self {
+        Self {
+            status,
+            message,
+            kind: "invalid_request_error",
+            code: None,
+            param: None,
         }
     }
 
@@ -119,9 +130,39 @@ impl From<Status> for ApiError {
     }
 }
 
-/// The body as JSON, whatever its `Content-Type` says (curl users often leave it out).
-fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
+/// The largest request body: a prompt at the coordinator's byte limit (1 MiB) fits with room for
+/// JSON's escapes; beyond it, 413 before anything is parsed.
+pub const MAX_BODY_BYTES: usize = 8 << 20;
+/// How long a client may take to send a request's body once its headers are in: a body trickled
+/// a byte at a time must not hold a connection (idle checks see a running request).
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The body as JSON, whatever its `Content-Type` says (curl users often leave it out); read within
+/// `BODY_TIMEOUT` and `MAX_BODY_BYTES`, each refused in OpenAI's error shape (408, 413).
+async fn parse_body<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, ApiError> {
+    let limited = http_body_util::Limited::new(body, MAX_BODY_BYTES);
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, limited.collect()).await {
+        Err(_) => {
+            return Err(ApiError::refused(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+            ))
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(ApiError::refused(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the request body is over the limit of {MAX_BODY_BYTES} bytes"),
+            ))
+        }
+        Ok(Err(e)) => {
+            return Err(ApiError::invalid(
+                format!("cannot read the body: {e}"),
+                None,
+            ))
+        }
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}"), None))
 }
 
@@ -509,9 +550,9 @@ pub async fn completions(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let body: CompletionRequest = parse_body(&body)?;
+    let body: CompletionRequest = parse_body(body).await?;
     if body.echo {
         return Err(ApiError::invalid("echo is not supported", Some("echo")));
     }
@@ -551,9 +592,9 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let body: ChatRequest = parse_body(&body)?;
+    let body: ChatRequest = parse_body(body).await?;
     if body.logprobs {
         return Err(ApiError::invalid(
             "logprobs are not supported on the HTTP API yet (the gRPC API returns top_logprobs)",
