@@ -189,7 +189,8 @@ impl TextTokenizer {
         if parse_special {
             self.encode(text)
         } else {
-            self.encode_with_data(text, &[0..text.len()])
+            let whole = 0..text.len();
+            self.encode_with_data(text, std::slice::from_ref(&whole))
         }
     }
 
