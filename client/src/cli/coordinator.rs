@@ -259,7 +259,7 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     eprintln!("strata: gRPC API at {scheme}://{}", listener.local_addr()?);
     if let Some(l) = &http {
         eprintln!(
-            "strata: OpenAI-compatible API at {scheme}://{}/v1 (metrics at /metrics)",
+            "strata: OpenAI-compatible API at {scheme}://{}/v1 (metrics at /metrics with the scrape token, or open where the API is)",
             l.local_addr()?
         );
     }

@@ -57,7 +57,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let http = cluster.http_url().unwrap_or_default().to_string();
     eprintln!("strata: gRPC API at {}", cluster.url());
-    eprintln!("strata: OpenAI-compatible API at {http}/v1 (metrics at {http}/metrics)");
+    eprintln!("strata: OpenAI-compatible API at {http}/v1");
+    if args.metrics_token_file.is_some() {
+        eprintln!("strata: Prometheus metrics at {http}/metrics (with the scrape token)");
+    } else {
+        eprintln!("strata: /metrics needs a scrape token: pass --metrics-token-file to serve it");
+    }
     if let (true, Some(key)) = (made_up_key, cluster.api_key()) {
         eprintln!(
             "strata: API key (send `Authorization: Bearer <key>`; set your own with STRATA_API_KEY or --api-keys):\n{}",
