@@ -282,6 +282,23 @@ async fn a_hung_worker_ends_every_stream_and_the_queue_within_5_s() {
     second.stop().await.unwrap();
 }
 
+/// Waits (up to 30 s) until the cluster answers again, and checks it answers `expected`.
+async fn serves_the_same_again(client: &StrataClient, greedy: &GenerateParams, expected: &[u32]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.generate_collect(PROMPT, greedy).await {
+            Ok(again) => {
+                assert_eq!(again.token_ids, expected);
+                return;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "not serving again: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
 /// A stage loaded over by someone else (another layer range on the same worker, or the same range:
 /// a new epoch) is noticed by the health checks and loaded back: requests are right again within
 /// seconds, not failing forever.
@@ -328,19 +345,7 @@ async fn a_stage_loaded_over_by_someone_else_is_noticed_and_put_back() {
         "stage put back {:?} after it was loaded over",
         swapped.elapsed()
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match client.generate_collect(PROMPT, &greedy).await {
-            Ok(again) => {
-                assert_eq!(again.token_ids, expected);
-                break;
-            }
-            Err(e) => {
-                assert!(Instant::now() < deadline, "not serving again: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
+    serves_the_same_again(&client, &greedy, &expected).await;
 
     // Loaded over with the very layers planned: only the epoch tells, and it is enough.
     let ours = raw
@@ -369,19 +374,7 @@ async fn a_stage_loaded_over_by_someone_else_is_noticed_and_put_back() {
         "stage loaded again {:?} after it was loaded over with the same layers",
         swapped.elapsed()
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match client.generate_collect(PROMPT, &greedy).await {
-            Ok(again) => {
-                assert_eq!(again.token_ids, expected);
-                break;
-            }
-            Err(e) => {
-                assert!(Instant::now() < deadline, "not serving again: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
+    serves_the_same_again(&client, &greedy, &expected).await;
     first.stop().await.unwrap();
     second.stop().await.unwrap();
 }
