@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use strata_client::{ClientError, Event, GenerateParams, LocalCluster, LocalOptions, StrataClient};
+use strata_coordinator::plan::SplitSpec;
 use strata_coordinator::scheduler::SchedulerLimits;
 
 async fn active_per_stage(client: &StrataClient) -> Vec<u32> {
@@ -188,6 +189,30 @@ async fn a_kv_refusal_of_a_shared_step_fails_no_batch_mate() {
         worker_args: vec!["--max-cache-mib".into(), "64".into()],
         ..LocalOptions::new(common::strata(), 1, common::default_model())
     };
+    kv_refusal_retries_each_batch_mate_alone(options, 400).await;
+}
+
+/// The same refusal from the last of two stages, after the first has already appended the
+/// step's positions: the batch-mates start again alone and come out as they do alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_refusal_at_a_later_stage_fails_no_batch_mate() {
+    let options = LocalOptions {
+        // The last stage holds 24 of SmolLM2's 30 layers, 36 KiB of f32 KV per position, and a
+        // step may allocate twice its size: 56 MiB takes ~796 new positions at once, one
+        // 450-token prompt but not two, and still one more after another is cached. The first
+        // stage (9 KiB per position) takes both.
+        split: SplitSpec::Explicit(vec![0..6, 6..30]),
+        worker_args: vec!["--max-cache-mib".into(), "56".into()],
+        ..LocalOptions::new(common::strata(), 2, common::default_model())
+    };
+    kv_refusal_retries_each_batch_mate_alone(options, 100).await;
+}
+
+/// Sends two ~450-token prompts together while one stream per stage decodes `decode` tokens
+/// (so every micro-batch slot is taken, and both prompts go into the next step together), and
+/// checks that both come out as they do alone and the streams keep going.
+async fn kv_refusal_retries_each_batch_mate_alone(options: LocalOptions, decode: usize) {
+    let stages = options.workers;
     let cluster = LocalCluster::start(options).await.unwrap();
     let client = cluster.client().await.unwrap();
     let params = GenerateParams {
@@ -201,21 +226,23 @@ async fn a_kv_refusal_of_a_shared_step_fails_no_batch_mate() {
         .collect();
     for prompt in &prompts {
         let n = client.tokenize(prompt).await.unwrap().len();
-        assert!((400..700).contains(&n), "{n} prompt tokens");
+        assert!((400..500).contains(&n), "{n} prompt tokens");
     }
-    // A stream that decodes meanwhile, so both prompts arrive while a step is out and go into
-    // the next one together.
     let long = GenerateParams {
-        max_tokens: 400,
+        max_tokens: decode as u32,
         ignore_eos: true,
         ..GenerateParams::default()
     };
-    let mut stream = client
-        .generate("Tell me about the sea.", &long)
-        .await
-        .unwrap();
-    for _ in 0..3 {
-        stream.next().await.unwrap().unwrap();
+    let mut streams = Vec::new();
+    for topic in ["the sea", "the sky"].iter().take(stages) {
+        let mut stream = client
+            .generate(&format!("Tell me about {topic}."), &long)
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            stream.next().await.unwrap().unwrap();
+        }
+        streams.push(stream);
     }
     let results = client.generate_batch(&prompts, &params).await;
     for (prompt, result) in prompts.iter().zip(results) {
@@ -223,14 +250,16 @@ async fn a_kv_refusal_of_a_shared_step_fails_no_batch_mate() {
         let alone = client.generate_collect(prompt, &params).await.unwrap();
         assert_eq!(got.token_ids, alone.token_ids);
     }
-    let mut streamed = 3;
-    while let Some(event) = stream.next().await {
-        if let Event::Token(_) = event.expect("the decoding stream kept going") {
-            streamed += 1;
+    for mut stream in streams {
+        let mut streamed = 3;
+        while let Some(event) = stream.next().await {
+            if let Event::Token(_) = event.expect("the decoding stream kept going") {
+                streamed += 1;
+            }
         }
+        assert_eq!(streamed, decode);
     }
-    assert_eq!(streamed, 400);
-    assert_eq!(active_per_stage(&client).await, vec![0]);
+    assert_eq!(active_per_stage(&client).await, vec![0; stages]);
     cluster.stop().await.unwrap();
 }
 

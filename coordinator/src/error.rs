@@ -48,6 +48,9 @@ pub enum CoordinatorError {
     /// The coordinator is stopping.
     #[error("the coordinator is shutting down")]
     ShuttingDown,
+    /// A bug: a task of the coordinator failed.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl CoordinatorError {
@@ -76,10 +79,17 @@ impl CoordinatorError {
         )
     }
 
-    /// Whether stage `stage` refused a step for its limits (RESOURCE_EXHAUSTED): a worker checks a
-    /// whole step before it changes anything.
-    pub fn is_capacity_refusal_at(&self, stage: usize) -> bool {
-        matches!(self, Self::Stage { stage: s, code: Code::ResourceExhausted, .. } if *s == stage)
+    /// The stage that refused a step for its limits (RESOURCE_EXHAUSTED), if one did: a worker
+    /// checks a whole step before it changes anything.
+    pub fn capacity_refusal_stage(&self) -> Option<usize> {
+        match self {
+            Self::Stage {
+                stage,
+                code: Code::ResourceExhausted,
+                ..
+            } => Some(*stage),
+            _ => None,
+        }
     }
 
     /// The stage a failure happened at.
@@ -112,7 +122,7 @@ impl From<CoordinatorError> for Status {
             | CoordinatorError::Plan(_)
             | CoordinatorError::Model(_)
             | CoordinatorError::Transport(_) => Code::FailedPrecondition,
-            CoordinatorError::Protocol(_) => Code::Internal,
+            CoordinatorError::Protocol(_) | CoordinatorError::Internal(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
     }

@@ -805,16 +805,25 @@ impl Scheduler {
                 self.hold_for_replay(done.sequences);
                 return;
             }
-            // The first stage refused the whole step for room (its KV bound) before changing
-            // anything on any stage: each sequence retries alone, and only one that is refused
-            // alone fails, not its batch-mates.
-            Err(e) if e.is_capacity_refusal_at(0) && done.sequences.len() > 1 => {
-                tracing::info!(error = %e, sequences = done.sequences.len(), "no room for the step; its sequences retry one by one");
-                let retry: Vec<Sequence> = done
-                    .sequences
-                    .into_iter()
-                    .map(|seq| Sequence { alone: true, ..seq })
-                    .collect();
+            // A stage refused the whole step for room (its KV bound) before changing anything on
+            // itself or the stages after it: each sequence retries alone, and only one that is
+            // refused alone fails, not its batch-mates. The stages before the refusing one did
+            // append this step's positions, so past the first stage each sequence starts again
+            // under a fresh id (as a replay does) and prefills everything it has alone.
+            Err(e) if done.sequences.len() > 1 && e.capacity_refusal_stage().is_some() => {
+                let stage = e.capacity_refusal_stage().unwrap_or(0);
+                tracing::info!(error = %e, stage, sequences = done.sequences.len(), "no room for the step; its sequences retry one by one");
+                let mut retry = done.sequences;
+                if stage > 0 {
+                    self.release(retry.iter().map(|s| s.id).collect());
+                    for seq in &mut retry {
+                        seq.id = fresh_seq_id();
+                        seq.cached = 0;
+                    }
+                }
+                for seq in &mut retry {
+                    seq.alone = true;
+                }
                 self.ready.splice(0..0, retry);
                 return;
             }
