@@ -58,6 +58,10 @@ pub struct LocalOptions {
     pub threads: Option<usize>,
     /// Extra arguments for every worker.
     pub worker_args: Vec<String>,
+    /// Start the workers without the model file: the coordinator sends each its stage's weights,
+    /// which worker `i` of [`LocalCluster::start`] keeps in `DIR/worker-i` (workers spawned by
+    /// hand get a directory of their own).
+    pub weight_cache: Option<PathBuf>,
     /// The coordinator's admission bounds.
     pub scheduler: SchedulerLimits,
     /// TLS files and the cluster's token for every port. Without a token, the cluster makes one
@@ -87,6 +91,7 @@ impl LocalOptions {
             warmup: true,
             threads: None,
             worker_args: Vec::new(),
+            weight_cache: None,
             scheduler: SchedulerLimits::default(),
             security: SecurityFiles::default(),
             api_keys: None,
@@ -126,6 +131,17 @@ impl WorkerProcess {
 
     /// Starts `strata worker` listening on `listen` (e.g. the address of one that died).
     pub async fn spawn_at(options: &LocalOptions, listen: &str) -> Result<Self, String> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1000);
+        let index = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self::spawn_numbered(options, listen, index).await
+    }
+
+    /// Starts worker `index` (which names its weight cache, with [`LocalOptions::weight_cache`]).
+    async fn spawn_numbered(
+        options: &LocalOptions,
+        listen: &str,
+        index: usize,
+    ) -> Result<Self, String> {
         let mut command = Command::new(&options.binary);
         command
             .arg("worker")
@@ -137,13 +153,17 @@ impl WorkerProcess {
                 "--announce",
                 "--exit-on-stdin-eof",
             ])
-            .arg("--model")
-            .arg(&options.model)
             .args(&options.worker_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
+        match &options.weight_cache {
+            Some(dir) => command
+                .arg("--weight-cache")
+                .arg(dir.join(format!("worker-{index}"))),
+            None => command.arg("--model").arg(&options.model),
+        };
         if let Some(threads) = options.threads {
             command.args(["--threads", &threads.to_string()]);
         }
@@ -287,7 +307,8 @@ impl LocalCluster {
         )
         .map_err(|e| e.to_string())?;
         let client_security = security.with_credential(api_key.clone());
-        let spawns = (0..options.workers).map(|_| WorkerProcess::spawn(&options));
+        let spawns =
+            (0..options.workers).map(|i| WorkerProcess::spawn_numbered(&options, "127.0.0.1:0", i));
         let mut workers = Vec::new();
         let mut failure = None;
         for result in futures::future::join_all(spawns).await {

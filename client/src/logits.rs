@@ -30,7 +30,7 @@ impl LogitsPipeline {
             .zip(ranges)
             .map(|(spec, range)| -> anyhow::Result<Stage> {
                 let device = strata_worker::device::open(spec)?;
-                let dtype = options.compute_dtype(&model, &device)?;
+                let dtype = options.compute_dtype(model.format, &device)?;
                 Stage::load(&model, range.clone(), &device, dtype, options)
                     .with_context(|| format!("loading layers {range:?} on {spec}"))
             })

@@ -90,7 +90,7 @@ impl SingleProcess {
         let tokenizer = TextTokenizer::load(&model).map_err(|e| e.to_string())?;
         let layers = model.config.num_layers;
         let engine = Engine::start(
-            model,
+            Some(model),
             candle_core::Device::Cpu,
             StageOptions::default(),
             EngineLimits::default(),
@@ -98,7 +98,7 @@ impl SingleProcess {
         )
         .map_err(|e| e.to_string())?;
         let epoch = engine
-            .load(0..layers, None)
+            .load(0..layers, None, None)
             .await
             .map_err(|e| e.to_string())?
             .epoch;

@@ -72,6 +72,7 @@ fn load(model_fingerprint: &str, start: u32, end: u32) -> v1::LoadStageRequest {
         model_fingerprint: model_fingerprint.into(),
         layers: Some(v1::LayerRange { start, end }),
         output_dtype: 0,
+        weights: None,
     }
 }
 

@@ -148,6 +148,40 @@ async fn with_a_spare_the_stream_completes_with_the_same_tokens() {
     spare.stop().await.unwrap();
 }
 
+/// A spare without the model file, its cache empty, gets the lost stage's weights from the
+/// coordinator when it takes over, and the stream goes on with the same tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spare_without_the_model_file_is_sent_the_stage_and_the_stream_completes() {
+    let cache = tempfile::tempdir().unwrap();
+    let first = WorkerProcess::spawn(&options()).await.unwrap();
+    let mut second = WorkerProcess::spawn(&options()).await.unwrap();
+    let spare = WorkerProcess::spawn(&LocalOptions {
+        weight_cache: Some(cache.path().to_owned()),
+        ..options()
+    })
+    .await
+    .unwrap();
+    let client = coordinator(&[&first, &second], &[&spare]).await;
+    let greedy = params(0, 0.0);
+    let expected = client
+        .generate_collect(PROMPT, &greedy)
+        .await
+        .unwrap()
+        .token_ids;
+    let started = Instant::now();
+    let (got, error) = stream_until(&client, &greedy, 10, &mut second).await;
+    assert!(error.is_none(), "the stream broke: {error:?}");
+    assert_eq!(got, expected, "tokens after the replay differ");
+    eprintln!(
+        "stream with a loss and a bare spare done in {:?}",
+        started.elapsed()
+    );
+    let info = client.info().await.unwrap();
+    assert_eq!(info.stages[1].worker, spare.address, "{info:?}");
+    first.stop().await.unwrap();
+    spare.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_spare_the_client_hears_at_once_and_service_resumes() {
     let first = WorkerProcess::spawn(&options()).await.unwrap();
@@ -325,6 +359,7 @@ async fn a_stage_loaded_over_by_someone_else_is_noticed_and_put_back() {
         model_fingerprint: fingerprint,
         layers: Some(v1::LayerRange { start: 0, end: 3 }),
         output_dtype: 0,
+        weights: None,
     })
     .await
     .unwrap();
@@ -353,6 +388,7 @@ async fn a_stage_loaded_over_by_someone_else_is_noticed_and_put_back() {
             model_fingerprint: planned_fingerprint,
             layers: Some(planned),
             output_dtype: 0,
+            weights: None,
         })
         .await
         .unwrap()

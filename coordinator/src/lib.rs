@@ -8,6 +8,9 @@
 //! - [`scheduler`]: the one task that owns every sequence and drives the pipeline step by step.
 //! - [`pipeline`]: the workers in order; one micro-batch through every stage.
 //! - [`plan`]: the split planner, a pure function.
+//! - [`send_weights`]: a stage's weights sent to a worker without the model file (only what its
+//!   cache lacks).
+//! - [`recovery`]: noticing a lost stage and loading it again on a spare or the same worker.
 //! - [`detokenize`]: token ids to text deltas; stop strings.
 
 pub mod detokenize;
@@ -20,6 +23,7 @@ pub mod plan;
 pub mod prompt_threads;
 pub mod recovery;
 pub mod scheduler;
+pub mod send_weights;
 pub mod server;
 pub mod service;
 

@@ -52,6 +52,20 @@ pub struct Metrics {
     stage_forward: HistogramFamily<StageLabels>,
     stage_hop: HistogramFamily<StageLabels>,
     worker_up: Family<WorkerLabels, Gauge>,
+    weight_bytes_sent: Family<WorkerAddress, Counter>,
+    weight_blobs: Family<BlobLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerAddress {
+    worker: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BlobLabels {
+    worker: String,
+    /// `hit` (the worker's cache held it) or `sent`.
+    outcome: &'static str,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -163,8 +177,23 @@ impl Metrics {
             "1 while the stage's worker serves, 0 while it is lost",
             worker_up.clone(),
         );
+        let weight_bytes_sent = Family::<WorkerAddress, Counter>::default();
+        registry.register_with_unit(
+            "weight_sent",
+            "Weight bytes sent to workers without the model file",
+            Unit::Bytes,
+            weight_bytes_sent.clone(),
+        );
+        let weight_blobs = Family::<BlobLabels, Counter>::default();
+        registry.register(
+            "weight_blobs",
+            "Tensors (and model headers) a stage needed, by whether the worker's cache held them",
+            weight_blobs.clone(),
+        );
         Self {
             registry,
+            weight_bytes_sent,
+            weight_blobs,
             requests,
             prompt_tokens,
             generated_tokens,
@@ -219,6 +248,24 @@ impl Metrics {
         self.stage_hop.get_or_create(&labels).observe(hop_seconds);
     }
 
+    /// Weights went to `worker`: `bytes` sent, `hits` blobs its cache held, `sent` blobs it lacked.
+    pub fn weights_sent(&self, worker: &str, bytes: u64, hits: u64, sent: u64) {
+        let worker = worker.to_string();
+        self.weight_bytes_sent
+            .get_or_create(&WorkerAddress {
+                worker: worker.clone(),
+            })
+            .inc_by(bytes);
+        for (outcome, n) in [("hit", hits), ("sent", sent)] {
+            self.weight_blobs
+                .get_or_create(&BlobLabels {
+                    worker: worker.clone(),
+                    outcome,
+                })
+                .inc_by(n);
+        }
+    }
+
     /// The text exposition, with the gauges read from `stats` now.
     pub fn render(&self, stats: &SchedulerStats) -> String {
         self.queue_depth.set(stats.queued as i64);
@@ -253,6 +300,7 @@ mod tests {
         m.token(0.30, Some(0.05));
         m.request_ended(Api::OpenAi, "alice", "length");
         m.stage_step(1, 0.01, 0.002);
+        m.weights_sent("w:1", 4096, 3, 2);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &m.registry).unwrap();
         for line in [
@@ -262,6 +310,8 @@ mod tests {
             "strata_time_to_first_token_seconds_count 1",
             "strata_inter_token_latency_seconds_count 1",
             "strata_stage_forward_seconds_count{stage=\"1\"} 1",
+            "strata_weight_sent_bytes_total{worker=\"w:1\"} 4096",
+            "strata_weight_blobs_total{worker=\"w:1\",outcome=\"hit\"} 3",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

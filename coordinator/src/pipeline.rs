@@ -13,6 +13,7 @@ use strata_proto::v1::worker_client::WorkerClient;
 use strata_transport::{AuthChannel, Security};
 
 use crate::forward_link::ForwardLink;
+use crate::send_weights::WeightSender;
 use crate::CoordinatorError;
 
 /// How long to wait for a worker to accept a connection.
@@ -139,6 +140,10 @@ pub fn check_fingerprint(
     fingerprint: &str,
     path: &str,
 ) -> Result<(), CoordinatorError> {
+    // A worker without a model file takes the coordinator's (see `load_stage`).
+    if worker.info.weights_from_coordinator {
+        return Ok(());
+    }
     let theirs = worker
         .info
         .model
@@ -178,28 +183,49 @@ pub struct Pipeline {
     stage_timeout: Duration,
 }
 
-/// Loads `layers` on one worker as stage `index`.
+/// Loads `layers` on one worker as stage `index`. A worker without a model file gets the stage's
+/// weights from `weights` first (only what its cache lacks); a cache entry it finds corrupt at
+/// load is sent again, once.
 pub async fn load_stage(
     index: usize,
     worker: ConnectedWorker,
     layers: Range<usize>,
     fingerprint: &str,
     hidden_dtype: v1::DType,
+    weights: Option<&Arc<WeightSender>>,
 ) -> Result<StageHandle, CoordinatorError> {
-    let request = v1::LoadStageRequest {
-        model_fingerprint: fingerprint.to_string(),
-        layers: Some(v1::LayerRange {
-            start: layers.start as u32,
-            end: layers.end as u32,
-        }),
-        output_dtype: hidden_dtype as i32,
-    };
     let mut client = worker.client.clone();
-    let loaded = client
-        .load_stage(request)
-        .await
-        .map_err(|status| CoordinatorError::stage(index, &worker.address, status))?
-        .into_inner();
+    let mut attempts = 0;
+    let loaded = loop {
+        attempts += 1;
+        let sent = match (worker.info.weights_from_coordinator, weights) {
+            (false, _) => None,
+            (true, Some(sender)) => Some(sender.send(index, &worker, layers.clone()).await?.0),
+            (true, None) => {
+                return Err(CoordinatorError::InvalidRequest(format!(
+                    "worker {} has no model file, and the coordinator sends only GGUF weights: \
+                     start the worker with --model",
+                    worker.address
+                )))
+            }
+        };
+        let request = v1::LoadStageRequest {
+            model_fingerprint: fingerprint.to_string(),
+            layers: Some(v1::LayerRange {
+                start: layers.start as u32,
+                end: layers.end as u32,
+            }),
+            output_dtype: hidden_dtype as i32,
+            weights: sent,
+        };
+        match client.load_stage(request).await {
+            Ok(loaded) => break loaded.into_inner(),
+            Err(status) if status.code() == tonic::Code::DataLoss && attempts < 2 => {
+                tracing::warn!(stage = index, worker = %worker.address, error = %status.message(), "a cached weight was corrupt; sending it again");
+            }
+            Err(status) => return Err(CoordinatorError::stage(index, &worker.address, status)),
+        }
+    };
     Ok(StageHandle {
         limits: StageLimits::of(&worker.info),
         address: worker.address,
@@ -217,19 +243,23 @@ pub async fn load_stage(
 }
 
 impl Pipeline {
-    /// Loads `plan[i]` on `workers[i]`, all at once.
+    /// Loads `plan[i]` on `workers[i]`, all at once (sending weights from `weights` to workers
+    /// without the model file).
     pub async fn load(
         workers: Vec<ConnectedWorker>,
         plan: &[Range<usize>],
         fingerprint: &str,
         hidden_dtype: v1::DType,
         stage_timeout: Duration,
+        weights: Option<&Arc<WeightSender>>,
     ) -> Result<Self, CoordinatorError> {
         let loads = workers
             .into_iter()
             .zip(plan)
             .enumerate()
-            .map(|(i, (w, range))| load_stage(i, w, range.clone(), fingerprint, hidden_dtype));
+            .map(|(i, (w, range))| {
+                load_stage(i, w, range.clone(), fingerprint, hidden_dtype, weights)
+            });
         let stages = try_join_all(loads).await?;
         let counters = Arc::new(stages.iter().map(|_| StageCounters::default()).collect());
         Ok(Self {

@@ -10,6 +10,7 @@ use strata_proto::v1;
 use strata_transport::Security;
 
 use crate::pipeline::{self, Pipeline, StageHandle};
+use crate::send_weights::WeightSender;
 use crate::CoordinatorError;
 
 /// Pause between rounds over the candidates while none takes the stage.
@@ -25,6 +26,8 @@ pub struct RecoveryConfig {
     /// The coordinator's model file, for error messages.
     pub model_path: String,
     pub max_message_bytes: usize,
+    /// Weights for a replacement worker without the model file.
+    pub weights: Option<Arc<WeightSender>>,
     pub warmup: bool,
     /// How often every stage is asked for `Health` (a loss between steps is noticed within this).
     pub health_interval: Duration,
@@ -46,6 +49,7 @@ impl RecoveryConfig {
             fingerprint,
             model_path,
             max_message_bytes,
+            weights: None,
             warmup: true,
             health_interval: Duration::from_secs(1),
             replay_deadline: Duration::from_secs(60),
@@ -96,6 +100,7 @@ async fn load_on(
         layers,
         &config.fingerprint,
         crate::pipeline::hidden_wire_dtype(),
+        config.weights.as_ref(),
     )
     .await?;
     if config.warmup {

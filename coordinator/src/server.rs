@@ -20,6 +20,7 @@ use crate::pipeline::{self, Pipeline};
 use crate::plan::{self, SplitSpec};
 use crate::recovery::RecoveryConfig;
 use crate::scheduler::{self, SchedulerLimits};
+use crate::send_weights::WeightSender;
 use crate::service::{CoordinatorService, RequestLimits};
 use crate::CoordinatorError;
 
@@ -141,7 +142,14 @@ impl Coordinator {
                 }
             }
         }
+        let sent_weights = workers.iter().any(|w| w.info.weights_from_coordinator);
         let plan = match config.split {
+            // Calibration reads the model file on each worker; workers that have none are split
+            // evenly instead.
+            SplitSpec::Auto if sent_weights => {
+                tracing::warn!("--split auto needs every worker's own model file to calibrate; some have none, so the split is even");
+                plan::plan(&SplitSpec::Even, model.config.num_layers, workers.len())?
+            }
             SplitSpec::Auto => {
                 let profiles = calibrate(&workers).await?;
                 plan::balanced(model.config.num_layers, &profiles)?
@@ -158,12 +166,14 @@ impl Coordinator {
             );
         }
         let started = Instant::now();
+        let weights = WeightSender::open(&model, metrics.clone())?.map(Arc::new);
         let pipeline = Pipeline::load(
             workers,
             &plan,
             &model.fingerprint,
             crate::pipeline::hidden_wire_dtype(),
             config.stage_timeout,
+            weights.as_ref(),
         )
         .await?;
         tracing::info!(ms = started.elapsed().as_millis() as u64, "stages loaded");
@@ -183,6 +193,7 @@ impl Coordinator {
         let recovery = RecoveryConfig {
             spares: config.spares.clone(),
             warmup: config.warmup,
+            weights,
             ..RecoveryConfig::new(
                 config.security.clone(),
                 model.fingerprint.clone(),

@@ -8,6 +8,7 @@ use candle_core::quantized::gguf_file;
 use sha2::{Digest, Sha256};
 
 use crate::chat::ChatTemplateSource;
+use crate::stage_weights::TensorBlobs;
 use crate::{ModelConfig, ModelError};
 
 /// How a model is stored on disk.
@@ -43,6 +44,9 @@ pub struct ModelFile {
     /// The chat template the model's files carry, if any (read with the rest of the header, so
     /// the coordinator parses the GGUF header no extra time for it).
     pub chat_template: Option<ChatTemplateSource>,
+    /// Where each tensor's bytes are when `path` holds a GGUF header alone (a worker's cache of
+    /// what the coordinator sent); `None` when they are in the file at `path`.
+    pub blobs: Option<TensorBlobs>,
 }
 
 impl ModelFile {
@@ -77,6 +81,7 @@ impl ModelFile {
             fingerprint: hex(&Sha256::digest(&header)),
             name,
             chat_template: crate::chat::from_gguf_metadata(&content.metadata),
+            blobs: None,
         })
     }
 
@@ -100,6 +105,7 @@ impl ModelFile {
             fingerprint: hex(&hasher.finalize()),
             name: file_stem(dir),
             chat_template: crate::chat::from_hf_dir(dir)?,
+            blobs: None,
         })
     }
 

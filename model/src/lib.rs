@@ -4,6 +4,8 @@
 //!   and fingerprint (the model identity every worker must agree on).
 //! - [`chat`]: the model's chat template, rendered with minijinja.
 //! - [`config`]: the shape of a Llama-family model, read from GGUF metadata or `config.json`.
+//! - [`stage_weights`]: which tensors a stage reads, and the digests that name them when the
+//!   coordinator sends them to a worker without the file.
 //! - [`synthetic`]: random-weight models of real shapes, for tests and benchmarks.
 //! - [`tokenizer`]: the text tokenizer, built from GGUF metadata or `tokenizer.json`, plus the model's
 //!   end-of-generation tokens.
@@ -18,6 +20,7 @@ pub mod error;
 pub mod file;
 pub mod rng;
 pub mod spm;
+pub mod stage_weights;
 pub mod synthetic;
 pub mod tensors;
 pub mod tokenizer;

@@ -136,6 +136,7 @@ enum Job {
     Load {
         layers: Range<usize>,
         output_dtype: Option<DType>,
+        weights: Option<Box<ModelFile>>,
         reply: Reply<LoadReport>,
     },
     Forward {
@@ -195,7 +196,7 @@ impl Engine {
     /// foreign pool and sleeping until it is done (two context switches per matmul, ~40% of a decode
     /// step when measured with perf).
     pub fn start(
-        model: ModelFile,
+        model: Option<ModelFile>,
         device: Device,
         options: StageOptions,
         limits: EngineLimits,
@@ -269,15 +270,19 @@ impl Engine {
             .map_err(|_| WorkerError::ComputeThreadGone)?
     }
 
-    /// Loads a layer range, dropping any previous stage and all its sequences.
+    /// Loads a layer range, dropping any previous stage and all its sequences. `weights` is the
+    /// model to read it from when the coordinator sent it (a header and blobs); `None` reads the
+    /// worker's own model file.
     pub async fn load(
         &self,
         layers: Range<usize>,
         output_dtype: Option<DType>,
+        weights: Option<ModelFile>,
     ) -> Result<LoadReport, WorkerError> {
         self.call(|reply| Job::Load {
             layers,
             output_dtype,
+            weights: weights.map(Box::new),
             reply,
         })
         .await
@@ -346,7 +351,9 @@ impl Engine {
 
 /// Everything the compute thread owns.
 struct State {
-    model: ModelFile,
+    /// The worker's model file, or the model of the stage the coordinator last sent; `None` on
+    /// a worker without a model file until its first stage arrives.
+    model: Option<ModelFile>,
     device: Device,
     options: StageOptions,
     limits: EngineLimits,
@@ -391,8 +398,9 @@ impl State {
             Job::Load {
                 layers,
                 output_dtype,
+                weights,
                 reply,
-            } => guarded!(reply, self.load(layers, output_dtype)),
+            } => guarded!(reply, self.load(layers, output_dtype, weights.map(|w| *w))),
             Job::Forward {
                 epoch,
                 steps,
@@ -460,14 +468,23 @@ impl State {
         &mut self,
         layers: Range<usize>,
         output_dtype: Option<DType>,
+        weights: Option<ModelFile>,
     ) -> Result<LoadReport, WorkerError> {
         let started = Instant::now();
         self.stage = None;
         self.epoch = 0;
         self.kept_probes = None;
         self.sequences.clear();
-        let dtype = self.options.compute_dtype(&self.model, &self.device)?;
-        let mut stage = Stage::load(&self.model, layers, &self.device, dtype, self.options)?;
+        if let Some(weights) = weights {
+            self.model = Some(weights);
+        }
+        let model = self.model.as_ref().ok_or_else(|| {
+            WorkerError::FailedPrecondition(
+                "this worker has no model file: LoadStage must carry the stage's weights".into(),
+            )
+        })?;
+        let dtype = self.options.compute_dtype(model.format, &self.device)?;
+        let mut stage = Stage::load(model, layers, &self.device, dtype, self.options)?;
         stage.limit_pool_bytes(self.max_cache_bytes)?;
         self.output_dtype = output_dtype.unwrap_or(dtype);
         self.epoch = fresh_epoch();
@@ -690,17 +707,26 @@ impl State {
         context: usize,
         keep_probes: bool,
     ) -> Result<Calibration, WorkerError> {
-        let n = self.model.config.num_layers;
+        let model =
+            match &self.model {
+                Some(model) if model.blobs.is_none() => model,
+                _ => return Err(WorkerError::FailedPrecondition(
+                    "calibration reads the model file, and this worker has none: start it with \
+                     --model, or plan with --split even or explicit ranges"
+                        .into(),
+                )),
+            };
+        let n = model.config.num_layers;
         let rows = rows.clamp(1, 64);
         let context = context.clamp(
             1,
-            self.model
+            model
                 .config
                 .context_length
                 .saturating_sub(PROBE_STEPS + 1)
                 .max(1),
         );
-        let dtype = self.options.compute_dtype(&self.model, &self.device)?;
+        let dtype = self.options.compute_dtype(model.format, &self.device)?;
         let layers = n.saturating_sub(2).clamp(1, PROBE_LAYERS);
         let bare = if n >= 3 { 1..1 + layers } else { 0..1 };
         let mut probes = match self.kept_probes.take() {
@@ -708,7 +734,7 @@ impl State {
             _ => [bare, 0..layers, n - layers..n]
                 .into_iter()
                 .map(|range| {
-                    let stage = Stage::load(&self.model, range, &self.device, dtype, self.options)?;
+                    let stage = Stage::load(model, range, &self.device, dtype, self.options)?;
                     Probe::prefilled(stage, rows, context)
                 })
                 .collect::<Result<Vec<_>, WorkerError>>()?,

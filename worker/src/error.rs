@@ -17,6 +17,10 @@ pub enum WorkerError {
     /// Too many sequences or cached positions.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// Bytes in the worker's weight cache do not match their digest (the entry is dropped, so the
+    /// coordinator can send it again).
+    #[error("{0}")]
+    DataLoss(String),
     /// The model file could not be read.
     #[error(transparent)]
     Model(#[from] strata_model::ModelError),
@@ -44,6 +48,7 @@ impl From<WorkerError> for Status {
             WorkerError::NotFound(_) => Code::NotFound,
             WorkerError::FailedPrecondition(_) | WorkerError::Model(_) => Code::FailedPrecondition,
             WorkerError::ResourceExhausted(_) => Code::ResourceExhausted,
+            WorkerError::DataLoss(_) => Code::DataLoss,
             WorkerError::ComputeThreadGone => Code::Unavailable,
             WorkerError::Candle(_) | WorkerError::Internal(_) => Code::Internal,
         };

@@ -2,13 +2,15 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use strata_model::ModelFile;
+use strata_model::{ModelFile, ModelFormat};
 use strata_proto::v1::worker_server::WorkerServer;
 use strata_transport::Security;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
+use crate::blob_store::BlobStore;
 use crate::engine::{Engine, EngineLimits};
 use crate::model::StageOptions;
 use crate::service::{WorkerIdentity, WorkerService};
@@ -17,8 +19,12 @@ use crate::WorkerError;
 /// Everything a worker needs to start.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// The model file (GGUF) or directory (safetensors) on this host.
-    pub model: PathBuf,
+    /// The model file (GGUF) or directory (safetensors) on this host; `None`: the coordinator sends
+    /// each stage's weights, kept in `weight_cache`.
+    pub model: Option<PathBuf>,
+    /// Where weights sent by a coordinator are kept (by digest), and how many bytes at most.
+    pub weight_cache: PathBuf,
+    pub weight_cache_max_bytes: u64,
     /// `cpu`, `cuda:N` or `metal:N`.
     pub device: String,
     /// What `Info` reports as the physical device; `None`: [`crate::device::physical_id`].
@@ -43,9 +49,18 @@ pub async fn run(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
-    let model = ModelFile::open(&config.model)?;
+    let model = config.model.as_deref().map(ModelFile::open).transpose()?;
     let device = crate::device::open(&config.device)?;
-    let dtype = config.options.compute_dtype(&model, &device)?;
+    // Weights sent over the wire are GGUF tensors.
+    let format = model.as_ref().map_or(ModelFormat::Gguf, |m| m.format);
+    let dtype = config.options.compute_dtype(format, &device)?;
+    let blobs = match &model {
+        Some(_) => None,
+        None => Some(Arc::new(BlobStore::open(
+            &config.weight_cache,
+            config.weight_cache_max_bytes,
+        )?)),
+    };
     let identity = WorkerIdentity {
         dtype,
         device: crate::device::name(&device),
@@ -58,8 +73,11 @@ pub async fn run(
     tracing::info!(
         address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         device = %identity.device,
-        model = %model.path.display(),
-        layers = model.config.num_layers,
+        model = %model.as_ref().map_or_else(
+            || format!("sent by the coordinator, cached in {}", config.weight_cache.display()),
+            |m| m.path.display().to_string()
+        ),
+        layers = model.as_ref().map_or(0, |m| m.config.num_layers),
         dtype = crate::model::stage::dtype_name(dtype),
         tls = config.security.tls_enabled(),
         auth = config.security.token().is_some(),
@@ -68,7 +86,7 @@ pub async fn run(
     let engine = Engine::start(model, device, config.options, config.limits, config.threads)?;
     let (stopping, stop_streams) = tokio::sync::watch::channel(false);
     let service =
-        WorkerServer::new(WorkerService::new(engine, identity).with_shutdown(stop_streams))
+        WorkerServer::new(WorkerService::new(engine, identity, blobs).with_shutdown(stop_streams))
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
     let mut server = config

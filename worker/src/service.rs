@@ -1,5 +1,6 @@
 //! The gRPC boundary of a worker: wire messages in, domain types to the engine, wire messages out.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use strata_model::ModelFile;
@@ -8,8 +9,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::blob_store::{BlobStore, PushState};
 use crate::engine::{Engine, SequenceStep, StepInput, StepOutput};
 use crate::model::sampling::SamplingParams;
+use crate::sent_weights::blob_from_wire;
 use crate::{codec, WorkerError};
 
 /// Static facts about this worker, reported by `Info`.
@@ -20,7 +23,8 @@ pub struct WorkerIdentity {
     pub physical_device: String,
     /// What the stage computes in.
     pub dtype: candle_core::DType,
-    pub model: ModelFile,
+    /// The model file the worker was started with; `None`: the coordinator sends the weights.
+    pub model: Option<ModelFile>,
     pub threads: usize,
 }
 
@@ -33,16 +37,30 @@ pub struct WorkerService {
     identity: WorkerIdentity,
     /// The last calibration, reported by `Info`.
     calibration: std::sync::Mutex<Option<v1::Calibration>>,
+    /// The cache of weights sent by a coordinator, on a worker without a model file.
+    blobs: Option<Arc<BlobStore>>,
 }
 
 impl WorkerService {
-    pub fn new(engine: Engine, identity: WorkerIdentity) -> Self {
+    /// A worker reading `identity.model`, or (without one) the weights a coordinator sends into
+    /// `blobs`.
+    pub fn new(engine: Engine, identity: WorkerIdentity, blobs: Option<Arc<BlobStore>>) -> Self {
         Self {
             engine,
             stopping: None,
             identity,
             calibration: std::sync::Mutex::new(None),
+            blobs,
         }
+    }
+
+    /// The weight cache, or FAILED_PRECONDITION on a worker that reads its own model file.
+    fn blob_store(&self) -> Result<Arc<BlobStore>, WorkerError> {
+        self.blobs.clone().ok_or_else(|| {
+            WorkerError::FailedPrecondition(
+                "this worker reads its own model file and takes no weights over the wire".into(),
+            )
+        })
     }
 
     /// Ends open Forward streams once `stopping` turns true.
@@ -179,7 +197,11 @@ impl v1::worker_server::Worker for WorkerService {
             physical_device: self.identity.physical_device.clone(),
             compute_dtype: codec::dtype_to_wire(self.identity.dtype)
                 .unwrap_or(v1::DType::DtypeUnspecified) as i32,
-            model: Some(strata_model::wire::model_info(&self.identity.model)),
+            model: self
+                .identity
+                .model
+                .as_ref()
+                .map(strata_model::wire::model_info),
             loaded: stats.loaded.map(|r| v1::LayerRange {
                 start: r.start as u32,
                 end: r.end as u32,
@@ -195,6 +217,7 @@ impl v1::worker_server::Worker for WorkerService {
             max_sequences: limits.max_sequences.min(u32::MAX as usize) as u32,
             max_cache_bytes: limits.max_cache_bytes.unwrap_or(0) as u64,
             epoch: stats.epoch,
+            weights_from_coordinator: self.identity.model.is_none(),
         }))
     }
 
@@ -203,33 +226,63 @@ impl v1::worker_server::Worker for WorkerService {
         request: Request<v1::LoadStageRequest>,
     ) -> Result<Response<v1::LoadStageResponse>, Status> {
         let r = request.into_inner();
-        let mine = &self.identity.model.fingerprint;
         if r.model_fingerprint.is_empty() {
             return Err(WorkerError::invalid(
                 "LoadStage without a model fingerprint: name the model the stage is planned for",
             )
             .into());
         }
-        if &r.model_fingerprint != mine {
-            return Err(WorkerError::FailedPrecondition(format!(
-                "model mismatch: the coordinator planned for model {} but this worker holds {} ({})",
-                r.model_fingerprint,
-                mine,
-                self.identity.model.path.display()
-            ))
-            .into());
-        }
         let layers = r
             .layers
             .ok_or_else(|| WorkerError::invalid("LoadStage without a layer range"))?;
+        let range = layers.start as usize..layers.end as usize;
         let output_dtype = match r.output_dtype {
             0 => None,
             raw => Some(codec::dtype_from_wire(raw)?),
         };
-        let report = self
-            .engine
-            .load(layers.start as usize..layers.end as usize, output_dtype)
-            .await?;
+        let sent = match (&self.identity.model, r.weights) {
+            (Some(mine), None) => {
+                if r.model_fingerprint != mine.fingerprint {
+                    return Err(WorkerError::FailedPrecondition(format!(
+                        "model mismatch: the coordinator planned for model {} but this worker holds {} ({})",
+                        r.model_fingerprint,
+                        mine.fingerprint,
+                        mine.path.display()
+                    ))
+                    .into());
+                }
+                None
+            }
+            (Some(mine), Some(_)) => {
+                return Err(WorkerError::invalid(format!(
+                "this worker reads its own model file ({}): LoadStage carries no weights for it",
+                mine.path.display()
+            ))
+                .into())
+            }
+            (None, None) => {
+                return Err(WorkerError::FailedPrecondition(
+                    "this worker has no model file: LoadStage must carry the stage's weights \
+                     (sent with PushBlobs)"
+                        .into(),
+                )
+                .into())
+            }
+            (None, Some(weights)) => {
+                let store = self.blob_store()?;
+                let fingerprint = r.model_fingerprint.clone();
+                let range = range.clone();
+                let model = tokio::task::spawn_blocking(move || {
+                    crate::sent_weights::stage_model(&store, &fingerprint, &range, &weights)
+                })
+                .await
+                .map_err(|e| {
+                    WorkerError::Internal(format!("checking the weights failed: {e}"))
+                })??;
+                Some(model)
+            }
+        };
+        let report = self.engine.load(range, output_dtype, sent).await?;
         tracing::info!(
             layers = ?report.layers,
             weight_mib = report.weight_bytes >> 20,
@@ -370,4 +423,86 @@ impl v1::worker_server::Worker for WorkerService {
             message,
         }))
     }
+
+    async fn have_blobs(
+        &self,
+        request: Request<v1::HaveBlobsRequest>,
+    ) -> Result<Response<v1::HaveBlobsResponse>, Status> {
+        let store = self.blob_store()?;
+        let r = request.into_inner();
+        if r.blobs.len() > MAX_BLOBS_PER_CALL {
+            return Err(WorkerError::invalid(format!(
+                "HaveBlobs asks about {} blobs; at most {MAX_BLOBS_PER_CALL} a call",
+                r.blobs.len()
+            ))
+            .into());
+        }
+        let blobs = r
+            .blobs
+            .iter()
+            .map(|b| blob_from_wire(Some(b), "HaveBlobs"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let held = tokio::task::spawn_blocking(move || {
+            let held: Vec<u64> = blobs.iter().map(|b| store.held(b)).collect();
+            (held, store.max_bytes())
+        })
+        .await
+        .map_err(|e| Status::internal(format!("HaveBlobs failed: {e}")))?;
+        Ok(Response::new(v1::HaveBlobsResponse {
+            held_bytes: held.0,
+            cache_max_bytes: held.1,
+        }))
+    }
+
+    async fn push_blobs(
+        &self,
+        request: Request<Streaming<v1::BlobChunk>>,
+    ) -> Result<Response<v1::PushBlobsResponse>, Status> {
+        let store = self.blob_store()?;
+        let mut chunks = request.into_inner();
+        // One thread writes while the stream receives the next chunks; the bounded queue between
+        // them is all the worker holds beyond the files, and HTTP/2 flow control holds back the
+        // sender when it is full.
+        let (queue, mut written) = tokio::sync::mpsc::channel::<v1::BlobChunk>(PUSH_CHUNKS_QUEUED);
+        let writer =
+            tokio::task::spawn_blocking(move || -> Result<v1::PushBlobsResponse, WorkerError> {
+                let mut state = PushState::default();
+                let mut done = v1::PushBlobsResponse::default();
+                while let Some(chunk) = written.blocking_recv() {
+                    let blob = blob_from_wire(chunk.blob.as_ref(), "PushBlobs")?;
+                    if store.write(&mut state, &blob, chunk.offset, &chunk.data)? {
+                        done.blobs_completed += 1;
+                    }
+                    done.bytes_written += chunk.data.len() as u64;
+                }
+                Ok(done)
+            });
+        let mut received = Ok(());
+        while let Some(chunk) = chunks.next().await {
+            match chunk {
+                Ok(chunk) => {
+                    // A closed queue means the writer stopped on an error, which it returns below.
+                    if queue.send(chunk).await.is_err() {
+                        break;
+                    }
+                }
+                Err(status) => {
+                    received = Err(status);
+                    break;
+                }
+            }
+        }
+        drop(queue);
+        let done = writer
+            .await
+            .map_err(|e| Status::internal(format!("PushBlobs failed: {e}")))??;
+        received?;
+        Ok(Response::new(done))
+    }
 }
+
+/// Chunks received ahead of the writer.
+const PUSH_CHUNKS_QUEUED: usize = 4;
+
+/// Blobs one HaveBlobs may ask about: a stage of the largest models has a few thousand tensors.
+const MAX_BLOBS_PER_CALL: usize = 100_000;

@@ -33,8 +33,14 @@ async fn kept_probes_serve_later_passes_of_the_same_shape() {
             kv_layout,
             ..StageOptions::default()
         };
-        let engine =
-            Engine::start(model, Device::Cpu, options, EngineLimits::default(), 1).unwrap();
+        let engine = Engine::start(
+            Some(model),
+            Device::Cpu,
+            options,
+            EngineLimits::default(),
+            1,
+        )
+        .unwrap();
         let first = engine.calibrate(4, 16, true).await.unwrap();
         check(&first, 4);
         // Reused probes decode from the prefilled context again: were their caches left where the
@@ -51,7 +57,7 @@ async fn kept_probes_serve_later_passes_of_the_same_shape() {
         // Kept probes of another shape are not reused; a load drops them.
         check(&engine.calibrate(2, 16, true).await.unwrap(), 2);
         check(&engine.calibrate(4, 8, true).await.unwrap(), 4);
-        engine.load(0..layers, None).await.unwrap();
+        engine.load(0..layers, None, None).await.unwrap();
         check(&engine.calibrate(4, 16, false).await.unwrap(), 4);
     }
 }

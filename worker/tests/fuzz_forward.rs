@@ -202,7 +202,7 @@ async fn stage(model: &ModelFile, layers: std::ops::Range<usize>) -> Target {
         idle_spin: Some(std::time::Duration::from_micros(200)),
     };
     let engine = Engine::start(
-        model.clone(),
+        Some(model.clone()),
         Device::Cpu,
         StageOptions::default(),
         limits,
@@ -210,16 +210,16 @@ async fn stage(model: &ModelFile, layers: std::ops::Range<usize>) -> Target {
     )
     .unwrap();
     let first = layers.start == 0;
-    let epoch = engine.load(layers, None).await.unwrap().epoch;
+    let epoch = engine.load(layers, None, None).await.unwrap().epoch;
     let identity = WorkerIdentity {
         device: "cpu".into(),
         physical_device: String::new(),
         dtype: candle_core::DType::F32,
-        model: model.clone(),
+        model: Some(model.clone()),
         threads: 1,
     };
     Target {
-        service: WorkerService::new(engine, identity),
+        service: WorkerService::new(engine, identity, None),
         epoch,
         first,
         positions: HashMap::new(),

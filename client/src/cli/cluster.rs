@@ -48,6 +48,7 @@ impl ClusterArgs {
             warmup,
             threads: self.threads,
             worker_args,
+            weight_cache: None,
             scheduler: Default::default(),
             security: self.security.files(),
             api_keys: None,

@@ -20,10 +20,19 @@ pub struct WorkerArgs {
     /// Device: cpu, cuda:N or metal:N.
     #[arg(long, env = "STRATA_DEVICE", default_value = "cpu")]
     device: String,
-    /// Model: a .gguf file or a Hugging Face safetensors directory. Default: SmolLM2-135M-Instruct Q4_1
-    /// (fetched once into the cache).
+    /// Model: a .gguf file or a Hugging Face safetensors directory, or the name of a model strata
+    /// fetches. Without it, the coordinator sends each stage's weights (GGUF), and the worker keeps
+    /// them in its weight cache, so that a restart or a reload sends only what it lacks.
     #[arg(long, env = "STRATA_MODEL")]
     model: Option<PathBuf>,
+    /// The weight cache of a worker without --model (default: `$STRATA_HOME/weights`, else
+    /// `~/.cache/strata/weights`).
+    #[arg(long, env = "STRATA_WEIGHT_CACHE")]
+    weight_cache: Option<PathBuf>,
+    /// The most the weight cache keeps, in GiB; the least recently used tensors go first.
+    #[arg(long, env = "STRATA_WEIGHT_CACHE_GIB", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    weight_cache_gib: u64,
     /// Compute threads of a CPU stage (default: every core). Stages sharing a host split its cores.
     #[arg(long, env = "STRATA_THREADS")]
     pub threads: Option<usize>,
@@ -94,7 +103,14 @@ pub struct WorkerArgs {
 }
 
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
-    let model = strata_client::model_cache::resolve_model(args.model.as_deref())?;
+    let model = args
+        .model
+        .as_deref()
+        .map(|m| strata_client::model_cache::resolve_model(Some(m)))
+        .transpose()?;
+    let weight_cache = args
+        .weight_cache
+        .unwrap_or_else(|| strata_client::model_cache::strata_home().join("weights"));
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -117,6 +133,8 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let config = WorkerConfig {
         model,
+        weight_cache,
+        weight_cache_max_bytes: args.weight_cache_gib << 30,
         device: args.device,
         physical_device: args.physical_device,
         threads,

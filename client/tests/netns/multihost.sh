@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Multi-host test on one machine: the coordinator and two workers each in their own network
 # namespace with its own address, joined by veth pairs on a bridge, over TLS (mutual) with a token.
+# The workers have no model file: the coordinator sends each its stage's weights, and a restart of
+# the coordinator sends nothing (the workers' caches hold them).
 # Generation must give the single-host tokens; tokens/s is recorded at 0, 2 and 10 ms of added
 # one-way latency between the coordinator and each worker (tc netem when the kernel has it, else a
 # userspace delay proxy in the coordinator's namespace). Needs root.
@@ -66,8 +68,8 @@ client=(--keys "$work/keys/client")
 
 # Workers on their hosts, listening beyond loopback (allowed: TLS and a token are on).
 for w in w0 w1; do
-    spawn_in "$w" "$w" "$strata" worker --listen "${addr[$w]}:7100" --model "$model" --threads 1 \
-        "${node[@]}" </dev/null >/dev/null 2>"$work/$w.log"
+    spawn_in "$w" "$w" "$strata" worker --listen "${addr[$w]}:7100" --weight-cache "$work/$w-cache" \
+        --threads 1 "${node[@]}" </dev/null >/dev/null 2>"$work/$w.log"
 done
 wait_port() {  # ns host port
     for _ in $(seq 100); do
@@ -95,12 +97,12 @@ start_coordinator() {  # workers port
     stop coordinator
     : >"$work/coord.out"
     spawn_in c coordinator "$strata" coordinator --listen "${addr[c]}:$2" --workers "$1" --split even \
-        --model "$model" "${node[@]}" --api-keys "$work/keys/api-keys" --mutual-tls --announce </dev/null >"$work/coord.out" 2>"$work/coord.log"
+        --model "$model" "${node[@]}" --api-keys "$work/keys/api-keys" --mutual-tls --announce </dev/null >"$work/coord.out" 2>"$work/coord-$2.log"
     for _ in $(seq 300); do
         grep -q STRATA_LISTENING "$work/coord.out" 2>/dev/null && return 0
         sleep 0.2
     done
-    echo "multihost.sh: the coordinator did not start" >&2; cat "$work/coord.log" >&2; return 1
+    echo "multihost.sh: the coordinator did not start" >&2; cat "$work/coord-$2.log" >&2; return 1
 }
 
 results=()
@@ -144,7 +146,16 @@ PY
         for ns in c w0 w1; do tc qdisc del dev "$prefix-$ns-h" root; done
     fi
 done
+# The first start sent both stages their weights; the later ones found them in the caches.
+sent="$(grep -c "weights sent" "$work/coord-7000.log" || true)"
+[[ $sent == 2 ]] || { echo "multihost.sh: the first start sent weights to $sent workers, not 2" >&2; exit 1; }
+for port in 7002 7010; do
+    hits="$(grep -c "holds every weight of the stage" "$work/coord-$port.log" || true)"
+    if [[ $hits != 2 ]] || grep -q "sending weights" "$work/coord-$port.log"; then
+        echo "multihost.sh: a restart sent weights again (cache hits: $hits of 2)" >&2; exit 1
+    fi
+done
 if [[ -n "$json_out" ]]; then
     printf '%s\n' "${results[@]}" | "$python" -c 'import json,sys; json.dump([json.loads(l) for l in sys.stdin], open(sys.argv[1],"w"), indent=1)' "$json_out"
 fi
-echo "multihost: tokens identical to the single-host run at 0, 2 and 10 ms added latency"
+echo "multihost: workers without the model file; tokens identical to the single-host run at 0, 2 and 10 ms added latency; restarts sent no weights"

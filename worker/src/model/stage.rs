@@ -42,15 +42,15 @@ pub struct StageOptions {
 }
 
 impl StageOptions {
-    /// The dtype a stage of `model` computes in on `device`: GGUF stages always use f32 activations
+    /// The dtype a stage of a model in `format` computes in on `device`: GGUF stages always use f32 activations
     /// (their weights stay quantized); safetensors stages use `dtype` if given, else bf16 on CUDA,
     /// f16 on Metal and f32 on the CPU (where half-precision matmuls are slower, not faster).
     pub fn compute_dtype(
         &self,
-        model: &ModelFile,
+        format: ModelFormat,
         device: &Device,
     ) -> std::result::Result<DType, WorkerError> {
-        match (model.format, self.dtype) {
+        match (format, self.dtype) {
             (ModelFormat::Gguf, None | Some(DType::F32)) => Ok(DType::F32),
             (ModelFormat::Gguf, Some(other)) => Err(WorkerError::invalid(format!(
                 "--dtype {} applies to safetensors models: a GGUF stage keeps its weights quantized \

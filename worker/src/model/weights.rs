@@ -8,6 +8,7 @@ use std::io::BufReader;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
+use strata_model::stage_weights::{digest_reader, gguf_tensor_bytes, TensorBlobs};
 pub use strata_model::tensors::Role;
 use strata_model::{ModelFile, ModelFormat};
 
@@ -35,6 +36,12 @@ pub enum WeightSource {
         reader: BufReader<File>,
     },
     Safetensors(MmapedSafetensors),
+    /// A GGUF header whose tensors are blob files of the worker's cache, each checked against its
+    /// digest as it is read.
+    Blobs {
+        content: gguf_file::Content,
+        blobs: TensorBlobs,
+    },
 }
 
 /// Reads tensors by role onto one device.
@@ -57,8 +64,12 @@ impl<'a> WeightLoader<'a> {
         dtype: DType,
         fast_kernels: bool,
     ) -> Result<Self, WorkerError> {
-        let source = match model.format {
-            ModelFormat::Gguf => {
+        let source = match (model.format, &model.blobs) {
+            (ModelFormat::Gguf, Some(blobs)) => WeightSource::Blobs {
+                content: model.gguf_content()?,
+                blobs: blobs.clone(),
+            },
+            (ModelFormat::Gguf, None) => {
                 let content = model.gguf_content()?;
                 let file = File::open(&model.path).map_err(|e| {
                     WorkerError::Model(strata_model::ModelError::Io {
@@ -71,7 +82,7 @@ impl<'a> WeightLoader<'a> {
                     reader: BufReader::new(file),
                 }
             }
-            ModelFormat::Safetensors => {
+            (ModelFormat::Safetensors, _) => {
                 let files = model.safetensors_files()?;
                 // SAFETY: the files are mapped read-only; like every mmap-based loader (candle's
                 // VarBuilder included) this assumes they are not truncated while the stage loads.
@@ -116,7 +127,10 @@ impl<'a> WeightLoader<'a> {
 
     /// Whether the weights come from a GGUF file.
     pub fn is_gguf(&self) -> bool {
-        matches!(self.source, WeightSource::Gguf { .. })
+        matches!(
+            self.source,
+            WeightSource::Gguf { .. } | WeightSource::Blobs { .. }
+        )
     }
 
     /// Whether the file has a tensor for this role.
@@ -125,18 +139,22 @@ impl<'a> WeightLoader<'a> {
         match &self.source {
             WeightSource::Gguf { content, .. } => content.tensor_infos.contains_key(&name),
             WeightSource::Safetensors(st) => st.get(&name).is_ok(),
+            WeightSource::Blobs { blobs, .. } => blobs.contains_key(&name),
         }
     }
 
     /// A GGUF tensor as stored, its shape checked against the config.
     fn gguf_tensor(&mut self, role: Role) -> Result<Option<QTensor>, WorkerError> {
         let name = self.name(role);
-        let WeightSource::Gguf { content, reader } = &mut self.source else {
-            return Ok(None);
+        let q = match &mut self.source {
+            WeightSource::Gguf { content, reader } => content
+                .tensor(reader, &name, &self.device)
+                .map_err(|e| missing(self.model, &name, e))?,
+            WeightSource::Blobs { content, blobs } => {
+                blob_tensor(self.model, content, blobs, &name, &self.device)?
+            }
+            WeightSource::Safetensors(_) => return Ok(None),
         };
-        let q = content
-            .tensor(reader, &name, &self.device)
-            .map_err(|e| missing(self.model, &name, e))?;
         self.check_shape(role, &name, q.shape().dims())?;
         Ok(Some(q))
     }
@@ -208,10 +226,65 @@ impl<'a> WeightLoader<'a> {
             WeightSource::Safetensors(st) => st
                 .load(&name, &self.device)
                 .map_err(|e| missing(self.model, &name, e))?,
+            WeightSource::Blobs { content, blobs } => {
+                blob_tensor(self.model, content, blobs, &name, &self.device)?
+                    .dequantize(&self.device)?
+            }
         };
         self.check_shape(role, &name, t.dims())?;
         Ok(t)
     }
+}
+
+/// Reads tensor `name` from its blob file, checked against the header's size and the blob's
+/// digest. A blob whose bytes do not match is deleted, so that it is sent again.
+fn blob_tensor(
+    model: &ModelFile,
+    content: &gguf_file::Content,
+    blobs: &TensorBlobs,
+    name: &str,
+    device: &Device,
+) -> Result<QTensor, WorkerError> {
+    let info = content.tensor_infos.get(name).ok_or_else(|| {
+        WorkerError::FailedPrecondition(format!("{}: no tensor {name}", model.name))
+    })?;
+    let (blob, path) = blobs.get(name).ok_or_else(|| {
+        WorkerError::FailedPrecondition(format!(
+            "{}: tensor {name} was not sent with the stage",
+            model.name
+        ))
+    })?;
+    if gguf_tensor_bytes(info) != Some(blob.size) {
+        return Err(WorkerError::invalid(format!(
+            "tensor {name}: {} bytes sent, its header entry ({:?} {:?}) takes {:?}",
+            blob.size,
+            info.ggml_dtype,
+            info.shape.dims(),
+            gguf_tensor_bytes(info)
+        )));
+    }
+    let io_error = |e: std::io::Error| {
+        WorkerError::Model(strata_model::ModelError::Io {
+            path: path.clone(),
+            source: e,
+        })
+    };
+    let found =
+        digest_reader(BufReader::new(File::open(path).map_err(io_error)?)).map_err(io_error)?;
+    if found != *blob {
+        let _ = std::fs::remove_file(path);
+        return Err(WorkerError::DataLoss(format!(
+            "cached tensor {name} ({}) does not match its digest; the entry is dropped: send it again",
+            blob.hex()
+        )));
+    }
+    let at_start = gguf_file::TensorInfo {
+        ggml_dtype: info.ggml_dtype,
+        shape: info.shape.clone(),
+        offset: 0,
+    };
+    let mut file = BufReader::new(File::open(path).map_err(io_error)?);
+    Ok(at_start.read(&mut file, 0, device)?)
 }
 
 fn missing(model: &ModelFile, name: &str, e: candle_core::Error) -> WorkerError {

@@ -1,0 +1,322 @@
+//! Sending a stage its weights when its worker has no model file: the model's GGUF header and the
+//! stage's tensors as the file stores them, each a blob named by its blake3 digest. The worker says
+//! first how much of each its cache holds, so only what it lacks goes, from where a cut transfer
+//! stopped; its `LoadStage` then names the blobs (`v1::StageWeights`).
+//!
+//! Digests are computed once per tensor, when a stage first needs it, and kept.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use strata_model::stage_weights::{digest_reader, stage_tensor_names, BlobRef, GgufLayout};
+use strata_model::{ModelFile, ModelFormat};
+use strata_proto::v1;
+use strata_proto::v1::worker_client::WorkerClient;
+use strata_transport::AuthChannel;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::metrics::Metrics;
+use crate::pipeline::ConnectedWorker;
+use crate::CoordinatorError;
+
+/// Bytes per `PushBlobs` message: large enough that framing costs nothing, small enough that the
+/// worker holds little beyond the tensors themselves.
+const CHUNK_BYTES: usize = 4 << 20;
+/// Chunks read ahead of the stream: the coordinator holds at most this many beyond what is sent.
+const CHUNKS_AHEAD: usize = 4;
+/// How often progress is logged during a transfer.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// A blob of the model file: its bytes at `offset`.
+#[derive(Debug, Clone, Copy)]
+struct FileBlob {
+    blob: BlobRef,
+    offset: u64,
+}
+
+/// The coordinator's model file as a source of stage weights.
+pub struct WeightSender {
+    path: PathBuf,
+    num_layers: usize,
+    layout: GgufLayout,
+    metrics: Arc<Metrics>,
+    /// Digests by tensor name (and `""` for the header), as computed.
+    known: Mutex<HashMap<String, FileBlob>>,
+}
+
+impl std::fmt::Debug for WeightSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeightSender")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a transfer to one worker did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SendReport {
+    pub bytes_sent: u64,
+    /// Blobs the worker's cache already held.
+    pub hits: u64,
+    /// Blobs sent (whole, or the rest of a partial one).
+    pub sent: u64,
+}
+
+impl WeightSender {
+    /// A sender for `model`, or `None` when it is not a GGUF file (only GGUF tensors are sent).
+    pub fn open(
+        model: &ModelFile,
+        metrics: Arc<Metrics>,
+    ) -> Result<Option<Self>, CoordinatorError> {
+        if model.format != ModelFormat::Gguf {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            path: model.path.clone(),
+            num_layers: model.config.num_layers,
+            layout: GgufLayout::read(model)?,
+            metrics,
+            known: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The header and each tensor of `layers`, with digests (computed now for those not yet known:
+    /// this reads the file, so it runs off the async threads).
+    fn stage_blobs(
+        &self,
+        layers: &Range<usize>,
+    ) -> Result<(FileBlob, Vec<(String, FileBlob)>), CoordinatorError> {
+        let num_layers = self.num_layers;
+        let names = stage_tensor_names(
+            self.layout.tensors.keys().map(String::as_str),
+            layers.clone(),
+            num_layers,
+        );
+        let mut file = File::open(&self.path).map_err(|e| self.io(e))?;
+        let header = self.blob(&mut file, "", 0, self.layout.header_bytes)?;
+        let tensors = names
+            .into_iter()
+            .map(|name| {
+                let (offset, size) = self.layout.tensors[&name];
+                let blob = self.blob(&mut file, &name, offset, size)?;
+                Ok((name, blob))
+            })
+            .collect::<Result<Vec<_>, CoordinatorError>>()?;
+        Ok((header, tensors))
+    }
+
+    /// The blob of `size` bytes at `offset`, digested on first use.
+    fn blob(
+        &self,
+        file: &mut File,
+        name: &str,
+        offset: u64,
+        size: u64,
+    ) -> Result<FileBlob, CoordinatorError> {
+        if let Some(known) = self
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
+            return Ok(*known);
+        }
+        file.seek(SeekFrom::Start(offset)).map_err(|e| self.io(e))?;
+        let blob = digest_reader(file.take(size)).map_err(|e| self.io(e))?;
+        if blob.size != size {
+            return Err(self.io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("{name:?} needs {size} bytes at {offset}; the file ends first"),
+            )));
+        }
+        let found = FileBlob { blob, offset };
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), found);
+        Ok(found)
+    }
+
+    fn io(&self, e: std::io::Error) -> CoordinatorError {
+        CoordinatorError::Model(strata_model::ModelError::io(&self.path, e))
+    }
+
+    /// Makes sure `worker`'s cache holds every blob of `layers`, sending what it lacks, and returns
+    /// the stage's weights for its `LoadStage`.
+    pub async fn send(
+        self: &Arc<Self>,
+        stage: usize,
+        worker: &ConnectedWorker,
+        layers: Range<usize>,
+    ) -> Result<(v1::StageWeights, SendReport), CoordinatorError> {
+        let this = self.clone();
+        let range = layers.clone();
+        let digested = Instant::now();
+        let (header, tensors) = tokio::task::spawn_blocking(move || this.stage_blobs(&range))
+            .await
+            .map_err(|e| CoordinatorError::Internal(format!("reading weights failed: {e}")))??;
+        tracing::debug!(
+            stage,
+            ms = digested.elapsed().as_millis() as u64,
+            "stage weights digested"
+        );
+        let all: Vec<FileBlob> = std::iter::once(header)
+            .chain(tensors.iter().map(|(_, b)| *b))
+            .collect();
+        let fail = |status: tonic::Status| CoordinatorError::stage(stage, &worker.address, status);
+        let mut client = worker.client.clone();
+        let have = client
+            .have_blobs(v1::HaveBlobsRequest {
+                blobs: all.iter().map(|b| blob_to_wire(&b.blob)).collect(),
+            })
+            .await
+            .map_err(fail)?
+            .into_inner();
+        if have.held_bytes.len() != all.len() {
+            return Err(CoordinatorError::Protocol(format!(
+                "{} answered HaveBlobs for {} of {} blobs",
+                worker.address,
+                have.held_bytes.len(),
+                all.len()
+            )));
+        }
+        let total: u64 = all.iter().map(|b| b.blob.size).sum();
+        if total > have.cache_max_bytes {
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "layers {}..{} weigh {} MiB, more than the weight cache of {} ({} MiB): start it \
+                 with a larger --weight-cache-gib",
+                layers.start,
+                layers.end,
+                total >> 20,
+                worker.address,
+                have.cache_max_bytes >> 20
+            )));
+        }
+        let todo: Vec<(FileBlob, u64)> = all
+            .iter()
+            .zip(&have.held_bytes)
+            .filter(|(b, &held)| held < b.blob.size)
+            .map(|(b, &held)| (*b, held))
+            .collect();
+        let report = SendReport {
+            bytes_sent: todo.iter().map(|(b, held)| b.blob.size - held).sum(),
+            hits: (all.len() - todo.len()) as u64,
+            sent: todo.len() as u64,
+        };
+        if !todo.is_empty() {
+            tracing::info!(
+                stage,
+                worker = %worker.address,
+                blobs = todo.len(),
+                cached = report.hits,
+                mib = report.bytes_sent >> 20,
+                "sending weights"
+            );
+            let started = Instant::now();
+            self.push(&mut client, &worker.address, todo, report.bytes_sent)
+                .await
+                .map_err(fail)?;
+            let seconds = started.elapsed().as_secs_f64();
+            tracing::info!(
+                stage,
+                worker = %worker.address,
+                mib = report.bytes_sent >> 20,
+                seconds = format!("{seconds:.2}"),
+                mib_per_s = format!("{:.0}", (report.bytes_sent >> 20) as f64 / seconds.max(1e-9)),
+                "weights sent"
+            );
+        } else {
+            tracing::info!(stage, worker = %worker.address, blobs = report.hits, "the worker's cache holds every weight of the stage");
+        }
+        self.metrics
+            .weights_sent(&worker.address, report.bytes_sent, report.hits, report.sent);
+        let weights = v1::StageWeights {
+            header: Some(blob_to_wire(&header.blob)),
+            tensors: tensors
+                .into_iter()
+                .map(|(name, b)| v1::NamedBlob {
+                    name,
+                    blob: Some(blob_to_wire(&b.blob)),
+                })
+                .collect(),
+        };
+        Ok((weights, report))
+    }
+
+    /// Streams the rest of each blob (from `held` on), read by a thread of its own a few chunks
+    /// ahead of the stream.
+    async fn push(
+        &self,
+        client: &mut WorkerClient<AuthChannel>,
+        address: &str,
+        todo: Vec<(FileBlob, u64)>,
+        total: u64,
+    ) -> Result<(), tonic::Status> {
+        let (chunks, stream) = tokio::sync::mpsc::channel::<v1::BlobChunk>(CHUNKS_AHEAD);
+        let path = self.path.clone();
+        let address = address.to_string();
+        let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let mut file = File::open(&path)?;
+            let started = Instant::now();
+            let mut last_report = started;
+            let mut sent = 0u64;
+            for (blob, held) in todo {
+                let mut at = held;
+                file.seek(SeekFrom::Start(blob.offset + at))?;
+                while at < blob.blob.size {
+                    let n = (blob.blob.size - at).min(CHUNK_BYTES as u64) as usize;
+                    let mut data = vec![0u8; n];
+                    file.read_exact(&mut data)?;
+                    let chunk = v1::BlobChunk {
+                        blob: Some(blob_to_wire(&blob.blob)),
+                        offset: at,
+                        data,
+                    };
+                    if chunks.blocking_send(chunk).is_err() {
+                        // The stream ended early; its status says why.
+                        return Ok(());
+                    }
+                    at += n as u64;
+                    sent += n as u64;
+                    if last_report.elapsed() >= PROGRESS_EVERY {
+                        last_report = Instant::now();
+                        log_progress(&address, sent, total, started.elapsed());
+                    }
+                }
+            }
+            Ok(())
+        });
+        let pushed = client.push_blobs(ReceiverStream::new(stream)).await;
+        let read = reader
+            .await
+            .map_err(|e| tonic::Status::internal(format!("reading weights failed: {e}")))?;
+        pushed?;
+        read.map_err(|e| tonic::Status::internal(format!("reading {}: {e}", self.path.display())))?;
+        Ok(())
+    }
+}
+
+fn log_progress(address: &str, sent: u64, total: u64, elapsed: Duration) {
+    let rate = sent as f64 / elapsed.as_secs_f64().max(1e-9);
+    let eta = total.saturating_sub(sent) as f64 / rate.max(1.0);
+    tracing::info!(
+        worker = %address,
+        sent_mib = sent >> 20,
+        total_mib = total >> 20,
+        mib_per_s = format!("{:.0}", rate / (1 << 20) as f64),
+        eta_s = format!("{eta:.0}"),
+        "sending weights"
+    );
+}
+
+fn blob_to_wire(blob: &BlobRef) -> v1::Blob {
+    v1::Blob {
+        digest: blob.digest.to_vec(),
+        size: blob.size,
+    }
+}
