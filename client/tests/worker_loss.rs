@@ -134,9 +134,14 @@ async fn with_a_spare_the_stream_completes_with_the_same_tokens() {
         .unwrap()
         .token_ids;
 
+    let started = Instant::now();
     let (got, error) = stream_until(&client, &greedy, 10, &mut second).await;
     assert!(error.is_none(), "the stream broke: {error:?}");
     assert_eq!(got, expected, "tokens after the replay differ");
+    eprintln!(
+        "stream with a loss and a spare holding the file done in {:?}",
+        started.elapsed()
+    );
 
     // The spare now holds the stage, and seeded sampling gives what it gave before the loss.
     let again = client.generate_collect(PROMPT, &sampled).await.unwrap();
