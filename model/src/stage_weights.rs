@@ -75,6 +75,24 @@ pub fn gguf_tensor_bytes(info: &gguf_file::TensorInfo) -> Option<u64> {
         .then(|| (elements / block * info.ggml_dtype.type_size()) as u64)
 }
 
+/// Whether `blob` is the size tensor `name`'s header entry says; the refusal says why not.
+pub fn check_tensor_size(
+    name: &str,
+    info: &gguf_file::TensorInfo,
+    blob: &BlobRef,
+) -> Result<(), String> {
+    match gguf_tensor_bytes(info) {
+        Some(size) if size == blob.size => Ok(()),
+        want => Err(format!(
+            "tensor {name}: a blob of {} bytes, but its header entry ({:?} {:?}) takes {}",
+            blob.size,
+            info.ggml_dtype,
+            info.shape.dims(),
+            want.map_or("no whole number of blocks".into(), |w| format!("{w}"))
+        )),
+    }
+}
+
 /// Where a GGUF file keeps its header and each tensor's bytes.
 #[derive(Debug, Clone)]
 pub struct GgufLayout {

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::Arc;
 
-use strata_model::stage_weights::{digest_reader, gguf_tensor_bytes, stage_tensor_names, BlobRef};
+use strata_model::stage_weights::{check_tensor_size, digest_reader, stage_tensor_names, BlobRef};
 use strata_model::ModelFile;
 use strata_proto::v1;
 
@@ -87,15 +87,7 @@ pub fn stage_model(
         }
         let blob = blob_from_wire(tensor.blob.as_ref(), name)?;
         let info = &content.tensor_infos[name];
-        if gguf_tensor_bytes(info) != Some(blob.size) {
-            return Err(WorkerError::invalid(format!(
-                "tensor {name}: a blob of {} bytes, but its header entry ({:?} {:?}) takes {:?}",
-                blob.size,
-                info.ggml_dtype,
-                info.shape.dims(),
-                gguf_tensor_bytes(info)
-            )));
-        }
+        check_tensor_size(name, info, &blob).map_err(WorkerError::InvalidArgument)?;
         let path = store.complete(&blob).ok_or_else(|| {
             WorkerError::FailedPrecondition(format!(
                 "tensor {name} (blob {}) is not in this worker's weight cache: push it first",

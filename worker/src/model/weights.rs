@@ -8,7 +8,7 @@ use std::io::BufReader;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
-use strata_model::stage_weights::{digest_reader, gguf_tensor_bytes, TensorBlobs};
+use strata_model::stage_weights::{check_tensor_size, digest_reader, TensorBlobs};
 pub use strata_model::tensors::Role;
 use strata_model::{ModelFile, ModelFormat};
 
@@ -254,15 +254,7 @@ fn blob_tensor(
             model.name
         ))
     })?;
-    if gguf_tensor_bytes(info) != Some(blob.size) {
-        return Err(WorkerError::invalid(format!(
-            "tensor {name}: {} bytes sent, its header entry ({:?} {:?}) takes {:?}",
-            blob.size,
-            info.ggml_dtype,
-            info.shape.dims(),
-            gguf_tensor_bytes(info)
-        )));
-    }
+    check_tensor_size(name, info, blob).map_err(WorkerError::InvalidArgument)?;
     let io_error = |e: std::io::Error| {
         WorkerError::Model(strata_model::ModelError::Io {
             path: path.clone(),
