@@ -457,16 +457,11 @@ impl Scheduler {
     /// Sequences whose caches are incomplete: held for replay while replaying, else failed.
     fn hold_for_replay(&mut self, sequences: Vec<Sequence>) {
         let Some(outage) = &self.outage else {
-            // The stage is back: replay at once, each under a fresh id with nothing cached, so its
-            // next steps prefill its prompt and generated tokens again on every stage. Always
-            // renumbered and released: even with `cached == 0`, a step that failed half-way may have
-            // left positions on the stages before the lost one.
-            self.release(sequences.iter().map(|s| s.id).collect());
-            for mut seq in sequences {
-                seq.id = fresh_seq_id();
-                seq.cached = 0;
-                self.ready.push(seq);
-            }
+            // The stage is back: replay at once. Always started over: even with `cached == 0`, a
+            // step that failed half-way may have left positions on the stages before the lost one.
+            let mut sequences = sequences;
+            self.start_over(&mut sequences);
+            self.ready.extend(sequences);
             return;
         };
         if outage.replaying {
@@ -475,6 +470,16 @@ impl Scheduler {
         }
         let status = outage.status();
         self.fail(sequences, |_| status.clone());
+    }
+
+    /// Frees `sequences` on every stage and gives each a fresh id with nothing cached, so its next
+    /// steps prefill its prompt and generated tokens again on every stage.
+    fn start_over(&self, sequences: &mut [Sequence]) {
+        self.release(sequences.iter().map(|s| s.id).collect());
+        for seq in sequences {
+            seq.id = fresh_seq_id();
+            seq.cached = 0;
+        }
     }
 
     /// Ends `sequences` with an error each (`status(seq)`) and frees whatever they cached. All are
@@ -815,11 +820,7 @@ impl Scheduler {
                 tracing::info!(error = %e, stage, sequences = done.sequences.len(), "no room for the step; its sequences retry one by one");
                 let mut retry = done.sequences;
                 if stage > 0 {
-                    self.release(retry.iter().map(|s| s.id).collect());
-                    for seq in &mut retry {
-                        seq.id = fresh_seq_id();
-                        seq.cached = 0;
-                    }
+                    self.start_over(&mut retry);
                 }
                 for seq in &mut retry {
                     seq.alone = true;
