@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::BufReader;
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
-use strata_model::stage_weights::{check_tensor_size, digest_reader, TensorBlobs};
+use strata_model::stage_weights::{check_tensor_size, digest_bytes, TensorBlobs};
 pub use strata_model::tensors::Role;
 use strata_model::{ModelFile, ModelFormat};
 
@@ -255,28 +256,21 @@ fn blob_tensor(
         ))
     })?;
     check_tensor_size(name, info, blob).map_err(WorkerError::InvalidArgument)?;
-    let io_error = |e: std::io::Error| {
-        WorkerError::Model(strata_model::ModelError::Io {
-            path: path.clone(),
-            source: e,
-        })
-    };
-    let found =
-        digest_reader(BufReader::new(File::open(path).map_err(io_error)?)).map_err(io_error)?;
-    if found != *blob {
+    // Read once: the bytes are checked and then become the tensor.
+    let raw = std::fs::read(path).map_err(|e| strata_model::ModelError::io(path, e))?;
+    if digest_bytes(&raw) != *blob {
         let _ = std::fs::remove_file(path);
         return Err(WorkerError::DataLoss(format!(
             "cached tensor {name} ({}) does not match its digest; the entry is dropped: send it again",
             blob.hex()
         )));
     }
-    let at_start = gguf_file::TensorInfo {
-        ggml_dtype: info.ggml_dtype,
-        shape: info.shape.clone(),
-        offset: 0,
-    };
-    let mut file = BufReader::new(File::open(path).map_err(io_error)?);
-    Ok(at_start.read(&mut file, 0, device)?)
+    Ok(qtensor_from_ggml(
+        info.ggml_dtype,
+        &raw,
+        info.shape.dims().to_vec(),
+        device,
+    )?)
 }
 
 fn missing(model: &ModelFile, name: &str, e: candle_core::Error) -> WorkerError {
