@@ -200,7 +200,7 @@ pub async fn load_stage(
         attempts += 1;
         let sent = match (worker.info.weights_from_coordinator, weights) {
             (false, _) => None,
-            (true, Some(sender)) => Some(sender.send(index, &worker, layers.clone()).await?.0),
+            (true, Some(sender)) => Some(sender.send(index, &worker, layers.clone()).await?),
             (true, None) => {
                 return Err(CoordinatorError::InvalidRequest(format!(
                     "worker {} has no model file, and the coordinator sends only GGUF weights: \

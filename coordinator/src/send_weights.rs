@@ -9,8 +9,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::ops::Range;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use strata_model::stage_weights::{digest_reader, stage_tensor_names, BlobRef, GgufLayout};
@@ -41,9 +40,9 @@ struct FileBlob {
 
 /// The coordinator's model file as a source of stage weights.
 pub struct WeightSender {
-    path: PathBuf,
-    num_layers: usize,
-    layout: GgufLayout,
+    model: ModelFile,
+    /// Read when a stage first needs it: most coordinators never send weights.
+    layout: OnceLock<GgufLayout>,
     metrics: Arc<Metrics>,
     /// Digests by tensor name (and `""` for the header), as computed.
     known: Mutex<HashMap<String, FileBlob>>,
@@ -52,37 +51,31 @@ pub struct WeightSender {
 impl std::fmt::Debug for WeightSender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WeightSender")
-            .field("path", &self.path)
+            .field("path", &self.model.path)
             .finish_non_exhaustive()
     }
 }
 
-/// What a transfer to one worker did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SendReport {
-    pub bytes_sent: u64,
-    /// Blobs the worker's cache already held.
-    pub hits: u64,
-    /// Blobs sent (whole, or the rest of a partial one).
-    pub sent: u64,
-}
-
 impl WeightSender {
     /// A sender for `model`, or `None` when it is not a GGUF file (only GGUF tensors are sent).
-    pub fn open(
-        model: &ModelFile,
-        metrics: Arc<Metrics>,
-    ) -> Result<Option<Self>, CoordinatorError> {
+    pub fn new(model: &ModelFile, metrics: Arc<Metrics>) -> Option<Self> {
         if model.format != ModelFormat::Gguf {
-            return Ok(None);
+            return None;
         }
-        Ok(Some(Self {
-            path: model.path.clone(),
-            num_layers: model.config.num_layers,
-            layout: GgufLayout::read(model)?,
+        Some(Self {
+            model: model.clone(),
+            layout: OnceLock::new(),
             metrics,
             known: Mutex::new(HashMap::new()),
-        }))
+        })
+    }
+
+    fn layout(&self) -> Result<&GgufLayout, CoordinatorError> {
+        if let Some(layout) = self.layout.get() {
+            return Ok(layout);
+        }
+        let layout = GgufLayout::read(&self.model)?;
+        Ok(self.layout.get_or_init(|| layout))
     }
 
     /// The header and each tensor of `layers`, with digests (computed now for those not yet known:
@@ -91,18 +84,18 @@ impl WeightSender {
         &self,
         layers: &Range<usize>,
     ) -> Result<(FileBlob, Vec<(String, FileBlob)>), CoordinatorError> {
-        let num_layers = self.num_layers;
+        let layout = self.layout()?;
         let names = stage_tensor_names(
-            self.layout.tensors.keys().map(String::as_str),
+            layout.tensors.keys().map(String::as_str),
             layers.clone(),
-            num_layers,
+            self.model.config.num_layers,
         );
-        let mut file = File::open(&self.path).map_err(|e| self.io(e))?;
-        let header = self.blob(&mut file, "", 0, self.layout.header_bytes)?;
+        let mut file = File::open(&self.model.path).map_err(|e| self.io(e))?;
+        let header = self.blob(&mut file, "", 0, layout.header_bytes)?;
         let tensors = names
             .into_iter()
             .map(|name| {
-                let (offset, size) = self.layout.tensors[&name];
+                let (offset, size) = layout.tensors[&name];
                 let blob = self.blob(&mut file, &name, offset, size)?;
                 Ok((name, blob))
             })
@@ -143,7 +136,7 @@ impl WeightSender {
     }
 
     fn io(&self, e: std::io::Error) -> CoordinatorError {
-        CoordinatorError::Model(strata_model::ModelError::io(&self.path, e))
+        CoordinatorError::Model(strata_model::ModelError::io(&self.model.path, e))
     }
 
     /// Makes sure `worker`'s cache holds every blob of `layers`, sending what it lacks, and returns
@@ -153,7 +146,7 @@ impl WeightSender {
         stage: usize,
         worker: &ConnectedWorker,
         layers: Range<usize>,
-    ) -> Result<(v1::StageWeights, SendReport), CoordinatorError> {
+    ) -> Result<v1::StageWeights, CoordinatorError> {
         let this = self.clone();
         let range = layers.clone();
         let digested = Instant::now();
@@ -203,38 +196,36 @@ impl WeightSender {
             .filter(|(b, &held)| held < b.blob.size)
             .map(|(b, &held)| (*b, held))
             .collect();
-        let report = SendReport {
-            bytes_sent: todo.iter().map(|(b, held)| b.blob.size - held).sum(),
-            hits: (all.len() - todo.len()) as u64,
-            sent: todo.len() as u64,
-        };
+        let bytes_sent: u64 = todo.iter().map(|(b, held)| b.blob.size - held).sum();
+        let sent = todo.len() as u64;
+        let hits = all.len() as u64 - sent;
         if !todo.is_empty() {
             tracing::info!(
                 stage,
                 worker = %worker.address,
-                blobs = todo.len(),
-                cached = report.hits,
-                mib = report.bytes_sent >> 20,
+                blobs = sent,
+                cached = hits,
+                mib = bytes_sent >> 20,
                 "sending weights"
             );
             let started = Instant::now();
-            self.push(&mut client, &worker.address, todo, report.bytes_sent)
+            self.push(&mut client, &worker.address, todo, bytes_sent)
                 .await
                 .map_err(fail)?;
             let seconds = started.elapsed().as_secs_f64();
             tracing::info!(
                 stage,
                 worker = %worker.address,
-                mib = report.bytes_sent >> 20,
+                mib = bytes_sent >> 20,
                 seconds = format!("{seconds:.2}"),
-                mib_per_s = format!("{:.0}", (report.bytes_sent >> 20) as f64 / seconds.max(1e-9)),
+                mib_per_s = format!("{:.0}", (bytes_sent >> 20) as f64 / seconds.max(1e-9)),
                 "weights sent"
             );
         } else {
-            tracing::info!(stage, worker = %worker.address, blobs = report.hits, "the worker's cache holds every weight of the stage");
+            tracing::info!(stage, worker = %worker.address, blobs = hits, "the worker's cache holds every weight of the stage");
         }
         self.metrics
-            .weights_sent(&worker.address, report.bytes_sent, report.hits, report.sent);
+            .weights_sent(&worker.address, bytes_sent, hits, sent);
         let weights = v1::StageWeights {
             header: Some(blob_to_wire(&header.blob)),
             tensors: tensors
@@ -245,7 +236,7 @@ impl WeightSender {
                 })
                 .collect(),
         };
-        Ok((weights, report))
+        Ok(weights)
     }
 
     /// Streams the rest of each blob (from `held` on), read by a thread of its own a few chunks
@@ -258,7 +249,7 @@ impl WeightSender {
         total: u64,
     ) -> Result<(), tonic::Status> {
         let (chunks, stream) = tokio::sync::mpsc::channel::<v1::BlobChunk>(CHUNKS_AHEAD);
-        let path = self.path.clone();
+        let path = self.model.path.clone();
         let address = address.to_string();
         let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             let mut file = File::open(&path)?;
@@ -296,7 +287,9 @@ impl WeightSender {
             .await
             .map_err(|e| tonic::Status::internal(format!("reading weights failed: {e}")))?;
         pushed?;
-        read.map_err(|e| tonic::Status::internal(format!("reading {}: {e}", self.path.display())))?;
+        read.map_err(|e| {
+            tonic::Status::internal(format!("reading {}: {e}", self.model.path.display()))
+        })?;
         Ok(())
     }
 }

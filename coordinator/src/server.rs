@@ -166,7 +166,7 @@ impl Coordinator {
             );
         }
         let started = Instant::now();
-        let weights = WeightSender::open(&model, metrics.clone())?.map(Arc::new);
+        let weights = WeightSender::new(&model, metrics.clone()).map(Arc::new);
         let pipeline = Pipeline::load(
             workers,
             &plan,
