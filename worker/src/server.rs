@@ -13,7 +13,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::blob_store::BlobStore;
 use crate::engine::{Engine, EngineLimits};
 use crate::model::StageOptions;
-use crate::service::{WorkerIdentity, WorkerService};
+use crate::service::{Weights, WorkerIdentity, WorkerService};
 use crate::WorkerError;
 
 /// Everything a worker needs to start.
@@ -54,20 +54,19 @@ pub async fn run(
     // Weights sent over the wire are GGUF tensors.
     let format = model.as_ref().map_or(ModelFormat::Gguf, |m| m.format);
     let dtype = config.options.compute_dtype(format, &device)?;
-    let blobs = match &model {
-        Some(_) => None,
-        None => Some(Arc::new(BlobStore::open(
-            &config.weight_cache,
-            config.weight_cache_max_bytes,
-        )?)),
-    };
     let identity = WorkerIdentity {
         dtype,
         device: crate::device::name(&device),
         physical_device: config
             .physical_device
             .unwrap_or_else(|| crate::device::physical_id(&device)),
-        model: model.clone(),
+        weights: match &model {
+            Some(model) => Weights::File(Box::new(model.clone())),
+            None => Weights::Sent(Arc::new(BlobStore::open(
+                &config.weight_cache,
+                config.weight_cache_max_bytes,
+            )?)),
+        },
         threads: if device.is_cpu() { config.threads } else { 0 },
     };
     tracing::info!(
@@ -86,7 +85,7 @@ pub async fn run(
     let engine = Engine::start(model, device, config.options, config.limits, config.threads)?;
     let (stopping, stop_streams) = tokio::sync::watch::channel(false);
     let service =
-        WorkerServer::new(WorkerService::new(engine, identity, blobs).with_shutdown(stop_streams))
+        WorkerServer::new(WorkerService::new(engine, identity).with_shutdown(stop_streams))
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
     let mut server = config

@@ -23,9 +23,17 @@ pub struct WorkerIdentity {
     pub physical_device: String,
     /// What the stage computes in.
     pub dtype: candle_core::DType,
-    /// The model file the worker was started with; `None`: the coordinator sends the weights.
-    pub model: Option<ModelFile>,
+    pub weights: Weights,
     pub threads: usize,
+}
+
+/// Where a worker's weights come from.
+#[derive(Debug, Clone)]
+pub enum Weights {
+    /// The model file it was started with.
+    File(Box<ModelFile>),
+    /// What a coordinator sends, kept in this cache.
+    Sent(Arc<BlobStore>),
 }
 
 /// The `strata.v1.Worker` service.
@@ -37,30 +45,26 @@ pub struct WorkerService {
     identity: WorkerIdentity,
     /// The last calibration, reported by `Info`.
     calibration: std::sync::Mutex<Option<v1::Calibration>>,
-    /// The cache of weights sent by a coordinator, on a worker without a model file.
-    blobs: Option<Arc<BlobStore>>,
 }
 
 impl WorkerService {
-    /// A worker reading `identity.model`, or (without one) the weights a coordinator sends into
-    /// `blobs`.
-    pub fn new(engine: Engine, identity: WorkerIdentity, blobs: Option<Arc<BlobStore>>) -> Self {
+    pub fn new(engine: Engine, identity: WorkerIdentity) -> Self {
         Self {
             engine,
             stopping: None,
             identity,
             calibration: std::sync::Mutex::new(None),
-            blobs,
         }
     }
 
     /// The weight cache, or FAILED_PRECONDITION on a worker that reads its own model file.
     fn blob_store(&self) -> Result<Arc<BlobStore>, WorkerError> {
-        self.blobs.clone().ok_or_else(|| {
-            WorkerError::FailedPrecondition(
+        match &self.identity.weights {
+            Weights::Sent(store) => Ok(store.clone()),
+            Weights::File(_) => Err(WorkerError::FailedPrecondition(
                 "this worker reads its own model file and takes no weights over the wire".into(),
-            )
-        })
+            )),
+        }
     }
 
     /// Ends open Forward streams once `stopping` turns true.
@@ -197,11 +201,10 @@ impl v1::worker_server::Worker for WorkerService {
             physical_device: self.identity.physical_device.clone(),
             compute_dtype: codec::dtype_to_wire(self.identity.dtype)
                 .unwrap_or(v1::DType::DtypeUnspecified) as i32,
-            model: self
-                .identity
-                .model
-                .as_ref()
-                .map(strata_model::wire::model_info),
+            model: match &self.identity.weights {
+                Weights::File(model) => Some(strata_model::wire::model_info(model)),
+                Weights::Sent(_) => None,
+            },
             loaded: stats.loaded.map(|r| v1::LayerRange {
                 start: r.start as u32,
                 end: r.end as u32,
@@ -217,7 +220,7 @@ impl v1::worker_server::Worker for WorkerService {
             max_sequences: limits.max_sequences.min(u32::MAX as usize) as u32,
             max_cache_bytes: limits.max_cache_bytes.unwrap_or(0) as u64,
             epoch: stats.epoch,
-            weights_from_coordinator: self.identity.model.is_none(),
+            weights_from_coordinator: matches!(self.identity.weights, Weights::Sent(_)),
         }))
     }
 
@@ -240,8 +243,8 @@ impl v1::worker_server::Worker for WorkerService {
             0 => None,
             raw => Some(codec::dtype_from_wire(raw)?),
         };
-        let sent = match (&self.identity.model, r.weights) {
-            (Some(mine), None) => {
+        let sent = match (&self.identity.weights, r.weights) {
+            (Weights::File(mine), None) => {
                 if r.model_fingerprint != mine.fingerprint {
                     return Err(WorkerError::FailedPrecondition(format!(
                         "model mismatch: the coordinator planned for model {} but this worker holds {} ({})",
@@ -253,14 +256,14 @@ impl v1::worker_server::Worker for WorkerService {
                 }
                 None
             }
-            (Some(mine), Some(_)) => {
+            (Weights::File(mine), Some(_)) => {
                 return Err(WorkerError::invalid(format!(
                 "this worker reads its own model file ({}): LoadStage carries no weights for it",
                 mine.path.display()
             ))
                 .into())
             }
-            (None, None) => {
+            (Weights::Sent(_), None) => {
                 return Err(WorkerError::FailedPrecondition(
                     "this worker has no model file: LoadStage must carry the stage's weights \
                      (sent with PushBlobs)"
@@ -268,8 +271,8 @@ impl v1::worker_server::Worker for WorkerService {
                 )
                 .into())
             }
-            (None, Some(weights)) => {
-                let store = self.blob_store()?;
+            (Weights::Sent(store), Some(weights)) => {
+                let store = store.clone();
                 let fingerprint = r.model_fingerprint.clone();
                 let range = range.clone();
                 let model = tokio::task::spawn_blocking(move || {

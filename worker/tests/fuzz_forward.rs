@@ -17,7 +17,7 @@ use strata_proto::v1;
 use strata_proto::v1::worker_server::Worker;
 use strata_worker::engine::{Engine, EngineLimits};
 use strata_worker::model::StageOptions;
-use strata_worker::service::{WorkerIdentity, WorkerService};
+use strata_worker::service::{Weights, WorkerIdentity, WorkerService};
 use tonic::{Code, Request};
 
 const HIDDEN: u32 = 64;
@@ -215,11 +215,11 @@ async fn stage(model: &ModelFile, layers: std::ops::Range<usize>) -> Target {
         device: "cpu".into(),
         physical_device: String::new(),
         dtype: candle_core::DType::F32,
-        model: Some(model.clone()),
+        weights: Weights::File(Box::new(model.clone())),
         threads: 1,
     };
     Target {
-        service: WorkerService::new(engine, identity, None),
+        service: WorkerService::new(engine, identity),
         epoch,
         first,
         positions: HashMap::new(),
