@@ -57,8 +57,6 @@ pub enum TransportError {
 
 /// Concurrent streams one client connection may open on a gRPC port.
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
-/// Receive window of one HTTP/2 stream (the connection's is twice it).
-pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
 /// How often an idle gRPC connection is pinged, and how long the answer may take.
 const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
@@ -216,11 +214,7 @@ impl Security {
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-            .tcp_keepalive(Some(KEEPALIVE_INTERVAL))
-            // Windows of a few MiB let one stream carry weights at memory speed on a fast link;
-            // hyper's defaults keep well under 1 GB/s at loopback latency.
-            .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
-            .initial_connection_window_size(Some(2 * STREAM_WINDOW_BYTES));
+            .tcp_keepalive(Some(KEEPALIVE_INTERVAL));
         match self.tls.as_ref().and_then(|t| t.server_config(peers)) {
             Some(config) => server
                 .tls_config(config)
