@@ -45,15 +45,11 @@ fn forward(epoch: u64, sequences: Vec<v1::SequenceInput>) -> v1::ForwardRequest 
 
 /// A fresh worker process (extra flags appended) and a raw gRPC client to it.
 async fn spawn_worker(args: &[&str]) -> (WorkerProcess, WorkerClient<tonic::transport::Channel>) {
-    let options = LocalOptions {
+    common::raw_worker(&LocalOptions {
         worker_args: args.iter().map(|a| a.to_string()).collect(),
         ..LocalOptions::new(common::strata(), 1, common::default_model())
-    };
-    let worker = WorkerProcess::spawn(&options).await.unwrap();
-    let client = WorkerClient::connect(format!("http://{}", worker.address))
-        .await
-        .unwrap();
-    (worker, client)
+    })
+    .await
 }
 
 async fn fingerprint(client: &mut WorkerClient<tonic::transport::Channel>) -> String {

@@ -176,15 +176,11 @@ async fn workers_without_the_model_file_serve_the_same_tokens_and_a_restart_send
 
 /// A worker without the model file, and a raw client to it.
 async fn bare_worker(cache: &Path) -> (WorkerProcess, WorkerClient<tonic::transport::Channel>) {
-    let options = LocalOptions {
+    common::raw_worker(&LocalOptions {
         weight_cache: Some(cache.to_owned()),
         ..LocalOptions::new(common::strata(), 1, common::default_model())
-    };
-    let worker = WorkerProcess::spawn(&options).await.unwrap();
-    let client = WorkerClient::connect(format!("http://{}", worker.address))
-        .await
-        .unwrap();
-    (worker, client)
+    })
+    .await
 }
 
 fn wire(blob: &BlobRef) -> v1::Blob {
@@ -385,11 +381,12 @@ async fn cut_transfers_resume_and_wrong_or_unplanned_weights_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_with_its_own_model_file_takes_no_weights() {
-    let options = LocalOptions::new(common::strata(), 1, common::default_model());
-    let worker = WorkerProcess::spawn(&options).await.unwrap();
-    let mut client = WorkerClient::connect(format!("http://{}", worker.address))
-        .await
-        .unwrap();
+    let (_worker, mut client) = common::raw_worker(&LocalOptions::new(
+        common::strata(),
+        1,
+        common::default_model(),
+    ))
+    .await;
     let blob = digest_bytes(b"weights");
     let status = client
         .have_blobs(v1::HaveBlobsRequest {

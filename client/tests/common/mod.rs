@@ -217,3 +217,22 @@ pub async fn http_post(url: &str, key: &str, body: &str) -> (u16, String) {
 pub async fn http_get(url: &str, key: &str) -> (u16, String) {
     http_request("GET", url, key, "").await
 }
+
+/// A worker process started with `options` (no token, no TLS) and a raw gRPC client to it.
+pub async fn raw_worker(
+    options: &strata_client::LocalOptions,
+) -> (
+    strata_client::local::WorkerProcess,
+    strata_proto::v1::worker_client::WorkerClient<tonic::transport::Channel>,
+) {
+    let worker = strata_client::local::WorkerProcess::spawn(options)
+        .await
+        .unwrap();
+    let client = strata_proto::v1::worker_client::WorkerClient::connect(format!(
+        "http://{}",
+        worker.address
+    ))
+    .await
+    .unwrap();
+    (worker, client)
+}
