@@ -11,6 +11,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={file}");
     }
     let descriptors = protox::compile(files, ["."])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    tonic_prost_build::configure()
+        // Weight chunks stay in the buffer they arrive in instead of a copy of their own.
+        .bytes(".strata.v1.BlobChunk.data")
+        .compile_fds(descriptors)?;
     Ok(())
 }

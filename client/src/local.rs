@@ -336,6 +336,7 @@ impl LocalCluster {
             clients: clients.clone(),
             spares: Vec::new(),
             stage_timeout: Duration::from_secs(120),
+            transfer_progress: None,
         };
         let coordinator = match Coordinator::start(config).await {
             Ok(c) => c,

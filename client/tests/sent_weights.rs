@@ -194,7 +194,7 @@ fn chunk(blob: &BlobRef, offset: u64, data: &[u8]) -> v1::BlobChunk {
     v1::BlobChunk {
         blob: Some(wire(blob)),
         offset,
-        data: data.to_vec(),
+        data: data.to_vec().into(),
     }
 }
 
@@ -260,13 +260,21 @@ async fn cut_transfers_resume_and_wrong_or_unplanned_weights_are_refused() {
             .collect()
     };
 
-    // Wrong bytes for a digest: refused, nothing kept.
+    // Wrong bytes for a digest: stored, but the LoadStage that reads them refuses them and drops
+    // them, before anything is loaded.
     let mut wrong = header_bytes.to_vec();
     wrong[100] ^= 1;
-    let status = push(&mut client, vec![chunk(&header, 0, &wrong)])
+    let pushed = push(&mut client, vec![chunk(&header, 0, &wrong)]).await;
+    assert_eq!(pushed.unwrap().blobs_completed, 1);
+    let status = client
+        .load_stage(load(v1::StageWeights {
+            header: Some(wire(&header)),
+            tensors: named(&tensors),
+        }))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+    assert!(status.message().contains("send it again"), "{status:?}");
     assert_eq!(held(&mut client, &header).await, 0);
 
     // Half a header, then the transfer is cut: the worker says where to resume.

@@ -58,6 +58,7 @@ async fn coordinator_with(
         clients: strata_coordinator::ClientAccess::open(),
         spares: spares.iter().map(|w| w.address.clone()).collect(),
         stage_timeout: Duration::from_secs(30),
+        transfer_progress: None,
     };
     let coordinator = Coordinator::start(config).await.unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -5,7 +5,7 @@
 //!
 //! Digests are computed once per tensor, when a stage first needs it, and kept.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::ops::Range;
@@ -31,6 +31,17 @@ const CHUNKS_AHEAD: usize = 4;
 /// How often progress is logged during a transfer.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
+/// How far a transfer to one worker has come, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Transfer {
+    pub sent: u64,
+    pub total: u64,
+}
+
+/// Where each worker's transfer stands, by address, for whoever shows progress (the `strata
+/// coordinator` terminal's bars). An entry is updated after every chunk and stays once complete.
+pub type TransferProgress = tokio::sync::watch::Sender<BTreeMap<String, Transfer>>;
+
 /// A blob of the model file: its bytes at `offset`.
 #[derive(Debug, Clone, Copy)]
 struct FileBlob {
@@ -44,6 +55,7 @@ pub struct WeightSender {
     /// Read when a stage first needs it: most coordinators never send weights.
     layout: OnceLock<GgufLayout>,
     metrics: Arc<Metrics>,
+    progress: Option<TransferProgress>,
     /// Digests by tensor name (and `""` for the header), as computed.
     known: Mutex<HashMap<String, FileBlob>>,
 }
@@ -58,7 +70,11 @@ impl std::fmt::Debug for WeightSender {
 
 impl WeightSender {
     /// A sender for `model`, or `None` when it is not a GGUF file (only GGUF tensors are sent).
-    pub fn new(model: &ModelFile, metrics: Arc<Metrics>) -> Option<Self> {
+    pub fn new(
+        model: &ModelFile,
+        metrics: Arc<Metrics>,
+        progress: Option<TransferProgress>,
+    ) -> Option<Self> {
         if model.format != ModelFormat::Gguf {
             return None;
         }
@@ -66,6 +82,7 @@ impl WeightSender {
             model: model.clone(),
             layout: OnceLock::new(),
             metrics,
+            progress,
             known: Mutex::new(HashMap::new()),
         })
     }
@@ -251,32 +268,52 @@ impl WeightSender {
         let (chunks, stream) = tokio::sync::mpsc::channel::<v1::BlobChunk>(CHUNKS_AHEAD);
         let path = self.model.path.clone();
         let address = address.to_string();
+        let logged_as = address.clone();
+        let progress = self.progress.clone();
+        let report = move |sent: u64| {
+            if let Some(progress) = &progress {
+                progress.send_modify(|all| {
+                    all.insert(address.clone(), Transfer { sent, total });
+                });
+            }
+        };
         let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            let mut file = File::open(&path)?;
+            let file = File::open(&path)?;
+            let map = map_file(&file)?;
             let started = Instant::now();
             let mut last_report = started;
             let mut sent = 0u64;
+            report(0);
             for (blob, held) in todo {
-                let mut at = held;
-                file.seek(SeekFrom::Start(blob.offset + at))?;
-                while at < blob.blob.size {
-                    let n = (blob.blob.size - at).min(CHUNK_BYTES as u64) as usize;
-                    let mut data = vec![0u8; n];
-                    file.read_exact(&mut data)?;
+                let end = blob.offset + blob.blob.size;
+                if end > map.len() as u64 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the file is shorter than when it was digested",
+                    ));
+                }
+                let mut at = blob.offset + held;
+                while at < end {
+                    let n = (end - at).min(CHUNK_BYTES as u64);
+                    let data = map.slice(at as usize..(at + n) as usize);
+                    // Page faults here, on this thread, not in the stream's encoder on an async
+                    // thread: the file may not be in the page cache.
+                    touch_pages(&data);
                     let chunk = v1::BlobChunk {
                         blob: Some(blob_to_wire(&blob.blob)),
-                        offset: at,
+                        offset: at - blob.offset,
                         data,
                     };
                     if chunks.blocking_send(chunk).is_err() {
                         // The stream ended early; its status says why.
                         return Ok(());
                     }
-                    at += n as u64;
-                    sent += n as u64;
+                    at += n;
+                    sent += n;
+                    report(sent);
                     if last_report.elapsed() >= PROGRESS_EVERY {
                         last_report = Instant::now();
-                        log_progress(&address, sent, total, started.elapsed());
+                        log_progress(&logged_as, sent, total, started.elapsed());
                     }
                 }
             }
@@ -291,6 +328,24 @@ impl WeightSender {
             tonic::Status::internal(format!("reading {}: {e}", self.model.path.display()))
         })?;
         Ok(())
+    }
+}
+
+/// The model file mapped into memory, so chunks are slices of the page cache rather than copies
+/// of it (the stream's encoder copies each once into its frames).
+fn map_file(file: &File) -> std::io::Result<bytes::Bytes> {
+    // SAFETY: the mapping is read-only and the model file is not written while strata serves
+    // it; every range used is checked against the mapping's length first.
+    let map = unsafe { memmap2::Mmap::map(file)? };
+    let _ = map.advise(memmap2::Advice::Sequential);
+    Ok(bytes::Bytes::from_owner(map))
+}
+
+/// Reads a byte of each page of `data`, faulting it in.
+fn touch_pages(data: &[u8]) {
+    for at in (0..data.len()).step_by(4096) {
+        // SAFETY: `at` is within `data`.
+        std::hint::black_box(unsafe { std::ptr::read_volatile(data.as_ptr().add(at)) });
     }
 }
 

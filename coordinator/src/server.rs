@@ -20,7 +20,7 @@ use crate::pipeline::{self, Pipeline};
 use crate::plan::{self, SplitSpec};
 use crate::recovery::RecoveryConfig;
 use crate::scheduler::{self, SchedulerLimits};
-use crate::send_weights::WeightSender;
+use crate::send_weights::{TransferProgress, WeightSender};
 use crate::service::{CoordinatorService, RequestLimits};
 use crate::CoordinatorError;
 
@@ -48,6 +48,8 @@ pub struct CoordinatorConfig {
     pub spares: Vec<String>,
     /// The longest one stage may take to answer a Forward before its worker counts as lost.
     pub stage_timeout: Duration,
+    /// Where weight transfers to workers without a model file report their progress.
+    pub transfer_progress: Option<TransferProgress>,
 }
 
 /// Who may use the coordinator's client ports (gRPC and HTTP).
@@ -166,7 +168,8 @@ impl Coordinator {
             );
         }
         let started = Instant::now();
-        let weights = WeightSender::new(&model, metrics.clone()).map(Arc::new);
+        let weights = WeightSender::new(&model, metrics.clone(), config.transfer_progress.clone())
+            .map(Arc::new);
         let pipeline = Pipeline::load(
             workers,
             &plan,

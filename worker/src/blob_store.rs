@@ -1,18 +1,21 @@
 //! The worker's cache of the weights a coordinator sent: blobs (tensors as the file stores them,
-//! and model headers) in one directory, each file named by the blake3 digest of its bytes and kept
-//! only once its bytes match it. The cache is bounded; the least recently used blobs go first.
+//! and model headers) in one directory, each file named by the blake3 digest of its bytes. The
+//! cache is bounded; the least recently used blobs go first.
 //!
 //! A blob arrives in chunks, appended to `<digest>.partial` in order; a transfer cut half-way
-//! resumes at the partial file's length. Nothing is written outside the directory: file names
-//! are the hex of a 32-byte digest, never a name from the wire.
+//! resumes at the partial file's length, and a blob is complete once it has all its bytes.
+//! Its digest is checked where it is read to be used (`model::weights`, `sent_weights`), which
+//! drops an entry that does not match: one pass over the bytes catches a wrong transfer and an
+//! entry corrupted on disk alike, and a transfer costs no digest. Nothing is written outside the
+//! directory: file names are the hex of a 32-byte digest, never a name from the wire.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use strata_model::stage_weights::{digest_reader, BlobRef};
+use strata_model::stage_weights::BlobRef;
 
 use crate::WorkerError;
 
@@ -23,13 +26,6 @@ pub struct BlobStore {
     max_bytes: u64,
     /// One writer at a time: two pushes of one blob would interleave their appends.
     writing: Mutex<()>,
-}
-
-/// What a push holds between chunks: the digest of the current blob so far, when its chunks came
-/// in this push from its first byte (otherwise the file is read again to check it).
-#[derive(Default)]
-pub struct PushState {
-    current: Option<(BlobRef, u64, blake3::Hasher)>,
 }
 
 impl BlobStore {
@@ -89,15 +85,8 @@ impl BlobStore {
     }
 
     /// Appends `data` at `offset` of `blob`; returns whether the blob is now complete. Chunks come
-    /// in order: `offset` must be where the blob's partial file ends. A completed blob whose
-    /// bytes do not match its digest is dropped (DATA_LOSS).
-    pub fn write(
-        &self,
-        state: &mut PushState,
-        blob: &BlobRef,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<bool, WorkerError> {
+    /// in order: `offset` must be where the blob's partial file ends.
+    pub fn write(&self, blob: &BlobRef, offset: u64, data: &[u8]) -> Result<bool, WorkerError> {
         if blob.size == 0 || blob.size > self.max_bytes {
             return Err(WorkerError::ResourceExhausted(format!(
                 "a blob of {} bytes does not fit this worker's weight cache of {} MiB (--cache-max-gib)",
@@ -117,7 +106,6 @@ impl BlobStore {
         let end = offset + data.len() as u64;
         let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         if self.complete(blob).is_some() {
-            state.current = None;
             return Ok(end == blob.size);
         }
         let partial = self.partial_path(blob);
@@ -135,43 +123,10 @@ impl BlobStore {
             .open(&partial)
             .map_err(|e| io_error(&partial, e))?;
         file.write_all(data).map_err(|e| io_error(&partial, e))?;
-        // The running digest follows this push's chunks of the blob; a blob begun elsewhere (a
-        // resumed transfer) is read again when it completes.
-        match &mut state.current {
-            Some((current, at, hasher)) if current == blob && *at == offset => {
-                hasher.update(data);
-                *at = end;
-            }
-            _ if offset == 0 => {
-                let mut hasher = blake3::Hasher::new();
-                hasher.update(data);
-                state.current = Some((*blob, end, hasher));
-            }
-            _ => state.current = None,
-        }
         if end < blob.size {
             return Ok(false);
         }
         drop(file);
-        let digest = match state.current.take() {
-            Some((current, at, hasher)) if current == *blob && at == end => {
-                *hasher.finalize().as_bytes()
-            }
-            _ => {
-                let file = File::open(&partial).map_err(|e| io_error(&partial, e))?;
-                digest_reader(BufReader::new(file))
-                    .map_err(|e| io_error(&partial, e))?
-                    .digest
-            }
-        };
-        if digest != blob.digest {
-            let _ = fs::remove_file(&partial);
-            return Err(WorkerError::DataLoss(format!(
-                "blob {} arrived with other bytes (digest {}); dropped: send it again",
-                blob.hex(),
-                strata_model::stage_weights::hex(&digest)
-            )));
-        }
         let path = self.path(blob);
         fs::rename(&partial, &path).map_err(|e| io_error(&path, e))?;
         self.evict(blob);
@@ -230,17 +185,16 @@ mod tests {
     }
 
     #[test]
-    fn chunks_in_order_make_a_blob_checked_by_digest() {
+    fn chunks_in_order_make_a_blob() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path(), 1 << 20).unwrap();
         let data = bytes(10_000, 1);
         let blob = digest_bytes(&data);
-        let mut push = PushState::default();
         assert_eq!(store.held(&blob), 0);
-        assert!(!store.write(&mut push, &blob, 0, &data[..4000]).unwrap());
+        assert!(!store.write(&blob, 0, &data[..4000]).unwrap());
         assert_eq!(store.held(&blob), 4000);
         assert!(store.complete(&blob).is_none());
-        assert!(store.write(&mut push, &blob, 4000, &data[4000..]).unwrap());
+        assert!(store.write(&blob, 4000, &data[4000..]).unwrap());
         assert_eq!(store.held(&blob), 10_000);
         assert_eq!(fs::read(store.complete(&blob).unwrap()).unwrap(), data);
     }
@@ -251,46 +205,32 @@ mod tests {
         let store = BlobStore::open(dir.path(), 1 << 20).unwrap();
         let data = bytes(9_000, 2);
         let blob = digest_bytes(&data);
-        store
-            .write(&mut PushState::default(), &blob, 0, &data[..3000])
-            .unwrap();
+        store.write(&blob, 0, &data[..3000]).unwrap();
         // A new push (the first was cut) must start at 3000.
-        let mut push = PushState::default();
-        let early = store.write(&mut push, &blob, 0, &data[..3000]).unwrap_err();
+        let early = store.write(&blob, 0, &data[..3000]).unwrap_err();
         assert!(
             early.to_string().contains("holds its first 3000 bytes"),
             "{early}"
         );
-        assert!(store.write(&mut push, &blob, 3000, &data[3000..]).unwrap());
+        assert!(store.write(&blob, 3000, &data[3000..]).unwrap());
         assert!(store.complete(&blob).is_some());
     }
 
     #[test]
-    fn wrong_bytes_are_dropped_and_nothing_is_kept() {
+    fn chunks_past_the_blob_or_the_cache_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path(), 1 << 20).unwrap();
         let data = bytes(5_000, 3);
         let blob = digest_bytes(&data);
-        let mut other = data.clone();
-        other[4321] ^= 1;
-        let e = store
-            .write(&mut PushState::default(), &blob, 0, &other)
-            .unwrap_err();
-        assert!(matches!(e, WorkerError::DataLoss(_)), "{e}");
-        assert_eq!(store.held(&blob), 0);
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
-        let past = store
-            .write(&mut PushState::default(), &blob, 4_000, &data[..2_000])
-            .unwrap_err();
+        let past = store.write(&blob, 4_000, &data[..2_000]).unwrap_err();
         assert!(past.to_string().contains("past the end"), "{past}");
         let huge = BlobRef {
             digest: blob.digest,
             size: 2 << 20,
         };
-        let e = store
-            .write(&mut PushState::default(), &huge, 0, &data)
-            .unwrap_err();
+        let e = store.write(&huge, 0, &data).unwrap_err();
         assert!(matches!(e, WorkerError::ResourceExhausted(_)), "{e}");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]
@@ -305,9 +245,7 @@ mod tests {
             .collect();
         let old = SystemTime::now() - std::time::Duration::from_secs(60);
         for (blob, data) in &blobs[..2] {
-            store
-                .write(&mut PushState::default(), blob, 0, data)
-                .unwrap();
+            store.write(blob, 0, data).unwrap();
             File::options()
                 .write(true)
                 .open(store.path(blob))
@@ -317,9 +255,7 @@ mod tests {
         }
         // Blob 0 is used again, so blob 1 is the least recently used when blob 2 arrives.
         store.complete(&blobs[0].0).unwrap();
-        store
-            .write(&mut PushState::default(), &blobs[2].0, 0, &blobs[2].1)
-            .unwrap();
+        store.write(&blobs[2].0, 0, &blobs[2].1).unwrap();
         assert!(store.complete(&blobs[0].0).is_some());
         assert!(store.complete(&blobs[1].0).is_none());
         assert!(store.complete(&blobs[2].0).is_some());

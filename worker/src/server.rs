@@ -16,6 +16,10 @@ use crate::model::StageOptions;
 use crate::service::{Weights, WorkerIdentity, WorkerService};
 use crate::WorkerError;
 
+/// The largest HTTP/2 frame callers may send: weight pushes and prompt activations run to
+/// megabytes, and 16 KiB frames (the default) cost a frame header and a wakeup each.
+const MAX_FRAME_BYTES: u32 = 1 << 20;
+
 /// Everything a worker needs to start.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -88,7 +92,7 @@ pub async fn run(
         WorkerServer::new(WorkerService::new(engine, identity).with_shutdown(stop_streams))
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
-    let mut server = config
+    let server = config
         .security
         .configure_server(
             tonic::transport::Server::builder(),
@@ -96,6 +100,7 @@ pub async fn run(
         )
         .map_err(|e| WorkerError::Internal(e.to_string()))?;
     server
+        .max_frame_size(MAX_FRAME_BYTES)
         .add_service(config.security.server_auth(service))
         // Token-at-a-time traffic is latency-bound: without TCP_NODELAY, Nagle's algorithm and
         // delayed ACKs add ~40 ms to every hop.

@@ -9,7 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::blob_store::{BlobStore, PushState};
+use crate::blob_store::BlobStore;
 use crate::engine::{Engine, SequenceStep, StepInput, StepOutput};
 use crate::model::sampling::SamplingParams;
 use crate::sent_weights::blob_from_wire;
@@ -469,11 +469,10 @@ impl v1::worker_server::Worker for WorkerService {
         let (queue, mut written) = tokio::sync::mpsc::channel::<v1::BlobChunk>(PUSH_CHUNKS_QUEUED);
         let writer =
             tokio::task::spawn_blocking(move || -> Result<v1::PushBlobsResponse, WorkerError> {
-                let mut state = PushState::default();
                 let mut done = v1::PushBlobsResponse::default();
                 while let Some(chunk) = written.blocking_recv() {
                     let blob = blob_from_wire(chunk.blob.as_ref(), "PushBlobs")?;
-                    if store.write(&mut state, &blob, chunk.offset, &chunk.data)? {
+                    if store.write(&blob, chunk.offset, &chunk.data)? {
                         done.blobs_completed += 1;
                     }
                     done.bytes_written += chunk.data.len() as u64;

@@ -205,6 +205,7 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         None => None,
     };
     let tls = security.tls_enabled();
+    let (transfers, _) = tokio::sync::watch::channel(Default::default());
     let scheduler_defaults = SchedulerLimits::default();
     let request_defaults = RequestLimits::default();
     let config = CoordinatorConfig {
@@ -233,16 +234,22 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         clients,
         spares: args.spares,
         stage_timeout: Duration::from_secs(args.stage_timeout.unwrap_or(120).max(1)),
+        transfer_progress: Some(transfers.clone()),
     };
     // Connecting, calibrating, loading and warming up take seconds to minutes on big models; on a
-    // terminal a spinner says so (the log lines say which step it is in).
-    let spinner = indicatif::ProgressBar::new_spinner().with_message(format!(
+    // terminal a spinner says so (the log lines say which step it is in), with a bar per worker
+    // that is sent its weights.
+    let bars = indicatif::MultiProgress::new();
+    let spinner = bars.add(indicatif::ProgressBar::new_spinner().with_message(format!(
         "connecting to {} workers, planning, loading and warming up the stages",
         config.workers.len()
-    ));
+    )));
     spinner.enable_steady_tick(Duration::from_millis(120));
+    let shown = tokio::spawn(show_transfers(bars.clone(), transfers.subscribe()));
     let started = strata_coordinator::Coordinator::start(config).await;
+    shown.abort();
     spinner.finish_and_clear();
+    let _ = bars.clear();
     let coordinator = started?;
     eprintln!("strata: plan");
     for (i, s) in coordinator.stages().iter().enumerate() {
@@ -275,4 +282,36 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         .await?;
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+/// A progress bar per worker being sent its weights: bytes, rate and ETA.
+async fn show_transfers(
+    bars: indicatif::MultiProgress,
+    mut transfers: tokio::sync::watch::Receiver<
+        std::collections::BTreeMap<String, strata_coordinator::send_weights::Transfer>,
+    >,
+) {
+    let style = indicatif::ProgressStyle::with_template(
+        "weights to {prefix}: [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}, ETA {eta}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    let mut shown: std::collections::HashMap<String, indicatif::ProgressBar> = Default::default();
+    while transfers.changed().await.is_ok() {
+        let now = transfers.borrow_and_update().clone();
+        for (worker, transfer) in now {
+            let bar = shown.entry(worker.clone()).or_insert_with(|| {
+                bars.add(
+                    indicatif::ProgressBar::new(transfer.total)
+                        .with_style(style.clone())
+                        .with_prefix(worker),
+                )
+            });
+            bar.set_length(transfer.total);
+            bar.set_position(transfer.sent);
+            if transfer.sent >= transfer.total && !bar.is_finished() {
+                bar.finish();
+            }
+        }
+    }
 }
