@@ -172,6 +172,26 @@ async fn workers_without_the_model_file_serve_the_same_tokens_and_a_restart_send
     assert_eq!(repaired[0].0, bytes.len() as u64, "{repaired:?}");
     assert_eq!(repaired[1].0, 0, "{repaired:?}");
     cluster.stop().await.unwrap();
+
+    // `--split auto` with empty caches: each worker is sent the probe stages and calibrates on
+    // them, then is sent its stage, whose end layers its cache already holds.
+    let cluster = sent_cluster(&dir.path().join("auto"), &scrape_file, SplitSpec::Auto).await;
+    assert_eq!(tokens(&cluster).await, reference);
+    let plan: Vec<_> = cluster
+        .plan()
+        .iter()
+        .map(|(_, layers)| layers.clone())
+        .collect();
+    assert!(
+        plan.len() == 2 && plan[0].start == 0 && plan[0].end == plan[1].start && plan[1].end == 30,
+        "{plan:?}"
+    );
+    let auto = weight_counters(&cluster, scrape.as_str()).await;
+    assert!(
+        auto.iter().all(|&(sent, hits, _)| sent > 0 && hits > 0),
+        "{auto:?}"
+    );
+    cluster.stop().await.unwrap();
 }
 
 /// A worker without the model file, and a raw client to it.
@@ -385,6 +405,28 @@ async fn cut_transfers_resume_and_wrong_or_unplanned_weights_are_refused() {
         .into_inner();
     assert_ne!(loaded.epoch, 0);
     assert!(loaded.has_embedding && !loaded.has_head);
+
+    // A calibration needs the probe stages' weights, all of them.
+    let calibrate = |weights: Option<v1::StageWeights>| v1::CalibrateRequest {
+        rows: 2,
+        context: 8,
+        keep_probes: false,
+        weights,
+        model_fingerprint: model.fingerprint.clone(),
+    };
+    let status = client.calibrate(calibrate(None)).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("probe stages"), "{status:?}");
+    let stage_only = v1::StageWeights {
+        header: Some(wire(&header)),
+        tensors: named(&tensors),
+    };
+    let status = client
+        .calibrate(calibrate(Some(stage_only)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("was not sent"), "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,9 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use strata_model::stage_weights::{digest_reader, stage_tensor_names, BlobRef, GgufLayout};
+use strata_model::stage_weights::{
+    digest_reader, probe_stages, stages_tensor_names, BlobRef, GgufLayout,
+};
 use strata_model::{ModelFile, ModelFormat};
 use strata_proto::v1;
 use strata_proto::v1::worker_client::WorkerClient;
@@ -99,12 +101,12 @@ impl WeightSender {
     /// this reads the file, so it runs off the async threads).
     fn stage_blobs(
         &self,
-        layers: &Range<usize>,
+        stages: &[Range<usize>],
     ) -> Result<(FileBlob, Vec<(String, FileBlob)>), CoordinatorError> {
         let layout = self.layout()?;
-        let names = stage_tensor_names(
+        let names = stages_tensor_names(
             layout.tensors.keys().map(String::as_str),
-            layers.clone(),
+            stages,
             self.model.config.num_layers,
         );
         let mut file = File::open(&self.model.path).map_err(|e| self.io(e))?;
@@ -164,10 +166,33 @@ impl WeightSender {
         worker: &ConnectedWorker,
         layers: Range<usize>,
     ) -> Result<v1::StageWeights, CoordinatorError> {
+        self.send_stages(stage, worker, vec![layers]).await
+    }
+
+    /// The same for a calibration's probe stages: the weights for `worker`'s `Calibrate`.
+    pub async fn send_probes(
+        self: &Arc<Self>,
+        stage: usize,
+        worker: &ConnectedWorker,
+    ) -> Result<v1::StageWeights, CoordinatorError> {
+        let probes = probe_stages(self.model.config.num_layers).to_vec();
+        self.send_stages(stage, worker, probes).await
+    }
+
+    async fn send_stages(
+        self: &Arc<Self>,
+        stage: usize,
+        worker: &ConnectedWorker,
+        stages: Vec<Range<usize>>,
+    ) -> Result<v1::StageWeights, CoordinatorError> {
+        let layers = stages
+            .iter()
+            .map(|l| format!("{}..{}", l.start, l.end))
+            .collect::<Vec<_>>()
+            .join(", ");
         let this = self.clone();
-        let range = layers.clone();
         let digested = Instant::now();
-        let (header, tensors) = tokio::task::spawn_blocking(move || this.stage_blobs(&range))
+        let (header, tensors) = tokio::task::spawn_blocking(move || this.stage_blobs(&stages))
             .await
             .map_err(|e| CoordinatorError::Internal(format!("reading weights failed: {e}")))??;
         tracing::debug!(
@@ -198,10 +223,8 @@ impl WeightSender {
         let total: u64 = all.iter().map(|b| b.blob.size).sum();
         if total > have.cache_max_bytes {
             return Err(CoordinatorError::InvalidRequest(format!(
-                "layers {}..{} weigh {} MiB, more than the weight cache of {} ({} MiB): start it \
+                "layers {layers} weigh {} MiB, more than the weight cache of {} ({} MiB): start it \
                  with a larger --weight-cache-gib",
-                layers.start,
-                layers.end,
                 total >> 20,
                 worker.address,
                 have.cache_max_bytes >> 20

@@ -144,16 +144,11 @@ impl Coordinator {
                 }
             }
         }
-        let sent_weights = workers.iter().any(|w| w.info.weights_from_coordinator);
+        let weights = WeightSender::new(&model, metrics.clone(), config.transfer_progress.clone())
+            .map(Arc::new);
         let plan = match config.split {
-            // Calibration reads the model file on each worker; workers that have none are split
-            // evenly instead.
-            SplitSpec::Auto if sent_weights => {
-                tracing::warn!("--split auto needs every worker's own model file to calibrate; some have none, so the split is even");
-                plan::plan(&SplitSpec::Even, model.config.num_layers, workers.len())?
-            }
             SplitSpec::Auto => {
-                let profiles = calibrate(&workers).await?;
+                let profiles = calibrate(&workers, &model.fingerprint, weights.as_ref()).await?;
                 plan::balanced(model.config.num_layers, &profiles)?
             }
             ref spec => plan::plan(spec, model.config.num_layers, workers.len())?,
@@ -168,8 +163,6 @@ impl Coordinator {
             );
         }
         let started = Instant::now();
-        let weights = WeightSender::new(&model, metrics.clone(), config.transfer_progress.clone())
-            .map(Arc::new);
         let pipeline = Pipeline::load(
             workers,
             &plan,
@@ -304,7 +297,27 @@ const CALIBRATION_PASSES: usize = 4;
 /// other's measurement), and turns the results into planner inputs.
 async fn calibrate(
     workers: &[pipeline::ConnectedWorker],
+    fingerprint: &str,
+    weights: Option<&Arc<WeightSender>>,
 ) -> Result<Vec<plan::WorkerProfile>, CoordinatorError> {
+    // A worker without the model file is sent the probe stages' tensors first (the first and last
+    // stages' layers among them, which the plan's ends then find in its cache).
+    let mut sent = Vec::with_capacity(workers.len());
+    for (i, w) in workers.iter().enumerate() {
+        sent.push(match weights {
+            Some(weights) if w.info.weights_from_coordinator => {
+                Some(weights.send_probes(i, w).await?)
+            }
+            None if w.info.weights_from_coordinator => {
+                return Err(CoordinatorError::InvalidRequest(format!(
+                    "{} has no model file and this model's weights cannot be sent (only GGUF \
+                     files are): start the worker with --model",
+                    w.address
+                )))
+            }
+            _ => None,
+        });
+    }
     let mut best: Vec<v1::Calibration> = Vec::with_capacity(workers.len());
     for pass in 0..CALIBRATION_PASSES {
         for (i, w) in workers.iter().enumerate() {
@@ -316,6 +329,8 @@ async fn calibrate(
                     context: 32,
                     // The last pass frees them, before the worker reports its free memory.
                     keep_probes: pass + 1 < CALIBRATION_PASSES,
+                    weights: sent[i].clone(),
+                    model_fingerprint: fingerprint.to_string(),
                 })
                 .await
                 .map_err(|status| CoordinatorError::stage(i, &w.address, status))?

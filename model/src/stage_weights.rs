@@ -156,6 +156,36 @@ pub fn stage_tensor_names<'a>(
     chosen
 }
 
+/// The tensors several stages read together (a calibration's probes), sorted, each once.
+pub fn stages_tensor_names<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    stages: &[Range<usize>],
+    num_layers: usize,
+) -> Vec<String> {
+    let names: Vec<&str> = names.into_iter().collect();
+    let mut chosen: Vec<String> = stages
+        .iter()
+        .flat_map(|layers| stage_tensor_names(names.iter().copied(), layers.clone(), num_layers))
+        .collect();
+    chosen.sort();
+    chosen.dedup();
+    chosen
+}
+
+/// Layers in each probe stage of a worker's calibration.
+pub const PROBE_LAYERS: usize = 4;
+
+/// The stages a calibration loads and times, for a model of `num_layers` (at least 1): bare layers
+/// (neither embedding nor head, where the model has three layers or more), the first stage's and
+/// the last's, each of up to [`PROBE_LAYERS`] layers. A worker without the model file is sent
+/// exactly their tensors.
+pub fn probe_stages(num_layers: usize) -> [Range<usize>; 3] {
+    let n = num_layers.max(1);
+    let layers = n.saturating_sub(2).clamp(1, PROBE_LAYERS);
+    let bare = if n >= 3 { 1..1 + layers } else { 0..1 };
+    [bare, 0..layers, n - layers..n]
+}
+
 /// The layer of a `blk.N.*` tensor.
 fn layer_of(name: &str) -> Option<usize> {
     name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
@@ -226,6 +256,34 @@ mod tests {
         assert!(!middle.contains(&"token_embd.weight".to_string()));
         let untied = stage_tensor_names(FILE.iter().copied(), 3..11, 11);
         assert!(!untied.contains(&"token_embd.weight".to_string()));
+    }
+
+    #[test]
+    fn probes_are_bare_first_and_last_layers_whatever_the_depth() {
+        let cases: &[(usize, [Range<usize>; 3])] = &[
+            (1, [0..1, 0..1, 0..1]),
+            (2, [0..1, 0..1, 1..2]),
+            (3, [1..2, 0..1, 2..3]),
+            (6, [1..5, 0..4, 2..6]),
+            (30, [1..5, 0..4, 26..30]),
+        ];
+        for (n, want) in cases {
+            assert_eq!(probe_stages(*n), *want, "{n} layers");
+        }
+    }
+
+    #[test]
+    fn several_stages_read_each_tensor_once() {
+        let got = stages_tensor_names(FILE.iter().copied(), &[0..1, 1..3, 0..2], 11);
+        let want = [
+            "blk.0.attn_q.weight",
+            "blk.0.ffn_down.weight",
+            "blk.1.attn_q.weight",
+            "blk.2.attn_q.weight",
+            "rope_freqs.weight",
+            "token_embd.weight",
+        ];
+        assert_eq!(got, want);
     }
 
     #[test]

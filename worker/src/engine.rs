@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
+use strata_model::stage_weights::probe_stages;
 use strata_model::ModelFile;
 use tokio::sync::oneshot;
 
@@ -157,6 +158,8 @@ enum Job {
         rows: usize,
         context: usize,
         keep_probes: bool,
+        /// The probes' weights, for a worker without a model file.
+        sent: Option<Box<ModelFile>>,
         reply: Reply<Calibration>,
     },
 }
@@ -332,17 +335,20 @@ impl Engine {
 
     /// Times one layer, the embedding and the head on probe stages (the loaded stage is untouched).
     /// With `keep_probes` the probe stages stay loaded for the next calibration with the same rows
-    /// and context, until a calibration without it or a `load`.
+    /// and context, until a calibration without it or a `load`. `sent` is the model the probes are
+    /// read from on a worker without a model file (its tensors: those of `probe_stages`).
     pub async fn calibrate(
         &self,
         rows: usize,
         context: usize,
         keep_probes: bool,
+        sent: Option<ModelFile>,
     ) -> Result<Calibration, WorkerError> {
         self.call(|reply| Job::Calibrate {
             rows,
             context,
             keep_probes,
+            sent: sent.map(Box::new),
             reply,
         })
         .await
@@ -433,8 +439,12 @@ impl State {
                 rows,
                 context,
                 keep_probes,
+                sent,
                 reply,
-            } => guarded!(reply, self.calibrate(rows, context, keep_probes)),
+            } => guarded!(
+                reply,
+                self.calibrate(rows, context, keep_probes, sent.map(|s| *s))
+            ),
         }
     }
 
@@ -706,17 +716,20 @@ impl State {
         rows: usize,
         context: usize,
         keep_probes: bool,
+        sent: Option<ModelFile>,
     ) -> Result<Calibration, WorkerError> {
-        let model =
-            match &self.model {
-                Some(model) if model.blobs.is_none() => model,
-                _ => return Err(WorkerError::FailedPrecondition(
-                    "calibration reads the model file, and this worker has none: start it with \
-                     --model, or plan with --split even or explicit ranges"
+        let model = match (&sent, &self.model) {
+            (Some(sent), _) => sent,
+            (None, Some(model)) if model.blobs.is_none() => model,
+            _ => {
+                return Err(WorkerError::FailedPrecondition(
+                    "this worker has no model file: a Calibrate must carry the probes' weights"
                         .into(),
-                )),
-            };
+                ))
+            }
+        };
         let n = model.config.num_layers;
+        let layers = probe_stages(n)[0].len();
         let rows = rows.clamp(1, 64);
         let context = context.clamp(
             1,
@@ -727,11 +740,9 @@ impl State {
                 .max(1),
         );
         let dtype = self.options.compute_dtype(model.format, &self.device)?;
-        let layers = n.saturating_sub(2).clamp(1, PROBE_LAYERS);
-        let bare = if n >= 3 { 1..1 + layers } else { 0..1 };
         let mut probes = match self.kept_probes.take() {
             Some(kept) if kept.rows == rows && kept.context == context => kept.probes,
-            _ => [bare, 0..layers, n - layers..n]
+            _ => probe_stages(n)
                 .into_iter()
                 .map(|range| {
                     let stage = Stage::load(model, range, &self.device, dtype, self.options)?;
@@ -795,8 +806,6 @@ fn next_job(queue: &mpsc::Receiver<Job>, spin: Duration) -> Option<Job> {
     queue.recv().ok()
 }
 
-/// Layers per calibration probe.
-const PROBE_LAYERS: usize = 4;
 /// Decode steps run before the timed ones (first touches of fresh weights and buffers).
 const UNTIMED_STEPS: usize = 2;
 /// Decode steps per probe, untimed ones included.

@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::Arc;
 
-use strata_model::stage_weights::{check_tensor_size, digest_reader, stage_tensor_names, BlobRef};
+use strata_model::stage_weights::{
+    check_tensor_size, digest_reader, probe_stages, stages_tensor_names, BlobRef,
+};
 use strata_model::ModelFile;
 use strata_proto::v1;
 
@@ -29,11 +31,29 @@ pub fn blob_from_wire(blob: Option<&v1::Blob>, what: &str) -> Result<BlobRef, Wo
     })
 }
 
-/// The model to load `layers` from: the header and tensors of `weights`, all in `store`.
+/// What sent weights are for: the stages whose tensors they must be, exactly.
+#[derive(Debug, Clone)]
+pub enum Part {
+    /// A stage of these layers, to load.
+    Stage(Range<usize>),
+    /// The probe stages of a calibration (`probe_stages` of the model's depth).
+    Probes,
+}
+
+impl Part {
+    fn stages(&self, num_layers: usize) -> Vec<Range<usize>> {
+        match self {
+            Part::Stage(layers) => vec![layers.clone()],
+            Part::Probes => probe_stages(num_layers).to_vec(),
+        }
+    }
+}
+
+/// The model to load `part` from: the header and tensors of `weights`, all in `store`.
 pub fn stage_model(
     store: &BlobStore,
     fingerprint: &str,
-    layers: &Range<usize>,
+    part: &Part,
     weights: &v1::StageWeights,
 ) -> Result<ModelFile, WorkerError> {
     let header = blob_from_wire(weights.header.as_ref(), "the model header")?;
@@ -62,16 +82,25 @@ pub fn stage_model(
         )));
     }
     let num_layers = model.config.num_layers;
-    if layers.start >= layers.end || layers.end > num_layers {
+    let stages = part.stages(num_layers);
+    if let Some(layers) = stages
+        .iter()
+        .find(|layers| layers.start >= layers.end || layers.end > num_layers)
+    {
         return Err(WorkerError::invalid(format!(
             "layer range {}..{} is not a non-empty part of 0..{num_layers}",
             layers.start, layers.end
         )));
     }
+    let what = stages
+        .iter()
+        .map(|layers| format!("{}..{}", layers.start, layers.end))
+        .collect::<Vec<_>>()
+        .join(", ");
     let content = model.gguf_content()?;
-    let wanted: BTreeSet<String> = stage_tensor_names(
+    let wanted: BTreeSet<String> = stages_tensor_names(
         content.tensor_infos.keys().map(String::as_str),
-        layers.clone(),
+        &stages,
         num_layers,
     )
     .into_iter()
@@ -81,8 +110,8 @@ pub fn stage_model(
         let name = &tensor.name;
         if !wanted.contains(name) {
             return Err(WorkerError::invalid(format!(
-                "tensor {name:?} is not one that layers {}..{} of {} read",
-                layers.start, layers.end, model.name
+                "tensor {name:?} is not one that layers {what} of {} read",
+                model.name
             )));
         }
         let blob = blob_from_wire(tensor.blob.as_ref(), name)?;
@@ -102,8 +131,7 @@ pub fn stage_model(
     }
     if let Some(missing) = wanted.iter().find(|name| !blobs.contains_key(*name)) {
         return Err(WorkerError::invalid(format!(
-            "tensor {missing}, which layers {}..{} read, was not sent",
-            layers.start, layers.end
+            "tensor {missing}, which layers {what} read, was not sent"
         )));
     }
     model.blobs = Some(Arc::new(blobs));

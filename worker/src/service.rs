@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::blob_store::BlobStore;
 use crate::engine::{Engine, SequenceStep, StepInput, StepOutput};
 use crate::model::sampling::SamplingParams;
-use crate::sent_weights::blob_from_wire;
+use crate::sent_weights::{blob_from_wire, Part};
 use crate::{codec, WorkerError};
 
 /// Static facts about this worker, reported by `Info`.
@@ -271,19 +271,15 @@ impl v1::worker_server::Worker for WorkerService {
                 )
                 .into())
             }
-            (Weights::Sent(store), Some(weights)) => {
-                let store = store.clone();
-                let fingerprint = r.model_fingerprint.clone();
-                let range = range.clone();
-                let model = tokio::task::spawn_blocking(move || {
-                    crate::sent_weights::stage_model(&store, &fingerprint, &range, &weights)
-                })
-                .await
-                .map_err(|e| {
-                    WorkerError::Internal(format!("checking the weights failed: {e}"))
-                })??;
-                Some(model)
-            }
+            (Weights::Sent(store), Some(weights)) => Some(
+                sent_model(
+                    store.clone(),
+                    r.model_fingerprint.clone(),
+                    Part::Stage(range.clone()),
+                    weights,
+                )
+                .await?,
+            ),
         };
         let report = self.engine.load(range, output_dtype, sent).await?;
         tracing::info!(
@@ -389,7 +385,35 @@ impl v1::worker_server::Worker for WorkerService {
         } else {
             r.context as usize
         };
-        let c = self.engine.calibrate(rows, context, r.keep_probes).await?;
+        let sent = match (&self.identity.weights, r.weights) {
+            (Weights::File(_), None) => None,
+            (Weights::File(mine), Some(_)) => {
+                return Err(WorkerError::invalid(format!(
+                "this worker reads its own model file ({}): Calibrate carries no weights for it",
+                mine.path.display()
+            ))
+                .into())
+            }
+            (Weights::Sent(_), None) => return Err(WorkerError::FailedPrecondition(
+                "this worker has no model file: Calibrate must carry the probe stages' weights \
+                     (sent with PushBlobs)"
+                    .into(),
+            )
+            .into()),
+            (Weights::Sent(store), Some(weights)) => Some(
+                sent_model(
+                    store.clone(),
+                    r.model_fingerprint.clone(),
+                    Part::Probes,
+                    weights,
+                )
+                .await?,
+            ),
+        };
+        let c = self
+            .engine
+            .calibrate(rows, context, r.keep_probes, sent)
+            .await?;
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         let calibration = v1::Calibration {
             layer_ms: ms(c.layer),
@@ -501,6 +525,20 @@ impl v1::worker_server::Worker for WorkerService {
         received?;
         Ok(Response::new(done))
     }
+}
+
+/// Checks weights a coordinator sent for `part` (off the async threads: it reads the header).
+async fn sent_model(
+    store: Arc<BlobStore>,
+    fingerprint: String,
+    part: Part,
+    weights: v1::StageWeights,
+) -> Result<ModelFile, WorkerError> {
+    tokio::task::spawn_blocking(move || {
+        crate::sent_weights::stage_model(&store, &fingerprint, &part, &weights)
+    })
+    .await
+    .map_err(|e| WorkerError::Internal(format!("checking the weights failed: {e}")))?
 }
 
 /// Chunks received ahead of the writer.

@@ -41,12 +41,12 @@ async fn kept_probes_serve_later_passes_of_the_same_shape() {
             1,
         )
         .unwrap();
-        let first = engine.calibrate(4, 16, true).await.unwrap();
+        let first = engine.calibrate(4, 16, true, None).await.unwrap();
         check(&first, 4);
         // Reused probes decode from the prefilled context again: were their caches left where the
         // last pass ended, these steps would not line up with them and the pass would fail.
         for keep in [true, true, false] {
-            let again = engine.calibrate(4, 16, keep).await.unwrap();
+            let again = engine.calibrate(4, 16, keep, None).await.unwrap();
             check(&again, 4);
             assert_eq!(
                 (again.layer_bytes, again.embedding_bytes, again.head_bytes),
@@ -55,9 +55,9 @@ async fn kept_probes_serve_later_passes_of_the_same_shape() {
             );
         }
         // Kept probes of another shape are not reused; a load drops them.
-        check(&engine.calibrate(2, 16, true).await.unwrap(), 2);
-        check(&engine.calibrate(4, 8, true).await.unwrap(), 4);
+        check(&engine.calibrate(2, 16, true, None).await.unwrap(), 2);
+        check(&engine.calibrate(4, 8, true, None).await.unwrap(), 4);
         engine.load(0..layers, None, None).await.unwrap();
-        check(&engine.calibrate(4, 16, false).await.unwrap(), 4);
+        check(&engine.calibrate(4, 16, false, None).await.unwrap(), 4);
     }
 }
