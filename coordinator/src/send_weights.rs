@@ -169,6 +169,17 @@ impl WeightSender {
         self.send_stages(stage, worker, vec![layers]).await
     }
 
+    /// Digests the probe stages' tensors, so that sending them to several workers at once
+    /// digests each only once.
+    pub async fn digest_probes(self: &Arc<Self>) -> Result<(), CoordinatorError> {
+        let this = self.clone();
+        let probes = probe_stages(self.model.config.num_layers).to_vec();
+        tokio::task::spawn_blocking(move || this.stage_blobs(&probes))
+            .await
+            .map_err(|e| CoordinatorError::Internal(format!("reading weights failed: {e}")))??;
+        Ok(())
+    }
+
     /// The same for a calibration's probe stages: the weights for `worker`'s `Calibrate`.
     pub async fn send_probes(
         self: &Arc<Self>,

@@ -302,22 +302,27 @@ async fn calibrate(
 ) -> Result<Vec<plan::WorkerProfile>, CoordinatorError> {
     // A worker without the model file is sent the probe stages' tensors first (the first and last
     // stages' layers among them, which the plan's ends then find in its cache).
-    let mut sent = Vec::with_capacity(workers.len());
-    for (i, w) in workers.iter().enumerate() {
-        sent.push(match weights {
+    if let Some(weights) = weights {
+        if workers.iter().any(|w| w.info.weights_from_coordinator) {
+            weights.digest_probes().await?;
+        }
+    }
+    let sent = futures::future::try_join_all(workers.iter().enumerate().map(|(i, w)| async move {
+        match weights {
             Some(weights) if w.info.weights_from_coordinator => {
-                Some(weights.send_probes(i, w).await?)
+                weights.send_probes(i, w).await.map(Some)
             }
             None if w.info.weights_from_coordinator => {
-                return Err(CoordinatorError::InvalidRequest(format!(
+                Err(CoordinatorError::InvalidRequest(format!(
                     "{} has no model file and this model's weights cannot be sent (only GGUF \
-                     files are): start the worker with --model",
+                 files are): start the worker with --model",
                     w.address
                 )))
             }
-            _ => None,
-        });
-    }
+            _ => Ok(None),
+        }
+    }))
+    .await?;
     let mut best: Vec<v1::Calibration> = Vec::with_capacity(workers.len());
     for pass in 0..CALIBRATION_PASSES {
         for (i, w) in workers.iter().enumerate() {
