@@ -243,44 +243,25 @@ impl v1::worker_server::Worker for WorkerService {
             0 => None,
             raw => Some(codec::dtype_from_wire(raw)?),
         };
-        let sent = match (&self.identity.weights, r.weights) {
-            (Weights::File(mine), None) => {
-                if r.model_fingerprint != mine.fingerprint {
-                    return Err(WorkerError::FailedPrecondition(format!(
-                        "model mismatch: the coordinator planned for model {} but this worker holds {} ({})",
-                        r.model_fingerprint,
-                        mine.fingerprint,
-                        mine.path.display()
-                    ))
-                    .into());
-                }
-                None
+        if let Weights::File(mine) = &self.identity.weights {
+            if r.weights.is_none() && r.model_fingerprint != mine.fingerprint {
+                return Err(WorkerError::FailedPrecondition(format!(
+                    "model mismatch: the coordinator planned for model {} but this worker holds {} ({})",
+                    r.model_fingerprint,
+                    mine.fingerprint,
+                    mine.path.display()
+                ))
+                .into());
             }
-            (Weights::File(mine), Some(_)) => {
-                return Err(WorkerError::invalid(format!(
-                "this worker reads its own model file ({}): LoadStage carries no weights for it",
-                mine.path.display()
-            ))
-                .into())
-            }
-            (Weights::Sent(_), None) => {
-                return Err(WorkerError::FailedPrecondition(
-                    "this worker has no model file: LoadStage must carry the stage's weights \
-                     (sent with PushBlobs)"
-                        .into(),
-                )
-                .into())
-            }
-            (Weights::Sent(store), Some(weights)) => Some(
-                sent_model(
-                    store.clone(),
-                    r.model_fingerprint.clone(),
-                    Part::Stage(range.clone()),
-                    weights,
-                )
-                .await?,
-            ),
-        };
+        }
+        let sent = sent_weights_for(
+            &self.identity.weights,
+            "LoadStage",
+            r.model_fingerprint,
+            Part::Stage(range.clone()),
+            r.weights,
+        )
+        .await?;
         let report = self.engine.load(range, output_dtype, sent).await?;
         tracing::info!(
             layers = ?report.layers,
@@ -385,31 +366,14 @@ impl v1::worker_server::Worker for WorkerService {
         } else {
             r.context as usize
         };
-        let sent = match (&self.identity.weights, r.weights) {
-            (Weights::File(_), None) => None,
-            (Weights::File(mine), Some(_)) => {
-                return Err(WorkerError::invalid(format!(
-                "this worker reads its own model file ({}): Calibrate carries no weights for it",
-                mine.path.display()
-            ))
-                .into())
-            }
-            (Weights::Sent(_), None) => return Err(WorkerError::FailedPrecondition(
-                "this worker has no model file: Calibrate must carry the probe stages' weights \
-                     (sent with PushBlobs)"
-                    .into(),
-            )
-            .into()),
-            (Weights::Sent(store), Some(weights)) => Some(
-                sent_model(
-                    store.clone(),
-                    r.model_fingerprint.clone(),
-                    Part::Probes,
-                    weights,
-                )
-                .await?,
-            ),
-        };
+        let sent = sent_weights_for(
+            &self.identity.weights,
+            "Calibrate",
+            r.model_fingerprint,
+            Part::Probes,
+            r.weights,
+        )
+        .await?;
         let c = self
             .engine
             .calibrate(rows, context, r.keep_probes, sent)
@@ -527,18 +491,39 @@ impl v1::worker_server::Worker for WorkerService {
     }
 }
 
-/// Checks weights a coordinator sent for `part` (off the async threads: it reads the header).
-async fn sent_model(
-    store: Arc<BlobStore>,
+/// The model a LoadStage or Calibrate (`rpc`) reads `part` from: `None` for a worker with its own
+/// file (which takes no weights), else the weights the request names, checked (off the async
+/// threads: it reads the header) — which a worker without a file needs.
+async fn sent_weights_for(
+    mine: &Weights,
+    rpc: &str,
     fingerprint: String,
     part: Part,
-    weights: v1::StageWeights,
-) -> Result<ModelFile, WorkerError> {
-    tokio::task::spawn_blocking(move || {
-        crate::sent_weights::stage_model(&store, &fingerprint, &part, &weights)
-    })
-    .await
-    .map_err(|e| WorkerError::Internal(format!("checking the weights failed: {e}")))?
+    weights: Option<v1::StageWeights>,
+) -> Result<Option<ModelFile>, WorkerError> {
+    match (mine, weights) {
+        (Weights::File(_), None) => Ok(None),
+        (Weights::File(file), Some(_)) => Err(WorkerError::invalid(format!(
+            "this worker reads its own model file ({}): {rpc} carries no weights for it",
+            file.path.display()
+        ))),
+        (Weights::Sent(_), None) => Err(WorkerError::FailedPrecondition(format!(
+            "this worker has no model file: {rpc} must carry the {} weights (sent with PushBlobs)",
+            match part {
+                Part::Stage(_) => "stage's",
+                Part::Probes => "probe stages'",
+            }
+        ))),
+        (Weights::Sent(store), Some(weights)) => {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::sent_weights::stage_model(&store, &fingerprint, &part, &weights)
+            })
+            .await
+            .map_err(|e| WorkerError::Internal(format!("checking the weights failed: {e}")))?
+            .map(Some)
+        }
+    }
 }
 
 /// Chunks received ahead of the writer.
