@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fused add + RMSNorm and SiLU · up kernels on (default) and off (`STRATA_FUSED_OPS=0`, candle's
+# The fused add + RMSNorm and SiLU · up kernels on (default) and off (the worker's hidden `--no-fused-ops`, candle's
 # add, norm and activation beside strata's attention kernels), alternated for ROUNDS rounds: 1 stage
 # at concurrency 1, 8, 32 and 2 stages on one GPU at concurrency 1 (bf16, TinyLlama-1.1B shape, 128
 # new tokens).
@@ -13,10 +13,10 @@ model="$out/tinyllama-1.1b"
 ensure_model "$model"
 for round in $(seq "$rounds"); do
     for ops in on off; do
-        flag=1; [[ $ops == off ]] && flag=0
-        STRATA_FUSED_OPS=$flag start_worker 7401 cuda:0
+        flag=""; [[ $ops == off ]] && flag=--no-fused-ops
+        STRATA_WORKER_ARGS=$flag start_worker 7401 cuda:0
         bench_config "one-stage-$ops-$round" 1,8,32 127.0.0.1:7401
-        STRATA_FUSED_OPS=$flag start_worker 7401 cuda:0; STRATA_FUSED_OPS=$flag start_worker 7402 cuda:0
+        STRATA_WORKER_ARGS=$flag start_worker 7401 cuda:0; STRATA_WORKER_ARGS=$flag start_worker 7402 cuda:0
         bench_config "two-stage-$ops-$round" 1 127.0.0.1:7401 127.0.0.1:7402
     done
 done

@@ -3,7 +3,7 @@
 # to queue the stage's kernels, and to finish (copy back, which waits for the device, and sample).
 # Runs 1 stage at concurrency 1 and 32 (with and without fused projections, interleaved), and 2
 # stages on one GPU at concurrency 1, bf16, TinyLlama
-# shape; prints medians per configuration and worker. With STRATA_PHASE_TIMES=1 in the environment
+# shape; prints medians per configuration and worker. With STRATA_PHASE_TIMES=sync in the environment (the worker's --phase-times)
 # the workers also synchronize after each phase of a step and report each phase's share; with
 # STRATA_PHASE_TIMES=host they report the host's time to queue each phase and each layer instead.
 # Usage: bench/gpu-timing.sh BINARY [OUT_DIR] [stages]   (`stages`: only 1 vs 2 stages at c=1, twice)

@@ -411,18 +411,7 @@ impl Pipeline {
                 sequences,
                 epoch: stage.epoch,
             };
-            let mut client = stage.client.clone();
-            let call = async {
-                if unary_forward() {
-                    client
-                        .forward(request)
-                        .await
-                        .map(tonic::Response::into_inner)
-                } else {
-                    stage.link.forward(request).await
-                }
-            };
-            let response = tokio::time::timeout(self.stage_timeout, call)
+            let response = tokio::time::timeout(self.stage_timeout, stage.link.forward(request))
                 .await
                 .map_err(|_| {
                     let waited = self.stage_timeout;
@@ -570,30 +559,15 @@ pub fn sharing_a_device(physical: &[&str], index: usize) -> usize {
 }
 
 /// How long a step polls for its reply from a stage on `device` before parking (the worker's own
-/// budget for that device); `STRATA_ASYNC_SPIN_US` overrides it.
+/// default budget for that device).
 fn reply_spin(device: &str) -> Duration {
-    use strata_transport::spin::{async_budget, default_budget};
-    async_budget(default_budget(device == "cpu"))
+    strata_transport::spin::default_budget(device == "cpu")
 }
 
 /// The dtype stages return hidden states in: each stage's own compute dtype (unspecified), so a bf16
 /// stage ships bf16 (half the bytes, no conversion kernels on either side) and the next stage converts
-/// only if its dtype differs, exactly as it would from f32. `STRATA_WIRE_F32=1` asks for f32 (the old
-/// behaviour, kept to measure the difference).
-pub fn hidden_wire_dtype() -> v1::DType {
-    if std::env::var("STRATA_WIRE_F32").is_ok_and(|v| v == "1") {
-        v1::DType::DtypeF32
-    } else {
-        v1::DType::DtypeUnspecified
-    }
-}
-
-/// `STRATA_UNARY_FORWARD=1` sends each step as a unary `Forward` call instead of over the stage's
-/// stream: kept only to measure what the stream saves.
-fn unary_forward() -> bool {
-    static UNARY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *UNARY.get_or_init(|| std::env::var("STRATA_UNARY_FORWARD").is_ok_and(|v| v == "1"))
-}
+/// only if its dtype differs, exactly as it would from f32.
+pub const HIDDEN_WIRE_DTYPE: v1::DType = v1::DType::DtypeUnspecified;
 
 #[cfg(test)]
 mod tests {

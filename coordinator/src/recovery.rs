@@ -99,7 +99,7 @@ async fn load_on(
         worker,
         layers,
         &config.fingerprint,
-        crate::pipeline::hidden_wire_dtype(),
+        crate::pipeline::HIDDEN_WIRE_DTYPE,
         config.weights.as_ref(),
     )
     .await?;

@@ -167,7 +167,7 @@ impl Coordinator {
             workers,
             &plan,
             &model.fingerprint,
-            crate::pipeline::hidden_wire_dtype(),
+            crate::pipeline::HIDDEN_WIRE_DTYPE,
             config.stage_timeout,
             weights.as_ref(),
         )

@@ -47,16 +47,6 @@ pub fn default_budget(on_cpu: bool) -> Duration {
     }
 }
 
-/// The polling budget of an async waiting point whose role would use `default`:
-/// `STRATA_ASYNC_SPIN_US` when set, overriding every role's default (for measurements; 0 turns
-/// polling off).
-pub fn async_budget(default: Duration) -> Duration {
-    std::env::var("STRATA_ASYNC_SPIN_US")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(default, Duration::from_micros)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,10 +6,16 @@ use crate::WorkerError;
 
 /// Opens `cpu`, `cuda:N` or `metal:N`. Accelerators need the matching cargo feature.
 pub fn open(spec: &str) -> Result<Device, WorkerError> {
+    open_keeping(spec, KEPT_POOL_BYTES)
+}
+
+/// [`open`], with a CUDA device's memory pool keeping `pool_keep_bytes` of freed memory (0: the
+/// driver's default, which keeps none).
+pub fn open_keeping(spec: &str, pool_keep_bytes: u64) -> Result<Device, WorkerError> {
     let (kind, index) = parse(spec)?;
     match kind {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => cuda(index),
+        "cuda" => cuda(index, pool_keep_bytes),
         _ => metal(index),
     }
 }
@@ -43,10 +49,10 @@ fn parse(spec: &str) -> Result<(&str, usize), WorkerError> {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(index: usize) -> Result<Device, WorkerError> {
+fn cuda(index: usize, pool_keep_bytes: u64) -> Result<Device, WorkerError> {
     let device = Device::new_cuda(index)?;
     if let Device::Cuda(cuda) = &device {
-        keep_freed_memory(cuda)?;
+        keep_freed_memory(cuda, pool_keep_bytes)?;
     }
     Ok(device)
 }
@@ -56,18 +62,13 @@ fn cuda(index: usize) -> Result<Device, WorkerError> {
 /// so each step's tensors were mapped anew from the driver, a host cost on every allocation of a
 /// launch-bound step. A step's transient tensors take far less than this at batch sizes where the
 /// host is the bottleneck; the KV pool is allocated and accounted for on its own.
-#[cfg(feature = "cuda")]
-const KEPT_POOL_BYTES: u64 = 1 << 30;
+pub const KEPT_POOL_BYTES: u64 = 1 << 30;
 
-/// Sets the device's default memory pool to keep [`KEPT_POOL_BYTES`] (`STRATA_CUDA_POOL_KEEP_MB`
-/// overrides it; 0 keeps the driver's default, for measurements).
+/// Sets the device's default memory pool to keep `keep` bytes of freed memory (0 keeps the
+/// driver's default).
 #[cfg(feature = "cuda")]
-fn keep_freed_memory(device: &candle_core::CudaDevice) -> Result<(), WorkerError> {
+fn keep_freed_memory(device: &candle_core::CudaDevice, keep: u64) -> Result<(), WorkerError> {
     use candle_core::cuda::cudarc::driver::sys;
-    let keep = std::env::var("STRATA_CUDA_POOL_KEEP_MB")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .map_or(KEPT_POOL_BYTES, |mb| mb << 20);
     let stream = device.cuda_stream();
     let context = stream.context();
     if keep == 0 || !context.has_async_alloc() {
@@ -128,7 +129,7 @@ pub struct Memory {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_: usize) -> Result<Device, WorkerError> {
+fn cuda(_: usize, _: u64) -> Result<Device, WorkerError> {
     Err(WorkerError::FailedPrecondition(
         "this strata binary was built without CUDA; rebuild with `--features cuda`".into(),
     ))

@@ -249,7 +249,7 @@ impl Engine {
             device,
             limits,
             published,
-            spin: strata_transport::spin::async_budget(spin),
+            spin,
         })
     }
 

@@ -31,6 +31,8 @@ pub struct WorkerConfig {
     pub weight_cache_max_bytes: u64,
     /// `cpu`, `cuda:N` or `metal:N`.
     pub device: String,
+    /// Freed memory a CUDA device's pool keeps for the next step ([`crate::device::open_keeping`]).
+    pub cuda_pool_keep_bytes: u64,
     /// What `Info` reports as the physical device; `None`: [`crate::device::physical_id`].
     pub physical_device: Option<String>,
     /// Compute threads of a CPU stage, for `Info` (the thread pool is sized by the process).
@@ -54,7 +56,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
     let model = config.model.as_deref().map(ModelFile::open).transpose()?;
-    let device = crate::device::open(&config.device)?;
+    let device = crate::device::open_keeping(&config.device, config.cuda_pool_keep_bytes)?;
     // Weights sent over the wire are GGUF tensors.
     let format = model.as_ref().map_or(ModelFormat::Gguf, |m| m.format);
     let dtype = config.options.compute_dtype(format, &device)?;

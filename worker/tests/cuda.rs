@@ -133,9 +133,12 @@ fn fused_kernels_match_the_unfused_path() {
         &[(3, 1), (0, 1), (1, 1), (2, 1)],
         &[(0, 1), (3, 1)],
     ];
-    let options = |layout, fused_kernels| StageOptions {
+    let options = |layout, fused_kernels: bool| StageOptions {
         kv_layout: layout,
-        fused_kernels,
+        ablations: strata_worker::model::Ablations {
+            no_fused_kernels: !fused_kernels,
+            ..Default::default()
+        },
         ..StageOptions::default()
     };
     let cpu = last_logits(

@@ -27,6 +27,11 @@ pub struct Cli {
     /// Filter with RUST_LOG, e.g. `RUST_LOG=strata_coordinator=debug,info`.
     #[arg(long, global = true, env = "STRATA_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
+    /// Threads of this process's async runtime; 0 runs it on one thread (a worker's default: its
+    /// runtime only moves messages between sockets and its compute thread). Other roles default to
+    /// one per core.
+    #[arg(long, global = true, env = "STRATA_IO_THREADS")]
+    io_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -76,13 +81,9 @@ impl Cli {
     /// each hand-off between its tasks is a queue push instead of waking another thread (a 2-stage
     /// pipeline on 2 cores: hop per step 0.5 instead of 0.6-0.8 ms, decode +9%; BENCHMARKS.md).
     /// Other roles tokenize and serve clients on theirs and keep one thread per core.
-    /// `STRATA_IO_THREADS` overrides it (for measurements).
     pub fn io_threads(&self) -> Option<usize> {
-        if let Some(n) = std::env::var("STRATA_IO_THREADS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-        {
-            return Some(n);
+        if self.io_threads.is_some() {
+            return self.io_threads;
         }
         match self.command {
             Command::Worker(_) => Some(0),

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use strata_worker::engine::EngineLimits;
-use strata_worker::model::{KvLayout, StageOptions};
+use strata_worker::model::{Ablations, KvLayout, StageOptions};
 use strata_worker::WorkerConfig;
 use tokio::net::TcpListener;
 
@@ -49,10 +49,15 @@ pub struct WorkerArgs {
     /// Requests that would grow past it are refused with RESOURCE_EXHAUSTED instead of running out.
     #[arg(long, env = "STRATA_MAX_CACHE_MIB")]
     max_cache_mib: Option<usize>,
-    /// Microseconds the compute thread polls for the next step before it sleeps (default: 5000 on
-    /// a GPU, where it saves a thread wake-up per hop; 0 on the CPU). 0 turns polling off.
+    /// Microseconds the compute thread polls for the next step, and the async side for the compute
+    /// thread's answer, before they sleep (default: 5000 on a GPU, where it saves a thread wake-up
+    /// per hop; 0 on the CPU). 0 turns polling off.
     #[arg(long, env = "STRATA_IDLE_SPIN_US")]
     idle_spin_us: Option<u64>,
+    /// MiB of freed memory a CUDA device's memory pool keeps for the next step; 0 returns it to the
+    /// driver at every synchronize (its default), so each step maps its tensors anew.
+    #[arg(long, env = "STRATA_CUDA_POOL_KEEP_MIB", default_value_t = strata_worker::device::KEPT_POOL_BYTES >> 20)]
+    cuda_pool_keep_mib: u64,
     /// A name for the physical device this worker computes on. Workers that give the same one take
     /// turns on one device, and the coordinator then keeps one micro-batch in flight for them
     /// instead of one per stage. Default: the GPU's UUID on CUDA (so workers on one GPU match by
@@ -72,22 +77,13 @@ pub struct WorkerArgs {
     /// no copies), or `auto`: paged on GPUs, where kernel launches dominate, contiguous on the CPU.
     #[arg(long, env = "STRATA_KV_LAYOUT", default_value = "auto")]
     kv_layout: KvLayout,
-    /// Compute RoPE cos/sin every step instead of slicing a table (only to measure the table).
-    #[arg(long, hide = true)]
-    no_rope_reuse: bool,
-    /// Build causal masks every step instead of reusing them (only to measure the cache).
-    #[arg(long, hide = true)]
-    no_mask_reuse: bool,
-    /// Run q/k/v and gate/up as separate matmuls (only to measure what fusing them saves).
-    #[arg(long, hide = true)]
-    no_fused_projections: bool,
-    /// On CUDA, run candle's primitives instead of strata's own kernels (attention from the pool,
-    /// RoPE + pool write, add + RMSNorm, SiLU · up; only to measure the kernels).
-    #[arg(long, hide = true, alias = "no-fused-attention")]
-    no_fused_kernels: bool,
-    /// Run Q4_1 weights with candle's CPU kernel instead of strata's (only to measure the difference).
-    #[arg(long, hide = true)]
-    candle_kernels: bool,
+    /// Log where each step's time goes every 50 steps, for diagnosis: `sync` waits for the device
+    /// after each phase (device time per phase), `host` only reads the clock (the host's time to
+    /// queue each phase and each layer). Slows the stage; off by default.
+    #[arg(long, env = "STRATA_PHASE_TIMES", value_enum, default_value = "off")]
+    phase_times: PhaseTimes,
+    #[command(flatten)]
+    ablations: AblationArgs,
     #[command(flatten)]
     security: SecurityArgs,
     /// Allow listening beyond loopback without TLS and a token (anyone who can reach the port can
@@ -131,19 +127,17 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    strata_worker::model::phase_timer::set_mode(args.phase_times.into());
     let config = WorkerConfig {
         model,
         weight_cache,
         weight_cache_max_bytes: args.weight_cache_gib << 30,
         device: args.device,
+        cuda_pool_keep_bytes: args.cuda_pool_keep_mib << 20,
         physical_device: args.physical_device,
         threads,
         options: StageOptions {
-            reuse_rope: !args.no_rope_reuse,
-            reuse_masks: !args.no_mask_reuse,
-            fast_kernels: !args.candle_kernels,
-            fuse_projections: !args.no_fused_projections,
-            fused_kernels: !args.no_fused_kernels,
+            ablations: args.ablations.into(),
             kv_layout: args.kv_layout,
             dtype: args.dtype,
         },
@@ -168,4 +162,56 @@ fn worker_security(args: &SecurityArgs) -> anyhow::Result<strata_transport::Secu
     files.client_ca = None;
     files.mutual_tls = files.cert.is_some() && files.ca.is_some();
     strata_transport::Security::load(&files).context("invalid TLS or token settings")
+}
+
+/// The hidden flags that turn one optimization off each, to measure it (`strata bench
+/// optimizations` and the GPU bench scripts pass them; see [`Ablations`]).
+#[derive(Args, Debug, Clone, Copy)]
+struct AblationArgs {
+    #[arg(long, hide = true)]
+    no_rope_reuse: bool,
+    #[arg(long, hide = true)]
+    no_mask_reuse: bool,
+    #[arg(long, hide = true)]
+    no_fused_projections: bool,
+    #[arg(long, hide = true, alias = "no-fused-attention")]
+    no_fused_kernels: bool,
+    #[arg(long, hide = true)]
+    no_fused_ops: bool,
+    #[arg(long, hide = true)]
+    candle_kernels: bool,
+    #[arg(long, hide = true)]
+    attention_wide_from: Option<usize>,
+}
+
+impl From<AblationArgs> for Ablations {
+    fn from(a: AblationArgs) -> Self {
+        Self {
+            no_rope_table: a.no_rope_reuse,
+            no_mask_cache: a.no_mask_reuse,
+            candle_kernels: a.candle_kernels,
+            no_fused_projections: a.no_fused_projections,
+            no_fused_kernels: a.no_fused_kernels,
+            no_fused_ops: a.no_fused_ops,
+            attention_wide_from: a.attention_wide_from,
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum PhaseTimes {
+    Off,
+    #[value(alias = "1")]
+    Sync,
+    Host,
+}
+
+impl From<PhaseTimes> for strata_worker::model::phase_timer::Mode {
+    fn from(p: PhaseTimes) -> Self {
+        match p {
+            PhaseTimes::Off => Self::Off,
+            PhaseTimes::Sync => Self::Synced,
+            PhaseTimes::Host => Self::Host,
+        }
+    }
 }

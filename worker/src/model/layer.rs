@@ -62,6 +62,8 @@ pub struct StepContext<'a> {
     pub paged: Option<(&'a KvPool, &'a PagedStep)>,
     /// Residual add + RMSNorm and SiLU · up as one CUDA kernel each (`fused_ops`).
     pub fused_ops: bool,
+    /// The history length from which CUDA decode attention runs its wide variant.
+    pub attention_wide_from: usize,
 }
 
 /// A transformer block. Every family runs through this one block; its description
@@ -398,7 +400,7 @@ impl Layer {
                 Some(rows) => q.index_select(rows, 0)?,
                 None => q.clone(),
             };
-            outputs.push(self.attend_batch(&q, keys, values, batch)?);
+            outputs.push(self.attend_batch(&q, keys, values, batch, ctx.attention_wide_from)?);
         }
         for read in &step.prefill {
             let seg = ctx.segments[read.segment];
@@ -422,10 +424,13 @@ impl Layer {
         keys: &Tensor,
         values: &Tensor,
         batch: &DecodeBatch,
+        wide_from: usize,
     ) -> Result<Tensor> {
         // A sliding layer whose window cuts some history short attends through the window mask;
         // the fused kernel reads whole histories.
         let window_mask = batch.window_mask.as_ref().filter(|_| self.window.is_some());
+        #[cfg(not(feature = "cuda"))]
+        let _ = wide_from;
         #[cfg(feature = "cuda")]
         if let (Some(lens), None) = (&batch.lens, window_mask) {
             let scale = if self.q_prescaled {
@@ -443,6 +448,7 @@ impl Layer {
                 lens,
                 batch.len,
                 scale,
+                batch.len >= wide_from,
             )?
             .reshape((n, self.num_heads * self.head_dim));
         }

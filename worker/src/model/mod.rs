@@ -44,4 +44,4 @@ pub fn paged_attention_supported(head_dim: usize) -> bool {
         false
     }
 }
-pub use stage::{KvLayout, Stage, StageInput, StageOptions};
+pub use stage::{Ablations, KvLayout, Stage, StageInput, StageOptions};

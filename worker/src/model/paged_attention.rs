@@ -27,21 +27,6 @@ const MODULE: &str = "strata_paged_attention";
 /// Warps per block of the two variants; must match the source's instantiations.
 const WARPS: u32 = 8;
 const WIDE_WARPS: u32 = 32;
-/// The longest history in a batch from which the wide variant runs. Each warp walks its positions
-/// one tile after another, so with 8 warps a block of a long history waits on a long chain of
-/// loads; shorter histories keep 8 warps (fewer idle ones, a cheaper merge).
-/// `STRATA_ATTENTION_WIDE_FROM` overrides it (for measurements).
-const WIDE_FROM: usize = 256;
-
-fn wide_from() -> usize {
-    static FROM: OnceLock<usize> = OnceLock::new();
-    *FROM.get_or_init(|| {
-        std::env::var("STRATA_ATTENTION_WIDE_FROM")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(WIDE_FROM)
-    })
-}
 /// Head dimensions the kernel handles: whole warps of lanes, at most 8 values per lane.
 pub fn supports_head_dim(d: usize) -> bool {
     d.is_multiple_of(32) && d <= 256
@@ -49,7 +34,9 @@ pub fn supports_head_dim(d: usize) -> bool {
 
 /// `q: [sequences, heads, d]` attending to the pool rows `gather: [sequences × len]` (u32) of
 /// `keys, values: [kv_heads, pool_rows, d]`, of which the first `lens[s]` of each sequence's `len`
-/// are its history; `scale` multiplies the scores. Gives `[sequences, heads, d]` in `q`'s dtype.
+/// are its history; `scale` multiplies the scores; `wide` runs the variant of 32 warps a block
+/// (`stage::ATTENTION_WIDE_FROM` says when). Gives `[sequences, heads, d]` in `q`'s dtype.
+#[allow(clippy::too_many_arguments)]
 pub fn decode_attention(
     q: &Tensor,
     keys: &Tensor,
@@ -58,12 +45,14 @@ pub fn decode_attention(
     lens: &Tensor,
     len: usize,
     scale: f32,
+    wide: bool,
 ) -> Result<Tensor> {
     let op = PagedDecodeAttention {
         gather: gather.clone(),
         lens: lens.clone(),
         len,
         scale,
+        wide,
     };
     q.contiguous()?.apply_op3_no_bwd(keys, values, &op)
 }
@@ -239,6 +228,7 @@ struct PagedDecodeAttention {
     lens: Tensor,
     len: usize,
     scale: f32,
+    wide: bool,
 }
 
 /// The PTX of `paged_attention.cu`, compiled once per process.
@@ -307,7 +297,7 @@ impl CustomOp3 for PagedDecodeAttention {
         let lens = lens.as_cuda_slice::<u32>()?.slice(l0..l1);
 
         let dev = q.device().clone();
-        let wide = len >= wide_from();
+        let wide = self.wide;
         let config = LaunchConfig {
             grid_dim: (heads as u32, sequences as u32, 1),
             block_dim: (32 * if wide { WIDE_WARPS } else { WARPS }, 1, 1),

@@ -1,19 +1,24 @@
-//! Where a step's time goes, for diagnosis only. With `STRATA_PHASE_TIMES=1` each phase of a
+//! Where a step's time goes, for diagnosis only. With `--phase-times sync` each phase of a
 //! forward pass (projections, attention, feed-forward, head, ...) ends with a device synchronize and
 //! its wall time is added to a per-thread tally, which the engine logs every 50 steps (warmup and
-//! calibration steps left out). With `STRATA_PHASE_TIMES=host` nothing synchronizes: the tally is
+//! calibration steps left out). With `--phase-times host` nothing synchronizes: the tally is
 //! the host's time to queue each phase (what bounds a GPU stage whose kernels are small), and each
 //! layer's queue time is kept by its place in the stage, so a slow first layer shows apart from
 //! uniformly slow ones. Off (the default), a mark is one relaxed load.
+//!
+//! The mode is the process's (marks sit deep in the layers, where no step context reaches): the
+//! worker's command line sets it once with [`set_mode`] before any stage loads.
 
 use std::cell::RefCell;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
+/// What the phase marks do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    #[default]
     Off,
     /// Each mark waits for the device.
     Synced,
@@ -21,13 +26,19 @@ enum Mode {
     Host,
 }
 
+static MODE: AtomicU8 = AtomicU8::new(0);
+
+/// Sets what every later mark in this process does.
+pub fn set_mode(mode: Mode) {
+    MODE.store(mode as u8, Ordering::Relaxed);
+}
+
 fn mode() -> Mode {
-    static MODE: OnceLock<Mode> = OnceLock::new();
-    *MODE.get_or_init(|| match std::env::var("STRATA_PHASE_TIMES").as_deref() {
-        Ok("1") => Mode::Synced,
-        Ok("host") => Mode::Host,
+    match MODE.load(Ordering::Relaxed) {
+        1 => Mode::Synced,
+        2 => Mode::Host,
         _ => Mode::Off,
-    })
+    }
 }
 
 #[derive(Default)]

@@ -23,18 +23,8 @@ use crate::WorkerError;
 /// Switches for the per-stage optimizations, on by default; turning one off exists only to measure it.
 #[derive(Debug, Clone, Copy)]
 pub struct StageOptions {
-    /// Slice RoPE cos/sin from a table computed at load time instead of computing them per step.
-    pub reuse_rope: bool,
-    /// Keep causal masks per `(q_len, kv_len)` instead of building one per step and layer.
-    pub reuse_masks: bool,
-    /// Run Q4_1 weights on the CPU with strata's AVX2 kernel instead of candle's.
-    pub fast_kernels: bool,
-    /// Concatenate dense q/k/v and gate/up weights so each group is one matmul.
-    pub fuse_projections: bool,
-    /// On CUDA, run strata's own kernels: decode attention from the paged pool and the RoPE + pool
-    /// write (`paged_attention.rs`) instead of gathers, matmuls, mask and softmax, and the residual
-    /// add + RMSNorm and SiLU · up (`fused_ops.rs`) instead of two kernels each.
-    pub fused_kernels: bool,
+    /// Optimizations turned off to measure them; the default turns none off.
+    pub ablations: Ablations,
     /// How sequences' keys and values are stored (and so how attention is batched).
     pub kv_layout: KvLayout,
     /// Compute dtype of safetensors stages; `None` chooses per device (see [`StageOptions::compute_dtype`]).
@@ -117,16 +107,44 @@ impl std::str::FromStr for KvLayout {
 impl Default for StageOptions {
     fn default() -> Self {
         Self {
-            reuse_rope: true,
-            reuse_masks: true,
-            fast_kernels: true,
-            fuse_projections: true,
-            fused_kernels: true,
+            ablations: Ablations::default(),
             kv_layout: KvLayout::Auto,
             dtype: None,
         }
     }
 }
+
+/// The one place for switches that exist only to measure an optimization: each turns one off.
+/// Users never need them; `strata bench optimizations`, the GPU bench scripts and the worker's
+/// hidden `--no-*` flags set them, and the default (every optimization on) is what everyone runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ablations {
+    /// Compute RoPE cos/sin every step instead of slicing a table computed at load.
+    pub no_rope_table: bool,
+    /// Build causal masks every step and layer instead of keeping them per `(q_len, kv_len)`.
+    pub no_mask_cache: bool,
+    /// Run quantized weights on the CPU with candle's kernels instead of strata's (`kernels/`).
+    pub candle_kernels: bool,
+    /// Keep dense q/k/v and gate/up weights apart (three and two matmuls instead of one each).
+    pub no_fused_projections: bool,
+    /// On CUDA, candle's primitives instead of strata's kernels: gathers, matmuls, mask and softmax
+    /// instead of decode attention from the paged pool and the RoPE + pool write
+    /// (`paged_attention.rs`), and two kernels each for residual add + RMSNorm and SiLU · up
+    /// (`fused_ops.rs`).
+    pub no_fused_kernels: bool,
+    /// On CUDA, strata's attention kernels but candle's add, norm and activation (the
+    /// `fused_ops.rs` fusions alone).
+    pub no_fused_ops: bool,
+    /// The history length from which CUDA decode attention runs its wide variant, instead of
+    /// [`ATTENTION_WIDE_FROM`].
+    pub attention_wide_from: Option<usize>,
+}
+
+/// The longest history in a batch from which CUDA decode attention runs its wide variant (32 warps
+/// a block instead of 8). Each warp walks its positions one tile after another, so with 8 warps a
+/// block of a long history waits on a long chain of loads; shorter histories keep 8 warps (fewer
+/// idle ones, a cheaper merge).
+pub const ATTENTION_WIDE_FROM: usize = 256;
 
 /// What enters a stage.
 #[derive(Debug)]
@@ -176,6 +194,8 @@ pub struct Stage {
     fused_write: bool,
     /// Whether residual add + RMSNorm and SiLU · up run as one kernel each here (CUDA).
     fused_ops: bool,
+    /// See [`Ablations::attention_wide_from`].
+    attention_wide_from: usize,
 }
 
 impl Stage {
@@ -202,7 +222,7 @@ impl Stage {
                 layers.start, layers.end, config.num_layers
             )));
         }
-        let mut w = WeightLoader::open(model, device, dtype, options.fast_kernels)?;
+        let mut w = WeightLoader::open(model, device, dtype, !options.ablations.candle_kernels)?;
         let is_first = layers.start == 0;
         let is_last = layers.end == config.num_layers;
         let embedding = if is_first {
@@ -237,14 +257,22 @@ impl Stage {
                     file_factors.as_deref(),
                     dtype,
                     device,
-                    options.reuse_rope,
+                    !options.ablations.no_rope_table,
                 )
             })
             .collect::<Result<Vec<_>>>()?;
         let blocks = layers
             .clone()
             .zip(&layer_ropes)
-            .map(|(i, &rope)| Layer::load(&mut w, i, &config, rope, options.fuse_projections))
+            .map(|(i, &rope)| {
+                Layer::load(
+                    &mut w,
+                    i,
+                    &config,
+                    rope,
+                    !options.ablations.no_fused_projections,
+                )
+            })
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let head = if is_last {
             // A tied head reuses the embedding matrix; GGUF keeps it quantized for the projection.
@@ -286,11 +314,8 @@ impl Stage {
                 )
             })
             .transpose()?;
-        let fused_kernels = options.fused_kernels && device.is_cuda();
-        // `STRATA_FUSED_OPS=0` keeps candle's add, norm and activation beside strata's attention
-        // kernels (to measure the fusions alone).
-        let fused_ops =
-            fused_kernels && std::env::var("STRATA_FUSED_OPS").map_or(true, |v| v != "0");
+        let fused_kernels = !options.ablations.no_fused_kernels && device.is_cuda();
+        let fused_ops = fused_kernels && !options.ablations.no_fused_ops;
         // Strata's decode kernel neither soft-caps scores nor slides a window (sliding layers whose
         // window cuts a history short take the portable path step by step, see `DecodeBatch`), and
         // its RoPE-and-write kernel rotates the projection's output as it is, so q/k norms keep
@@ -306,7 +331,7 @@ impl Stage {
         Ok(Self {
             ropes,
             pool,
-            masks: MaskCache::new(options.reuse_masks),
+            masks: MaskCache::new(!options.ablations.no_mask_cache),
             config,
             layers,
             embedding,
@@ -318,6 +343,10 @@ impl Stage {
             fused_attention,
             fused_write,
             fused_ops,
+            attention_wide_from: options
+                .ablations
+                .attention_wide_from
+                .unwrap_or(ATTENTION_WIDE_FROM),
         })
     }
 
@@ -490,6 +519,7 @@ impl Stage {
             max_len: self.config.context_length,
             paged: self.pool.as_ref().zip(paged_step.as_ref()),
             fused_ops: self.fused_ops,
+            attention_wide_from: self.attention_wide_from,
         };
         // Each block's feed-forward output is added to the stream by the next block (with its
         // first norm) or below (with the head's norm).
