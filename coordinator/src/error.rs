@@ -2,6 +2,7 @@
 
 use tonic::{Code, Status};
 
+use crate::events::{Failure, FailureKind};
 use crate::plan::PlanError;
 
 /// What can go wrong in the coordinator.
@@ -101,29 +102,64 @@ impl CoordinatorError {
     }
 }
 
-impl From<CoordinatorError> for Status {
-    fn from(e: CoordinatorError) -> Self {
-        let code = match &e {
-            CoordinatorError::InvalidRequest(_) => Code::InvalidArgument,
-            CoordinatorError::Overloaded(_) => Code::ResourceExhausted,
-            CoordinatorError::WorkerUnreachable { .. }
-            | CoordinatorError::Unavailable(_)
-            | CoordinatorError::ShuttingDown => Code::Unavailable,
-            e @ CoordinatorError::Stage { code, .. } => {
+impl CoordinatorError {
+    /// What kind of failure this is for a client: the one mapping both APIs' codes come from.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            Self::InvalidRequest(_) => FailureKind::InvalidRequest,
+            Self::Overloaded(_) => FailureKind::Overloaded,
+            Self::WorkerUnreachable { .. } | Self::Unavailable(_) | Self::ShuttingDown => {
+                FailureKind::Unavailable
+            }
+            e @ Self::Stage { code, .. } => {
                 if e.is_worker_loss() {
-                    Code::Unavailable
+                    FailureKind::Unavailable
                 } else if *code == Code::ResourceExhausted {
-                    Code::ResourceExhausted
+                    FailureKind::Overloaded
                 } else {
-                    Code::Internal
+                    FailureKind::Internal
                 }
             }
-            CoordinatorError::ModelMismatch { .. }
-            | CoordinatorError::Plan(_)
-            | CoordinatorError::Model(_)
-            | CoordinatorError::Transport(_) => Code::FailedPrecondition,
-            CoordinatorError::Protocol(_) | CoordinatorError::Internal(_) => Code::Internal,
+            Self::ModelMismatch { .. } | Self::Plan(_) | Self::Model(_) | Self::Transport(_) => {
+                FailureKind::FailedPrecondition
+            }
+            Self::Protocol(_) | Self::Internal(_) => FailureKind::Internal,
+        }
+    }
+
+    /// A stage found lost (by the health checks) while a step was out on it.
+    pub(crate) fn stage_lost(stage: usize, address: String, reason: &str) -> Self {
+        Self::Stage {
+            stage,
+            address,
+            code: Code::Unavailable,
+            message: format!("lost while the step was out: {reason}"),
+        }
+    }
+}
+
+impl From<CoordinatorError> for Failure {
+    fn from(e: CoordinatorError) -> Self {
+        Failure::new(e.kind(), e.to_string())
+    }
+}
+
+impl From<Failure> for Status {
+    fn from(f: Failure) -> Self {
+        let code = match f.kind {
+            FailureKind::InvalidRequest => Code::InvalidArgument,
+            FailureKind::Overloaded => Code::ResourceExhausted,
+            FailureKind::Unavailable => Code::Unavailable,
+            FailureKind::DeadlineExceeded => Code::DeadlineExceeded,
+            FailureKind::FailedPrecondition => Code::FailedPrecondition,
+            FailureKind::Internal => Code::Internal,
         };
-        Status::new(code, e.to_string())
+        Status::new(code, f.message)
+    }
+}
+
+impl From<CoordinatorError> for Status {
+    fn from(e: CoordinatorError) -> Self {
+        Failure::from(e).into()
     }
 }

@@ -5,6 +5,8 @@
 //! - [`service`]: the gRPC boundary; validates and tokenizes requests (for the HTTP API too).
 //! - [`http`]: the HTTP port: OpenAI-compatible API, `/health`, `/metrics`.
 //! - [`metrics`]: the Prometheus metrics.
+//! - [`events`]: what the scheduler tells a request's stream (tokens, the end, failures), in its
+//!   own types; the service converts them to the wire.
 //! - [`scheduler`]: the one task that owns every sequence and drives the pipeline step by step.
 //! - [`pipeline`]: the workers in order; one micro-batch through every stage.
 //! - [`plan`]: the split planner, a pure function.
@@ -15,6 +17,7 @@
 
 pub mod detokenize;
 pub mod error;
+pub mod events;
 pub mod forward_link;
 pub mod http;
 pub mod metrics;

@@ -79,13 +79,59 @@ pub struct ConnectedWorker {
     pub info: v1::WorkerInfo,
 }
 
+/// How the last stage picks a sequence's next token (validated by the service).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// 0 is greedy.
+    pub temperature: f32,
+    /// 0 keeps every token.
+    pub top_k: u32,
+    /// 1 keeps every token.
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl From<Sampling> for v1::SamplingParams {
+    fn from(s: Sampling) -> Self {
+        Self {
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            seed: s.seed,
+        }
+    }
+}
+
+/// The token the last stage picked for a sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub id: u32,
+    pub logprob: f32,
+    /// The most likely alternatives `(id, log-probability)`, as many as asked for.
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+impl From<v1::SampledToken> for Sampled {
+    fn from(s: v1::SampledToken) -> Self {
+        Self {
+            id: s.id,
+            logprob: s.logprob,
+            top_logprobs: s
+                .top_logprobs
+                .into_iter()
+                .map(|t| (t.id, t.logprob))
+                .collect(),
+        }
+    }
+}
+
 /// One sequence's part of a step, as the scheduler sees it.
 #[derive(Debug, Clone)]
 pub struct StepEntry {
     pub seq_id: u64,
     pub start_pos: u32,
     pub tokens: Vec<u32>,
-    pub sampling: v1::SamplingParams,
+    pub sampling: Sampling,
     pub top_logprobs: u32,
     /// The request it serves, for the workers' logs (sent with a sequence's first step).
     pub request_id: Option<Arc<str>>,
@@ -94,7 +140,7 @@ pub struct StepEntry {
 /// What a step produced: one sampled token per entry, plus timings.
 #[derive(Debug, Clone)]
 pub struct StepResult {
-    pub sampled: Vec<(u64, v1::SampledToken)>,
+    pub sampled: Vec<(u64, Sampled)>,
     /// Per stage: time the worker reported for the forward.
     pub stage_forward: Vec<Duration>,
     /// Per stage: round trip as seen by the coordinator (forward plus hop).
@@ -400,7 +446,7 @@ impl Pipeline {
                     seq_id: e.seq_id,
                     start_pos: e.start_pos,
                     input: input.take(),
-                    sampling: (i == last).then_some(e.sampling),
+                    sampling: (i == last).then(|| e.sampling.into()),
                     top_logprobs: if i == last { e.top_logprobs } else { 0 },
                     request_id: e.request_id.as_deref().unwrap_or_default().to_string(),
                 })
@@ -447,7 +493,7 @@ impl Pipeline {
                     .zip(entries)
                     .map(|(o, e)| match o.output {
                         Some(v1::sequence_output::Output::Sampled(s)) if o.seq_id == e.seq_id => {
-                            Ok((e.seq_id, s))
+                            Ok((e.seq_id, Sampled::from(s)))
                         }
                         _ => Err(CoordinatorError::Protocol(format!(
                             "the last stage ({}) returned no token for sequence {}",

@@ -26,18 +26,15 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use strata_model::TextTokenizer;
-use strata_proto::v1;
 use tokio::sync::{mpsc, oneshot, watch};
-use tonic::Status;
 
 use crate::detokenize::{IncrementalDecoder, StopCheck, StopMatcher};
+pub use crate::events::EventSender;
+use crate::events::{Failure, FailureKind, FinishReason, Finished, GenerationEvent, TokenEvent};
 use crate::metrics::Metrics;
-use crate::pipeline::{Pipeline, StageHandle, StepEntry, StepResult};
+use crate::pipeline::{Pipeline, Sampled, Sampling, StageHandle, StepEntry, StepResult};
 use crate::recovery::{self, RecoveryConfig};
 use crate::CoordinatorError;
-
-/// The events a client's stream receives.
-pub type EventSender = mpsc::UnboundedSender<Result<v1::GenerateResponse, Status>>;
 
 /// Bounds on the work the scheduler takes.
 #[derive(Debug, Clone, Copy)]
@@ -71,7 +68,7 @@ impl Default for SchedulerLimits {
 pub struct GenerationRequest {
     pub prompt_ids: Vec<u32>,
     pub max_tokens: usize,
-    pub sampling: v1::SamplingParams,
+    pub sampling: Sampling,
     pub stop: Vec<String>,
     pub top_logprobs: u32,
     pub ignore_eos: bool,
@@ -209,16 +206,19 @@ struct Outage {
 }
 
 impl Outage {
-    fn status(&self) -> Status {
+    fn failure(&self) -> Failure {
         let hint = if self.replaying {
             "moving it to a spare worker"
         } else {
             "no spare worker took it (--spare); the coordinator reloads the stage as soon as the worker is back"
         };
-        Status::unavailable(format!(
-            "stage {} (worker {}) is unavailable: {}; {hint}",
-            self.stage, self.address, self.reason
-        ))
+        Failure::new(
+            FailureKind::Unavailable,
+            format!(
+                "stage {} (worker {}) is unavailable: {}; {hint}",
+                self.stage, self.address, self.reason
+            ),
+        )
     }
 }
 
@@ -322,12 +322,7 @@ async fn lost_on(
         .ok()
         .and_then(|l| l.clone());
     match loss {
-        Some(l) => CoordinatorError::Stage {
-            stage: l.stage,
-            address: l.address,
-            code: tonic::Code::Unavailable,
-            message: format!("lost while the step was out: {}", l.reason),
-        },
+        Some(l) => CoordinatorError::stage_lost(l.stage, l.address, &l.reason),
         // The scheduler is gone, and with it whoever waits for this step.
         None => std::future::pending().await,
     }
@@ -446,11 +441,11 @@ impl Scheduler {
         let Some(outage) = self.outage.as_ref().filter(|o| !o.replaying) else {
             return;
         };
-        let status = outage.status();
+        let failure = outage.failure();
         let waiting: Vec<Sequence> = self.waiting.drain(..).collect();
         // Queued sequences hold nothing on any stage: there is nothing to release.
         for seq in waiting {
-            let _ = seq.events.send(Err(status.clone()));
+            let _ = seq.events.send(Err(failure.clone()));
         }
     }
 
@@ -468,8 +463,8 @@ impl Scheduler {
             self.stalled.extend(sequences);
             return;
         }
-        let status = outage.status();
-        self.fail(sequences, |_| status.clone());
+        let failure = outage.failure();
+        self.fail(sequences, |_| failure.clone());
     }
 
     /// Frees `sequences` on every stage and gives each a fresh id with nothing cached, so its next
@@ -485,19 +480,19 @@ impl Scheduler {
     /// Ends `sequences` with an error each (`status(seq)`) and frees whatever they cached. All are
     /// released, not only those with `cached > 0`: a step that failed half-way may have left a
     /// first chunk on the stages before the one that failed.
-    fn fail(&self, sequences: Vec<Sequence>, status: impl Fn(&Sequence) -> Status) {
+    fn fail(&self, sequences: Vec<Sequence>, failure: impl Fn(&Sequence) -> Failure) {
         let ids = sequences.iter().map(|s| s.id).collect();
         for seq in &sequences {
-            let status = status(seq);
+            let failure = failure(seq);
             tracing::warn!(
                 request_id = %seq.request.request_id,
                 key = %seq.request.caller,
                 seq = seq.id,
-                code = ?status.code(),
-                message = status.message(),
+                kind = ?failure.kind,
+                message = failure.message,
                 "request failed"
             );
-            let _ = seq.events.send(Err(status));
+            let _ = seq.events.send(Err(failure));
         }
         self.release(ids);
     }
@@ -550,9 +545,8 @@ impl Scheduler {
                 accepted,
             } => {
                 if let Some(outage) = self.outage.as_ref().filter(|o| !o.replaying) {
-                    let _ = accepted.send(Err(CoordinatorError::Unavailable(
-                        outage.status().message().to_string(),
-                    )));
+                    let _ =
+                        accepted.send(Err(CoordinatorError::Unavailable(outage.failure().message)));
                     return;
                 }
                 if self.waiting.len() >= self.limits.max_queued {
@@ -598,10 +592,7 @@ impl Scheduler {
                     active: self.active(),
                     queued: self.waiting.len(),
                     pipeline: self.pipeline.clone(),
-                    outage: self
-                        .outage
-                        .as_ref()
-                        .map(|o| o.status().message().to_string()),
+                    outage: self.outage.as_ref().map(|o| o.failure().message),
                     lost_stage: self.outage.as_ref().map(|o| o.stage),
                 });
             }
@@ -670,11 +661,14 @@ impl Scheduler {
             return;
         }
         self.fail(expired, |seq| {
-            Status::deadline_exceeded(format!(
-                "the request ran out of time after {:.1} s and {} generated tokens",
-                seq.arrived.elapsed().as_secs_f64(),
-                seq.generated
-            ))
+            Failure::new(
+                FailureKind::DeadlineExceeded,
+                format!(
+                    "the request ran out of time after {:.1} s and {} generated tokens",
+                    seq.arrived.elapsed().as_secs_f64(),
+                    seq.generated
+                ),
+            )
         });
     }
 
@@ -685,7 +679,7 @@ impl Scheduler {
 
     /// Frees sequences on every stage, then sends their final events: a client that has seen its
     /// `finished` event finds its caches gone from every worker. Runs beside the scheduler.
-    fn release_then_finish(&self, ids: Vec<u64>, finals: Vec<(EventSender, v1::GenerateResponse)>) {
+    fn release_then_finish(&self, ids: Vec<u64>, finals: Vec<(EventSender, GenerationEvent)>) {
         if ids.is_empty() && finals.is_empty() {
             return;
         }
@@ -830,8 +824,8 @@ impl Scheduler {
             }
             Err(e) => {
                 tracing::error!(error = %e, "step failed");
-                let status = Status::from(e);
-                self.fail(done.sequences, |_| status.clone());
+                let failure = Failure::from(e);
+                self.fail(done.sequences, |_| failure.clone());
                 return;
             }
         };
@@ -916,14 +910,14 @@ fn rows_that_fit(feeds: &[usize], max_rows: usize) -> usize {
 /// Takes a sampled token into the sequence and streams it. Returns why the sequence ends, if it does.
 fn advance(
     seq: &mut Sequence,
-    sampled: v1::SampledToken,
+    sampled: Sampled,
     tokenizer: &TextTokenizer,
     context_length: usize,
-) -> Option<v1::FinishReason> {
+) -> Option<FinishReason> {
     let now = Instant::now();
     seq.first_token.get_or_insert(now);
     if !seq.request.ignore_eos && tokenizer.is_end_of_generation(sampled.id) {
-        return Some(v1::FinishReason::Eos);
+        return Some(FinishReason::Eos);
     }
     seq.tokens.push(sampled.id);
     seq.generated += 1;
@@ -938,34 +932,27 @@ fn advance(
         StopCheck::Continue(text) => (text, false),
         StopCheck::Stopped(text) => (text, true),
     };
-    let event = v1::GeneratedToken {
+    let _ = seq.events.send(Ok(GenerationEvent::Token(TokenEvent {
         id: sampled.id,
         text,
         logprob: sampled.logprob,
         top_logprobs: sampled.top_logprobs,
-        elapsed_us: now.duration_since(seq.arrived).as_micros() as u64,
-    };
-    let _ = seq.events.send(Ok(v1::GenerateResponse {
-        event: Some(v1::generate_response::Event::Token(event)),
-    }));
+        elapsed: now.duration_since(seq.arrived),
+    })));
     if stopped {
-        Some(v1::FinishReason::Stop)
+        Some(FinishReason::Stop)
     } else if seq.generated >= seq.request.max_tokens {
-        Some(v1::FinishReason::Length)
+        Some(FinishReason::Length)
     } else if seq.tokens.len() >= context_length {
-        Some(v1::FinishReason::Context)
+        Some(FinishReason::Context)
     } else {
         None
     }
 }
 
 /// The final event of a sequence.
-fn finish(
-    seq: &mut Sequence,
-    reason: v1::FinishReason,
-    tokenizer: &TextTokenizer,
-) -> v1::GenerateResponse {
-    let trailing = if reason == v1::FinishReason::Stop {
+fn finish(seq: &mut Sequence, reason: FinishReason, tokenizer: &TextTokenizer) -> GenerationEvent {
+    let trailing = if reason == FinishReason::Stop {
         String::new()
     } else {
         let held = seq.decoder.finish(tokenizer).unwrap_or_default();
@@ -975,32 +962,28 @@ fn finish(
         }
     };
     let now = Instant::now();
-    let micros = |d: Duration| d.as_micros() as u64;
     tracing::info!(
         request_id = %seq.request.request_id,
         key = %seq.request.caller,
         seq = seq.id,
-        reason = ?reason,
+        reason = reason.label(),
         prompt_tokens = seq.request.prompt_ids.len(),
         tokens = seq.generated,
         ttft_ms = seq.first_token.map(|t| t.duration_since(seq.arrived).as_millis() as u64),
         total_ms = now.duration_since(seq.arrived).as_millis() as u64,
         "request finished"
     );
-    let finished = v1::GenerateFinished {
-        reason: reason as i32,
+    GenerationEvent::Finished(Finished {
+        reason,
         prompt_ids: seq.request.prompt_ids.clone(),
         generated_tokens: seq.generated as u32,
-        queue_us: micros(seq.started.unwrap_or(now).duration_since(seq.arrived)),
-        ttft_us: micros(seq.first_token.unwrap_or(now).duration_since(seq.arrived)),
-        total_us: micros(now.duration_since(seq.arrived)),
-        stage_forward_us: seq.stage_forward.iter().map(|d| micros(*d)).collect(),
-        stage_hop_us: seq.stage_hop.iter().map(|d| micros(*d)).collect(),
+        queue: seq.started.unwrap_or(now).duration_since(seq.arrived),
+        ttft: seq.first_token.unwrap_or(now).duration_since(seq.arrived),
+        total: now.duration_since(seq.arrived),
+        stage_forward: seq.stage_forward.clone(),
+        stage_hop: seq.stage_hop.clone(),
         trailing_text: trailing,
-    };
-    v1::GenerateResponse {
-        event: Some(v1::generate_response::Event::Finished(finished)),
-    }
+    })
 }
 
 /// Sleeps until `deadline`, or forever without one.

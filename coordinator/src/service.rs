@@ -13,7 +13,9 @@ use strata_transport::Caller;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
+use crate::events::{EventReceiver, Failure, FinishReason, GenerationEvent};
 use crate::metrics::{Api, Metrics};
+use crate::pipeline::Sampling;
 use crate::scheduler::{GenerationRequest, SchedulerHandle};
 use crate::CoordinatorError;
 
@@ -173,12 +175,20 @@ impl CoordinatorService {
             }
             n => n,
         };
-        let sampling = r.sampling.unwrap_or(v1::SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-        });
+        let sampling = r.sampling.map_or(
+            Sampling {
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+                seed: 0,
+            },
+            |s| Sampling {
+                temperature: s.temperature,
+                top_k: s.top_k,
+                top_p: s.top_p,
+                seed: s.seed,
+            },
+        );
         if !sampling.temperature.is_finite() || sampling.temperature < 0.0 {
             return Err(invalid(format!(
                 "temperature {} must be a finite number ≥ 0",
@@ -272,7 +282,7 @@ impl CoordinatorService {
                     metrics: self.metrics.clone(),
                     api,
                     key,
-                    last_token_us: None,
+                    last_token: None,
                     ended: false,
                 })
             }
@@ -343,49 +353,81 @@ impl CoordinatorService {
     }
 }
 
-/// A request's events as the scheduler sends them, counted into the metrics as they pass. A stream
-/// dropped before its last event counts as a cancelled request.
+/// A request's events as the scheduler sends them, counted into the metrics as they pass and
+/// converted to the wire. A stream dropped before its last event counts as a cancelled request.
 pub struct Events {
-    stream: mpsc::UnboundedReceiver<Result<v1::GenerateResponse, Status>>,
+    stream: EventReceiver,
     metrics: Arc<Metrics>,
     api: Api,
     /// The API key's name (`-` on an open port).
     key: Arc<str>,
-    last_token_us: Option<u64>,
+    last_token: Option<Duration>,
     ended: bool,
 }
 
 impl Events {
-    fn observe(&mut self, item: &Result<v1::GenerateResponse, Status>) {
-        use v1::generate_response::Event;
+    fn observe(&mut self, item: &Result<GenerationEvent, Failure>) {
         match item {
-            Ok(v1::GenerateResponse {
-                event: Some(Event::Token(token)),
-            }) => {
+            Ok(GenerationEvent::Token(token)) => {
                 let gap = self
-                    .last_token_us
-                    .map(|last| token.elapsed_us.saturating_sub(last) as f64 / 1e6);
-                self.metrics.token(token.elapsed_us as f64 / 1e6, gap);
-                self.last_token_us = Some(token.elapsed_us);
+                    .last_token
+                    .map(|last| token.elapsed.saturating_sub(last).as_secs_f64());
+                self.metrics.token(token.elapsed.as_secs_f64(), gap);
+                self.last_token = Some(token.elapsed);
             }
-            Ok(v1::GenerateResponse {
-                event: Some(Event::Finished(finished)),
-            }) => {
+            Ok(GenerationEvent::Finished(finished)) => {
                 self.ended = true;
+                self.metrics.request_finished(finished.total.as_secs_f64());
                 self.metrics
-                    .request_finished(finished.total_us as f64 / 1e6);
-                let reason = v1::FinishReason::try_from(finished.reason)
-                    .unwrap_or(v1::FinishReason::Unspecified);
-                self.metrics
-                    .request_ended(self.api, &self.key, finish_label(reason));
+                    .request_ended(self.api, &self.key, finished.reason.label());
             }
-            Ok(v1::GenerateResponse { event: None }) => {}
-            Err(status) => {
+            Err(failure) => {
                 self.ended = true;
+                let code = Status::from(failure.clone()).code();
                 self.metrics
-                    .request_ended(self.api, &self.key, &code_label(status.code()));
+                    .request_ended(self.api, &self.key, &code_label(code));
             }
         }
+    }
+}
+
+/// A scheduler event on the wire.
+fn to_wire(item: Result<GenerationEvent, Failure>) -> Result<v1::GenerateResponse, Status> {
+    use v1::generate_response::Event;
+    let micros = |d: Duration| d.as_micros() as u64;
+    let event = match item? {
+        GenerationEvent::Token(t) => Event::Token(v1::GeneratedToken {
+            id: t.id,
+            text: t.text,
+            logprob: t.logprob,
+            top_logprobs: t
+                .top_logprobs
+                .into_iter()
+                .map(|(id, logprob)| v1::TokenLogprob { id, logprob })
+                .collect(),
+            elapsed_us: micros(t.elapsed),
+        }),
+        GenerationEvent::Finished(f) => Event::Finished(v1::GenerateFinished {
+            reason: wire_reason(f.reason) as i32,
+            prompt_ids: f.prompt_ids,
+            generated_tokens: f.generated_tokens,
+            queue_us: micros(f.queue),
+            ttft_us: micros(f.ttft),
+            total_us: micros(f.total),
+            stage_forward_us: f.stage_forward.into_iter().map(micros).collect(),
+            stage_hop_us: f.stage_hop.into_iter().map(micros).collect(),
+            trailing_text: f.trailing_text,
+        }),
+    };
+    Ok(v1::GenerateResponse { event: Some(event) })
+}
+
+fn wire_reason(reason: FinishReason) -> v1::FinishReason {
+    match reason {
+        FinishReason::Eos => v1::FinishReason::Eos,
+        FinishReason::Length => v1::FinishReason::Length,
+        FinishReason::Stop => v1::FinishReason::Stop,
+        FinishReason::Context => v1::FinishReason::Context,
     }
 }
 
@@ -400,7 +442,7 @@ impl Stream for Events {
         if let std::task::Poll::Ready(Some(item)) = &polled {
             self.observe(item);
         }
-        polled
+        polled.map(|item| item.map(to_wire))
     }
 }
 
@@ -409,17 +451,6 @@ impl Drop for Events {
         if !self.ended {
             self.metrics.request_ended(self.api, &self.key, "cancelled");
         }
-    }
-}
-
-/// The label of a finish reason in the metrics (and OpenAI's `finish_reason` mapping).
-pub fn finish_label(reason: v1::FinishReason) -> &'static str {
-    match reason {
-        v1::FinishReason::Eos => "eos",
-        v1::FinishReason::Length => "length",
-        v1::FinishReason::Stop => "stop",
-        v1::FinishReason::Context => "context",
-        v1::FinishReason::Unspecified => "unspecified",
     }
 }
 
