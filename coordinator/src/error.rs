@@ -163,3 +163,48 @@ impl From<CoordinatorError> for Status {
         Failure::from(e).into()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tonic::{Code, Status};
+
+    use super::CoordinatorError;
+
+    #[test]
+    fn each_error_reaches_a_client_as_the_code_it_can_act_on() {
+        let stage = |code| CoordinatorError::Stage {
+            stage: 1,
+            address: "w:1".into(),
+            code,
+            message: "m".into(),
+        };
+        for (error, code) in [
+            (
+                CoordinatorError::InvalidRequest("x".into()),
+                Code::InvalidArgument,
+            ),
+            (
+                CoordinatorError::Overloaded("x".into()),
+                Code::ResourceExhausted,
+            ),
+            (CoordinatorError::Unavailable("x".into()), Code::Unavailable),
+            (CoordinatorError::ShuttingDown, Code::Unavailable),
+            // A worker gone is a retryable outage; a worker out of room is the client's to retry
+            // later; anything else a worker says is our bug.
+            (stage(Code::Unavailable), Code::Unavailable),
+            (stage(Code::DeadlineExceeded), Code::Unavailable),
+            (stage(Code::ResourceExhausted), Code::ResourceExhausted),
+            (stage(Code::InvalidArgument), Code::Internal),
+            (
+                CoordinatorError::stage_lost(0, "w:0".into(), "gone"),
+                Code::Unavailable,
+            ),
+            (CoordinatorError::Protocol("x".into()), Code::Internal),
+        ] {
+            let message = error.to_string();
+            let status = Status::from(error);
+            assert_eq!(status.code(), code, "{message}");
+            assert_eq!(status.message(), message);
+        }
+    }
+}

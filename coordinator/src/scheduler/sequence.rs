@@ -1,0 +1,296 @@
+//! One sequence being generated: what it holds, what its next step feeds, and how a sampled
+//! token becomes its stream's next event (or its last).
+
+use std::time::{Duration, Instant};
+
+use strata_model::TextTokenizer;
+
+use super::GenerationRequest;
+use crate::detokenize::{IncrementalDecoder, StopCheck, StopMatcher};
+use crate::events::{EventSender, FinishReason, Finished, GenerationEvent, TokenEvent};
+use crate::pipeline::Sampled;
+
+/// A sequence being generated.
+pub(super) struct Sequence {
+    pub(super) id: u64,
+    pub(super) request: GenerationRequest,
+    /// Prompt followed by generated ids.
+    pub(super) tokens: Vec<u32>,
+    /// Positions the stages hold in their caches; `tokens[cached..]` is the next input.
+    pub(super) cached: usize,
+    pub(super) generated: usize,
+    pub(super) decoder: IncrementalDecoder,
+    pub(super) stop: StopMatcher,
+    pub(super) events: EventSender,
+    pub(super) arrived: Instant,
+    pub(super) started: Option<Instant>,
+    pub(super) first_token: Option<Instant>,
+    pub(super) stage_forward: Vec<Duration>,
+    pub(super) stage_hop: Vec<Duration>,
+    /// Goes in a micro-batch of its own: the first stage had no room for a step it shared, and
+    /// alone it learns whether the refusal is its own.
+    pub(super) alone: bool,
+}
+
+impl Sequence {
+    /// Whether part of the prompt is still to be fed.
+    pub(super) fn is_prefilling(&self) -> bool {
+        self.cached < self.request.prompt_ids.len()
+    }
+
+    /// Positions the next step feeds: the prompt in chunks of `chunk`, then one token per step.
+    /// A replayed sequence (see `hold_for_replay`) goes through exactly the steps it went through the first
+    /// time, so its caches, logits and tokens come out bit for bit the same (a generated token fed
+    /// as part of a longer prefill would go through differently shaped matmuls and could round
+    /// differently, and flip a near-tie).
+    pub(super) fn next_feed(&self, chunk: usize) -> usize {
+        let prompt = self.request.prompt_ids.len();
+        if self.is_prefilling() {
+            (prompt - self.cached).min(chunk)
+        } else {
+            1
+        }
+    }
+}
+
+/// Takes a sampled token into the sequence and streams it. Returns why the sequence ends, if it does.
+pub(super) fn advance(
+    seq: &mut Sequence,
+    sampled: Sampled,
+    tokenizer: &TextTokenizer,
+    context_length: usize,
+) -> Option<FinishReason> {
+    let now = Instant::now();
+    seq.first_token.get_or_insert(now);
+    if !seq.request.ignore_eos && tokenizer.is_end_of_generation(sampled.id) {
+        return Some(FinishReason::Eos);
+    }
+    seq.tokens.push(sampled.id);
+    seq.generated += 1;
+    let delta = match seq.decoder.push(tokenizer, sampled.id) {
+        Ok(delta) => delta,
+        Err(e) => {
+            tracing::error!(error = %e, "detokenization failed");
+            String::new()
+        }
+    };
+    let (text, stopped) = match seq.stop.push(&delta) {
+        StopCheck::Continue(text) => (text, false),
+        StopCheck::Stopped(text) => (text, true),
+    };
+    let _ = seq.events.send(Ok(GenerationEvent::Token(TokenEvent {
+        id: sampled.id,
+        text,
+        logprob: sampled.logprob,
+        top_logprobs: sampled.top_logprobs,
+        elapsed: now.duration_since(seq.arrived),
+    })));
+    if stopped {
+        Some(FinishReason::Stop)
+    } else if seq.generated >= seq.request.max_tokens {
+        Some(FinishReason::Length)
+    } else if seq.tokens.len() >= context_length {
+        Some(FinishReason::Context)
+    } else {
+        None
+    }
+}
+
+/// The final event of a sequence.
+pub(super) fn finish(
+    seq: &mut Sequence,
+    reason: FinishReason,
+    tokenizer: &TextTokenizer,
+) -> GenerationEvent {
+    let trailing = if reason == FinishReason::Stop {
+        String::new()
+    } else {
+        let held = seq.decoder.finish(tokenizer).unwrap_or_default();
+        match seq.stop.push(&held) {
+            StopCheck::Stopped(text) => text,
+            StopCheck::Continue(text) => text + &seq.stop.flush(),
+        }
+    };
+    let now = Instant::now();
+    tracing::info!(
+        request_id = %seq.request.request_id,
+        key = %seq.request.caller,
+        seq = seq.id,
+        reason = reason.label(),
+        prompt_tokens = seq.request.prompt_ids.len(),
+        tokens = seq.generated,
+        ttft_ms = seq.first_token.map(|t| t.duration_since(seq.arrived).as_millis() as u64),
+        total_ms = now.duration_since(seq.arrived).as_millis() as u64,
+        "request finished"
+    );
+    GenerationEvent::Finished(Finished {
+        reason,
+        prompt_ids: seq.request.prompt_ids.clone(),
+        generated_tokens: seq.generated as u32,
+        queue: seq.started.unwrap_or(now).duration_since(seq.arrived),
+        ttft: seq.first_token.unwrap_or(now).duration_since(seq.arrived),
+        total: now.duration_since(seq.arrived),
+        stage_forward: seq.stage_forward.clone(),
+        stage_hop: seq.stage_hop.clone(),
+        trailing_text: trailing,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use strata_model::{ModelFile, TextTokenizer};
+    use tokio::sync::mpsc;
+
+    use super::{advance, finish, Sequence};
+    use crate::detokenize::{IncrementalDecoder, StopMatcher};
+    use crate::events::{EventReceiver, FinishReason, GenerationEvent};
+    use crate::pipeline::{Sampled, Sampling};
+    use crate::scheduler::GenerationRequest;
+
+    /// The default model's tokenizer, as `strata fetch-model` caches it (CI fetches it first).
+    fn smollm2() -> TextTokenizer {
+        let home = std::env::var_os("STRATA_HOME")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+                    .join(".cache/strata")
+            });
+        let path = home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let model = ModelFile::open(&path)
+            .unwrap_or_else(|e| panic!("{e} (run `strata fetch-model` first)"));
+        TextTokenizer::load(&model).unwrap()
+    }
+
+    fn sequence(prompt: Vec<u32>, max_tokens: usize, stop: &[&str]) -> (Sequence, EventReceiver) {
+        let (events, received) = mpsc::unbounded_channel();
+        let stop: Vec<String> = stop.iter().map(|s| s.to_string()).collect();
+        let request = GenerationRequest {
+            prompt_ids: prompt.clone(),
+            max_tokens,
+            sampling: Sampling {
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+                seed: 0,
+            },
+            stop: stop.clone(),
+            top_logprobs: 0,
+            ignore_eos: false,
+            deadline: Instant::now() + Duration::from_secs(60),
+            request_id: Arc::from("test"),
+            caller: Arc::from("-"),
+        };
+        let seq = Sequence {
+            id: 1,
+            tokens: prompt,
+            stop: StopMatcher::new(stop),
+            request,
+            cached: 0,
+            generated: 0,
+            decoder: IncrementalDecoder::default(),
+            events,
+            arrived: Instant::now(),
+            started: None,
+            first_token: None,
+            stage_forward: vec![Duration::ZERO; 2],
+            stage_hop: vec![Duration::ZERO; 2],
+            alone: false,
+        };
+        (seq, received)
+    }
+
+    fn sampled(id: u32) -> Sampled {
+        Sampled {
+            id,
+            logprob: -0.5,
+            top_logprobs: vec![(id, -0.5)],
+        }
+    }
+
+    #[test]
+    fn a_prompt_is_fed_in_chunks_then_one_token_a_step() {
+        let (mut seq, _events) = sequence((0..1000).collect(), 8, &[]);
+        let mut feeds = Vec::new();
+        while seq.is_prefilling() {
+            let n = seq.next_feed(512);
+            feeds.push(n);
+            seq.cached += n;
+        }
+        feeds.push(seq.next_feed(512));
+        assert_eq!(feeds, [512, 488, 1]);
+    }
+
+    #[test]
+    fn tokens_stream_as_text_and_the_last_event_says_why_it_ended() {
+        let tokenizer = smollm2();
+        let ids = tokenizer.encode(" one two three four").unwrap();
+        let (mut seq, mut events) = sequence(vec![1, 2], ids.len(), &[]);
+        let mut reasons = Vec::new();
+        for &id in &ids {
+            reasons.push(advance(&mut seq, sampled(id), &tokenizer, 8192));
+        }
+        // Only the last token ends it: `max_tokens` reached.
+        assert_eq!(reasons.last(), Some(&Some(FinishReason::Length)));
+        assert!(reasons[..ids.len() - 1].iter().all(Option::is_none));
+        let last = finish(&mut seq, FinishReason::Length, &tokenizer);
+        let mut text = String::new();
+        while let Ok(event) = events.try_recv() {
+            match event.unwrap() {
+                GenerationEvent::Token(t) => {
+                    assert_eq!(t.top_logprobs, [(t.id, -0.5)]);
+                    text += &t.text;
+                }
+                GenerationEvent::Finished(_) => unreachable!("finish returns the last event"),
+            }
+        }
+        let GenerationEvent::Finished(end) = last else {
+            panic!("not a finish: {last:?}")
+        };
+        assert_eq!(text + &end.trailing_text, " one two three four");
+        assert_eq!(end.generated_tokens as usize, ids.len());
+        assert_eq!(end.prompt_ids, [1, 2]);
+        assert!(end.ttft <= end.total && end.queue <= end.total);
+        assert_eq!(seq.tokens.len(), 2 + ids.len());
+    }
+
+    #[test]
+    fn end_of_generation_and_stop_strings_and_a_full_context_end_a_sequence() {
+        let tokenizer = smollm2();
+        let eos = tokenizer.end_of_generation_ids()[0];
+        let (mut seq, mut events) = sequence(vec![1], 100, &[]);
+        assert_eq!(
+            advance(&mut seq, sampled(eos), &tokenizer, 8192),
+            Some(FinishReason::Eos)
+        );
+        // The end token is neither streamed nor counted.
+        assert!(events.try_recv().is_err());
+        assert_eq!(seq.generated, 0);
+
+        let (mut seq, mut events) = sequence(vec![1], 100, &[" three"]);
+        let ids = tokenizer.encode(" one two three four").unwrap();
+        let reason = ids
+            .iter()
+            .find_map(|&id| advance(&mut seq, sampled(id), &tokenizer, 8192));
+        assert_eq!(reason, Some(FinishReason::Stop));
+        let mut text = String::new();
+        while let Ok(Ok(GenerationEvent::Token(t))) = events.try_recv() {
+            text += &t.text;
+        }
+        let GenerationEvent::Finished(end) = finish(&mut seq, FinishReason::Stop, &tokenizer)
+        else {
+            panic!("not a finish")
+        };
+        // The stop string is never streamed, and nothing trails it.
+        assert_eq!(text, " one two");
+        assert_eq!(end.trailing_text, "");
+
+        let (mut seq, _events) = sequence(vec![1, 2, 3], 100, &[]);
+        assert_eq!(
+            advance(&mut seq, sampled(ids[0]), &tokenizer, 4),
+            Some(FinishReason::Context)
+        );
+    }
+}

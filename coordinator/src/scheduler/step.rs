@@ -1,0 +1,258 @@
+//! A micro-batch's round trip: forming it from ready sequences within the stages' limits and the
+//! step budget, sending it down the pipeline, and taking its tokens (or its failure) when it returns.
+
+use std::time::Duration;
+
+use super::outage::lost_on;
+use super::sequence::{advance, finish, Sequence};
+use super::Scheduler;
+use crate::events::Failure;
+use crate::pipeline::{StepEntry, StepResult};
+use crate::CoordinatorError;
+
+/// A micro-batch back from the pipeline, with the sequences it carried.
+pub(super) struct FinishedStep {
+    /// The pipeline generation it ran on.
+    pub(super) generation: u64,
+    pub(super) sequences: Vec<Sequence>,
+    /// How many positions of each sequence the step fed.
+    pub(super) fed: Vec<usize>,
+    pub(super) result: Result<StepResult, CoordinatorError>,
+}
+
+impl Scheduler {
+    /// Starts micro-batches while fewer than one per device are in flight: with `D` devices (one
+    /// per stage unless stages share a GPU, see [`Pipeline::parallel_micro_batches`]) and `N`
+    /// active sequences, `D` groups of about `N / D` keep every device busy (stage `s` runs group
+    /// `g` while stage `s + 1` runs group `g - 1`). With fewer sequences than devices there is less
+    /// to overlap, and each group is a single sequence.
+    ///
+    /// Where stages share a device, prompts may still start up to one micro-batch per stage: a
+    /// prompt that arrives while a step is out does not wait for it, and a burst of prompts goes
+    /// through in parts, so the first part's tokens come out before the whole burst is prefilled.
+    /// Decoding sequences wait and join one micro-batch again once the pipeline drains.
+    pub(super) fn launch(&mut self) {
+        if self.outage.is_some() {
+            return;
+        }
+        let devices = self.pipeline.parallel_micro_batches();
+        let stages = self.pipeline.stages().len();
+        // Every micro-batch fits the step budget and every stage's row limit, and so does one
+        // prompt chunk alone.
+        let max_rows = self
+            .limits
+            .max_step_positions
+            .min(self.pipeline.limits().max_batch_rows)
+            .max(1);
+        let chunk = self.limits.max_prefill_chunk.clamp(1, max_rows);
+        while !self.ready.is_empty() && self.in_flight.len() < stages {
+            let prompts_only = self.in_flight.len() >= devices;
+            let parallel = if prompts_only { stages } else { devices };
+            let group = self.active().div_ceil(parallel).max(1);
+            let mut sequences: Vec<Sequence> = if prompts_only {
+                self.take_prompts(group)
+            } else {
+                let group = group.min(self.ready.len());
+                self.ready.drain(..group).collect()
+            };
+            if sequences.is_empty() {
+                break;
+            }
+            let mut fed: Vec<usize> = sequences.iter().map(|s| s.next_feed(chunk)).collect();
+            // The rest wait, at the front, for the next micro-batch: a burst goes through in parts,
+            // and a sequence to retry alone goes alone.
+            let fit = match sequences.iter().position(|s| s.alone) {
+                Some(0) => 1,
+                Some(first_alone) => rows_that_fit(&fed[..first_alone], max_rows),
+                None => rows_that_fit(&fed, max_rows),
+            };
+            if fit < sequences.len() {
+                fed.truncate(fit);
+                let rest = sequences.split_off(fit);
+                self.ready.splice(0..0, rest);
+            }
+            let entries: Vec<StepEntry> = sequences
+                .iter()
+                .zip(&fed)
+                .map(|(s, &n)| StepEntry {
+                    seq_id: s.id,
+                    start_pos: s.cached as u32,
+                    tokens: s.tokens[s.cached..s.cached + n].to_vec(),
+                    sampling: s.request.sampling,
+                    top_logprobs: s.request.top_logprobs,
+                    request_id: (s.cached == 0).then(|| s.request.request_id.clone()),
+                })
+                .collect();
+            let step_id = self.next_step_id;
+            self.next_step_id += 1;
+            self.in_flight_sequences += sequences.len();
+            let pipeline = self.pipeline.clone();
+            let lost = lost_on(self.lost.subscribe(), pipeline.generation());
+            self.in_flight.push(Box::pin(async move {
+                let result = tokio::select! {
+                    result = pipeline.step(step_id, &entries) => result,
+                    loss = lost => Err(loss),
+                };
+                FinishedStep {
+                    generation: pipeline.generation(),
+                    sequences,
+                    fed,
+                    result,
+                }
+            }));
+        }
+    }
+
+    /// Up to `limit` ready sequences that still have prompt to feed, in order; the rest stay ready.
+    pub(super) fn take_prompts(&mut self, limit: usize) -> Vec<Sequence> {
+        let mut prompts = Vec::new();
+        let mut kept = Vec::with_capacity(self.ready.len());
+        for sequence in self.ready.drain(..) {
+            if prompts.len() < limit && sequence.is_prefilling() {
+                prompts.push(sequence);
+            } else {
+                kept.push(sequence);
+            }
+        }
+        self.ready = kept;
+        prompts
+    }
+
+    /// Takes a micro-batch back: streams its tokens, finishes sequences, returns the rest to `ready`.
+    pub(super) fn complete(&mut self, done: FinishedStep) {
+        self.in_flight_sequences -= done.sequences.len();
+        let result = match done.result {
+            Ok(result) => result,
+            Err(e) if e.is_worker_loss() => {
+                // The sequences keep what they had; the step is redone after the replay.
+                if done.generation == self.pipeline.generation() {
+                    if let Some(stage) = e.stage_index() {
+                        self.lose_stage(stage, e.to_string());
+                    }
+                }
+                self.hold_for_replay(done.sequences);
+                return;
+            }
+            // A stage refused the whole step for room (its KV bound) before changing anything on
+            // itself or the stages after it: each sequence retries alone, and only one that is
+            // refused alone fails, not its batch-mates. The stages before the refusing one did
+            // append this step's positions, so past the first stage each sequence starts again
+            // under a fresh id (as a replay does) and prefills everything it has alone.
+            Err(e) if done.sequences.len() > 1 && e.capacity_refusal_stage().is_some() => {
+                let stage = e.capacity_refusal_stage().unwrap_or(0);
+                tracing::info!(error = %e, stage, sequences = done.sequences.len(), "no room for the step; its sequences retry one by one");
+                let mut retry = done.sequences;
+                if stage > 0 {
+                    self.start_over(&mut retry);
+                }
+                for seq in &mut retry {
+                    seq.alone = true;
+                }
+                self.ready.splice(0..0, retry);
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "step failed");
+                let failure = Failure::from(e);
+                self.fail(done.sequences, |_| failure.clone());
+                return;
+            }
+        };
+        // A step that ran on a pipeline since lost (or being lost) produced valid tokens, but its
+        // sequences' caches are incomplete now.
+        let stale = done.generation != self.pipeline.generation() || self.outage.is_some();
+        // Per stage: network, serialization and queueing around the worker's own compute.
+        let stage_hop: Vec<Duration> = result
+            .stage_forward
+            .iter()
+            .zip(&result.stage_round_trip)
+            .map(|(forward, round_trip)| round_trip.saturating_sub(*forward))
+            .collect();
+        for (i, (forward, hop)) in result.stage_forward.iter().zip(&stage_hop).enumerate() {
+            self.metrics
+                .stage_step(i, forward.as_secs_f64(), hop.as_secs_f64());
+        }
+        let mut to_replay = Vec::new();
+        let mut finished = Vec::new();
+        let mut finals = Vec::new();
+        for ((mut seq, fed), (_, sampled)) in
+            done.sequences.into_iter().zip(done.fed).zip(result.sampled)
+        {
+            seq.cached += fed;
+            seq.alone = false;
+            for (i, (forward, hop)) in result.stage_forward.iter().zip(&stage_hop).enumerate() {
+                seq.stage_forward[i] += *forward;
+                seq.stage_hop[i] += *hop;
+            }
+            if seq.events.is_closed() {
+                finished.push(seq.id);
+                continue;
+            }
+            // A prompt fed in chunks samples a token only after its last chunk.
+            if seq.cached < seq.tokens.len() {
+                if stale {
+                    to_replay.push(seq);
+                } else {
+                    self.ready.push(seq);
+                }
+                continue;
+            }
+            match advance(&mut seq, sampled, &self.tokenizer, self.context_length) {
+                Some(reason) => {
+                    finals.push((
+                        seq.events.clone(),
+                        finish(&mut seq, reason, &self.tokenizer),
+                    ));
+                    finished.push(seq.id);
+                }
+                None if stale => to_replay.push(seq),
+                None => self.ready.push(seq),
+            }
+        }
+        self.release_then_finish(finished, finals);
+        if !to_replay.is_empty() {
+            self.hold_for_replay(to_replay);
+        }
+    }
+}
+
+/// How many of a micro-batch's candidates, feeding `feeds[i]` positions each, fit in `max_rows`
+/// positions: the longest prefix that does, and never none (one chunk alone always fits).
+fn rows_that_fit(feeds: &[usize], max_rows: usize) -> usize {
+    let mut rows = 0usize;
+    let fit = feeds
+        .iter()
+        .take_while(|&&n| {
+            rows = rows.saturating_add(n);
+            rows <= max_rows
+        })
+        .count();
+    fit.max(1).min(feeds.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rows_that_fit;
+
+    #[test]
+    fn micro_batches_keep_within_the_row_limit() {
+        for (feeds, max_rows, fit) in [
+            (&[512, 512, 512][..], 16_384, 3),
+            (&[512; 64][..], 16_384, 32),
+            (&[512, 100, 1][..], 612, 2),
+            (&[512, 100, 1][..], 613, 3),
+            (&[1; 8][..], 5, 5),
+            // A prefix only: the decode after the prompt that does not fit waits too.
+            (&[300, 400, 1][..], 500, 1),
+            // One candidate always goes, even alone over the limit (the chunk is clamped to it).
+            (&[700][..], 500, 1),
+            (&[][..], 500, 0),
+        ] {
+            assert_eq!(
+                rows_that_fit(feeds, max_rows),
+                fit,
+                "{feeds:?} in {max_rows}"
+            );
+        }
+    }
+}
