@@ -144,17 +144,21 @@ impl From<CoordinatorError> for Failure {
     }
 }
 
+/// The gRPC code of a kind of failure.
+pub fn grpc_code(kind: FailureKind) -> Code {
+    match kind {
+        FailureKind::InvalidRequest => Code::InvalidArgument,
+        FailureKind::Overloaded => Code::ResourceExhausted,
+        FailureKind::Unavailable => Code::Unavailable,
+        FailureKind::DeadlineExceeded => Code::DeadlineExceeded,
+        FailureKind::FailedPrecondition => Code::FailedPrecondition,
+        FailureKind::Internal => Code::Internal,
+    }
+}
+
 impl From<Failure> for Status {
     fn from(f: Failure) -> Self {
-        let code = match f.kind {
-            FailureKind::InvalidRequest => Code::InvalidArgument,
-            FailureKind::Overloaded => Code::ResourceExhausted,
-            FailureKind::Unavailable => Code::Unavailable,
-            FailureKind::DeadlineExceeded => Code::DeadlineExceeded,
-            FailureKind::FailedPrecondition => Code::FailedPrecondition,
-            FailureKind::Internal => Code::Internal,
-        };
-        Status::new(code, f.message)
+        Status::new(grpc_code(f.kind), f.message)
     }
 }
 

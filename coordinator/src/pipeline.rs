@@ -91,6 +91,27 @@ pub struct Sampling {
     pub seed: u64,
 }
 
+impl Sampling {
+    /// What a request without sampling parameters gets.
+    pub const GREEDY: Self = Self {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 0,
+    };
+}
+
+impl From<v1::SamplingParams> for Sampling {
+    fn from(s: v1::SamplingParams) -> Self {
+        Self {
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            seed: s.seed,
+        }
+    }
+}
+
 impl From<Sampling> for v1::SamplingParams {
     fn from(s: Sampling) -> Self {
         Self {

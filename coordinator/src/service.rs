@@ -175,20 +175,7 @@ impl CoordinatorService {
             }
             n => n,
         };
-        let sampling = r.sampling.map_or(
-            Sampling {
-                temperature: 0.0,
-                top_k: 0,
-                top_p: 1.0,
-                seed: 0,
-            },
-            |s| Sampling {
-                temperature: s.temperature,
-                top_k: s.top_k,
-                top_p: s.top_p,
-                seed: s.seed,
-            },
-        );
+        let sampling = r.sampling.map_or(Sampling::GREEDY, Sampling::from);
         if !sampling.temperature.is_finite() || sampling.temperature < 0.0 {
             return Err(invalid(format!(
                 "temperature {} must be a finite number ≥ 0",
@@ -383,7 +370,7 @@ impl Events {
             }
             Err(failure) => {
                 self.ended = true;
-                let code = Status::from(failure.clone()).code();
+                let code = crate::error::grpc_code(failure.kind);
                 self.metrics
                     .request_ended(self.api, &self.key, &code_label(code));
             }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use strata_worker::engine::EngineLimits;
-use strata_worker::model::{Ablations, KvLayout, StageOptions};
+use strata_worker::model::{phase_timer, Ablations, KvLayout, StageOptions};
 use strata_worker::WorkerConfig;
 use tokio::net::TcpListener;
 
@@ -77,11 +77,11 @@ pub struct WorkerArgs {
     /// no copies), or `auto`: paged on GPUs, where kernel launches dominate, contiguous on the CPU.
     #[arg(long, env = "STRATA_KV_LAYOUT", default_value = "auto")]
     kv_layout: KvLayout,
-    /// Log where each step's time goes every 50 steps, for diagnosis: `sync` waits for the device
+    /// Log where each step's time goes every 50 steps, for diagnosis (off, sync or host): `sync` waits for the device
     /// after each phase (device time per phase), `host` only reads the clock (the host's time to
     /// queue each phase and each layer). Slows the stage; off by default.
-    #[arg(long, env = "STRATA_PHASE_TIMES", value_enum, default_value = "off")]
-    phase_times: PhaseTimes,
+    #[arg(long, env = "STRATA_PHASE_TIMES", default_value = "off")]
+    phase_times: phase_timer::Mode,
     #[command(flatten)]
     ablations: AblationArgs,
     #[command(flatten)]
@@ -127,7 +127,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    strata_worker::model::phase_timer::set_mode(args.phase_times.into());
+    phase_timer::set_mode(args.phase_times);
     let config = WorkerConfig {
         model,
         weight_cache,
@@ -194,24 +194,6 @@ impl From<AblationArgs> for Ablations {
             no_fused_kernels: a.no_fused_kernels,
             no_fused_ops: a.no_fused_ops,
             attention_wide_from: a.attention_wide_from,
-        }
-    }
-}
-
-#[derive(clap::ValueEnum, Debug, Clone, Copy)]
-enum PhaseTimes {
-    Off,
-    #[value(alias = "1")]
-    Sync,
-    Host,
-}
-
-impl From<PhaseTimes> for strata_worker::model::phase_timer::Mode {
-    fn from(p: PhaseTimes) -> Self {
-        match p {
-            PhaseTimes::Off => Self::Off,
-            PhaseTimes::Sync => Self::Synced,
-            PhaseTimes::Host => Self::Host,
         }
     }
 }

@@ -19,14 +19,13 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use strata_model::TextTokenizer;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::detokenize::{IncrementalDecoder, StopMatcher};
 pub use crate::events::EventSender;
 use crate::events::{Failure, FailureKind, GenerationEvent};
 use crate::metrics::Metrics;
@@ -322,22 +321,8 @@ impl Scheduler {
                     "request queued"
                 );
                 let num_stages = self.pipeline.stages().len();
-                self.waiting.push_back(Sequence {
-                    id,
-                    tokens: request.prompt_ids.clone(),
-                    stop: StopMatcher::new(request.stop.clone()),
-                    request,
-                    cached: 0,
-                    generated: 0,
-                    decoder: IncrementalDecoder::default(),
-                    events,
-                    arrived,
-                    started: None,
-                    first_token: None,
-                    stage_forward: vec![Duration::ZERO; num_stages],
-                    stage_hop: vec![Duration::ZERO; num_stages],
-                    alone: false,
-                });
+                self.waiting
+                    .push_back(Sequence::new(id, request, events, arrived, num_stages));
                 // Free active slots are taken at once, so the queue bound counts only the requests that
                 // really wait, however many arrive together.
                 self.admit();

@@ -33,6 +33,32 @@ pub(super) struct Sequence {
 }
 
 impl Sequence {
+    /// A sequence with nothing fed yet, streaming to `events`.
+    pub(super) fn new(
+        id: u64,
+        request: GenerationRequest,
+        events: EventSender,
+        arrived: Instant,
+        num_stages: usize,
+    ) -> Self {
+        Self {
+            id,
+            tokens: request.prompt_ids.clone(),
+            stop: StopMatcher::new(request.stop.clone()),
+            request,
+            cached: 0,
+            generated: 0,
+            decoder: IncrementalDecoder::default(),
+            events,
+            arrived,
+            started: None,
+            first_token: None,
+            stage_forward: vec![Duration::ZERO; num_stages],
+            stage_hop: vec![Duration::ZERO; num_stages],
+            alone: false,
+        }
+    }
+
     /// Whether part of the prompt is still to be fed.
     pub(super) fn is_prefilling(&self) -> bool {
         self.cached < self.request.prompt_ids.len()
@@ -145,7 +171,6 @@ mod tests {
     use tokio::sync::mpsc;
 
     use super::{advance, finish, Sequence};
-    use crate::detokenize::{IncrementalDecoder, StopMatcher};
     use crate::events::{EventReceiver, FinishReason, GenerationEvent};
     use crate::pipeline::{Sampled, Sampling};
     use crate::scheduler::GenerationRequest;
@@ -168,7 +193,7 @@ mod tests {
         let (events, received) = mpsc::unbounded_channel();
         let stop: Vec<String> = stop.iter().map(|s| s.to_string()).collect();
         let request = GenerationRequest {
-            prompt_ids: prompt.clone(),
+            prompt_ids: prompt,
             max_tokens,
             sampling: Sampling {
                 temperature: 0.0,
@@ -176,30 +201,17 @@ mod tests {
                 top_p: 1.0,
                 seed: 0,
             },
-            stop: stop.clone(),
+            stop,
             top_logprobs: 0,
             ignore_eos: false,
             deadline: Instant::now() + Duration::from_secs(60),
             request_id: Arc::from("test"),
             caller: Arc::from("-"),
         };
-        let seq = Sequence {
-            id: 1,
-            tokens: prompt,
-            stop: StopMatcher::new(stop),
-            request,
-            cached: 0,
-            generated: 0,
-            decoder: IncrementalDecoder::default(),
-            events,
-            arrived: Instant::now(),
-            started: None,
-            first_token: None,
-            stage_forward: vec![Duration::ZERO; 2],
-            stage_hop: vec![Duration::ZERO; 2],
-            alone: false,
-        };
-        (seq, received)
+        (
+            Sequence::new(1, request, events, Instant::now(), 2),
+            received,
+        )
     }
 
     fn sampled(id: u32) -> Sampled {

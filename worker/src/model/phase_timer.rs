@@ -15,15 +15,30 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 
-/// What the phase marks do.
+/// What the phase marks do (`off`, `sync`, `host` on the command line).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Mode {
     #[default]
-    Off,
+    Off = 0,
     /// Each mark waits for the device.
-    Synced,
+    Synced = 1,
     /// Marks read the clock only.
-    Host,
+    Host = 2,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" | "0" => Ok(Self::Off),
+            "sync" | "1" => Ok(Self::Synced),
+            "host" => Ok(Self::Host),
+            other => Err(format!(
+                "unknown phase-times mode {other:?}; expected off, sync or host"
+            )),
+        }
+    }
 }
 
 static MODE: AtomicU8 = AtomicU8::new(0);

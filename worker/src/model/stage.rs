@@ -123,7 +123,7 @@ pub struct Ablations {
     pub no_rope_table: bool,
     /// Build causal masks every step and layer instead of keeping them per `(q_len, kv_len)`.
     pub no_mask_cache: bool,
-    /// Run quantized weights on the CPU with candle's kernels instead of strata's (`kernels/`).
+    /// Run quantized weights on the CPU with candle's kernels instead of strata's (`cpu_kernels/`).
     pub candle_kernels: bool,
     /// Keep dense q/k/v and gate/up weights apart (three and two matmuls instead of one each).
     pub no_fused_projections: bool,
