@@ -10,14 +10,20 @@ use std::time::{Duration, Instant};
 use futures::future::try_join_all;
 use strata_proto::v1;
 use strata_proto::v1::worker_client::WorkerClient;
-use strata_transport::{AuthChannel, Security};
+use strata_transport::AuthChannel;
 
 use crate::forward_link::ForwardLink;
 use crate::send_weights::WeightSender;
 use crate::CoordinatorError;
 
-/// How long to wait for a worker to accept a connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+mod connect;
+mod sampling;
+#[cfg(test)]
+mod tests;
+
+pub use connect::{check_fingerprint, connect, load_stage, ConnectedWorker};
+pub use sampling::{Sampled, Sampling};
+
 /// How long a `Release` or an `Info` fan-out waits for one worker: a hung worker must not hold
 /// up finishing requests (their final events follow the release) or `Info`.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -71,81 +77,6 @@ impl StageLimits {
     }
 }
 
-/// A connected worker whose stage is not loaded yet.
-#[derive(Debug, Clone)]
-pub struct ConnectedWorker {
-    pub address: String,
-    pub client: WorkerClient<AuthChannel>,
-    pub info: v1::WorkerInfo,
-}
-
-/// How the last stage picks a sequence's next token (validated by the service).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Sampling {
-    /// 0 is greedy.
-    pub temperature: f32,
-    /// 0 keeps every token.
-    pub top_k: u32,
-    /// 1 keeps every token.
-    pub top_p: f32,
-    pub seed: u64,
-}
-
-impl Sampling {
-    /// What a request without sampling parameters gets.
-    pub const GREEDY: Self = Self {
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        seed: 0,
-    };
-}
-
-impl From<v1::SamplingParams> for Sampling {
-    fn from(s: v1::SamplingParams) -> Self {
-        Self {
-            temperature: s.temperature,
-            top_k: s.top_k,
-            top_p: s.top_p,
-            seed: s.seed,
-        }
-    }
-}
-
-impl From<Sampling> for v1::SamplingParams {
-    fn from(s: Sampling) -> Self {
-        Self {
-            temperature: s.temperature,
-            top_k: s.top_k,
-            top_p: s.top_p,
-            seed: s.seed,
-        }
-    }
-}
-
-/// The token the last stage picked for a sequence.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sampled {
-    pub id: u32,
-    pub logprob: f32,
-    /// The most likely alternatives `(id, log-probability)`, as many as asked for.
-    pub top_logprobs: Vec<(u32, f32)>,
-}
-
-impl From<v1::SampledToken> for Sampled {
-    fn from(s: v1::SampledToken) -> Self {
-        Self {
-            id: s.id,
-            logprob: s.logprob,
-            top_logprobs: s
-                .top_logprobs
-                .into_iter()
-                .map(|t| (t.id, t.logprob))
-                .collect(),
-        }
-    }
-}
-
 /// One sequence's part of a step, as the scheduler sees it.
 #[derive(Debug, Clone)]
 pub struct StepEntry {
@@ -168,66 +99,6 @@ pub struct StepResult {
     pub stage_round_trip: Vec<Duration>,
 }
 
-/// Connects to a worker (with the cluster's TLS and token) and asks for its `Info`; an unreachable
-/// address is an error naming it.
-pub async fn connect(
-    address: &str,
-    security: &Security,
-    max_message_bytes: usize,
-) -> Result<ConnectedWorker, CoordinatorError> {
-    let unreachable = |reason: String| CoordinatorError::WorkerUnreachable {
-        address: address.to_string(),
-        reason,
-    };
-    let channel = security
-        .connect(address, CONNECT_TIMEOUT)
-        .await
-        .map_err(|e| match e {
-            strata_transport::TransportError::Connect { reason, .. } => unreachable(reason),
-            other => unreachable(other.to_string()),
-        })?;
-    let mut client = WorkerClient::new(channel)
-        .max_decoding_message_size(max_message_bytes)
-        .max_encoding_message_size(max_message_bytes);
-    let info = tokio::time::timeout(CONNECT_TIMEOUT, client.info(v1::InfoRequest {}))
-        .await
-        .map_err(|_| unreachable(format!("Info got no answer within {CONNECT_TIMEOUT:?}")))?
-        .map_err(|status| unreachable(format!("Info failed: {}", status.message())))?
-        .into_inner();
-    Ok(ConnectedWorker {
-        address: address.to_string(),
-        client,
-        info,
-    })
-}
-
-/// Refuses a worker that holds another model than `fingerprint` (the coordinator's, from `path`).
-pub fn check_fingerprint(
-    worker: &ConnectedWorker,
-    fingerprint: &str,
-    path: &str,
-) -> Result<(), CoordinatorError> {
-    // A worker without a model file takes the coordinator's (see `load_stage`).
-    if worker.info.weights_from_coordinator {
-        return Ok(());
-    }
-    let theirs = worker
-        .info
-        .model
-        .as_ref()
-        .map(|m| m.fingerprint.clone())
-        .unwrap_or_default();
-    if theirs == fingerprint {
-        return Ok(());
-    }
-    Err(CoordinatorError::ModelMismatch {
-        address: worker.address.clone(),
-        theirs,
-        ours: fingerprint.to_string(),
-        path: path.to_string(),
-    })
-}
-
 /// Running totals of one stage's work, shared by every clone of the pipeline.
 #[derive(Debug, Default)]
 pub struct StageCounters {
@@ -248,65 +119,6 @@ pub struct Pipeline {
     generation: u64,
     /// The longest a stage may take to answer one Forward before it counts as lost.
     stage_timeout: Duration,
-}
-
-/// Loads `layers` on one worker as stage `index`. A worker without a model file gets the stage's
-/// weights from `weights` first (only what its cache lacks); a cache entry it finds corrupt at
-/// load is sent again, once.
-pub async fn load_stage(
-    index: usize,
-    worker: ConnectedWorker,
-    layers: Range<usize>,
-    fingerprint: &str,
-    hidden_dtype: v1::DType,
-    weights: Option<&Arc<WeightSender>>,
-) -> Result<StageHandle, CoordinatorError> {
-    let mut client = worker.client.clone();
-    let mut attempts = 0;
-    let loaded = loop {
-        attempts += 1;
-        let sent = match (worker.info.weights_from_coordinator, weights) {
-            (false, _) => None,
-            (true, Some(sender)) => Some(sender.send(index, &worker, layers.clone()).await?),
-            (true, None) => {
-                return Err(CoordinatorError::InvalidRequest(format!(
-                    "worker {} has no model file, and the coordinator sends only GGUF weights: \
-                     start the worker with --model",
-                    worker.address
-                )))
-            }
-        };
-        let request = v1::LoadStageRequest {
-            model_fingerprint: fingerprint.to_string(),
-            layers: Some(v1::LayerRange {
-                start: layers.start as u32,
-                end: layers.end as u32,
-            }),
-            output_dtype: hidden_dtype as i32,
-            weights: sent,
-        };
-        match client.load_stage(request).await {
-            Ok(loaded) => break loaded.into_inner(),
-            Err(status) if status.code() == tonic::Code::DataLoss && attempts < 2 => {
-                tracing::warn!(stage = index, worker = %worker.address, error = %status.message(), "a cached weight was corrupt; sending it again");
-            }
-            Err(status) => return Err(CoordinatorError::stage(index, &worker.address, status)),
-        }
-    };
-    Ok(StageHandle {
-        limits: StageLimits::of(&worker.info),
-        address: worker.address,
-        link: Arc::new(ForwardLink::new(
-            client.clone(),
-            reply_spin(&worker.info.device),
-        )),
-        client,
-        device: worker.info.device,
-        physical_device: worker.info.physical_device,
-        layers,
-        epoch: loaded.epoch,
-        weight_bytes: loaded.weight_bytes,
-    })
 }
 
 impl Pipeline {
@@ -625,49 +437,51 @@ pub fn sharing_a_device(physical: &[&str], index: usize) -> usize {
     }
 }
 
-/// How long a step polls for its reply from a stage on `device` before parking (the worker's own
-/// default budget for that device).
-fn reply_spin(device: &str) -> Duration {
-    strata_transport::spin::default_budget(device == "cpu")
-}
-
 /// The dtype stages return hidden states in: each stage's own compute dtype (unspecified), so a bf16
 /// stage ships bf16 (half the bytes, no conversion kernels on either side) and the next stage converts
 /// only if its dtype differs, exactly as it would from f32.
 pub const HIDDEN_WIRE_DTYPE: v1::DType = v1::DType::DtypeUnspecified;
 
 #[cfg(test)]
-mod tests {
-    use super::{devices_in_parallel, sharing_a_device};
-
-    #[test]
-    fn workers_count_those_on_their_device() {
-        let ids = ["GPU-a", "", "GPU-a", "GPU-b", ""];
-        let counts: Vec<usize> = (0..ids.len()).map(|i| sharing_a_device(&ids, i)).collect();
-        assert_eq!(counts, [2, 1, 2, 1, 1]);
+impl Pipeline {
+    /// Stages on a loopback port nothing listens on: every call to a worker fails at once, so a
+    /// test can drive the scheduler's own logic (queues, deadlines, outages) without workers.
+    pub(crate) fn unreachable(plan: &[Range<usize>], stage_timeout: Duration) -> Self {
+        let stages: Vec<StageHandle> = plan
+            .iter()
+            .map(|layers| StageHandle::unreachable(layers.clone()))
+            .collect();
+        Self {
+            counters: Arc::new(stages.iter().map(|_| StageCounters::default()).collect()),
+            stages,
+            generation: 0,
+            stage_timeout,
+        }
     }
+}
 
-    #[test]
-    fn stages_on_one_gpu_count_as_one_device() {
-        let gpu_a = "GPU-5f0e2b1a-9c33-4d07-8e61-00ff12345678";
-        let gpu_b = "GPU-0a1b2c3d-0000-4000-8000-000000000001";
-        let cases: &[(&[&str], usize)] = &[
-            (&[], 1),
-            (&[""], 1),
-            (&["", ""], 2),
-            (&[gpu_a], 1),
-            (&[gpu_a, gpu_a], 1),
-            (&[gpu_a, gpu_b], 2),
-            (&[gpu_a, "", gpu_a], 2),
-            (&[gpu_a, gpu_b, gpu_a, gpu_b], 2),
-            (&["metal:mac:0", "", gpu_a, "metal:mac:0"], 3),
-        ];
-        for (ids, expected) in cases {
-            assert_eq!(
-                devices_in_parallel(ids.iter().copied()),
-                *expected,
-                "{ids:?}"
-            );
+#[cfg(test)]
+impl StageHandle {
+    /// A stage on `127.0.0.1:1`, where nothing listens (see [`Pipeline::unreachable`]).
+    pub(crate) fn unreachable(layers: Range<usize>) -> Self {
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let client = WorkerClient::new(tonic::service::interceptor::InterceptedService::new(
+            channel,
+            strata_transport::ClientAuth::new(None),
+        ));
+        Self {
+            address: "127.0.0.1:1".into(),
+            link: Arc::new(ForwardLink::new(client.clone(), Duration::ZERO)),
+            client,
+            device: "cpu".into(),
+            physical_device: String::new(),
+            layers,
+            epoch: 1,
+            weight_bytes: 0,
+            limits: StageLimits {
+                max_batch_rows: usize::MAX,
+                max_sequences: usize::MAX,
+            },
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::Stream;
 use strata_model::{ChatMessage, ChatPromptError, ChatTemplate, ModelFile, TextTokenizer};
@@ -231,7 +231,7 @@ impl CoordinatorService {
             stop: r.stop,
             top_logprobs: r.top_logprobs,
             ignore_eos: r.ignore_eos,
-            deadline: Instant::now() + time,
+            deadline: tokio::time::Instant::now() + time,
             request_id,
             caller,
         })

@@ -19,12 +19,12 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use strata_model::TextTokenizer;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 pub use crate::events::EventSender;
 use crate::events::{Failure, FailureKind, GenerationEvent};
@@ -36,6 +36,8 @@ use crate::CoordinatorError;
 mod outage;
 mod sequence;
 mod step;
+#[cfg(test)]
+mod tests;
 
 use outage::{LossReport, LostStage, Outage};
 use sequence::Sequence;
@@ -153,30 +155,14 @@ pub fn spawn(
     recovery: RecoveryConfig,
     metrics: Arc<Metrics>,
 ) -> SchedulerHandle {
-    let (commands, inbox) = mpsc::channel(256);
-    let (loss_reports, losses) = mpsc::unbounded_channel();
-    let scheduler = Scheduler {
-        inbox,
-        pipeline: Arc::new(pipeline),
+    let (scheduler, handle) = Scheduler::new(
+        pipeline,
         tokenizer,
         limits,
         context_length,
-        waiting: VecDeque::new(),
-        ready: Vec::new(),
-        in_flight: FuturesUnordered::new(),
-        in_flight_sequences: 0,
-        inbox_closed: false,
-        next_step_id: 1,
-        spares: recovery.spares.clone(),
-        recovery: Arc::new(recovery),
-        loss_reports,
-        losses,
-        outage: None,
-        replacing: None,
-        stalled: Vec::new(),
-        lost: watch::channel(None).0,
+        recovery,
         metrics,
-    };
+    );
     scheduler.watch_health();
     let task = tokio::spawn(scheduler.run());
     // Without its scheduler the coordinator would listen on and refuse everything: a panic there
@@ -196,7 +182,45 @@ pub fn spawn(
             }
         }
     });
-    SchedulerHandle { commands }
+    handle
+}
+
+impl Scheduler {
+    /// The scheduler's state, idle, and the handle that feeds it; nothing runs until [`Self::run`].
+    fn new(
+        pipeline: Pipeline,
+        tokenizer: Arc<TextTokenizer>,
+        limits: SchedulerLimits,
+        context_length: usize,
+        recovery: RecoveryConfig,
+        metrics: Arc<Metrics>,
+    ) -> (Self, SchedulerHandle) {
+        let (commands, inbox) = mpsc::channel(256);
+        let (loss_reports, losses) = mpsc::unbounded_channel();
+        let scheduler = Scheduler {
+            inbox,
+            pipeline: Arc::new(pipeline),
+            tokenizer,
+            limits,
+            context_length,
+            waiting: VecDeque::new(),
+            ready: Vec::new(),
+            in_flight: FuturesUnordered::new(),
+            in_flight_sequences: 0,
+            inbox_closed: false,
+            next_step_id: 1,
+            spares: recovery.spares.clone(),
+            recovery: Arc::new(recovery),
+            loss_reports,
+            losses,
+            outage: None,
+            replacing: None,
+            stalled: Vec::new(),
+            lost: watch::channel(None).0,
+            metrics,
+        };
+        (scheduler, SchedulerHandle { commands })
+    }
 }
 
 struct Scheduler {
@@ -244,6 +268,12 @@ impl Scheduler {
                 .as_ref()
                 .filter(|o| o.replaying)
                 .map(|o| o.since + self.recovery.replay_deadline);
+            // Sequences out of time end on time, even when nothing else happens (while a stage is
+            // being replaced, nothing else may for a long while).
+            let wake = replay_deadline
+                .into_iter()
+                .chain(self.next_deadline())
+                .min();
             tokio::select! {
                 command = self.inbox.recv(), if !self.inbox_closed => match command {
                     Some(command) => self.handle(command),
@@ -260,7 +290,11 @@ impl Scheduler {
                     self.replacing = None;
                     self.stage_back(handle);
                 }
-                _ = sleep_until_or_never(replay_deadline) => self.give_up_replay(),
+                _ = sleep_until_or_never(wake) => {
+                    if replay_deadline.is_some_and(|at| at <= Instant::now()) {
+                        self.give_up_replay();
+                    }
+                }
             }
             while let Ok(command) = self.inbox.try_recv() {
                 self.handle(command);
@@ -413,6 +447,16 @@ impl Scheduler {
         });
     }
 
+    /// The earliest deadline of the sequences [`Self::expire`] looks at.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.waiting
+            .iter()
+            .chain(&self.ready)
+            .chain(&self.stalled)
+            .map(|s| s.request.deadline)
+            .min()
+    }
+
     /// Frees sequences on every stage without holding up the scheduler.
     fn release(&self, ids: Vec<u64>) {
         self.release_then_finish(ids, Vec::new());
@@ -443,7 +487,7 @@ fn fresh_seq_id() -> u64 {
 /// Sleeps until `deadline`, or forever without one.
 async fn sleep_until_or_never(deadline: Option<Instant>) {
     match deadline {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
+        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }

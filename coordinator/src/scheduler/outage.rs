@@ -2,10 +2,10 @@
 //! stop waiting, and which sequences wait for replay, start over or fail.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures::FutureExt;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::{fresh_seq_id, Scheduler, Sequence};
 use crate::events::{Failure, FailureKind};

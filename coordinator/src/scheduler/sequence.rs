@@ -1,9 +1,10 @@
 //! One sequence being generated: what it holds, what its next step feeds, and how a sampled
 //! token becomes its stream's next event (or its last).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use strata_model::TextTokenizer;
+use tokio::time::Instant;
 
 use super::GenerationRequest;
 use crate::detokenize::{IncrementalDecoder, StopCheck, StopMatcher};
@@ -165,29 +166,16 @@ pub(super) fn finish(
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
-    use strata_model::{ModelFile, TextTokenizer};
     use tokio::sync::mpsc;
+    use tokio::time::Instant;
 
     use super::{advance, finish, Sequence};
     use crate::events::{EventReceiver, FinishReason, GenerationEvent};
     use crate::pipeline::{Sampled, Sampling};
+    use crate::scheduler::tests::smollm2;
     use crate::scheduler::GenerationRequest;
-
-    /// The default model's tokenizer, as `strata fetch-model` caches it (CI fetches it first).
-    fn smollm2() -> TextTokenizer {
-        let home = std::env::var_os("STRATA_HOME")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| {
-                std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME"))
-                    .join(".cache/strata")
-            });
-        let path = home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        let model = ModelFile::open(&path)
-            .unwrap_or_else(|e| panic!("{e} (run `strata fetch-model` first)"));
-        TextTokenizer::load(&model).unwrap()
-    }
 
     fn sequence(prompt: Vec<u32>, max_tokens: usize, stop: &[&str]) -> (Sequence, EventReceiver) {
         let (events, received) = mpsc::unbounded_channel();

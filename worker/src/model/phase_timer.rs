@@ -139,15 +139,15 @@ pub fn layer_end(index: usize) {
 
 /// What the steps since the last `take` (or `discard`) spent.
 #[derive(Debug, Default)]
-pub struct Taken {
-    pub steps: u32,
-    pub phases: Vec<(&'static str, Duration)>,
+struct Taken {
+    steps: u32,
+    phases: Vec<(&'static str, Duration)>,
     /// Per layer of the stage (empty unless in `host` mode).
-    pub layers: Vec<Duration>,
+    layers: Vec<Duration>,
 }
 
 /// The tally so far, emptied.
-pub fn take() -> Taken {
+fn take() -> Taken {
     if mode() == Mode::Off {
         return Taken::default();
     }
@@ -164,4 +164,37 @@ pub fn take() -> Taken {
 /// Forgets the tally so far: warmup and calibration steps pay first-use costs that serving does not.
 pub fn discard() {
     let _ = take();
+}
+
+/// Logs the tally so far, emptied: each phase's share and time per step, and each layer's time per
+/// step in `host` mode. Nothing when the marks are off or no step ran.
+pub fn log_report() {
+    let Taken {
+        steps,
+        phases,
+        layers,
+    } = take();
+    if phases.is_empty() {
+        return;
+    }
+    let total: Duration = phases.iter().map(|(_, d)| *d).sum();
+    let per_step = |d: &Duration| d.as_micros() / u128::from(steps.max(1));
+    let shares: Vec<String> = phases
+        .iter()
+        .map(|(name, d)| {
+            format!(
+                "{name} {:.1}% ({} us/step)",
+                100.0 * d.as_secs_f64() / total.as_secs_f64(),
+                per_step(d)
+            )
+        })
+        .collect();
+    let layers: Vec<String> = layers.iter().map(|d| per_step(d).to_string()).collect();
+    tracing::info!(
+        steps,
+        total_ms = total.as_millis() as u64,
+        phases = %shares.join(", "),
+        layer_us = %layers.join(" "),
+        "phase times"
+    );
 }

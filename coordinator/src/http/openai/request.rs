@@ -1,0 +1,186 @@
+//! The completions and chat completions request bodies, checked and turned into a generation request.
+
+use serde::Deserialize;
+use strata_proto::v1;
+
+use super::AppState;
+use super::{model_id, ApiError};
+use crate::service::random_u64;
+
+/// A string or a list of strings (OpenAI's `prompt` and `stop`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub(super) fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+
+    pub(super) fn to_vec(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct StreamOptions {
+    #[serde(default)]
+    pub(super) include_usage: bool,
+}
+
+/// What completions and chat completions share. Unknown fields are ignored, as OpenAI-compatible
+/// servers do; fields strata cannot honor are refused by name.
+#[derive(Debug, Deserialize)]
+pub(super) struct Common {
+    #[serde(default)]
+    pub(super) model: Option<String>,
+    #[serde(default)]
+    pub(super) max_tokens: Option<u32>,
+    #[serde(default)]
+    pub(super) temperature: Option<f32>,
+    #[serde(default)]
+    pub(super) top_p: Option<f32>,
+    /// Not in OpenAI's API; llama.cpp and vLLM accept it.
+    #[serde(default)]
+    pub(super) top_k: Option<u32>,
+    #[serde(default)]
+    pub(super) seed: Option<u64>,
+    #[serde(default)]
+    pub(super) stop: Option<OneOrMany>,
+    #[serde(default)]
+    pub(super) stream: bool,
+    #[serde(default)]
+    pub(super) stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub(super) n: Option<u32>,
+    #[serde(default)]
+    pub(super) presence_penalty: Option<f32>,
+    #[serde(default)]
+    pub(super) frequency_penalty: Option<f32>,
+    /// Not in OpenAI's API; vLLM accepts it.
+    #[serde(default)]
+    pub(super) ignore_eos: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub(super) prompt: OneOrMany,
+    #[serde(default)]
+    pub(super) echo: bool,
+    #[serde(default)]
+    pub(super) logprobs: Option<u32>,
+    /// An extension (llama.cpp's server has it too): read control-token text in the prompt as
+    /// those tokens. Off, the prompt is text.
+    #[serde(default)]
+    pub(super) parse_special: bool,
+    #[serde(flatten)]
+    pub(super) common: Common,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ContentPart {
+    #[serde(rename = "type")]
+    pub(super) kind: String,
+    #[serde(default)]
+    pub(super) text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct Message {
+    pub(super) role: String,
+    #[serde(default)]
+    pub(super) content: Option<MessageContent>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub(super) messages: Vec<Message>,
+    #[serde(default)]
+    pub(super) max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    pub(super) logprobs: bool,
+    #[serde(flatten)]
+    pub(super) common: Common,
+}
+
+impl Common {
+    /// The shared part of a generation request; `max_tokens` is OpenAI's (16 for completions when
+    /// absent, the coordinator's default for chat).
+    pub(super) fn to_request(
+        &self,
+        state: &AppState,
+        max_tokens: Option<u32>,
+    ) -> Result<v1::GenerateRequest, ApiError> {
+        let model = state.service.model();
+        if let Some(asked) = self.model.as_deref().filter(|m| !m.is_empty()) {
+            let id = model_id(model);
+            if asked != id && asked != model.name {
+                return Err(ApiError {
+                    code: Some("model_not_found"),
+                    param: Some("model"),
+                    ..ApiError::not_found(format!(
+                        "the model `{asked}` does not exist here: this server runs `{id}`"
+                    ))
+                });
+            }
+        }
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid("only n = 1 is supported", Some("n")));
+        }
+        for (name, value) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if value.is_some_and(|v| v != 0.0) {
+                return Err(ApiError::invalid(
+                    format!("{name} is not supported: leave it out or 0"),
+                    None,
+                ));
+            }
+        }
+        // OpenAI samples at temperature 1 unless told otherwise, with a fresh seed each time.
+        let temperature = self.temperature.unwrap_or(1.0);
+        let seed = self.seed.unwrap_or_else(random_u64);
+        Ok(v1::GenerateRequest {
+            prompt: String::new(),
+            max_tokens: max_tokens.unwrap_or(0),
+            sampling: Some(v1::SamplingParams {
+                temperature,
+                top_k: self.top_k.unwrap_or(0),
+                top_p: self.top_p.unwrap_or(1.0),
+                seed,
+            }),
+            stop: self
+                .stop
+                .as_ref()
+                .map(OneOrMany::to_vec)
+                .unwrap_or_default(),
+            top_logprobs: 0,
+            ignore_eos: self.ignore_eos,
+            messages: Vec::new(),
+            parse_special: false,
+        })
+    }
+
+    pub(super) fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
+    }
+}

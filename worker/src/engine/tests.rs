@@ -1,0 +1,201 @@
+//! The engine through its handle, on a tiny random model: a step either advances every sequence or
+//! changes none, and calls made for another load change nothing.
+
+use candle_core::Device;
+use strata_model::synthetic::{write_safetensors_model, SyntheticConfig};
+use strata_model::ModelFile;
+
+use super::{Engine, EngineLimits, SequenceStep, StepInput, StepOutput};
+use crate::model::sampling::{Sampled, SamplingParams};
+use crate::model::{KvLayout, StageOptions};
+use crate::WorkerError;
+
+/// Bytes of one KV page of the tiny model (4 layers, 2 KV heads of 16, f32, 16 positions a page).
+const PAGE_BYTES: usize = 2 * 4 * 2 * 16 * 16 * 4;
+
+fn tiny_model(dir: &std::path::Path) -> ModelFile {
+    write_safetensors_model(dir, &SyntheticConfig::tiny()).unwrap();
+    ModelFile::open(dir).unwrap()
+}
+
+/// An engine with the whole tiny model as one stage, its KV pool bounded to `pages` pages.
+async fn start(model: &ModelFile, pages: usize) -> (Engine, u64) {
+    let options = StageOptions {
+        kv_layout: KvLayout::Paged,
+        ..StageOptions::default()
+    };
+    let limits = EngineLimits {
+        max_cache_bytes: Some(pages * PAGE_BYTES),
+        ..EngineLimits::default()
+    };
+    let engine = Engine::start(Some(model.clone()), Device::Cpu, options, limits, 1).unwrap();
+    let epoch = engine.load(0..4, None, None).await.unwrap().epoch;
+    (engine, epoch)
+}
+
+fn step(seq_id: u64, start_pos: usize, ids: Vec<u32>) -> SequenceStep {
+    SequenceStep {
+        seq_id,
+        start_pos,
+        input: StepInput::Tokens(ids),
+        sampling: Some(SamplingParams::GREEDY),
+        top_logprobs: 0,
+    }
+}
+
+fn sampled(outputs: Vec<(u64, StepOutput)>) -> Vec<(u64, Sampled)> {
+    outputs
+        .into_iter()
+        .map(|(id, out)| match out {
+            StepOutput::Sampled(s) => (id, s),
+            StepOutput::Hidden(_) => panic!("a last stage returned hidden states"),
+        })
+        .collect()
+}
+
+fn prompt(n: u32) -> Vec<u32> {
+    (0..n).map(|i| (i * 37 + 11) % 512).collect()
+}
+
+#[tokio::test]
+async fn a_step_that_runs_out_of_kv_pages_leaves_every_sequence_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    // Four pages: sequence 1's 20 positions take two, and only two more sequences fit.
+    let (engine, epoch) = start(&model, 4).await;
+    engine
+        .forward(epoch, vec![step(1, 0, prompt(20))])
+        .await
+        .unwrap();
+    let before = engine.stats();
+
+    let mut too_many = vec![step(1, 20, vec![5])];
+    too_many.extend((2..6).map(|id| step(id, 0, vec![7])));
+    let refused = engine.forward(epoch, too_many).await.unwrap_err();
+    assert!(
+        matches!(&refused, WorkerError::ResourceExhausted(m) if m.contains("KV pool is full")),
+        "{refused:?}"
+    );
+    let after = engine.stats();
+    assert_eq!(after.active_sequences, 1);
+    assert_eq!(after.cached_positions, before.cached_positions);
+    assert_eq!(after.cache_bytes, before.cache_bytes);
+
+    // Sequence 1 goes on as if the failed step never ran, and the new sequences' pages were freed.
+    let mut retry = vec![step(1, 20, vec![5])];
+    retry.extend((2..4).map(|id| step(id, 0, vec![7])));
+    let got = sampled(engine.forward(epoch, retry).await.unwrap().outputs);
+
+    let (reference, reference_epoch) = start(&model, 64).await;
+    reference
+        .forward(reference_epoch, vec![step(1, 0, prompt(20))])
+        .await
+        .unwrap();
+    let mut same = vec![step(1, 20, vec![5])];
+    same.extend((2..4).map(|id| step(id, 0, vec![7])));
+    let want = sampled(
+        reference
+            .forward(reference_epoch, same)
+            .await
+            .unwrap()
+            .outputs,
+    );
+    assert_eq!(got.len(), 3);
+    for ((id, got), (_, want)) in got.iter().zip(&want) {
+        assert_eq!(got.id, want.id, "sequence {id}");
+        assert!((got.logprob - want.logprob).abs() < 1e-5, "sequence {id}");
+    }
+    assert_eq!(engine.stats().cached_positions, 21 + 2);
+}
+
+#[tokio::test]
+async fn a_refused_step_changes_no_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let (engine, epoch) = start(&model, 64).await;
+    engine
+        .forward(epoch, vec![step(1, 0, prompt(3)), step(2, 0, prompt(4))])
+        .await
+        .unwrap();
+    // Sequence 1 would decode, but sequence 2's position is wrong: neither moves.
+    let refused = engine
+        .forward(epoch, vec![step(1, 3, vec![1]), step(2, 5, vec![1])])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, WorkerError::InvalidArgument(_)),
+        "{refused:?}"
+    );
+    assert_eq!(engine.stats().cached_positions, 7);
+    engine
+        .forward(epoch, vec![step(1, 3, vec![1]), step(2, 4, vec![1])])
+        .await
+        .unwrap();
+    assert_eq!(engine.stats().cached_positions, 9);
+}
+
+#[tokio::test]
+async fn calls_for_another_load_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let (engine, old) = start(&model, 64).await;
+    engine
+        .forward(old, vec![step(1, 0, prompt(3))])
+        .await
+        .unwrap();
+    assert_eq!(engine.release(old, vec![1, 9]).await.unwrap(), 1);
+    engine
+        .forward(old, vec![step(1, 0, prompt(3))])
+        .await
+        .unwrap();
+
+    // A second load (another coordinator) drops every sequence and takes a new epoch.
+    let new = engine.load(0..4, None, None).await.unwrap().epoch;
+    assert_ne!(new, old);
+    assert_eq!(engine.stats().active_sequences, 0);
+    engine
+        .forward(new, vec![step(2, 0, prompt(3))])
+        .await
+        .unwrap();
+    for refused in [
+        engine.forward(old, vec![step(3, 0, prompt(3))]).await.err(),
+        engine.release(old, vec![2]).await.err(),
+    ] {
+        assert!(
+            matches!(&refused, Some(WorkerError::FailedPrecondition(m)) if m.contains("not the loaded one")),
+            "{refused:?}"
+        );
+    }
+    let stats = engine.stats();
+    assert_eq!(
+        (stats.epoch, stats.active_sequences, stats.cached_positions),
+        (new, 1, 3)
+    );
+}
+
+#[tokio::test]
+async fn nothing_runs_before_a_stage_is_loaded_and_warmup_keeps_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let engine = Engine::start(
+        Some(model.clone()),
+        Device::Cpu,
+        StageOptions::default(),
+        EngineLimits::default(),
+        1,
+    )
+    .unwrap();
+    let refused = engine
+        .forward(0, vec![step(1, 0, vec![1])])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, WorkerError::FailedPrecondition(m) if m.contains("LoadStage")),
+        "{refused:?}"
+    );
+    assert!(engine.warmup(8).await.is_err());
+    engine.load(0..4, None, None).await.unwrap();
+    engine.warmup(40).await.unwrap();
+    let stats = engine.stats();
+    assert_eq!((stats.active_sequences, stats.cache_bytes), (0, 0));
+}

@@ -1,0 +1,441 @@
+//! A micro-batch checked whole against the stage and the cached sequences, before anything changes:
+//! a refused step leaves every cache as it was.
+
+use std::collections::HashSet;
+use std::ops::Range;
+
+use super::{EngineLimits, SequenceStep, StepInput, MAX_TOP_LOGPROBS};
+use crate::model::Stage;
+use crate::WorkerError;
+
+/// What validation needs to know of the loaded stage.
+#[derive(Debug, Clone)]
+pub(super) struct StageShape {
+    pub layers: Range<usize>,
+    pub is_first: bool,
+    pub is_last: bool,
+    pub context_length: usize,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    /// Bytes of keys and values one position takes over the stage's layers.
+    pub kv_bytes_per_position: usize,
+}
+
+impl StageShape {
+    pub fn of(stage: &Stage) -> Self {
+        let config = stage.config();
+        Self {
+            layers: stage.layers(),
+            is_first: stage.is_first(),
+            is_last: stage.is_last(),
+            context_length: config.context_length,
+            vocab_size: config.vocab_size,
+            hidden_size: config.hidden_size,
+            kv_bytes_per_position: 2
+                * stage.layers().len()
+                * config.num_kv_heads
+                * config.head_dim
+                * stage.dtype().size_in_bytes(),
+        }
+    }
+}
+
+/// What the engine holds: each cached sequence's length, and the totals.
+pub(super) struct Holding<F: Fn(u64) -> Option<usize>> {
+    pub cached_len: F,
+    pub sequences: usize,
+    pub bytes: usize,
+}
+
+pub(super) fn validate<F: Fn(u64) -> Option<usize>>(
+    steps: &[SequenceStep],
+    stage: &StageShape,
+    holding: &Holding<F>,
+    limits: &EngineLimits,
+    max_cache_bytes: usize,
+) -> Result<(), WorkerError> {
+    if steps.is_empty() {
+        return Err(WorkerError::invalid("Forward with no sequences"));
+    }
+    let mut seen = HashSet::with_capacity(steps.len());
+    let mut rows = 0usize;
+    let mut new_sequences = 0usize;
+    for step in steps {
+        let id = step.seq_id;
+        if !seen.insert(id) {
+            return Err(WorkerError::invalid(format!(
+                "sequence {id} appears twice in one Forward"
+            )));
+        }
+        let len = step.input.len();
+        if len == 0 {
+            return Err(WorkerError::invalid(format!(
+                "sequence {id}: no new positions"
+            )));
+        }
+        rows += len;
+        match (holding.cached_len)(id) {
+            None if step.start_pos > 0 => {
+                return Err(WorkerError::NotFound(format!(
+                    "sequence {id} is not cached on this worker (start_pos {} needs its earlier positions; \
+                     start it with start_pos 0)",
+                    step.start_pos
+                )))
+            }
+            None => new_sequences += 1,
+            // The cached length is not said: an error tells the caller nothing about a sequence
+            // beyond what it sent.
+            Some(cached) if cached != step.start_pos => {
+                return Err(WorkerError::invalid(format!(
+                    "sequence {id}: start_pos {} is not where its cache ends; positions must follow \
+                     on without gaps or rewrites",
+                    step.start_pos,
+                )))
+            }
+            Some(_) => {}
+        }
+        if step.start_pos + len > stage.context_length {
+            return Err(WorkerError::invalid(format!(
+                "sequence {id}: positions up to {} exceed the model's context length {}",
+                step.start_pos + len,
+                stage.context_length
+            )));
+        }
+        check_input(id, &step.input, len, stage)?;
+        if stage.is_last {
+            if step.sampling.is_none() {
+                return Err(WorkerError::invalid(format!(
+                    "sequence {id}: the last stage needs sampling parameters"
+                )));
+            }
+            if step.top_logprobs > MAX_TOP_LOGPROBS {
+                return Err(WorkerError::invalid(format!(
+                    "sequence {id}: top_logprobs {} is over the limit of {MAX_TOP_LOGPROBS}",
+                    step.top_logprobs
+                )));
+            }
+        }
+    }
+    if rows > limits.max_batch_rows {
+        return Err(WorkerError::ResourceExhausted(format!(
+            "Forward of {rows} positions is over this worker's limit of {}",
+            limits.max_batch_rows
+        )));
+    }
+    // Caches grow by doubling, so a step of `rows` positions may allocate up to twice their size.
+    let could_need = holding.bytes.saturating_add(
+        rows.saturating_mul(stage.kv_bytes_per_position)
+            .saturating_mul(2),
+    );
+    if could_need > max_cache_bytes {
+        return Err(WorkerError::ResourceExhausted(format!(
+            "KV caches would grow past this worker's limit of {} MiB (holding {} MiB for {} sequences); \
+             retry when sequences finish",
+            max_cache_bytes >> 20,
+            holding.bytes >> 20,
+            holding.sequences
+        )));
+    }
+    if holding.sequences + new_sequences > limits.max_sequences {
+        return Err(WorkerError::ResourceExhausted(format!(
+            "{} new sequences would exceed this worker's limit of {} (holding {})",
+            new_sequences, limits.max_sequences, holding.sequences
+        )));
+    }
+    Ok(())
+}
+
+/// Token ids go to the first stage only, inside the vocabulary; hidden states to the others, one
+/// row of the model's width per position.
+fn check_input(
+    id: u64,
+    input: &StepInput,
+    len: usize,
+    stage: &StageShape,
+) -> Result<(), WorkerError> {
+    match input {
+        StepInput::Tokens(ids) => {
+            if !stage.is_first {
+                return Err(WorkerError::invalid(format!(
+                    "sequence {id}: token ids sent to a stage starting at layer {}; it takes hidden states",
+                    stage.layers.start
+                )));
+            }
+            if let Some(bad) = ids.iter().find(|&&t| t as usize >= stage.vocab_size) {
+                return Err(WorkerError::invalid(format!(
+                    "sequence {id}: token id {bad} is outside the vocabulary of {}",
+                    stage.vocab_size
+                )));
+            }
+        }
+        StepInput::Hidden(t) => {
+            if stage.is_first {
+                return Err(WorkerError::invalid(format!(
+                    "sequence {id}: hidden states sent to the first stage; it takes token ids"
+                )));
+            }
+            if t.dims() != [len, stage.hidden_size] {
+                return Err(WorkerError::invalid(format!(
+                    "sequence {id}: hidden states of shape {:?}; expected [n_tokens, {}]",
+                    t.dims(),
+                    stage.hidden_size
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device, Tensor};
+
+    use super::{validate, Holding, StageShape};
+    use crate::engine::{EngineLimits, SequenceStep, StepInput};
+    use crate::model::sampling::SamplingParams;
+    use crate::WorkerError;
+
+    /// A last stage of layers 2..4 (width 8, vocabulary 100, context 64), 1 KiB of KV per position.
+    fn middle_and_last() -> StageShape {
+        StageShape {
+            layers: 2..4,
+            is_first: false,
+            is_last: true,
+            context_length: 64,
+            vocab_size: 100,
+            hidden_size: 8,
+            kv_bytes_per_position: 1024,
+        }
+    }
+
+    fn first() -> StageShape {
+        StageShape {
+            layers: 0..2,
+            is_first: true,
+            is_last: false,
+            ..middle_and_last()
+        }
+    }
+
+    fn tokens(seq_id: u64, start_pos: usize, ids: &[u32]) -> SequenceStep {
+        SequenceStep {
+            seq_id,
+            start_pos,
+            input: StepInput::Tokens(ids.to_vec()),
+            sampling: None,
+            top_logprobs: 0,
+        }
+    }
+
+    fn hidden(seq_id: u64, start_pos: usize, rows: usize, width: usize) -> SequenceStep {
+        SequenceStep {
+            seq_id,
+            start_pos,
+            input: StepInput::Hidden(
+                Tensor::zeros((rows, width), DType::F32, &Device::Cpu).unwrap(),
+            ),
+            sampling: Some(SamplingParams::GREEDY),
+            top_logprobs: 0,
+        }
+    }
+
+    fn limits() -> EngineLimits {
+        EngineLimits {
+            max_sequences: 3,
+            max_batch_rows: 16,
+            ..EngineLimits::default()
+        }
+    }
+
+    /// Validates against sequence 7 cached with 5 positions (5 KiB) and a 64 KiB bound; returns the
+    /// error's kind and message, or "ok".
+    fn check(stage: StageShape, steps: Vec<SequenceStep>) -> (String, String) {
+        let cached = HashMap::from([(7u64, 5usize)]);
+        let holding = Holding {
+            cached_len: |id| cached.get(&id).copied(),
+            sequences: cached.len(),
+            bytes: 5 * 1024,
+        };
+        match validate(&steps, &stage, &holding, &limits(), 64 << 10) {
+            Ok(()) => ("ok".into(), String::new()),
+            Err(e) => {
+                let kind = match &e {
+                    WorkerError::InvalidArgument(_) => "invalid",
+                    WorkerError::NotFound(_) => "not found",
+                    WorkerError::ResourceExhausted(_) => "exhausted",
+                    _ => "other",
+                };
+                (kind.into(), e.to_string())
+            }
+        }
+    }
+
+    #[test]
+    fn micro_batches_are_refused_with_the_reason_named() {
+        let long = |id, start, n: usize| tokens(id, start, &vec![1; n]);
+        let with_top = |n| SequenceStep {
+            top_logprobs: n,
+            ..hidden(1, 0, 1, 8)
+        };
+        let unsampled = SequenceStep {
+            sampling: None,
+            ..hidden(1, 0, 1, 8)
+        };
+        let cases: Vec<(&str, StageShape, Vec<SequenceStep>, &str, &str)> = vec![
+            (
+                "a new and a cached sequence",
+                first(),
+                vec![long(1, 0, 4), long(7, 5, 1)],
+                "ok",
+                "",
+            ),
+            (
+                "a last stage's step",
+                middle_and_last(),
+                vec![hidden(7, 5, 1, 8)],
+                "ok",
+                "",
+            ),
+            ("nothing", first(), vec![], "invalid", "no sequences"),
+            (
+                "a sequence twice",
+                first(),
+                vec![long(1, 0, 1), long(1, 0, 1)],
+                "invalid",
+                "appears twice",
+            ),
+            (
+                "no positions",
+                first(),
+                vec![long(1, 0, 0)],
+                "invalid",
+                "no new positions",
+            ),
+            (
+                "a position past an uncached start",
+                first(),
+                vec![long(2, 3, 1)],
+                "not found",
+                "not cached",
+            ),
+            (
+                "a gap after the cache",
+                first(),
+                vec![long(7, 6, 1)],
+                "invalid",
+                "not where its cache ends",
+            ),
+            (
+                "a rewrite inside the cache",
+                first(),
+                vec![long(7, 4, 1)],
+                "invalid",
+                "not where its cache ends",
+            ),
+            (
+                "past the context",
+                first(),
+                vec![long(7, 5, 60)],
+                "invalid",
+                "context length 64",
+            ),
+            (
+                "a token outside the vocabulary",
+                first(),
+                vec![tokens(1, 0, &[3, 100])],
+                "invalid",
+                "token id 100",
+            ),
+            (
+                "tokens to a later stage",
+                middle_and_last(),
+                vec![long(1, 0, 1)],
+                "invalid",
+                "starting at layer 2",
+            ),
+            (
+                "hidden states to the first stage",
+                first(),
+                vec![hidden(1, 0, 1, 8)],
+                "invalid",
+                "first stage",
+            ),
+            (
+                "hidden states of the wrong width",
+                middle_and_last(),
+                vec![hidden(1, 0, 2, 9)],
+                "invalid",
+                "[2, 9]",
+            ),
+            (
+                "no sampling on the last stage",
+                middle_and_last(),
+                vec![unsampled],
+                "invalid",
+                "sampling parameters",
+            ),
+            (
+                "too many alternatives",
+                middle_and_last(),
+                vec![with_top(21)],
+                "invalid",
+                "limit of 20",
+            ),
+            (
+                "the most alternatives",
+                middle_and_last(),
+                vec![with_top(20)],
+                "ok",
+                "",
+            ),
+            (
+                "more rows than a step takes",
+                first(),
+                vec![long(1, 0, 10), long(2, 0, 7)],
+                "exhausted",
+                "17 positions",
+            ),
+            // 5 KiB held + 2 × 16 KiB may grow to 37 KiB: under 64. 30 positions would be 65 KiB.
+            ("the most rows", first(), vec![long(1, 0, 16)], "ok", ""),
+            (
+                "more sequences than the worker keeps",
+                first(),
+                vec![long(1, 0, 1), long(2, 0, 1), long(3, 0, 1)],
+                "exhausted",
+                "limit of 3",
+            ),
+        ];
+        for (what, stage, steps, kind, message) in cases {
+            let (got_kind, got_message) = check(stage, steps);
+            assert_eq!(got_kind, kind, "{what}: {got_message}");
+            assert!(
+                got_message.contains(message),
+                "{what}: {got_message:?} lacks {message:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_kv_bound_counts_what_is_held_and_twice_what_a_step_adds() {
+        let stage = first();
+        let steps = vec![tokens(1, 0, &[1; 12])];
+        let cached = HashMap::<u64, usize>::new();
+        let held = |bytes| Holding {
+            cached_len: |id: u64| cached.get(&id).copied(),
+            sequences: 2,
+            bytes,
+        };
+        // 12 positions may grow caches by 24 KiB.
+        let bound = 64 << 10;
+        assert!(validate(&steps, &stage, &held(40 << 10), &limits(), bound).is_ok());
+        let refused =
+            validate(&steps, &stage, &held((40 << 10) + 1), &limits(), bound).unwrap_err();
+        assert!(
+            matches!(refused, WorkerError::ResourceExhausted(_)),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains("for 2 sequences"), "{refused}");
+    }
+}

@@ -1,0 +1,247 @@
+//! Attention of one block: per sequence against its own cache, fused where a kernel allows, or
+//! over a paged pool as one padded batch.
+
+use candle_core::{Result, Tensor};
+
+use crate::model::kv_cache::SequenceKv;
+use crate::model::kv_pool::KvPool;
+use crate::model::mask::MaskCache;
+use crate::model::paged_step::{DecodeBatch, PagedStep};
+
+use super::{stack_rows, Layer, Segment, StepContext};
+
+impl Layer {
+    /// Attention with per-sequence caches: each sequence appends to and reads its own tensors.
+    pub(super) fn attend_each(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layer: usize,
+        caches: &mut [SequenceKv],
+        ctx: &mut StepContext<'_>,
+    ) -> Result<Tensor> {
+        let mut outputs = Vec::with_capacity(ctx.segments.len());
+        for (seg, cache) in ctx.segments.iter().zip(caches.iter_mut()) {
+            let q = q.narrow(0, seg.offset, seg.len)?;
+            let k = k
+                .narrow(0, seg.offset, seg.len)?
+                .transpose(0, 1)?
+                .contiguous()?;
+            let v = v
+                .narrow(0, seg.offset, seg.len)?
+                .transpose(0, 1)?
+                .contiguous()?;
+            let cache = cache
+                .layer(layer)
+                .ok_or_else(|| candle_core::Error::msg("a paged cache in a contiguous step"))?;
+            let (k_all, v_all) = cache.append(&k, &v, ctx.max_len)?;
+            outputs.push(self.attend(&q, &k_all, &v_all, seg, ctx.masks)?);
+        }
+        stack_rows(outputs)
+    }
+
+    /// The fused CUDA path: one kernel rotates queries and keys out of the fused q/k/v projection and
+    /// writes keys and values into the pool, then attention reads the pool.
+    pub(super) fn attend_fused(
+        &self,
+        h: &Tensor,
+        pool: &KvPool,
+        layer: usize,
+        step: &PagedStep,
+        ctx: &mut StepContext<'_>,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        {
+            let y = self.qkv.fused_output(h)?.ok_or_else(|| {
+                candle_core::Error::msg("a fused pool write needs fused q/k/v weights")
+            })?;
+            let RopeAngles::Indexed { cos, sin, index } = &ctx.angles[self.rope] else {
+                candle_core::bail!("the fused pool write needs indexed RoPE angles");
+            };
+            let (keys, values) = pool.layer(layer);
+            let q = super::paged_attention::rope_and_write(
+                &y,
+                cos,
+                sin,
+                index,
+                &step.write,
+                keys,
+                values,
+                self.num_heads,
+                ctx.ropes[self.rope].interleaved(),
+            )?;
+            phase_timer::mark(h.device(), "norm, qkv, rope");
+            self.attend_paged(&q, pool, layer, step, ctx)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (h, pool, layer, step, ctx);
+            Err(candle_core::Error::msg(
+                "the fused pool write needs a CUDA build",
+            ))
+        }
+    }
+
+    /// Attention with the paged pool, whose rows for this step are written: decoding sequences
+    /// attend as one padded batch (or one kernel), prefill segments one by one (they are few and
+    /// long).
+    pub(super) fn attend_paged(
+        &self,
+        q: &Tensor,
+        pool: &KvPool,
+        layer: usize,
+        step: &PagedStep,
+        ctx: &mut StepContext<'_>,
+    ) -> Result<Tensor> {
+        let (keys, values) = pool.layer(layer);
+        let mut outputs = Vec::with_capacity(1 + step.prefill.len());
+        if let Some(batch) = &step.decode {
+            let q = match &batch.rows {
+                Some(rows) => q.index_select(rows, 0)?,
+                None => q.clone(),
+            };
+            outputs.push(self.attend_batch(&q, keys, values, batch, ctx.attention_wide_from)?);
+        }
+        for read in &step.prefill {
+            let seg = ctx.segments[read.segment];
+            let q = q.narrow(0, seg.offset, seg.len)?;
+            let k_all = keys.index_select(&read.gather, 1)?;
+            let v_all = values.index_select(&read.gather, 1)?;
+            outputs.push(self.attend(&q, &k_all, &v_all, &seg, ctx.masks)?);
+        }
+        let attn = stack_rows(outputs)?;
+        match &step.restore {
+            Some(order) => attn.index_select(order, 0),
+            None => Ok(attn),
+        }
+    }
+
+    /// Decode attention of `batch.sequences` sequences at once: `q: [sequences, heads, head_dim]`
+    /// against their histories gathered from the pool and padded to the longest (padding masked).
+    fn attend_batch(
+        &self,
+        q: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        batch: &DecodeBatch,
+        wide_from: usize,
+    ) -> Result<Tensor> {
+        // A sliding layer whose window cuts some history short attends through the window mask;
+        // the fused kernel reads whole histories.
+        let window_mask = batch.window_mask.as_ref().filter(|_| self.window.is_some());
+        #[cfg(not(feature = "cuda"))]
+        let _ = wide_from;
+        #[cfg(feature = "cuda")]
+        if let (Some(lens), None) = (&batch.lens, window_mask) {
+            let scale = if self.q_prescaled {
+                1.0
+            } else {
+                self.scale as f32
+            };
+            let n = batch.sequences;
+            let q = q.reshape((n, self.num_heads, self.head_dim))?;
+            return super::paged_attention::decode_attention(
+                &q,
+                keys,
+                values,
+                &batch.gather,
+                lens,
+                batch.len,
+                scale,
+                batch.len >= wide_from,
+            )?
+            .reshape((n, self.num_heads * self.head_dim));
+        }
+        let (n, len) = (batch.sequences, batch.len);
+        let group = self.num_heads / self.num_kv_heads;
+        let q = q
+            .reshape((n, self.num_kv_heads, group, self.head_dim))?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let shape = (self.num_kv_heads, n, len, self.head_dim);
+        let k = keys.index_select(&batch.gather, 1)?.reshape(shape)?;
+        let v = values.index_select(&batch.gather, 1)?.reshape(shape)?;
+        let scores = self.scaled(q.matmul(&k.t()?)?)?;
+        let scores = match window_mask.or(batch.mask.as_ref()) {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        probs
+            .matmul(&v)?
+            .transpose(0, 1)?
+            .reshape((n, self.num_heads * self.head_dim))
+    }
+
+    /// Attention scores `q·k` times the attention scale (unless the query weights carry it), then
+    /// soft-capped where the family caps them.
+    fn scaled(&self, scores: Tensor) -> Result<Tensor> {
+        let scores = if self.q_prescaled {
+            scores
+        } else {
+            (scores * self.scale)?
+        };
+        match self.softcap {
+            Some(cap) => (scores / cap as f64)?.tanh()? * cap as f64,
+            None => Ok(scores),
+        }
+    }
+
+    /// Attention of one sequence: `q: [len, heads, head_dim]` against its whole history
+    /// `k, v: [kv_heads, kv_len, head_dim]`, giving `[len, heads * head_dim]`.
+    ///
+    /// Grouped-query attention without copying keys and values: the query heads that share a
+    /// key/value head are stacked along the row axis (`[kv_heads, group * len, head_dim]`), so one
+    /// batched matmul per kv head does the work that `repeat_kv` would do with `group` copies.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seg: &Segment,
+        masks: &mut MaskCache,
+    ) -> Result<Tensor> {
+        let group = self.num_heads / self.num_kv_heads;
+        let len = seg.len;
+        // A decoding row of a sliding layer sees only the window's last positions: read just
+        // those; prompt rows get the window in their mask.
+        let (k, v) = match self.window {
+            Some(w) if len == 1 && k.dim(1)? > w => {
+                let start = k.dim(1)? - w;
+                (k.narrow(1, start, w)?, v.narrow(1, start, w)?)
+            }
+            _ => (k.clone(), v.clone()),
+        };
+        let (k, v) = (&k, &v);
+        let kv_len = k.dim(1)?;
+        let q = q.transpose(0, 1)?.contiguous()?.reshape((
+            self.num_kv_heads,
+            group * len,
+            self.head_dim,
+        ))?;
+        // The cache views are strided (`[kv_heads, kv_len, head_dim]` out of a longer buffer). CPU and
+        // CUDA matmuls take them as they are; Metal's matmul wants contiguous operands (the seed's
+        // "explicit tensor contiguity"), so only there do we pay for the copy.
+        let (k, v) = if k.device().is_metal() {
+            (k.contiguous()?, v.contiguous()?)
+        } else {
+            (k.clone(), v.clone())
+        };
+        let scores = self.scaled(q.matmul(&k.t()?)?)?;
+        let scores = if len > 1 {
+            let mask = masks.get(len, kv_len, self.window, scores.dtype(), scores.device())?;
+            scores
+                .reshape((self.num_kv_heads, group, len, kv_len))?
+                .broadcast_add(&mask)?
+                .reshape((self.num_kv_heads, group * len, kv_len))?
+        } else {
+            scores
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?;
+        out.reshape((self.num_heads, len, self.head_dim))?
+            .transpose(0, 1)?
+            .reshape((len, self.num_heads * self.head_dim))
+    }
+}
