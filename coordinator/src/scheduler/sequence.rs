@@ -165,7 +165,6 @@ pub(super) fn finish(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::Duration;
 
     use tokio::sync::mpsc;
@@ -173,8 +172,8 @@ mod tests {
 
     use super::{advance, finish, Sequence};
     use crate::events::{EventReceiver, FinishReason, GenerationEvent};
-    use crate::pipeline::{Sampled, Sampling};
-    use crate::scheduler::tests::smollm2;
+    use crate::pipeline::Sampled;
+    use crate::scheduler::tests::{request, smollm2};
     use crate::scheduler::GenerationRequest;
 
     fn sequence(prompt: Vec<u32>, max_tokens: usize, stop: &[&str]) -> (Sequence, EventReceiver) {
@@ -183,18 +182,8 @@ mod tests {
         let request = GenerationRequest {
             prompt_ids: prompt,
             max_tokens,
-            sampling: Sampling {
-                temperature: 0.0,
-                top_k: 0,
-                top_p: 1.0,
-                seed: 0,
-            },
             stop,
-            top_logprobs: 0,
-            ignore_eos: false,
-            deadline: Instant::now() + Duration::from_secs(60),
-            request_id: Arc::from("test"),
-            caller: Arc::from("-"),
+            ..request(Duration::from_secs(60))
         };
         (
             Sequence::new(1, request, events, Instant::now(), 2),
