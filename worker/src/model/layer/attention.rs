@@ -9,6 +9,8 @@ use crate::model::mask::MaskCache;
 use crate::model::paged_step::{DecodeBatch, PagedStep};
 
 use super::{stack_rows, Layer, Segment, StepContext};
+#[cfg(feature = "cuda")]
+use crate::model::{paged_attention, phase_timer, rope::RopeAngles};
 
 impl Layer {
     /// Attention with per-sequence caches: each sequence appends to and reads its own tensors.
@@ -60,7 +62,7 @@ impl Layer {
                 candle_core::bail!("the fused pool write needs indexed RoPE angles");
             };
             let (keys, values) = pool.layer(layer);
-            let q = super::paged_attention::rope_and_write(
+            let q = paged_attention::rope_and_write(
                 &y,
                 cos,
                 sin,
@@ -141,7 +143,7 @@ impl Layer {
             };
             let n = batch.sequences;
             let q = q.reshape((n, self.num_heads, self.head_dim))?;
-            return super::paged_attention::decode_attention(
+            return paged_attention::decode_attention(
                 &q,
                 keys,
                 values,
