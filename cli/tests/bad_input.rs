@@ -28,11 +28,28 @@ fn seq(seq_id: u64, start_pos: u32, input: v1::sequence_input::Input) -> v1::Seq
             temperature: 0.0,
             top_k: 0,
             top_p: 1.0,
-            seed: 0,
+            ..Default::default()
         }),
         top_logprobs: 0,
         request_id: String::new(),
+        seen: Vec::new(),
     }
+}
+
+/// `seq` with its sampling changed by `change`, and `seen` tokens.
+fn seq_sampling(
+    seq_id: u64,
+    change: impl FnOnce(&mut v1::SamplingParams),
+    seen: Vec<v1::TokenCount>,
+) -> v1::SequenceInput {
+    let mut s = seq(
+        seq_id,
+        0,
+        v1::sequence_input::Input::Hidden(hidden(1, HIDDEN)),
+    );
+    change(s.sampling.as_mut().unwrap());
+    s.seen = seen;
+    s
 }
 
 fn forward(epoch: u64, sequences: Vec<v1::SequenceInput>) -> v1::ForwardRequest {
@@ -303,11 +320,46 @@ async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
                 sampling: None,
                 top_logprobs: 0,
                 request_id: String::new(),
+                seen: Vec::new(),
             }],
             Code::InvalidArgument,
             "neither token ids nor hidden states",
         ),
         ("empty batch", vec![], Code::InvalidArgument, "no sequences"),
+        (
+            "a penalty out of range",
+            vec![seq_sampling(1, |p| p.presence_penalty = 5.0, Vec::new())],
+            Code::InvalidArgument,
+            "presence_penalty 5 must be in [-2, 2]",
+        ),
+        (
+            "a bias for a token outside the vocabulary",
+            vec![seq_sampling(
+                1,
+                |p| {
+                    p.logit_bias = vec![v1::TokenBias {
+                        id: 49152,
+                        bias: 1.0,
+                    }]
+                },
+                Vec::new(),
+            )],
+            Code::InvalidArgument,
+            "token 49152 is outside the vocabulary of 49152",
+        ),
+        (
+            "a seen token outside the vocabulary",
+            vec![seq_sampling(
+                1,
+                |p| p.repetition_penalty = 1.2,
+                vec![v1::TokenCount {
+                    id: u32::MAX,
+                    generated: 1,
+                }],
+            )],
+            Code::InvalidArgument,
+            "is outside the vocabulary",
+        ),
         // A valid sequence in the same batch as a bad one: the whole call is refused, nothing runs.
         (
             "one bad in a batch",

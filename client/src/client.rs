@@ -50,7 +50,16 @@ pub struct GenerateParams {
     pub top_k: u32,
     /// 1 disables.
     pub top_p: f32,
+    /// 0 disables.
+    pub min_p: f32,
     pub seed: u64,
+    /// OpenAI's presence and frequency penalties (over generated tokens); 0 disables.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// Over prompt and generated tokens; 1 (or 0) disables.
+    pub repetition_penalty: f32,
+    /// `(token id, bias)` added to those logits.
+    pub logit_bias: Vec<(u32, f32)>,
     pub stop: Vec<String>,
     /// Alternatives to report per token (at most 20).
     pub top_logprobs: u32,
@@ -69,7 +78,12 @@ impl Default for GenerateParams {
             temperature: 0.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
             seed: 0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
             stop: Vec::new(),
             top_logprobs: 0,
             ignore_eos: false,
@@ -153,6 +167,8 @@ pub struct Generation {
     pub total: Duration,
     /// When each token arrived, since the request arrived.
     pub token_times: Vec<Duration>,
+    /// Per token, its log-probability under the raw logits.
+    pub logprobs: Vec<f32>,
     /// Per token, the most likely alternatives (if asked for).
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
     pub stage_forward: Vec<Duration>,
@@ -243,6 +259,15 @@ impl StrataClient {
                 top_k: params.top_k,
                 top_p: params.top_p,
                 seed: params.seed,
+                min_p: params.min_p,
+                presence_penalty: params.presence_penalty,
+                frequency_penalty: params.frequency_penalty,
+                repetition_penalty: params.repetition_penalty,
+                logit_bias: params
+                    .logit_bias
+                    .iter()
+                    .map(|&(id, bias)| v1::TokenBias { id, bias })
+                    .collect(),
             }),
             stop: params.stop.clone(),
             top_logprobs: params.top_logprobs,
@@ -330,6 +355,7 @@ pub async fn collect(mut stream: TokenStream) -> Result<Generation, ClientError>
     let mut token_ids = Vec::new();
     let mut text = String::new();
     let mut token_times = Vec::new();
+    let mut logprobs = Vec::new();
     let mut top_logprobs = Vec::new();
     while let Some(event) = stream.next().await {
         match event? {
@@ -337,6 +363,7 @@ pub async fn collect(mut stream: TokenStream) -> Result<Generation, ClientError>
                 token_ids.push(t.id);
                 text.push_str(&t.text);
                 token_times.push(t.elapsed);
+                logprobs.push(t.logprob);
                 top_logprobs.push(t.top_logprobs);
             }
             Event::Finished(f) => {
@@ -349,6 +376,7 @@ pub async fn collect(mut stream: TokenStream) -> Result<Generation, ClientError>
                     ttft: f.ttft,
                     total: f.total,
                     token_times,
+                    logprobs,
                     top_logprobs,
                     stage_forward: f.stage_forward,
                     stage_hop: f.stage_hop,

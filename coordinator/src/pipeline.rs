@@ -85,6 +85,8 @@ pub struct StepEntry {
     pub tokens: Vec<u32>,
     pub sampling: Sampling,
     pub top_logprobs: u32,
+    /// The sequence's tokens so far as `(id, times generated)`, when its sampling penalizes them.
+    pub seen: Vec<(u32, u32)>,
     /// The request it serves, for the workers' logs (sent with a sequence's first step).
     pub request_id: Option<Arc<str>>,
 }
@@ -279,8 +281,16 @@ impl Pipeline {
                     seq_id: e.seq_id,
                     start_pos: e.start_pos,
                     input: input.take(),
-                    sampling: (i == last).then(|| e.sampling.into()),
+                    sampling: (i == last).then(|| (&e.sampling).into()),
                     top_logprobs: if i == last { e.top_logprobs } else { 0 },
+                    seen: if i == last {
+                        e.seen
+                            .iter()
+                            .map(|&(id, generated)| v1::TokenCount { id, generated })
+                            .collect()
+                    } else {
+                        Vec::new()
+                    },
                     request_id: e.request_id.as_deref().unwrap_or_default().to_string(),
                 })
                 .collect();

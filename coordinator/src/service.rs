@@ -175,19 +175,20 @@ impl CoordinatorService {
             }
             n => n,
         };
-        let sampling = r.sampling.map_or(Sampling::GREEDY, Sampling::from);
-        if !sampling.temperature.is_finite() || sampling.temperature < 0.0 {
-            return Err(invalid(format!(
-                "temperature {} must be a finite number ≥ 0",
-                sampling.temperature
-            )));
+        if let Some(p) = &r.sampling {
+            p.check().map_err(invalid)?;
+            let vocab = self.model.config.vocab_size;
+            if let Some(b) = p.logit_bias.iter().find(|b| b.id as usize >= vocab) {
+                return Err(invalid(format!(
+                    "logit_bias names token {}, outside the vocabulary of {vocab}",
+                    b.id
+                )));
+            }
         }
-        if !sampling.top_p.is_finite() || !(0.0..=1.0).contains(&sampling.top_p) {
-            return Err(invalid(format!(
-                "top_p {} must be in [0, 1]",
-                sampling.top_p
-            )));
-        }
+        let sampling = r
+            .sampling
+            .clone()
+            .map_or_else(Sampling::greedy, Sampling::from);
         if r.top_logprobs > 20 {
             return Err(invalid(format!(
                 "top_logprobs {} is over the limit of 20",
@@ -337,6 +338,12 @@ impl CoordinatorService {
 
     pub fn model(&self) -> &ModelFile {
         &self.model
+    }
+
+    /// The text of one token as the APIs show it alone (logprobs' `token`): a token that ends
+    /// inside a character shows as U+FFFD.
+    pub fn token_text(&self, id: u32) -> String {
+        self.tokenizer.decode(&[id]).unwrap_or_default()
     }
 }
 

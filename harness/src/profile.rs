@@ -411,6 +411,7 @@ mod tests {
             ttft: ms(100),
             total: ms(140),
             token_times: vec![ms(100), ms(110), ms(140)],
+            logprobs: vec![-0.5, -1.0, -0.25],
             top_logprobs: vec![],
             stage_forward: vec![ms(30), ms(40)],
             stage_hop: vec![ms(1), ms(2)],

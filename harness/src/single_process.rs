@@ -38,6 +38,7 @@ impl SingleProcess {
             input: StepInput::Tokens(input),
             sampling: Some(SamplingParams::GREEDY),
             top_logprobs: 0,
+            seen: Vec::new(),
         };
         let started = Instant::now();
         let out = self
@@ -146,6 +147,7 @@ impl SingleProcess {
                     input: StepInput::Tokens(input.clone()),
                     sampling: Some(SamplingParams::GREEDY),
                     top_logprobs: 0,
+                    seen: Vec::new(),
                 })
                 .collect();
             let step_started = Instant::now();

@@ -7,3 +7,6 @@
 pub mod v1 {
     tonic::include_proto!("strata.v1");
 }
+
+mod checks;
+pub use checks::MAX_LOGIT_BIAS;

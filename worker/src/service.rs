@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::blob_store::BlobStore;
 use crate::engine::{Engine, SequenceStep, StepInput, StepOutput};
-use crate::model::sampling::SamplingParams;
+use crate::model::sampling::{Penalties, SamplingParams};
 use crate::sent_weights::{blob_from_wire, Part};
 use crate::{codec, WorkerError};
 
@@ -102,23 +102,24 @@ fn step_from_wire(s: v1::SequenceInput) -> Result<SequenceStep, WorkerError> {
     let sampling = s
         .sampling
         .map(|p| {
-            if !p.temperature.is_finite() || p.temperature < 0.0 {
-                return Err(WorkerError::invalid(format!(
-                    "sequence {}: temperature {} must be a finite number ≥ 0",
-                    s.seq_id, p.temperature
-                )));
-            }
-            if !p.top_p.is_finite() || !(0.0..=1.0).contains(&p.top_p) {
-                return Err(WorkerError::invalid(format!(
-                    "sequence {}: top_p {} must be in [0, 1]",
-                    s.seq_id, p.top_p
-                )));
-            }
-            Ok(SamplingParams {
+            p.check()
+                .map_err(|e| WorkerError::invalid(format!("sequence {}: {e}", s.seq_id)))?;
+            Ok::<_, WorkerError>(SamplingParams {
                 temperature: p.temperature,
                 top_k: p.top_k as usize,
                 top_p: p.top_p,
+                min_p: p.min_p,
                 seed: p.seed,
+                penalties: Penalties {
+                    presence: p.presence_penalty,
+                    frequency: p.frequency_penalty,
+                    repetition: if p.repetition_penalty == 0.0 {
+                        1.0
+                    } else {
+                        p.repetition_penalty
+                    },
+                },
+                logit_bias: p.logit_bias.iter().map(|b| (b.id, b.bias)).collect(),
             })
         })
         .transpose()?;
@@ -128,6 +129,7 @@ fn step_from_wire(s: v1::SequenceInput) -> Result<SequenceStep, WorkerError> {
         input,
         sampling,
         top_logprobs: s.top_logprobs as usize,
+        seen: s.seen.iter().map(|t| (t.id, t.generated)).collect(),
     })
 }
 

@@ -71,6 +71,18 @@ fn sampling(rng: &mut SplitMix64, hostile: bool) -> Option<v1::SamplingParams> {
             top_k: rng.pick(&[0, 1, 5, 40]),
             top_p: rng.pick(&[1.0, 0.9, 0.5]),
             seed: rng.next_u64(),
+            min_p: rng.pick(&[0.0, 0.0, 0.05]),
+            presence_penalty: rng.pick(&[0.0, 0.0, 0.5, -1.0]),
+            frequency_penalty: rng.pick(&[0.0, 0.0, 0.3]),
+            repetition_penalty: rng.pick(&[0.0, 1.0, 1.1]),
+            logit_bias: if rng.chance(20) {
+                vec![v1::TokenBias {
+                    id: rng.below(VOCAB as usize) as u32,
+                    bias: rng.pick(&[-100.0, 3.0]),
+                }]
+            } else {
+                Vec::new()
+            },
         });
     }
     if rng.chance(10) {
@@ -91,7 +103,36 @@ fn sampling(rng: &mut SplitMix64, hostile: bool) -> Option<v1::SamplingParams> {
         top_k: rng.pick(&[0, 0, 1, 5, VOCAB, VOCAB + 1, u32::MAX]),
         top_p: rng.pick(&[1.0, 1.0, 0.9, 0.0, -1.0, 2.0, f32::NAN]),
         seed: rng.next_u64(),
+        min_p: rng.pick(&[0.0, 0.0, 0.1, 1.0, -0.5, 2.0, f32::NAN]),
+        presence_penalty: rng.pick(&[0.0, 0.0, 1.0, -2.0, 3.0, f32::NAN]),
+        frequency_penalty: rng.pick(&[0.0, 0.0, 1.5, f32::INFINITY]),
+        repetition_penalty: rng.pick(&[0.0, 1.0, 1.3, 0.0001, -1.0, 1e9]),
+        logit_bias: (0..rng.pick(&[0, 0, 1, 3, 301]))
+            .map(|_| v1::TokenBias {
+                id: rng.pick(&[0, 1, VOCAB - 1, VOCAB, u32::MAX]),
+                bias: rng.pick(&[1.0, -100.0, 100.0, 101.0, f32::NAN]),
+            })
+            .collect(),
     })
+}
+
+/// The tokens so far a coordinator would send with penalties, or hostile lists.
+fn seen(rng: &mut SplitMix64, hostile: bool) -> Vec<v1::TokenCount> {
+    let n = if hostile {
+        rng.pick(&[0, 0, 1, 5, 5000])
+    } else {
+        rng.pick(&[0, 0, 1, 5])
+    };
+    (0..n)
+        .map(|i| v1::TokenCount {
+            id: if hostile && rng.chance(5) {
+                rng.pick(&[VOCAB, u32::MAX])
+            } else {
+                i % VOCAB
+            },
+            generated: rng.pick(&[0, 1, 7, u32::MAX]),
+        })
+        .collect()
 }
 
 /// A sequence's part of a request: a plausible continuation, or (`hostile`) anything at all.
@@ -122,6 +163,7 @@ fn sequence(rng: &mut SplitMix64, target: &Target, hostile: bool) -> v1::Sequenc
             sampling: sampling(rng, false),
             top_logprobs: rng.pick(&[0, 1, 5, 20]),
             request_id: String::new(),
+            seen: seen(rng, false),
         };
     }
     let seq_id = if rng.chance(95) {
@@ -170,6 +212,7 @@ fn sequence(rng: &mut SplitMix64, target: &Target, hostile: bool) -> v1::Sequenc
         sampling: sampling(rng, true),
         top_logprobs: rng.pick(&[0, 0, 1, 5, 20, 21, u32::MAX]),
         request_id: request_id(rng),
+        seen: seen(rng, true),
     }
 }
 

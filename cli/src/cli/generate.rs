@@ -40,6 +40,22 @@ pub struct GenerateArgs {
     /// Keep only the K most likely tokens (0 disables).
     #[arg(long, default_value_t = 0)]
     top_k: u32,
+    /// Keep only tokens at least this fraction as likely as the most likely one (0 disables).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Subtract this from the logit of every token generated so far, once (-2 to 2).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    presence_penalty: f32,
+    /// Subtract this from a token's logit per time it was generated (-2 to 2).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    frequency_penalty: f32,
+    /// Divide positive logits (multiply negative ones) of tokens in the prompt or output by this
+    /// (1 disables).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Add BIAS to token ID's logit, as `ID=BIAS` (repeatable; -100 bans the token).
+    #[arg(long, value_parser = parse_bias, allow_hyphen_values = true)]
+    logit_bias: Vec<(u32, f32)>,
     /// Seed of the sampler (default: random). The same seed gives the same text.
     #[arg(long)]
     seed: Option<u64>,
@@ -61,6 +77,22 @@ pub struct GenerateArgs {
     json: bool,
 }
 
+/// `ID=BIAS`, as `--logit-bias` takes it.
+fn parse_bias(s: &str) -> Result<(u32, f32), String> {
+    let (id, bias) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not ID=BIAS"))?;
+    let id = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("{id:?} is not a token id"))?;
+    let bias = bias
+        .trim()
+        .parse()
+        .map_err(|_| format!("{bias:?} is not a number"))?;
+    Ok((id, bias))
+}
+
 pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -72,7 +104,12 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         temperature: args.temperature,
         top_k: args.top_k,
         top_p: args.top_p,
+        min_p: args.min_p,
         seed,
+        presence_penalty: args.presence_penalty,
+        frequency_penalty: args.frequency_penalty,
+        repetition_penalty: args.repetition_penalty,
+        logit_bias: args.logit_bias.clone(),
         stop: args.stop.clone(),
         top_logprobs: if args.json { 5 } else { 0 },
         ignore_eos: args.ignore_eos,
@@ -192,6 +229,7 @@ pub fn to_json(g: &Generation) -> serde_json::Value {
         "decode_tokens_per_s": g.decode_tokens_per_s(),
         "stage_forward_ms": g.stage_forward.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>(),
         "stage_hop_ms": g.stage_hop.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>(),
+        "logprobs": g.logprobs,
         "top_logprobs": g.top_logprobs.iter().map(|top| {
             top.iter().map(|(id, lp)| json!({"id": id, "logprob": lp})).collect::<Vec<_>>()
         }).collect::<Vec<_>>(),

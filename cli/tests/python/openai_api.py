@@ -2,7 +2,9 @@
 `strata serve` (two worker processes and a coordinator) on loopback ports.
 
 Checks: completions and streamed chat completions give the same greedy text as `strata generate`
-(and `strata generate --chat`); a wrong key, and the cluster's token, get 401 in OpenAI's error
+(and `strata generate --chat`); logprobs (chat and completions, streamed and not) equal `strata
+generate --json`'s; `n` gives n choices, streamed and not; penalties and logit_bias reach the sampler
+as `strata generate`'s flags do; a wrong key, and the cluster's token, get 401 in OpenAI's error
 shape; `/metrics` takes only its scrape token, parses with prometheus_client's OpenMetrics parser
 and its counters move by exactly what one request did, under the key's name.
 
@@ -44,15 +46,21 @@ def start_server(scrape_token_file):
     return proc, grpc, http
 
 
-def strata_generate(grpc, prompt, chat=False):
-    """`strata generate`'s greedy text for `prompt`, from the same coordinator over gRPC."""
+def strata_generate_json(grpc, prompt, chat=False, extra=()):
+    """`strata generate --json` for `prompt` (greedy unless `extra` says otherwise), from the
+    same coordinator over gRPC."""
     args = [STRATA, "generate", "--coordinator", f"http://{grpc}", "--prompt", prompt,
-            "--max-tokens", str(MAX_TOKENS), "--temperature", "0", "--json"]
+            "--max-tokens", str(MAX_TOKENS), "--temperature", "0", "--json", *extra]
     if chat:
         args.append("--chat")
     out = subprocess.run(args, check=True, capture_output=True, text=True,
                          env=dict(os.environ, STRATA_API_KEY=API_KEY)).stdout
-    return json.loads(out)["text"]
+    return json.loads(out)
+
+
+def strata_generate(grpc, prompt, chat=False):
+    """`strata generate`'s greedy text for `prompt`."""
+    return strata_generate_json(grpc, prompt, chat)["text"]
 
 
 def scrape(http, token=SCRAPE_TOKEN):
@@ -125,6 +133,96 @@ class OpenAiApiTest(unittest.TestCase):
         self.assertEqual(whole.choices[0].message.content, text)
         self.assertEqual(whole.choices[0].message.role, "assistant")
 
+    def test_chat_logprobs_match_strata_generate(self):
+        expected = strata_generate_json(self.grpc, QUESTION, chat=True)
+        r = self.client.chat.completions.create(
+            model=self.model, messages=[{"role": "user", "content": QUESTION}],
+            max_tokens=MAX_TOKENS, temperature=0, logprobs=True, top_logprobs=5)
+        content = r.choices[0].logprobs.content
+        self.assertEqual(len(content), len(expected["logprobs"]))
+        for got, want, want_top in zip(content, expected["logprobs"], expected["top_logprobs"]):
+            self.assertAlmostEqual(got.logprob, want, places=5)
+            self.assertEqual(len(got.top_logprobs), 5)
+            for alt, w in zip(got.top_logprobs, want_top):
+                self.assertAlmostEqual(alt.logprob, w["logprob"], places=5)
+            # Greedy: the chosen token is the most likely one.
+            self.assertEqual(got.token, got.top_logprobs[0].token)
+            self.assertEqual(bytes(got.bytes).decode("utf-8", "replace"), got.token)
+        self.assertEqual("".join(t.token for t in content), r.choices[0].message.content)
+        # Streamed, every token's logprobs arrive with its chunk.
+        stream = self.client.chat.completions.create(
+            model=self.model, messages=[{"role": "user", "content": QUESTION}],
+            max_tokens=MAX_TOKENS, temperature=0, logprobs=True, top_logprobs=2, stream=True)
+        streamed = [t for chunk in stream for c in chunk.choices if c.logprobs
+                    for t in c.logprobs.content]
+        self.assertEqual([t.token for t in streamed], [t.token for t in content])
+        for s, c in zip(streamed, content):
+            self.assertAlmostEqual(s.logprob, c.logprob, places=6)
+            self.assertEqual(len(s.top_logprobs), 2)
+
+    def test_completion_logprobs_match_strata_generate(self):
+        expected = strata_generate_json(self.grpc, PROMPT)
+        r = self.client.completions.create(model=self.model, prompt=PROMPT,
+                                           max_tokens=MAX_TOKENS, temperature=0, logprobs=3)
+        lp = r.choices[0].logprobs
+        self.assertEqual(len(lp.token_logprobs), MAX_TOKENS)
+        for got, want in zip(lp.token_logprobs, expected["logprobs"]):
+            self.assertAlmostEqual(got, want, places=5)
+        self.assertTrue(all(len(top) >= 1 for top in lp.top_logprobs))
+        self.assertEqual(lp.text_offset[0], 0)
+        self.assertEqual("".join(lp.tokens), r.choices[0].text)
+
+    def test_n_gives_n_choices(self):
+        r = self.client.completions.create(model=self.model, prompt=PROMPT, max_tokens=8,
+                                           temperature=1.0, seed=7, n=3)
+        self.assertEqual([c.index for c in r.choices], [0, 1, 2])
+        # The three choices' tokens together (each at most 8).
+        self.assertGreaterEqual(r.usage.completion_tokens, 3)
+        self.assertLessEqual(r.usage.completion_tokens, 24)
+        # Choice i is seeded seed + i: choice 0 is the same request with n = 1.
+        one = self.client.completions.create(model=self.model, prompt=PROMPT, max_tokens=8,
+                                             temperature=1.0, seed=7)
+        self.assertEqual(one.choices[0].text, r.choices[0].text)
+        self.assertGreater(len({c.text for c in r.choices}), 1, "three draws, one text")
+        # Streamed: each choice's chunks carry its index and add up to the same texts.
+        stream = self.client.chat.completions.create(
+            model=self.model, messages=[{"role": "user", "content": QUESTION}],
+            max_tokens=8, temperature=1.0, seed=7, n=3, stream=True)
+        texts, finishes = ["", "", ""], [None, None, None]
+        for chunk in stream:
+            for c in chunk.choices:
+                texts[c.index] += c.delta.content or ""
+                finishes[c.index] = c.finish_reason or finishes[c.index]
+        whole = self.client.chat.completions.create(
+            model=self.model, messages=[{"role": "user", "content": QUESTION}],
+            max_tokens=8, temperature=1.0, seed=7, n=3)
+        self.assertEqual(texts, [c.message.content for c in whole.choices])
+        self.assertTrue(all(finishes), finishes)
+
+    def test_penalties_and_bias_reach_the_sampler(self):
+        plain = strata_generate_json(self.grpc, PROMPT)
+        cases = [
+            ({"presence_penalty": 1.5}, ["--presence-penalty", "1.5"]),
+            ({"frequency_penalty": 1.0}, ["--frequency-penalty", "1"]),
+            ({"extra_body": {"repetition_penalty": 1.5}}, ["--repetition-penalty", "1.5"]),
+            ({"logit_bias": {str(plain["token_ids"][0]): -100}},
+             ["--logit-bias", f"{plain['token_ids'][0]}=-100"]),
+        ]
+        for options, flags in cases:
+            with self.subTest(options=options):
+                r = self.client.completions.create(model=self.model, prompt=PROMPT,
+                                                   max_tokens=MAX_TOKENS, temperature=0, **options)
+                want = strata_generate_json(self.grpc, PROMPT, extra=flags)
+                self.assertEqual(r.choices[0].text, want["text"])
+                self.assertNotEqual(want["token_ids"], plain["token_ids"],
+                                    f"{flags} changed nothing")
+        banned = plain["token_ids"][0]
+        r = strata_generate_json(self.grpc, PROMPT, extra=["--logit-bias", f"{banned}=-100"])
+        self.assertNotEqual(r["token_ids"][0], banned)
+        # Penalties on repeats make the greedy text repeat less.
+        rep = strata_generate_json(self.grpc, PROMPT, extra=["--frequency-penalty", "2"])
+        self.assertGreaterEqual(len(set(rep["token_ids"])), len(set(plain["token_ids"])))
+
     def test_wrong_key_gets_401_in_openai_shape(self):
         bad = openai.OpenAI(base_url=f"http://{self.http}/v1", api_key="not-the-token-at-all")
         with self.assertRaises(openai.AuthenticationError) as caught:
@@ -151,6 +249,21 @@ class OpenAiApiTest(unittest.TestCase):
         with self.assertRaises(openai.NotFoundError) as caught:
             self.client.completions.create(model="gpt-4", prompt=PROMPT, max_tokens=4)
         self.assertEqual(caught.exception.body["code"], "model_not_found")
+        for options, name in [
+            ({"n": 0}, "n"), ({"n": 17}, "n"), ({"presence_penalty": 3}, "presence_penalty"),
+            ({"logit_bias": {"abc": 1}}, "logit_bias"), ({"logit_bias": {"999999": 1}}, "logit_bias"),
+            ({"logprobs": 21}, "logprobs"),
+        ]:
+            with self.subTest(options=options):
+                with self.assertRaises(openai.BadRequestError) as caught:
+                    self.client.completions.create(model=self.model, prompt=PROMPT,
+                                                   max_tokens=4, **options)
+                self.assertIn(name, caught.exception.body["message"])
+        with self.assertRaises(openai.BadRequestError) as caught:
+            self.client.chat.completions.create(
+                model=self.model, messages=[{"role": "user", "content": QUESTION}],
+                max_tokens=4, top_logprobs=3)
+        self.assertIn("top_logprobs needs logprobs", caught.exception.body["message"])
 
     def test_metrics_move_by_one_request(self):
         before = scrape(self.http)

@@ -30,7 +30,10 @@ use error::parse_body;
 pub use error::ApiError;
 pub use request::{ChatRequest, CompletionRequest};
 use request::{Common, MessageContent};
-use stream::{collect, now_secs, sse, usage, Flavor};
+
+/// The most alternatives per token the logprobs options may ask for (the gRPC API's limit).
+const MAX_TOP_LOGPROBS: u32 = 20;
+use stream::{collect, now_secs, sse, usage, ChunkWriter, Flavor, Logprobs};
 
 /// The id clients name the model by: the file's name without `.gguf`, or the directory's name.
 pub fn model_id(model: &ModelFile) -> String {
@@ -41,19 +44,35 @@ pub fn model_id(model: &ModelFile) -> String {
         .unwrap_or_else(|| model.name.clone())
 }
 
-/// Starts a generation for an HTTP request; the request id comes from `x-request-id` or is made up.
+/// Starts `n` generations of one HTTP request (choice `i` seeded with `seed + i`); the request id
+/// comes from `x-request-id` or is made up, and choice `i > 0` logs as `ID-i`. If one cannot start,
+/// the ones started are dropped, which cancels them.
 async fn start(
     state: &AppState,
     headers: &HeaderMap,
     caller: Caller,
     request: v1::GenerateRequest,
-) -> Result<(Events, String), ApiError> {
+    n: u32,
+) -> Result<(Vec<Events>, String), ApiError> {
     let id = request_id(headers.get("x-request-id").and_then(|v| v.to_str().ok()));
-    let events = state
-        .service
-        .start_generation(request, None, id.clone(), caller, Api::OpenAi)
-        .await?;
-    Ok((events, id.to_string()))
+    let mut choices = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let mut request = request.clone();
+        if let Some(s) = &mut request.sampling {
+            s.seed = s.seed.wrapping_add(i as u64);
+        }
+        let choice_id = if i == 0 {
+            id.clone()
+        } else {
+            format!("{id}-{i}").into()
+        };
+        let events = state
+            .service
+            .start_generation(request, None, choice_id, caller.clone(), Api::OpenAi)
+            .await?;
+        choices.push(events);
+    }
+    Ok((choices, id.to_string()))
 }
 
 fn with_request_id(mut response: Response, id: &str) -> Response {
@@ -73,9 +92,9 @@ pub async fn completions(
     if body.echo {
         return Err(ApiError::invalid("echo is not supported", Some("echo")));
     }
-    if body.logprobs.is_some_and(|n| n > 0) {
+    if let Some(n) = body.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
         return Err(ApiError::invalid(
-            "logprobs are not supported on the HTTP API yet (the gRPC API returns top_logprobs)",
+            format!("logprobs {n} is over the limit of {MAX_TOP_LOGPROBS}"),
             Some("logprobs"),
         ));
     }
@@ -94,6 +113,7 @@ pub async fn completions(
         .to_request(&state, Some(body.common.max_tokens.unwrap_or(16)))?;
     request.prompt = prompt;
     request.parse_special = body.parse_special;
+    request.top_logprobs = body.logprobs.unwrap_or(0);
     respond(
         &state,
         &headers,
@@ -101,6 +121,7 @@ pub async fn completions(
         request,
         Flavor::Completion,
         &body.common,
+        body.logprobs.is_some(),
     )
     .await
 }
@@ -112,10 +133,17 @@ pub async fn chat_completions(
     body: Body,
 ) -> Result<Response, ApiError> {
     let body: ChatRequest = parse_body(body).await?;
-    if body.logprobs {
+    let top_logprobs = body.top_logprobs.unwrap_or(0);
+    if top_logprobs > 0 && !body.logprobs {
         return Err(ApiError::invalid(
-            "logprobs are not supported on the HTTP API yet (the gRPC API returns top_logprobs)",
-            Some("logprobs"),
+            "top_logprobs needs logprobs: true",
+            Some("top_logprobs"),
+        ));
+    }
+    if top_logprobs > MAX_TOP_LOGPROBS {
+        return Err(ApiError::invalid(
+            format!("top_logprobs {top_logprobs} is over the limit of {MAX_TOP_LOGPROBS}"),
+            Some("top_logprobs"),
         ));
     }
     if body.messages.is_empty() {
@@ -151,6 +179,7 @@ pub async fn chat_completions(
     let max_tokens = body.max_completion_tokens.or(body.common.max_tokens);
     let mut request = body.common.to_request(&state, max_tokens)?;
     request.messages = messages;
+    request.top_logprobs = top_logprobs;
     respond(
         &state,
         &headers,
@@ -158,11 +187,12 @@ pub async fn chat_completions(
         request,
         Flavor::Chat,
         &body.common,
+        body.logprobs,
     )
     .await
 }
 
-/// Starts the generation, then streams it as SSE or answers with the whole completion.
+/// Starts the generations, then streams them as SSE or answers with the whole completion.
 async fn respond(
     state: &AppState,
     headers: &HeaderMap,
@@ -170,36 +200,66 @@ async fn respond(
     request: v1::GenerateRequest,
     flavor: Flavor,
     common: &Common,
+    logprobs: bool,
 ) -> Result<Response, ApiError> {
+    let n = common.choices()?;
     let model = model_id(state.service.model());
-    let (events, id) = start(state, headers, caller, request).await?;
+    let (choices, id) = start(state, headers, caller, request, n).await?;
     let (prefix, object) = match flavor {
         Flavor::Completion => ("cmpl", "text_completion"),
         Flavor::Chat => ("chatcmpl", "chat.completion"),
     };
     let completion_id = format!("{prefix}-{id}");
+    let logprobs = logprobs.then(|| Logprobs {
+        service: state.service.clone(),
+        flavor,
+    });
     let response = if common.stream {
-        sse(events, flavor, completion_id, model, common.include_usage()).into_response()
+        let writer = ChunkWriter::new(
+            flavor,
+            completion_id,
+            model,
+            choices.len(),
+            common.include_usage(),
+            logprobs,
+        );
+        sse(choices, writer).into_response()
     } else {
-        let c = collect(events).await?;
-        let choice = match flavor {
-            Flavor::Completion => json!({
-                "index": 0, "text": c.text, "logprobs": null, "finish_reason": c.reason,
-            }),
-            Flavor::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": null,
-                "finish_reason": c.reason,
-            }),
-        };
+        let keep = logprobs.is_some();
+        let collected =
+            futures::future::try_join_all(choices.into_iter().map(|e| collect(e, keep))).await?;
+        let mut completion_tokens = 0;
+        let mut prompt_tokens = 0;
+        let choices: Vec<Value> = collected
+            .iter()
+            .enumerate()
+            .map(|(index, c)| {
+                completion_tokens += c.tokens;
+                prompt_tokens = c.prompt_tokens;
+                let logprobs = logprobs
+                    .as_ref()
+                    .map_or(Value::Null, |l| l.of(&c.generated, 0));
+                match flavor {
+                    Flavor::Completion => json!({
+                        "index": index, "text": c.text, "logprobs": logprobs,
+                        "finish_reason": c.reason,
+                    }),
+                    Flavor::Chat => json!({
+                        "index": index,
+                        "message": {"role": "assistant", "content": c.text},
+                        "logprobs": logprobs,
+                        "finish_reason": c.reason,
+                    }),
+                }
+            })
+            .collect();
         Json(json!({
             "id": completion_id,
             "object": object,
             "created": now_secs(),
             "model": model,
-            "choices": [choice],
-            "usage": usage(c.prompt_tokens, c.tokens),
+            "choices": choices,
+            "usage": usage(prompt_tokens, completion_tokens),
         }))
         .into_response()
     };

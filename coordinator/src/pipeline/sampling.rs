@@ -1,9 +1,11 @@
 //! How the last stage picks a token, and what it picked, as the scheduler sees them.
 
+use std::sync::Arc;
+
 use strata_proto::v1;
 
 /// How the last stage picks a sequence's next token (validated by the service).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Sampling {
     /// 0 is greedy.
     pub temperature: f32,
@@ -11,17 +13,32 @@ pub struct Sampling {
     pub top_k: u32,
     /// 1 keeps every token.
     pub top_p: f32,
+    /// 0 keeps every token.
+    pub min_p: f32,
     pub seed: u64,
+    /// 0 is none.
+    pub presence_penalty: f32,
+    /// 0 is none.
+    pub frequency_penalty: f32,
+    /// 0 or 1 is none.
+    pub repetition_penalty: f32,
+    /// Added to these tokens' logits; shared, since every step of the sequence sends it.
+    pub logit_bias: Arc<[(u32, f32)]>,
 }
 
 impl Sampling {
     /// What a request without sampling parameters gets.
-    pub const GREEDY: Self = Self {
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        seed: 0,
-    };
+    pub fn greedy() -> Self {
+        Self::from(v1::SamplingParams {
+            top_p: 1.0,
+            ..Default::default()
+        })
+    }
+
+    /// Whether the last stage needs the sequence's tokens so far to pick its next one.
+    pub fn penalizes(&self) -> bool {
+        v1::SamplingParams::from(self).penalizes()
+    }
 }
 
 impl From<v1::SamplingParams> for Sampling {
@@ -30,18 +47,32 @@ impl From<v1::SamplingParams> for Sampling {
             temperature: s.temperature,
             top_k: s.top_k,
             top_p: s.top_p,
+            min_p: s.min_p,
             seed: s.seed,
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
+            repetition_penalty: s.repetition_penalty,
+            logit_bias: s.logit_bias.iter().map(|b| (b.id, b.bias)).collect(),
         }
     }
 }
 
-impl From<Sampling> for v1::SamplingParams {
-    fn from(s: Sampling) -> Self {
+impl From<&Sampling> for v1::SamplingParams {
+    fn from(s: &Sampling) -> Self {
         Self {
             temperature: s.temperature,
             top_k: s.top_k,
             top_p: s.top_p,
             seed: s.seed,
+            min_p: s.min_p,
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
+            repetition_penalty: s.repetition_penalty,
+            logit_bias: s
+                .logit_bias
+                .iter()
+                .map(|&(id, bias)| v1::TokenBias { id, bias })
+                .collect(),
         }
     }
 }

@@ -31,6 +31,8 @@ pub(super) struct Sequence {
     /// Goes in a micro-batch of its own: the first stage had no room for a step it shared, and
     /// alone it learns whether the refusal is its own.
     pub(super) alone: bool,
+    /// What the penalties look at, for a request whose sampling has any.
+    pub(super) seen: Option<SeenTokens>,
 }
 
 impl Sequence {
@@ -45,6 +47,10 @@ impl Sequence {
         Self {
             id,
             tokens: request.prompt_ids.clone(),
+            seen: request
+                .sampling
+                .penalizes()
+                .then(|| SeenTokens::new(&request.prompt_ids)),
             stop: StopMatcher::new(request.stop.clone()),
             request,
             cached: 0,
@@ -80,6 +86,27 @@ impl Sequence {
     }
 }
 
+/// A sequence's distinct tokens and how many times each was generated (0: only in the prompt). The
+/// last stage sees hidden states, not tokens, so the penalties' view of the text comes from here with
+/// every step; a replay starts from the same state, since it is kept here rather than on a worker.
+#[derive(Debug, Clone, Default)]
+pub(super) struct SeenTokens(std::collections::BTreeMap<u32, u32>);
+
+impl SeenTokens {
+    pub(super) fn new(prompt: &[u32]) -> Self {
+        Self(prompt.iter().map(|&id| (id, 0)).collect())
+    }
+
+    pub(super) fn generated(&mut self, id: u32) {
+        *self.0.entry(id).or_default() += 1;
+    }
+
+    /// `(id, times generated)` for each token, in id order.
+    pub(super) fn to_vec(&self) -> Vec<(u32, u32)> {
+        self.0.iter().map(|(&id, &n)| (id, n)).collect()
+    }
+}
+
 /// Takes a sampled token into the sequence and streams it. Returns why the sequence ends, if it does.
 pub(super) fn advance(
     seq: &mut Sequence,
@@ -94,6 +121,9 @@ pub(super) fn advance(
     }
     seq.tokens.push(sampled.id);
     seq.generated += 1;
+    if let Some(seen) = &mut seq.seen {
+        seen.generated(sampled.id);
+    }
     let delta = match seq.decoder.push(tokenizer, sampled.id) {
         Ok(delta) => delta,
         Err(e) => {
@@ -197,6 +227,32 @@ mod tests {
             logprob: -0.5,
             top_logprobs: vec![(id, -0.5)],
         }
+    }
+
+    #[test]
+    fn penalized_sequences_count_the_tokens_they_generate() {
+        let tokenizer = smollm2();
+        let (plain, _events) = sequence(vec![5, 3, 5], 8, &[]);
+        assert!(plain.seen.is_none(), "nothing to send without penalties");
+        let (events, _received) = mpsc::unbounded_channel();
+        let penalized = GenerationRequest {
+            prompt_ids: vec![5, 3, 5],
+            sampling: crate::pipeline::Sampling {
+                frequency_penalty: 0.5,
+                ..crate::pipeline::Sampling::greedy()
+            },
+            ..request(Duration::from_secs(60))
+        };
+        let mut seq = Sequence::new(1, penalized, events, Instant::now(), 2);
+        // The prompt's tokens, once each, generated 0 times.
+        assert_eq!(seq.seen.as_ref().unwrap().to_vec(), [(3, 0), (5, 0)]);
+        for id in [7, 5, 7] {
+            advance(&mut seq, sampled(id), &tokenizer, 8192);
+        }
+        assert_eq!(
+            seq.seen.as_ref().unwrap().to_vec(),
+            [(3, 0), (5, 1), (7, 2)]
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::outage::lost_on;
-use super::sequence::{advance, finish, Sequence};
+use super::sequence::{advance, finish, SeenTokens, Sequence};
 use super::Scheduler;
 use crate::events::Failure;
 use crate::pipeline::{StepEntry, StepResult};
@@ -78,8 +78,9 @@ impl Scheduler {
                     seq_id: s.id,
                     start_pos: s.cached as u32,
                     tokens: s.tokens[s.cached..s.cached + n].to_vec(),
-                    sampling: s.request.sampling,
+                    sampling: s.request.sampling.clone(),
                     top_logprobs: s.request.top_logprobs,
+                    seen: s.seen.as_ref().map(SeenTokens::to_vec).unwrap_or_default(),
                     request_id: (s.cached == 0).then(|| s.request.request_id.clone()),
                 })
                 .collect();

@@ -36,7 +36,7 @@ pub(super) fn request(within: Duration) -> GenerationRequest {
     GenerationRequest {
         prompt_ids: vec![1, 2, 3],
         max_tokens: 8,
-        sampling: Sampling::GREEDY,
+        sampling: Sampling::greedy(),
         stop: Vec::new(),
         top_logprobs: 0,
         ignore_eos: false,

@@ -175,6 +175,7 @@ impl Probe {
                     input: StepInput::Tokens(vec![1]),
                     sampling: Some(SamplingParams::GREEDY),
                     top_logprobs: 0,
+                    seen: Vec::new(),
                 })
                 .collect()
         } else {

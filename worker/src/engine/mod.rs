@@ -98,6 +98,8 @@ pub struct SequenceStep {
     /// Required on the last stage.
     pub sampling: Option<SamplingParams>,
     pub top_logprobs: usize,
+    /// The tokens so far as `(id, times generated)`, each once, when `sampling` has penalties.
+    pub seen: Vec<(u32, u32)>,
 }
 
 /// What a stage produced for one sequence.

@@ -40,6 +40,7 @@ fn step(seq_id: u64, start_pos: usize, ids: Vec<u32>) -> SequenceStep {
         input: StepInput::Tokens(ids),
         sampling: Some(SamplingParams::GREEDY),
         top_logprobs: 0,
+        seen: Vec::new(),
     }
 }
 

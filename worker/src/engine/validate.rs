@@ -114,6 +114,7 @@ pub(super) fn validate<F: Fn(u64) -> Option<usize>>(
                     step.top_logprobs
                 )));
             }
+            check_token_ids(id, step, stage)?;
         }
     }
     if rows > limits.max_batch_rows {
@@ -140,6 +141,31 @@ pub(super) fn validate<F: Fn(u64) -> Option<usize>>(
         return Err(WorkerError::ResourceExhausted(format!(
             "{} new sequences would exceed this worker's limit of {} (holding {})",
             new_sequences, limits.max_sequences, holding.sequences
+        )));
+    }
+    Ok(())
+}
+
+/// Every token the sampler is told about (biased, or seen so far) is in the vocabulary, and the
+/// tokens so far fit in a context.
+fn check_token_ids(id: u64, step: &SequenceStep, stage: &StageShape) -> Result<(), WorkerError> {
+    if step.seen.len() > stage.context_length {
+        return Err(WorkerError::invalid(format!(
+            "sequence {id}: {} seen tokens, more than the context length {}",
+            step.seen.len(),
+            stage.context_length
+        )));
+    }
+    let bias = step
+        .sampling
+        .iter()
+        .flat_map(|p| &p.logit_bias)
+        .map(|b| b.0);
+    let seen = step.seen.iter().map(|t| t.0);
+    if let Some(bad) = bias.chain(seen).find(|&t| t as usize >= stage.vocab_size) {
+        return Err(WorkerError::invalid(format!(
+            "sequence {id}: token {bad} is outside the vocabulary of {}",
+            stage.vocab_size
         )));
     }
     Ok(())
@@ -226,6 +252,7 @@ mod tests {
             input: StepInput::Tokens(ids.to_vec()),
             sampling: None,
             top_logprobs: 0,
+            seen: Vec::new(),
         }
     }
 
@@ -238,6 +265,7 @@ mod tests {
             ),
             sampling: Some(SamplingParams::GREEDY),
             top_logprobs: 0,
+            seen: Vec::new(),
         }
     }
 
@@ -281,6 +309,17 @@ mod tests {
         };
         let unsampled = SequenceStep {
             sampling: None,
+            ..hidden(1, 0, 1, 8)
+        };
+        let seeing = |seen: Vec<(u32, u32)>| SequenceStep {
+            seen,
+            ..hidden(1, 0, 1, 8)
+        };
+        let biased = SequenceStep {
+            sampling: Some(SamplingParams {
+                logit_bias: vec![(3, 1.0), (100, -5.0)],
+                ..SamplingParams::GREEDY
+            }),
             ..hidden(1, 0, 1, 8)
         };
         let cases: Vec<(&str, StageShape, Vec<SequenceStep>, &str, &str)> = vec![
@@ -382,6 +421,34 @@ mod tests {
                 vec![with_top(21)],
                 "invalid",
                 "limit of 20",
+            ),
+            (
+                "penalties over tokens in the vocabulary",
+                middle_and_last(),
+                vec![seeing(vec![(0, 0), (99, 3)])],
+                "ok",
+                "",
+            ),
+            (
+                "a seen token outside the vocabulary",
+                middle_and_last(),
+                vec![seeing(vec![(0, 0), (100, 1)])],
+                "invalid",
+                "token 100 is outside the vocabulary of 100",
+            ),
+            (
+                "more seen tokens than a context holds",
+                middle_and_last(),
+                vec![seeing((0..65).map(|t| (t, 1)).collect())],
+                "invalid",
+                "65 seen tokens",
+            ),
+            (
+                "a bias outside the vocabulary",
+                middle_and_last(),
+                vec![biased],
+                "invalid",
+                "token 100 is outside",
             ),
             (
                 "the most alternatives",

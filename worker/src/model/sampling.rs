@@ -1,13 +1,16 @@
 //! Choosing the next token from a row of logits, on the last stage.
 //!
-//! Sampling is a pure function of (logits, parameters, position): the random draw for the token at
-//! position `p` comes from a generator seeded with `(seed, p)`. A sequence therefore gets the same
-//! tokens alone or in any batch, and a replay after a worker loss reproduces them.
+//! Sampling is a pure function of (logits, parameters, the tokens so far, position): the random
+//! draw for the token at position `p` comes from a generator seeded with `(seed, p)`. A sequence
+//! therefore gets the same tokens alone or in any batch, and a replay after a worker loss
+//! reproduces them.
+
+use std::borrow::Cow;
 
 use candle_core::{Result, Tensor};
 
 /// How to pick a token.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0 (or less) means greedy.
     pub temperature: f32,
@@ -15,7 +18,36 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// Keep the most likely tokens up to this cumulative probability; 0 or ≥ 1 keeps all.
     pub top_p: f32,
+    /// Keep tokens at least this fraction as likely as the most likely one; 0 keeps all.
+    pub min_p: f32,
     pub seed: u64,
+    pub penalties: Penalties,
+    /// Added to these tokens' logits.
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+/// Penalties on tokens already seen (`TokenCount`s: each distinct token of the prompt and the
+/// output, and how often it was generated).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Penalties {
+    /// Subtracted once from every generated token's logit.
+    pub presence: f32,
+    /// Subtracted per time a token was generated.
+    pub frequency: f32,
+    /// Divides positive and multiplies negative logits of every seen token; 1 is none.
+    pub repetition: f32,
+}
+
+impl Penalties {
+    pub const NONE: Self = Self {
+        presence: 0.0,
+        frequency: 0.0,
+        repetition: 1.0,
+    };
+
+    fn any(&self) -> bool {
+        *self != Self::NONE
+    }
 }
 
 impl SamplingParams {
@@ -23,12 +55,20 @@ impl SamplingParams {
         temperature: 0.0,
         top_k: 0,
         top_p: 1.0,
+        min_p: 0.0,
         seed: 0,
+        penalties: Penalties::NONE,
+        logit_bias: Vec::new(),
     };
+
+    /// Greedy on the raw logits, so the choice can be made where the logits are.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.temperature <= 0.0 && !self.penalties.any() && self.logit_bias.is_empty()
+    }
 }
 
 /// The chosen token, its log-probability and the most likely alternatives (log-softmax of the raw
-/// logits, before temperature and truncation).
+/// logits, before penalties, bias, temperature and truncation).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
     pub id: u32,
@@ -36,16 +76,24 @@ pub struct Sampled {
     pub top: Vec<(u32, f32)>,
 }
 
-/// Picks the token at `position` from `logits`, reporting the `top_n` most likely tokens.
-pub fn sample(logits: &[f32], params: &SamplingParams, position: u64, top_n: usize) -> Sampled {
+/// Picks the token at `position` from `logits`, reporting the `top_n` most likely tokens. `seen`
+/// lists the tokens so far as `(id, times generated)`, once each; only penalties read it.
+pub fn sample(
+    logits: &[f32],
+    params: &SamplingParams,
+    seen: &[(u32, u32)],
+    position: u64,
+    top_n: usize,
+) -> Sampled {
     let max = max_of(logits);
     let log_norm = max as f64 + sum_exp_below(logits, max).ln();
     let logprob = |id: usize| (logits[id] as f64 - log_norm) as f32;
 
+    let choose_from = adjusted(logits, params, seen);
     let id = if params.temperature <= 0.0 {
-        argmax(logits, max)
+        argmax(&choose_from, max_of(&choose_from))
     } else {
-        draw(logits, params, position)
+        draw(&choose_from, params, position)
     };
     let top = top_indices(logits, top_n)
         .into_iter()
@@ -56,6 +104,39 @@ pub fn sample(logits: &[f32], params: &SamplingParams, position: u64, top_n: usi
         logprob: logprob(id),
         top,
     }
+}
+
+/// The logits the choice is made from: the raw ones with the penalties and biases applied (in
+/// that order, as vLLM does). Ids outside the row are ignored: validation refuses them earlier.
+fn adjusted<'a>(logits: &'a [f32], params: &SamplingParams, seen: &[(u32, u32)]) -> Cow<'a, [f32]> {
+    let p = params.penalties;
+    if !p.any() && params.logit_bias.is_empty() {
+        return Cow::Borrowed(logits);
+    }
+    let mut out = logits.to_vec();
+    if p.any() {
+        for &(id, generated) in seen {
+            let Some(l) = out.get_mut(id as usize) else {
+                continue;
+            };
+            if p.repetition != 1.0 {
+                *l = if *l > 0.0 {
+                    *l / p.repetition
+                } else {
+                    *l * p.repetition
+                };
+            }
+            if generated > 0 {
+                *l -= p.presence + p.frequency * generated as f32;
+            }
+        }
+    }
+    for &(id, bias) in &params.logit_bias {
+        if let Some(l) = out.get_mut(id as usize) {
+            *l += bias;
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// Greedy choice per row of `logits: [rows, vocab]` where they are (on the device, for GPU stages): the lowest index holding the row's largest logit, and its
@@ -220,6 +301,11 @@ fn draw(logits: &[f32], params: &SamplingParams, position: u64) -> usize {
             }
         }
     }
+    if params.min_p > 0.0 {
+        // Weights are relative to the most likely token's (1), and fall along `candidates`.
+        let floor = params.min_p as f64;
+        keep = keep.min(weights.iter().take_while(|&&w| w >= floor).count().max(1));
+    }
     let kept_total: f64 = weights[..keep].iter().sum();
     let mut target = uniform(params.seed, position) * kept_total;
     for (n, w) in weights[..keep].iter().enumerate() {
@@ -250,7 +336,7 @@ mod tests {
     #[test]
     fn greedy_takes_argmax_and_reports_log_softmax() {
         let logits = [1.0f32, 3.0, 2.0, 3.0];
-        let s = sample(&logits, &SamplingParams::GREEDY, 0, 3);
+        let s = sample(&logits, &SamplingParams::GREEDY, &[], 0, 3);
         assert_eq!(s.id, 1, "ties go to the lower id");
         let norm: f64 = logits.iter().map(|&l| (l as f64).exp()).sum::<f64>().ln();
         assert!((s.logprob as f64 - (3.0 - norm)).abs() < 1e-6);
@@ -266,13 +352,21 @@ mod tests {
             top_k: 0,
             top_p: 1.0,
             seed: 42,
+            ..SamplingParams::GREEDY
         };
-        let a: Vec<u32> = (0..50).map(|pos| sample(&logits, &p, pos, 0).id).collect();
-        let b: Vec<u32> = (0..50).map(|pos| sample(&logits, &p, pos, 0).id).collect();
+        let a: Vec<u32> = (0..50)
+            .map(|pos| sample(&logits, &p, &[], pos, 0).id)
+            .collect();
+        let b: Vec<u32> = (0..50)
+            .map(|pos| sample(&logits, &p, &[], pos, 0).id)
+            .collect();
         assert_eq!(a, b);
-        let other = SamplingParams { seed: 43, ..p };
+        let other = SamplingParams {
+            seed: 43,
+            ..p.clone()
+        };
         let c: Vec<u32> = (0..50)
-            .map(|pos| sample(&logits, &other, pos, 0).id)
+            .map(|pos| sample(&logits, &other, &[], pos, 0).id)
             .collect();
         assert_ne!(a, c);
         let distinct: std::collections::BTreeSet<u32> = a.iter().copied().collect();
@@ -287,20 +381,145 @@ mod tests {
             top_k: 1,
             top_p: 1.0,
             seed: 1,
+            ..SamplingParams::GREEDY
         };
-        assert!((0..100).all(|pos| sample(&logits, &k1, pos, 0).id == 0));
+        assert!((0..100).all(|pos| sample(&logits, &k1, &[], pos, 0).id == 0));
         let p = SamplingParams {
             temperature: 1.0,
             top_k: 0,
             top_p: 0.5,
             seed: 1,
+            ..SamplingParams::GREEDY
         };
-        assert!((0..100).all(|pos| sample(&logits, &p, pos, 0).id == 0));
-        let p2 = SamplingParams { top_p: 0.9, ..p };
+        assert!((0..100).all(|pos| sample(&logits, &p, &[], pos, 0).id == 0));
+        let p2 = SamplingParams {
+            top_p: 0.9,
+            ..p.clone()
+        };
         let ids: std::collections::BTreeSet<u32> = (0..200)
-            .map(|pos| sample(&logits, &p2, pos, 0).id)
+            .map(|pos| sample(&logits, &p2, &[], pos, 0).id)
             .collect();
         assert_eq!(ids, [0, 1].into_iter().collect());
+    }
+
+    /// Greedy with `penalties` over a row where token 0 leads token 1 by 0.5 and token 2 is
+    /// negative: which token wins, and the log-probability reported for it.
+    fn greedy_with(penalties: Penalties, seen: &[(u32, u32)]) -> Sampled {
+        let params = SamplingParams {
+            penalties,
+            ..SamplingParams::GREEDY
+        };
+        sample(&[2.0, 1.5, -1.0, 0.0], &params, seen, 0, 0)
+    }
+
+    #[test]
+    fn presence_penalty_is_once_per_generated_token() {
+        let none = Penalties::NONE;
+        let p = |presence| Penalties { presence, ..none };
+        // Generated once or five times: the same 0.6 off token 0's 2.0, below token 1's 1.5.
+        assert_eq!(greedy_with(p(0.6), &[(0, 1)]).id, 1);
+        assert_eq!(greedy_with(p(0.6), &[(0, 5)]).id, 1);
+        // 0.4 is not enough; a prompt-only token (0 generated) is not penalized.
+        assert_eq!(greedy_with(p(0.4), &[(0, 9)]).id, 0);
+        assert_eq!(greedy_with(p(2.0), &[(0, 0)]).id, 0);
+        // A negative penalty favors a token already generated.
+        assert_eq!(greedy_with(p(-0.6), &[(1, 1)]).id, 1);
+        // The log-probability is of the raw logits.
+        let raw = greedy_with(none, &[]);
+        let penalized = greedy_with(p(0.6), &[(0, 1)]);
+        assert!((penalized.logprob - (raw.logprob - 0.5)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn frequency_penalty_grows_with_the_count() {
+        let f = |frequency| Penalties {
+            frequency,
+            ..Penalties::NONE
+        };
+        // 0.2 per time: 2 times is 0.4 (token 0 stays ahead), 3 times is 0.6 (it falls behind).
+        assert_eq!(greedy_with(f(0.2), &[(0, 2)]).id, 0);
+        assert_eq!(greedy_with(f(0.2), &[(0, 3)]).id, 1);
+        assert_eq!(greedy_with(f(0.2), &[(0, 0)]).id, 0);
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative_logits() {
+        let r = |repetition| Penalties {
+            repetition,
+            ..Penalties::NONE
+        };
+        // 2.0 / 1.5 = 1.33 < 1.5: a prompt token counts too (0 generated).
+        assert_eq!(greedy_with(r(1.5), &[(0, 0)]).id, 1);
+        assert_eq!(greedy_with(r(1.2), &[(0, 0)]).id, 0);
+        // Negative logits move away from zero: a penalized token 2 (-0.5 → -1.0) falls behind
+        // token 3 (-0.75).
+        let params = SamplingParams {
+            penalties: r(2.0),
+            ..SamplingParams::GREEDY
+        };
+        let row = [-1.0f32, -5.0, -0.5, -0.75];
+        assert_eq!(sample(&row, &params, &[], 0, 0).id, 2);
+        assert_eq!(sample(&row, &params, &[(2, 1)], 0, 0).id, 3);
+        // Below 1, it rewards repeats.
+        assert_eq!(greedy_with(r(0.5), &[(1, 1)]).id, 1);
+    }
+
+    #[test]
+    fn logit_bias_adds_to_the_named_tokens() {
+        let row = [2.0f32, 1.5, -1.0, 0.0];
+        let bias = |logit_bias| SamplingParams {
+            logit_bias,
+            ..SamplingParams::GREEDY
+        };
+        assert_eq!(sample(&row, &bias(vec![(3, 2.5)]), &[], 0, 0).id, 3);
+        assert_eq!(sample(&row, &bias(vec![(3, 1.5)]), &[], 0, 0).id, 0);
+        // -100 bans a token, also when sampling at a high temperature.
+        let banned = SamplingParams {
+            temperature: 5.0,
+            seed: 3,
+            ..bias(vec![(0, -100.0), (1, -100.0)])
+        };
+        assert!((0..200).all(|pos| sample(&row, &banned, &[], pos, 0).id >= 2));
+        // Ids past the row are ignored rather than trusted.
+        assert_eq!(sample(&row, &bias(vec![(99, 50.0)]), &[], 0, 0).id, 0);
+    }
+
+    #[test]
+    fn min_p_drops_tokens_below_a_fraction_of_the_best() {
+        // Probabilities ∝ e^0, e^-1, e^-3, e^-4: 1, 0.37, 0.05, 0.02 of the best.
+        let row = [0.0f32, -1.0, -3.0, -4.0];
+        let params = |min_p| SamplingParams {
+            temperature: 1.0,
+            min_p,
+            seed: 11,
+            ..SamplingParams::GREEDY
+        };
+        let drawn = |min_p| -> std::collections::BTreeSet<u32> {
+            (0..2000)
+                .map(|pos| sample(&row, &params(min_p), &[], pos, 0).id)
+                .collect()
+        };
+        assert_eq!(drawn(0.0), [0, 1, 2, 3].into_iter().collect());
+        assert_eq!(drawn(0.1), [0, 1].into_iter().collect());
+        assert_eq!(drawn(0.5), [0].into_iter().collect());
+    }
+
+    #[test]
+    fn no_penalty_leaves_the_row_alone() {
+        let row = [2.0f32, 1.5];
+        assert!(matches!(
+            adjusted(&row, &SamplingParams::GREEDY, &[(0, 3)]),
+            Cow::Borrowed(_)
+        ));
+        assert!(SamplingParams::GREEDY.is_plain_greedy());
+        let rep = SamplingParams {
+            penalties: Penalties {
+                repetition: 1.1,
+                ..Penalties::NONE
+            },
+            ..SamplingParams::GREEDY
+        };
+        assert!(!rep.is_plain_greedy());
     }
 
     #[test]
@@ -351,7 +570,7 @@ mod tests {
         let logits = Tensor::from_vec(flat, (3, 5), &candle_core::Device::Cpu).unwrap();
         let (ids, logprobs) = greedy_rows(&logits, true).unwrap();
         for (i, row) in rows.iter().enumerate() {
-            let host = sample(row, &SamplingParams::GREEDY, 7, 0);
+            let host = sample(row, &SamplingParams::GREEDY, &[], 7, 0);
             assert_eq!(ids[i], host.id, "row {i}");
             assert!(
                 (logprobs[i] - host.logprob).abs() < 1e-5,

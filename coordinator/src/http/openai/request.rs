@@ -1,5 +1,7 @@
 //! The completions and chat completions request bodies, checked and turned into a generation request.
 
+use std::collections::HashMap;
+
 use serde::Deserialize;
 use strata_proto::v1;
 
@@ -66,10 +68,22 @@ pub(super) struct Common {
     pub(super) presence_penalty: Option<f32>,
     #[serde(default)]
     pub(super) frequency_penalty: Option<f32>,
+    /// Token id (as a string, OpenAI's shape) to a bias added to its logit.
+    #[serde(default)]
+    pub(super) logit_bias: Option<HashMap<String, f32>>,
+    /// Not in OpenAI's API; vLLM and llama.cpp accept it.
+    #[serde(default)]
+    pub(super) repetition_penalty: Option<f32>,
+    /// Not in OpenAI's API; vLLM and llama.cpp accept it.
+    #[serde(default)]
+    pub(super) min_p: Option<f32>,
     /// Not in OpenAI's API; vLLM accepts it.
     #[serde(default)]
     pub(super) ignore_eos: bool,
 }
+
+/// The most choices one request may ask for: each is a sequence of its own in the scheduler.
+pub(super) const MAX_CHOICES: u32 = 16;
 
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
@@ -115,6 +129,8 @@ pub struct ChatRequest {
     pub(super) max_completion_tokens: Option<u32>,
     #[serde(default)]
     pub(super) logprobs: bool,
+    #[serde(default)]
+    pub(super) top_logprobs: Option<u32>,
     #[serde(flatten)]
     pub(super) common: Common,
 }
@@ -140,20 +156,20 @@ impl Common {
                 });
             }
         }
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::invalid("only n = 1 is supported", Some("n")));
-        }
-        for (name, value) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
-            if value.is_some_and(|v| v != 0.0) {
-                return Err(ApiError::invalid(
-                    format!("{name} is not supported: leave it out or 0"),
-                    None,
-                ));
-            }
-        }
+        let bias = self
+            .logit_bias
+            .iter()
+            .flatten()
+            .map(|(id, &bias)| {
+                let id = id.trim().parse::<u32>().map_err(|_| {
+                    ApiError::invalid(
+                        format!("logit_bias keys are token ids; {id:?} is not one"),
+                        Some("logit_bias"),
+                    )
+                })?;
+                Ok(v1::TokenBias { id, bias })
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
         // OpenAI samples at temperature 1 unless told otherwise, with a fresh seed each time.
         let temperature = self.temperature.unwrap_or(1.0);
         let seed = self.seed.unwrap_or_else(random_u64);
@@ -165,6 +181,11 @@ impl Common {
                 top_k: self.top_k.unwrap_or(0),
                 top_p: self.top_p.unwrap_or(1.0),
                 seed,
+                min_p: self.min_p.unwrap_or(0.0),
+                presence_penalty: self.presence_penalty.unwrap_or(0.0),
+                frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+                repetition_penalty: self.repetition_penalty.unwrap_or(0.0),
+                logit_bias: bias,
             }),
             stop: self
                 .stop
@@ -176,6 +197,18 @@ impl Common {
             messages: Vec::new(),
             parse_special: false,
         })
+    }
+
+    /// How many choices are asked for, within [`MAX_CHOICES`].
+    pub(super) fn choices(&self) -> Result<u32, ApiError> {
+        match self.n.unwrap_or(1) {
+            0 => Err(ApiError::invalid("n must be at least 1", Some("n"))),
+            n if n > MAX_CHOICES => Err(ApiError::invalid(
+                format!("n {n} is over the limit of {MAX_CHOICES}"),
+                Some("n"),
+            )),
+            n => Ok(n),
+        }
     }
 
     pub(super) fn include_usage(&self) -> bool {

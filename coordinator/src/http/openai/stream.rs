@@ -10,7 +10,7 @@ use strata_proto::v1;
 use tonic::Status;
 
 use super::ApiError;
-use crate::service::Events;
+use crate::service::{CoordinatorService, Events};
 
 pub(super) fn now_secs() -> u64 {
     SystemTime::now()
@@ -27,19 +27,27 @@ pub(super) fn finish_reason(reason: i32) -> &'static str {
     }
 }
 
-/// The text, token count, finish reason and prompt length of a whole (non-streamed) generation.
+/// The text, token count, finish reason and prompt length of a whole (non-streamed) generation,
+/// and its tokens when logprobs are asked for.
 pub(super) struct Collected {
     pub(super) text: String,
     pub(super) tokens: u32,
     pub(super) reason: &'static str,
     pub(super) prompt_tokens: usize,
+    pub(super) generated: Vec<v1::GeneratedToken>,
 }
 
-pub(super) async fn collect(mut events: Events) -> Result<Collected, ApiError> {
+pub(super) async fn collect(mut events: Events, keep_tokens: bool) -> Result<Collected, ApiError> {
     let mut text = String::new();
+    let mut generated = Vec::new();
     while let Some(event) = events.next().await {
         match event?.event {
-            Some(v1::generate_response::Event::Token(t)) => text.push_str(&t.text),
+            Some(v1::generate_response::Event::Token(t)) => {
+                text.push_str(&t.text);
+                if keep_tokens {
+                    generated.push(t);
+                }
+            }
             Some(v1::generate_response::Event::Finished(f)) => {
                 text.push_str(&f.trailing_text);
                 return Ok(Collected {
@@ -47,6 +55,7 @@ pub(super) async fn collect(mut events: Events) -> Result<Collected, ApiError> {
                     tokens: f.generated_tokens,
                     reason: finish_reason(f.reason),
                     prompt_tokens: f.prompt_ids.len(),
+                    generated,
                 });
             }
             None => {}
@@ -70,54 +79,143 @@ pub(super) enum Flavor {
     Chat,
 }
 
-/// The SSE body: one chunk per token text (empty texts skipped), a final chunk with the finish
-/// reason, a usage chunk if asked, then `[DONE]`. An error after the stream began is sent as an
-/// `{"error": ...}` chunk, which OpenAI's clients raise.
+/// Log-probabilities in OpenAI's shapes, each token's text from the model's tokenizer.
+#[derive(Clone)]
+pub(super) struct Logprobs {
+    pub(super) service: CoordinatorService,
+    pub(super) flavor: Flavor,
+}
+
+impl Logprobs {
+    /// The `logprobs` of a choice for `tokens`, whose text starts `offset` characters into the
+    /// choice's text (completions' `text_offset`).
+    pub(super) fn of(&self, tokens: &[v1::GeneratedToken], offset: usize) -> Value {
+        match self.flavor {
+            Flavor::Chat => {
+                let entry = |id: u32, logprob: f32| {
+                    let token = self.service.token_text(id);
+                    json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()})
+                };
+                let content: Vec<Value> = tokens
+                    .iter()
+                    .map(|t| {
+                        let mut e = entry(t.id, t.logprob);
+                        e["top_logprobs"] = t
+                            .top_logprobs
+                            .iter()
+                            .map(|a| entry(a.id, a.logprob))
+                            .collect();
+                        e
+                    })
+                    .collect();
+                json!({ "content": content })
+            }
+            Flavor::Completion => {
+                let mut offsets = Vec::with_capacity(tokens.len());
+                let mut at = offset;
+                for t in tokens {
+                    offsets.push(at);
+                    at += t.text.chars().count();
+                }
+                let top: Vec<Value> = tokens
+                    .iter()
+                    .map(|t| {
+                        let alternatives: serde_json::Map<String, Value> = t
+                            .top_logprobs
+                            .iter()
+                            .map(|a| (self.service.token_text(a.id), json!(a.logprob)))
+                            .collect();
+                        Value::Object(alternatives)
+                    })
+                    .collect();
+                json!({
+                    "tokens": tokens.iter().map(|t| self.service.token_text(t.id)).collect::<Vec<_>>(),
+                    "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": top,
+                    "text_offset": offsets,
+                })
+            }
+        }
+    }
+}
+
+/// The SSE body for `n` choices whose events arrive interleaved: one chunk per token text (empty
+/// texts skipped unless logprobs are asked for), a final chunk per choice with its finish reason,
+/// then, once every choice has finished, a usage chunk if asked and `[DONE]`. An error after the
+/// stream began is sent as an `{"error": ...}` chunk, which OpenAI's clients raise.
 pub(super) fn sse(
-    events: Events,
-    flavor: Flavor,
-    id: String,
-    model: String,
-    include_usage: bool,
+    choices: Vec<Events>,
+    mut writer: ChunkWriter,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let mut writer = ChunkWriter {
-        flavor,
-        id,
-        model,
-        created: now_secs(),
-        include_usage,
-        first: true,
-        done: false,
-    };
-    // A `None` after the last event tells a stream that ended early from one that finished.
-    let body = events
-        .map(Some)
-        .chain(futures::stream::once(async { None }))
-        .flat_map(move |item| futures::stream::iter(writer.write(item).into_iter().map(Ok)));
+    // A `None` after a choice's last event tells a stream that ended early from one that finished.
+    let streams = choices.into_iter().enumerate().map(|(i, events)| {
+        events
+            .map(move |e| (i, Some(e)))
+            .chain(futures::stream::once(async move { (i, None) }))
+            .boxed()
+    });
+    let body = futures::stream::select_all(streams).flat_map(move |(i, item)| {
+        futures::stream::iter(writer.write(i, item).into_iter().map(Ok))
+    });
     Sse::new(body).keep_alive(KeepAlive::default())
+}
+
+/// Where one choice of a streamed answer is.
+#[derive(Default)]
+struct ChoiceState {
+    /// No chunk written yet (chat's first delta carries the role).
+    started: bool,
+    finished: bool,
+    /// Characters of text sent so far (completions' `text_offset`).
+    offset: usize,
 }
 
 /// Turns a generation's events into OpenAI's streamed chunks.
 pub(super) struct ChunkWriter {
-    pub(super) flavor: Flavor,
-    pub(super) id: String,
-    pub(super) model: String,
-    pub(super) created: u64,
-    pub(super) include_usage: bool,
-    /// No chunk written yet (chat's first delta carries the role).
-    pub(super) first: bool,
-    /// The final chunk (or an error) is written; nothing more is.
-    pub(super) done: bool,
+    flavor: Flavor,
+    id: String,
+    model: String,
+    created: u64,
+    include_usage: bool,
+    logprobs: Option<Logprobs>,
+    choices: Vec<ChoiceState>,
+    prompt_tokens: usize,
+    completion_tokens: u32,
+    /// `[DONE]` (or an error) is written; nothing more is.
+    done: bool,
 }
 
 impl ChunkWriter {
-    /// The chunks for one event (`None`: the events ended).
+    pub(super) fn new(
+        flavor: Flavor,
+        id: String,
+        model: String,
+        n: usize,
+        include_usage: bool,
+        logprobs: Option<Logprobs>,
+    ) -> Self {
+        Self {
+            flavor,
+            id,
+            model,
+            created: now_secs(),
+            include_usage,
+            logprobs,
+            choices: (0..n).map(|_| ChoiceState::default()).collect(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            done: false,
+        }
+    }
+
+    /// The chunks for one event of choice `index` (`None`: its events ended).
     pub(super) fn write(
         &mut self,
+        index: usize,
         item: Option<Result<v1::GenerateResponse, Status>>,
     ) -> Vec<SseEvent> {
         use v1::generate_response::Event;
-        if self.done {
+        if self.done || self.choices[index].finished {
             return Vec::new();
         }
         let event = match item {
@@ -130,17 +228,33 @@ impl ChunkWriter {
             }
         };
         match event {
-            Some(Event::Token(t)) if t.text.is_empty() && !self.first => Vec::new(),
-            Some(Event::Token(t)) => vec![self.chunk(Some(&t.text), None)],
+            Some(Event::Token(t))
+                if t.text.is_empty() && self.choices[index].started && self.logprobs.is_none() =>
+            {
+                Vec::new()
+            }
+            Some(Event::Token(t)) => {
+                let logprobs = self
+                    .logprobs
+                    .as_ref()
+                    .map(|l| l.of(std::slice::from_ref(&t), self.choices[index].offset));
+                self.choices[index].offset += t.text.chars().count();
+                vec![self.chunk(index, Some(&t.text), None, logprobs)]
+            }
             Some(Event::Finished(f)) => {
-                self.done = true;
+                self.choices[index].finished = true;
+                self.prompt_tokens = f.prompt_ids.len();
+                self.completion_tokens += f.generated_tokens;
                 let text = (!f.trailing_text.is_empty()).then_some(&*f.trailing_text);
-                let mut out = vec![self.chunk(text, Some(finish_reason(f.reason)))];
-                if self.include_usage {
-                    let usage = usage(f.prompt_ids.len(), f.generated_tokens);
-                    out.push(self.event(json!([]), Some(usage)));
+                let mut out = vec![self.chunk(index, text, Some(finish_reason(f.reason)), None)];
+                if self.choices.iter().all(|c| c.finished) {
+                    self.done = true;
+                    if self.include_usage {
+                        let usage = usage(self.prompt_tokens, self.completion_tokens);
+                        out.push(self.event(json!([]), Some(usage)));
+                    }
+                    out.push(SseEvent::default().data("[DONE]"));
                 }
-                out.push(SseEvent::default().data("[DONE]"));
                 out
             }
             None => Vec::new(),
@@ -152,28 +266,37 @@ impl ChunkWriter {
         vec![SseEvent::default().data(ApiError::from(status).body().to_string())]
     }
 
-    /// A chunk with one choice: `text` (as chat's delta content), and the finish reason if any.
-    pub(super) fn chunk(&mut self, text: Option<&str>, finish: Option<&str>) -> SseEvent {
+    /// A chunk with choice `index`: `text` (as chat's delta content), the finish reason if any,
+    /// and the token's logprobs if asked for.
+    fn chunk(
+        &mut self,
+        index: usize,
+        text: Option<&str>,
+        finish: Option<&str>,
+        logprobs: Option<Value>,
+    ) -> SseEvent {
+        let logprobs = logprobs.unwrap_or(Value::Null);
         let choice = match self.flavor {
             Flavor::Completion => json!({
-                "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish,
+                "index": index, "text": text.unwrap_or(""), "logprobs": logprobs,
+                "finish_reason": finish,
             }),
             Flavor::Chat => {
                 let mut delta = json!({});
-                if self.first {
+                if !self.choices[index].started {
                     delta["role"] = json!("assistant");
                 }
                 if let Some(t) = text {
                     delta["content"] = json!(t);
                 }
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
         };
-        self.first = false;
+        self.choices[index].started = true;
         self.event(json!([choice]), None)
     }
 
-    pub(super) fn event(&self, choices: Value, usage: Option<Value>) -> SseEvent {
+    fn event(&self, choices: Value, usage: Option<Value>) -> SseEvent {
         let object = match self.flavor {
             Flavor::Completion => "text_completion",
             Flavor::Chat => "chat.completion.chunk",
