@@ -6,6 +6,12 @@ use crate::v1;
 /// The most `logit_bias` entries a request may carry (OpenAI's limit).
 pub const MAX_LOGIT_BIAS: usize = 300;
 
+/// Whether penalties of these strengths change any logit: 0 is none, and a repetition penalty of 0
+/// (unset) or 1 is none.
+pub fn penalties_apply(presence: f32, frequency: f32, repetition: f32) -> bool {
+    presence != 0.0 || frequency != 0.0 || (repetition != 0.0 && repetition != 1.0)
+}
+
 impl v1::SamplingParams {
     /// Why these parameters are out of range, if they are. Token ids are checked by whoever knows
     /// the vocabulary.
@@ -45,9 +51,11 @@ impl v1::SamplingParams {
     /// Whether these parameters change the logits before the choice, so the last stage needs the
     /// sequence's tokens so far ([`v1::TokenCount`]s) to apply them.
     pub fn penalizes(&self) -> bool {
-        self.presence_penalty != 0.0
-            || self.frequency_penalty != 0.0
-            || (self.repetition_penalty != 0.0 && self.repetition_penalty != 1.0)
+        penalties_apply(
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.repetition_penalty,
+        )
     }
 }
 

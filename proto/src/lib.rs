@@ -9,4 +9,4 @@ pub mod v1 {
 }
 
 mod checks;
-pub use checks::MAX_LOGIT_BIAS;
+pub use checks::{penalties_apply, MAX_LOGIT_BIAS};

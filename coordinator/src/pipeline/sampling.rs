@@ -37,7 +37,11 @@ impl Sampling {
 
     /// Whether the last stage needs the sequence's tokens so far to pick its next one.
     pub fn penalizes(&self) -> bool {
-        v1::SamplingParams::from(self).penalizes()
+        strata_proto::penalties_apply(
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.repetition_penalty,
+        )
     }
 }
 

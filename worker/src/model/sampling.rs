@@ -91,7 +91,12 @@ pub fn sample(
 
     let choose_from = adjusted(logits, params, seen);
     let id = if params.temperature <= 0.0 {
-        argmax(&choose_from, max_of(&choose_from))
+        // The raw row's maximum serves unless penalties or bias rewrote the row.
+        let choice_max = match &choose_from {
+            Cow::Borrowed(_) => max,
+            Cow::Owned(row) => max_of(row),
+        };
+        argmax(&choose_from, choice_max)
     } else {
         draw(&choose_from, params, position)
     };
