@@ -33,6 +33,7 @@ fn seq(seq_id: u64, start_pos: u32, input: v1::sequence_input::Input) -> v1::Seq
         top_logprobs: 0,
         request_id: String::new(),
         seen: Vec::new(),
+        allowed_tokens: Vec::new(),
     }
 }
 
@@ -321,6 +322,7 @@ async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
                 top_logprobs: 0,
                 request_id: String::new(),
                 seen: Vec::new(),
+                allowed_tokens: Vec::new(),
             }],
             Code::InvalidArgument,
             "neither token ids nor hidden states",
@@ -359,6 +361,24 @@ async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
             )],
             Code::InvalidArgument,
             "is outside the vocabulary",
+        ),
+        (
+            "a grammar mask of the wrong size",
+            vec![v1::SequenceInput {
+                allowed_tokens: vec![u32::MAX; 10],
+                ..seq_sampling(1, |_| {}, Vec::new())
+            }],
+            Code::InvalidArgument,
+            "a mask of 10 words for a vocabulary of 49152 (wants 1536)",
+        ),
+        (
+            "a grammar mask that allows nothing",
+            vec![v1::SequenceInput {
+                allowed_tokens: vec![0; 1536],
+                ..seq_sampling(1, |_| {}, Vec::new())
+            }],
+            Code::InvalidArgument,
+            "the mask allows no token",
         ),
         // A valid sequence in the same batch as a bad one: the whole call is refused, nothing runs.
         (

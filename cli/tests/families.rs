@@ -82,7 +82,11 @@ fn gemma3_follows_llama_cpp_through_1_2_3_stages() {
 #[test]
 fn qwen2_chat_through_the_openai_client_writes_python() {
     known_model("qwen2.5-coder-1.5b");
-    common::run_python_check("openai_qwen_chat.py", 1, "the Qwen chat check");
+    common::run_python_check(
+        "openai_qwen_chat.py",
+        5,
+        "the Qwen chat, tools and structured output checks",
+    );
 }
 
 /// A Llama 3.x GGUF with `rope_freqs` (random weights, non-trivial divisors) through 1 and 2
@@ -90,4 +94,46 @@ fn qwen2_chat_through_the_openai_client_writes_python() {
 #[test]
 fn llama3_rope_freqs_match_an_independent_reference() {
     common::run_python_check("rope_freqs_reference.py", 2, "the rope_freqs check");
+}
+
+/// Qwen2.5's own template renders tools, an assistant's call and a tool's answer exactly as
+/// `transformers` does (Jinja2 with Python's `json.dumps` as `tojson`): the prompt a tool-using
+/// chat reaches the model with is the one it was trained on.
+#[test]
+fn qwen2_template_renders_tools_like_transformers() {
+    use strata_model::{ChatMessage, ChatTemplate, ModelFile, Tool, ToolCall};
+    let model = ModelFile::open(&known_model("qwen2.5-coder-1.5b")).unwrap();
+    let template = ChatTemplate::load(&model).unwrap().unwrap();
+    let tool = Tool {
+        name: "get_weather".into(),
+        description: Some("The current weather in a city".into()),
+        parameters: serde_json::json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
+    };
+    let messages = [
+        ChatMessage {
+            role: "user".into(),
+            content: "What is the weather in Paris right now?".into(),
+            ..Default::default()
+        },
+        ChatMessage {
+            role: "assistant".into(),
+            tool_calls: vec![ToolCall {
+                id: "call_1".into(),
+                name: "get_weather".into(),
+                arguments: serde_json::json!({"city": "Paris"}),
+            }],
+            ..Default::default()
+        },
+        ChatMessage {
+            role: "tool".into(),
+            content: r#"{"city": "Paris", "temperature_celsius": 18}"#.into(),
+            tool_call_id: Some("call_1".into()),
+            ..Default::default()
+        },
+    ];
+    // jinja2.Environment().from_string(template).render(messages=..., tools=[...],
+    // add_generation_prompt=True), with transformers' tojson (the doubled braces are the
+    // template's own).
+    let expected = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"The current weather in a city\", \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}, \"required\": [\"city\"]}}}\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call><|im_end|>\n<|im_start|>user\nWhat is the weather in Paris right now?<|im_end|>\n<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n{\"city\": \"Paris\", \"temperature_celsius\": 18}\n</tool_response><|im_end|>\n<|im_start|>assistant\n";
+    assert_eq!(template.render(&messages, &[tool]).unwrap(), expected);
 }

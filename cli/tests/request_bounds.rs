@@ -91,6 +91,7 @@ async fn oversized_requests_are_bounded_and_a_stream_keeps_its_pace() {
             .map(|_| v1::ChatMessage {
                 role: "user".into(),
                 content: String::new(),
+                ..Default::default()
             })
             .collect(),
         ..Default::default()

@@ -69,6 +69,17 @@ pub struct GenerateParams {
     pub chat: bool,
     /// Read control-token text in a raw prompt as those tokens (see `GenerateRequest`).
     pub parse_special: bool,
+    /// The grammar the output must follow.
+    pub constraint: Option<OutputConstraint>,
+}
+
+/// A grammar for the output (see `GenerateRequest.constraint`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputConstraint {
+    /// A JSON Schema's text: the output is one JSON value valid under it.
+    JsonSchema(String),
+    /// A grammar in llguidance's Lark dialect.
+    Lark(String),
 }
 
 impl Default for GenerateParams {
@@ -89,6 +100,7 @@ impl Default for GenerateParams {
             ignore_eos: false,
             chat: false,
             parse_special: false,
+            constraint: None,
         }
     }
 }
@@ -245,6 +257,7 @@ impl StrataClient {
             let message = v1::ChatMessage {
                 role: "user".into(),
                 content: prompt.to_string(),
+                ..Default::default()
             };
             (String::new(), vec![message])
         } else {
@@ -273,6 +286,16 @@ impl StrataClient {
             top_logprobs: params.top_logprobs,
             ignore_eos: params.ignore_eos,
             parse_special: params.parse_special,
+            tools: Vec::new(),
+            tool_choice: None,
+            constraint: params.constraint.as_ref().map(|c| v1::OutputConstraint {
+                grammar: Some(match c {
+                    OutputConstraint::JsonSchema(s) => {
+                        v1::output_constraint::Grammar::JsonSchema(s.clone())
+                    }
+                    OutputConstraint::Lark(s) => v1::output_constraint::Grammar::Lark(s.clone()),
+                }),
+            }),
         };
         let stream = self.inner.clone().generate(request).await?.into_inner();
         Ok(Box::pin(stream.map(|item| {

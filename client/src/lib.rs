@@ -7,7 +7,7 @@
 pub mod client;
 
 pub use client::{
-    collect, ClientError, Event, FinishReason, Finished, GenerateParams, Generation, StrataClient,
-    Token, TokenStream,
+    collect, ClientError, Event, FinishReason, Finished, GenerateParams, Generation,
+    OutputConstraint, StrataClient, Token, TokenStream,
 };
 pub use strata_transport::{Security, SecurityFiles, TransportError};

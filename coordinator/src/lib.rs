@@ -14,11 +14,13 @@
 //!   cache lacks).
 //! - [`recovery`]: noticing a lost stage and loading it again on a spare or the same worker.
 //! - [`detokenize`]: token ids to text deltas; stop strings.
+//! - [`grammar`]: constrained decoding (JSON Schema, Lark): the mask of tokens a grammar allows next.
 
 pub mod detokenize;
 pub mod error;
 pub mod events;
 pub mod forward_link;
+pub mod grammar;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;

@@ -89,6 +89,8 @@ pub struct StepEntry {
     pub seen: Vec<(u32, u32)>,
     /// The request it serves, for the workers' logs (sent with a sequence's first step).
     pub request_id: Option<Arc<str>>,
+    /// A grammar's bitmask of the tokens the last stage may sample; empty: any.
+    pub allowed: Vec<u32>,
 }
 
 /// What a step produced: one sampled token per entry, plus timings.
@@ -292,6 +294,11 @@ impl Pipeline {
                         Vec::new()
                     },
                     request_id: e.request_id.as_deref().unwrap_or_default().to_string(),
+                    allowed_tokens: if i == last {
+                        e.allowed.clone()
+                    } else {
+                        Vec::new()
+                    },
                 })
                 .collect();
             let started = Instant::now();

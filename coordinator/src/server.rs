@@ -216,6 +216,7 @@ impl Coordinator {
                 prompt_work: Arc::new(crate::prompt_threads::PromptThreads::start(
                     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
                 )?),
+                grammars: Default::default(),
             },
             security: config.security,
             clients: config.clients,

@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use strata_model::{ChatMessage, ChatPromptError, ChatTemplate, ModelFile, TextTokenizer};
+use strata_model::{ChatPromptError, ChatTemplate, ModelFile, TextTokenizer, ToolCallFormat};
 use strata_proto::v1;
 use strata_transport::Caller;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::events::{EventReceiver, Failure, FinishReason, GenerationEvent};
+use crate::grammar::Grammars;
 use crate::metrics::{Api, Metrics};
 use crate::pipeline::Sampling;
 use crate::scheduler::{GenerationRequest, SchedulerHandle};
@@ -63,6 +64,8 @@ pub struct CoordinatorService {
     pub(crate) metrics: Arc<Metrics>,
     /// Where tokenizing and template rendering run (`prompt_threads.rs`).
     pub(crate) prompt_work: Arc<crate::prompt_threads::PromptThreads>,
+    /// The vocabulary for constrained decoding, built by the first request that has a grammar.
+    pub(crate) grammars: Arc<std::sync::OnceLock<Result<Grammars, String>>>,
 }
 
 fn invalid(message: String) -> Status {
@@ -107,7 +110,11 @@ impl CoordinatorService {
 
     /// The prompt's ids: `prompt` as given, or `messages` rendered with the model's chat template,
     /// their content tokenized as text (a control token typed in a message stays characters).
-    fn prompt_ids(&self, r: &v1::GenerateRequest) -> Result<Vec<u32>, Status> {
+    fn prompt_ids(
+        &self,
+        r: &v1::GenerateRequest,
+        tools: &[strata_model::Tool],
+    ) -> Result<Vec<u32>, Status> {
         if r.messages.is_empty() {
             return self.tokenize(&r.prompt, r.parse_special);
         }
@@ -122,21 +129,46 @@ impl CoordinatorService {
                 self.model.name
             )));
         };
-        let messages: Vec<ChatMessage> = r
-            .messages
-            .iter()
-            .map(|m| ChatMessage {
-                role: m.role.clone(),
-                content: m.content.clone(),
-            })
-            .collect();
+        let messages = tools::chat_messages(&r.messages)
+            .map_err(|e| invalid(format!("chat messages: {e}")))?;
+        if let Some(m) = messages.iter().find(|m| {
+            m.tool_calls
+                .iter()
+                .any(|c| self.tokenizer.has_control_text(&c.arguments.to_string()))
+        }) {
+            return Err(invalid(format!(
+                "a {} message's tool call holds a control token's text in its arguments",
+                m.role
+            )));
+        }
         // `validate` has checked the messages' sizes.
         template
-            .prompt_ids(&self.tokenizer, &messages, self.limits.max_prompt_bytes)
+            .prompt_ids(
+                &self.tokenizer,
+                &messages,
+                tools,
+                self.limits.max_prompt_bytes,
+            )
             .map_err(|e| match e {
                 ChatPromptError::Invalid(why) => invalid(format!("chat messages: {why}")),
                 ChatPromptError::Tokenizer(e) => Status::internal(format!("tokenizer: {e}")),
             })
+    }
+
+    /// `spec` compiled against the vocabulary (built the first time).
+    fn compile_grammar(
+        &self,
+        spec: &crate::grammar::GrammarSpec,
+    ) -> Result<crate::grammar::Constraint, Status> {
+        let grammars = self
+            .grammars
+            .get_or_init(|| Grammars::new(&self.tokenizer, self.model.config.vocab_size));
+        let grammars = grammars
+            .as_ref()
+            .map_err(|e| Status::failed_precondition(format!("constrained decoding: {e}")))?;
+        grammars
+            .compile(spec)
+            .map_err(|e| invalid(format!("the output grammar does not compile: {e}")))
     }
 
     fn validate(
@@ -145,7 +177,7 @@ impl CoordinatorService {
         client_timeout: Option<Duration>,
         request_id: Arc<str>,
         caller: Arc<str>,
-    ) -> Result<GenerationRequest, Status> {
+    ) -> Result<(GenerationRequest, Option<ToolCallFormat>), Status> {
         // The cheap checks first: a request refused for its sizes costs no tokenizing.
         if r.messages.len() > self.limits.max_messages {
             return Err(invalid(format!(
@@ -154,10 +186,30 @@ impl CoordinatorService {
                 self.limits.max_messages
             )));
         }
+        let call_bytes = |m: &v1::ChatMessage| {
+            m.tool_calls
+                .iter()
+                .map(|c| c.id.len() + c.name.len() + c.arguments_json.len())
+                .sum::<usize>()
+                + m.tool_call_id.len()
+                + m.name.len()
+        };
         let prompt_bytes = r.prompt.len()
             + r.messages
                 .iter()
-                .map(|m| m.content.len() + m.role.len())
+                .map(|m| m.content.len() + m.role.len() + call_bytes(m))
+                .sum::<usize>()
+            + r.tools
+                .iter()
+                .map(|t| t.name.len() + t.description.len() + t.parameters_json.len())
+                .sum::<usize>()
+            + r.constraint
+                .iter()
+                .filter_map(|c| c.grammar.as_ref())
+                .map(|g| match g {
+                    v1::output_constraint::Grammar::JsonSchema(t)
+                    | v1::output_constraint::Grammar::Lark(t) => t.len(),
+                })
                 .sum::<usize>();
         let what = if r.messages.is_empty() {
             "prompt"
@@ -209,7 +261,8 @@ impl CoordinatorService {
                 self.limits.max_stop_bytes
             )));
         }
-        let prompt_ids = self.prompt_ids(&r)?;
+        let tool_use = tools::tool_use(&r, self.chat.as_deref()).map_err(invalid)?;
+        let prompt_ids = self.prompt_ids(&r, &tool_use.tools)?;
         if prompt_ids.is_empty() {
             return Err(invalid(
                 "the prompt is empty: give at least one token of text".into(),
@@ -225,7 +278,12 @@ impl CoordinatorService {
         let time = client_timeout.map_or(self.limits.max_request_time, |t| {
             t.min(self.limits.max_request_time)
         });
-        Ok(GenerationRequest {
+        let constraint = tool_use
+            .grammar
+            .as_ref()
+            .map(|g| self.compile_grammar(g).map(Box::new))
+            .transpose()?;
+        let request = GenerationRequest {
             prompt_ids,
             max_tokens,
             sampling,
@@ -235,7 +293,9 @@ impl CoordinatorService {
             deadline: tokio::time::Instant::now() + time,
             request_id,
             caller,
-        })
+            constraint,
+        };
+        Ok((request, tool_use.format))
     }
 
     /// Validates, tokenizes and queues a request: the one way in for every API. Refusals and the
@@ -251,7 +311,7 @@ impl CoordinatorService {
         let key: Arc<str> = caller.label().into();
         let started = async {
             let key = key.clone();
-            let request = self
+            let (request, tool_format) = self
                 .off_async_threads(move |service| {
                     service.validate(request, client_timeout, request_id, key)
                 })
@@ -259,11 +319,11 @@ impl CoordinatorService {
             let prompt_tokens = request.prompt_ids.len();
             let (events, stream) = mpsc::unbounded_channel();
             self.scheduler.submit(request, events).await?;
-            Ok::<_, Status>((stream, prompt_tokens))
+            Ok::<_, Status>((stream, prompt_tokens, tool_format))
         }
         .await;
         match started {
-            Ok((stream, prompt_tokens)) => {
+            Ok((stream, prompt_tokens, tool_format)) => {
                 self.metrics.request_accepted(prompt_tokens);
                 Ok(Events {
                     stream,
@@ -272,6 +332,8 @@ impl CoordinatorService {
                     key,
                     last_token: None,
                     ended: false,
+                    tool_format,
+                    text: String::new(),
                 })
             }
             Err(status) => {
@@ -357,9 +419,18 @@ pub struct Events {
     key: Arc<str>,
     last_token: Option<Duration>,
     ended: bool,
+    /// How the model writes calls, when the request offered tools.
+    tool_format: Option<ToolCallFormat>,
+    /// The output so far, kept only with `tool_format`, to parse the calls at the end.
+    text: String,
 }
 
 impl Events {
+    /// How the output's tool calls are written, when the request offered tools.
+    pub fn tool_format(&self) -> Option<ToolCallFormat> {
+        self.tool_format
+    }
+
     fn observe(&mut self, item: &Result<GenerationEvent, Failure>) {
         match item {
             Ok(GenerationEvent::Token(token)) => {
@@ -411,6 +482,7 @@ fn to_wire(item: Result<GenerationEvent, Failure>) -> Result<v1::GenerateRespons
             stage_forward_us: f.stage_forward.into_iter().map(micros).collect(),
             stage_hop_us: f.stage_hop.into_iter().map(micros).collect(),
             trailing_text: f.trailing_text,
+            tool_calls: Vec::new(),
         }),
     };
     Ok(v1::GenerateResponse { event: Some(event) })
@@ -436,7 +508,33 @@ impl Stream for Events {
         if let std::task::Poll::Ready(Some(item)) = &polled {
             self.observe(item);
         }
-        polled.map(|item| item.map(to_wire))
+        polled.map(|item| {
+            item.map(|item| {
+                let calls = self.tool_format.and_then(|format| match &item {
+                    Ok(GenerationEvent::Token(t)) => {
+                        self.text.push_str(&t.text);
+                        None
+                    }
+                    Ok(GenerationEvent::Finished(f)) => {
+                        self.text.push_str(&f.trailing_text);
+                        let (_, calls) = tools::split_output(format, &self.text);
+                        Some(calls.iter().map(tools::wire_call).collect())
+                    }
+                    Err(_) => None,
+                });
+                let mut wire = to_wire(item);
+                if let (
+                    Some(calls),
+                    Ok(v1::GenerateResponse {
+                        event: Some(v1::generate_response::Event::Finished(f)),
+                    }),
+                ) = (calls, &mut wire)
+                {
+                    f.tool_calls = calls;
+                }
+                wire
+            })
+        })
     }
 }
 
@@ -580,6 +678,8 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
         _ => return None,
     })
 }
+
+pub mod tools;
 
 #[cfg(test)]
 mod tests;

@@ -39,6 +39,7 @@ impl SingleProcess {
             sampling: Some(SamplingParams::GREEDY),
             top_logprobs: 0,
             seen: Vec::new(),
+            allowed: Vec::new(),
         };
         let started = Instant::now();
         let out = self
@@ -148,6 +149,7 @@ impl SingleProcess {
                     sampling: Some(SamplingParams::GREEDY),
                     top_logprobs: 0,
                     seen: Vec::new(),
+                    allowed: Vec::new(),
                 })
                 .collect();
             let step_started = Instant::now();

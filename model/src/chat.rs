@@ -7,15 +7,71 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::Value;
 use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
-use serde::Serialize;
+use serde::ser::SerializeStruct;
+use serde::{Serialize, Serializer};
+use serde_json::json;
 
+use crate::tool_calls::ToolCallFormat;
 use crate::{ModelError, ModelFile, TextTokenizer};
 
-/// One turn of a conversation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One turn of a conversation, as templates read it (`transformers`' message dicts).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// The functions an assistant turn called.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// Which call a `tool` turn answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// The function a `tool` turn speaks for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// A function call of an assistant turn. Templates see OpenAI's shape, `{"id", "type":
+/// "function", "function": {"name", "arguments"}}`, with `arguments` an object (as
+/// `transformers` users pass it) rather than the API's JSON text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: serde_json::Value,
+}
+
+impl Serialize for ToolCall {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut call = serializer.serialize_struct("ToolCall", 3)?;
+        call.serialize_field("id", &self.id)?;
+        call.serialize_field("type", "function")?;
+        call.serialize_field(
+            "function",
+            &json!({"name": self.name, "arguments": self.arguments}),
+        )?;
+        call.end()
+    }
+}
+
+/// A function the model may call, rendered as OpenAI's `{"type": "function", "function": {...}}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tool {
+    pub name: String,
+    pub description: Option<String>,
+    /// The arguments' JSON Schema.
+    pub parameters: serde_json::Value,
+}
+
+impl Serialize for Tool {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut function = serde_json::Map::new();
+        function.insert("name".into(), self.name.clone().into());
+        if let Some(d) = &self.description {
+            function.insert("description".into(), d.clone().into());
+        }
+        function.insert("parameters".into(), self.parameters.clone());
+        json!({"type": "function", "function": function}).serialize(serializer)
+    }
 }
 
 /// A compiled chat template and the special-token texts it may refer to.
@@ -24,6 +80,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// How the model writes a function call, for a template that takes `tools`.
+    tool_format: Option<ToolCallFormat>,
 }
 
 const TEMPLATE_NAME: &str = "chat";
@@ -70,18 +128,27 @@ impl ChatTemplate {
                 Err(JinjaError::new(ErrorKind::InvalidOperation, message))
             },
         );
+        let tool_format = ToolCallFormat::of_template(&source);
+        env.add_filter("tojson", python_tojson);
         env.add_template_owned(TEMPLATE_NAME, source)
             .map_err(|e| ModelError::invalid(path, format!("chat template: {e}")))?;
         Ok(Self {
             env,
             bos_token,
             eos_token,
+            tool_format,
         })
     }
 
-    /// The prompt for `messages`, ending where the assistant's reply begins. A template that
-    /// refuses the conversation (e.g. roles out of order) says why in the error.
-    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, String> {
+    /// How the model writes function calls; `None` when its template takes no `tools`.
+    pub fn tool_format(&self) -> Option<ToolCallFormat> {
+        self.tool_format
+    }
+
+    /// The prompt for `messages`, offering `tools` (none: the template is not told of any),
+    /// ending where the assistant's reply begins. A template that refuses the conversation (e.g.
+    /// roles out of order) says why in the error.
+    pub fn render(&self, messages: &[ChatMessage], tools: &[Tool]) -> Result<String, String> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -89,6 +156,7 @@ impl ChatTemplate {
         template
             .render(context! {
                 messages => messages,
+                tools => (!tools.is_empty()).then_some(tools),
                 add_generation_prompt => true,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
@@ -97,6 +165,70 @@ impl ChatTemplate {
                 ErrorKind::InvalidOperation => e.detail().unwrap_or("refused").to_string(),
                 _ => format!("the model's chat template failed: {e}"),
             })
+    }
+}
+
+/// `transformers`' `tojson` filter: Python's `json.dumps(x, ensure_ascii=False)`, so `", "` and
+/// `": "` between items (minijinja's own writes compact JSON with HTML escapes, and tools and call
+/// arguments would reach the model spelled differently from how it was trained), or indented by
+/// `indent` spaces.
+fn python_tojson(
+    value: minijinja::Value,
+    kwargs: minijinja::value::Kwargs,
+) -> Result<minijinja::Value, JinjaError> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    // `separators` and `sort_keys` are not read by the templates strata knows.
+    let _: Option<minijinja::Value> = kwargs.get("separators")?;
+    let _: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(&value)
+        .map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let mut out = String::new();
+    write_python_json(&json, indent, 0, &mut out);
+    Ok(minijinja::Value::from_safe_string(out))
+}
+
+fn write_python_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
+    use serde_json::Value as J;
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * depth));
+        }
+    };
+    let (comma, colon) = if indent.is_some() {
+        (",", ": ")
+    } else {
+        (", ", ": ")
+    };
+    match v {
+        J::Array(items) if !items.is_empty() => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(comma);
+                }
+                newline(out, depth + 1);
+                write_python_json(item, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push(']');
+        }
+        J::Object(map) if !map.is_empty() => {
+            out.push('{');
+            for (i, (k, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(comma);
+                }
+                newline(out, depth + 1);
+                out.push_str(&J::String(k.clone()).to_string());
+                out.push_str(colon);
+                write_python_json(item, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
     }
 }
 
@@ -135,6 +267,7 @@ impl ChatTemplate {
         &self,
         tokenizer: &TextTokenizer,
         messages: &[ChatMessage],
+        tools: &[Tool],
         max_bytes: usize,
     ) -> Result<Vec<u32>, ChatPromptError> {
         let too_long = |text: &str| {
@@ -149,14 +282,16 @@ impl ChatTemplate {
             .iter()
             .find(|m| tokenizer.has_control_text(&m.content))
         else {
-            let text = self.render(messages).map_err(ChatPromptError::Invalid)?;
+            let text = self
+                .render(messages, tools)
+                .map_err(ChatPromptError::Invalid)?;
             return match too_long(&text) {
                 Some(e) => Err(e),
                 None => Ok(tokenizer.encode(&text)?),
             };
         };
         let rendered = self
-            .render_with_content(messages)
+            .render_with_content(messages, tools)
             .map_err(ChatPromptError::Invalid)?;
         if let Some(e) = too_long(&rendered.text) {
             return Err(e);
@@ -176,8 +311,12 @@ impl ChatTemplate {
     /// content; putting the contents (as they are, or trimmed, as Gemma's template trims them) in
     /// place of the markers must give the same text, or the template changed the content in a way
     /// that cannot be followed (`content` is `None`).
-    pub fn render_with_content(&self, messages: &[ChatMessage]) -> Result<RenderedChat, String> {
-        let text = self.render(messages)?;
+    pub fn render_with_content(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[Tool],
+    ) -> Result<RenderedChat, String> {
+        let text = self.render(messages, tools)?;
         if messages.iter().any(|m| {
             m.role.contains(['\u{E000}', '\u{E001}'])
                 || m.content.contains(['\u{E000}', '\u{E001}'])
@@ -188,11 +327,11 @@ impl ChatTemplate {
             .iter()
             .enumerate()
             .map(|(i, m)| ChatMessage {
-                role: m.role.clone(),
                 content: marker(i),
+                ..m.clone()
             })
             .collect();
-        let skeleton = self.render(&marked)?;
+        let skeleton = self.render(&marked, tools)?;
         for trim in [false, true] {
             let mut rebuilt = String::with_capacity(text.len());
             let mut content = Vec::new();
@@ -289,6 +428,7 @@ mod tests {
         ChatMessage {
             role: "user".into(),
             content: content.into(),
+            ..Default::default()
         }
     }
 
@@ -297,7 +437,7 @@ mod tests {
         let t = ChatTemplate::new(Path::new("m"), SMOLLM2.into(), String::new(), String::new())
             .unwrap();
         assert_eq!(
-            t.render(&[user("Hi")]).unwrap(),
+            t.render(&[user("Hi")], &[]).unwrap(),
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
              <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
@@ -308,7 +448,7 @@ mod tests {
         let spans = |source: &str, messages: &[ChatMessage]| {
             let t = ChatTemplate::new(Path::new("m"), source.into(), String::new(), String::new())
                 .unwrap();
-            t.render_with_content(messages).map(|r| {
+            t.render_with_content(messages, &[]).map(|r| {
                 let texts: Option<Vec<String>> = r
                     .content
                     .map(|spans| spans.iter().map(|c| r.text[c.clone()].into()).collect());
@@ -337,14 +477,35 @@ mod tests {
                       {{ bos_token }}{{ messages[0]['content'].strip() }}";
         let t =
             ChatTemplate::new(Path::new("m"), source.into(), "<s>".into(), "</s>".into()).unwrap();
-        assert_eq!(t.render(&[user("  x  ")]).unwrap(), "<s>x");
+        assert_eq!(t.render(&[user("  x  ")], &[]).unwrap(), "<s>x");
         let system = ChatMessage {
             role: "system".into(),
             content: "s".into(),
+            ..Default::default()
         };
         assert_eq!(
-            t.render(&[system]).unwrap_err(),
+            t.render(&[system], &[]).unwrap_err(),
             "first message must be from the user"
+        );
+    }
+
+    #[test]
+    fn tojson_writes_what_python_json_dumps_writes() {
+        let source = "{{ tools | tojson }}|{{ tools[0] | tojson(indent=2) }}";
+        let t =
+            ChatTemplate::new(Path::new("m"), source.into(), String::new(), String::new()).unwrap();
+        let tool = Tool {
+            name: "f".into(),
+            description: Some("a <b> & 'c' é".into()),
+            parameters: json!({"type": "object", "properties": {"z": {}, "a": [1, 2.5]}}),
+        };
+        // json.dumps([tool], ensure_ascii=False) and json.dumps(tool, indent=2, ensure_ascii=False)
+        assert_eq!(
+            t.render(&[], std::slice::from_ref(&tool)).unwrap(),
+            "[{\"type\": \"function\", \"function\": {\"name\": \"f\", \"description\": \"a <b> & 'c' é\", \
+             \"parameters\": {\"type\": \"object\", \"properties\": {\"z\": {}, \"a\": [1, 2.5]}}}}]|\
+             {\n  \"type\": \"function\",\n  \"function\": {\n    \"name\": \"f\",\n    \"description\": \"a <b> & 'c' é\",\n    \
+             \"parameters\": {\n      \"type\": \"object\",\n      \"properties\": {\n        \"z\": {},\n        \"a\": [\n          1,\n          2.5\n        ]\n      }\n    }\n  }\n}"
         );
     }
 

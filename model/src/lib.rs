@@ -24,10 +24,14 @@ pub mod stage_weights;
 pub mod synthetic;
 pub mod tensors;
 pub mod tokenizer;
+pub mod tool_calls;
 pub mod wire;
 
-pub use chat::{ChatMessage, ChatPromptError, ChatTemplate, ChatTemplateSource, RenderedChat};
+pub use chat::{
+    ChatMessage, ChatPromptError, ChatTemplate, ChatTemplateSource, RenderedChat, Tool, ToolCall,
+};
 pub use config::ModelConfig;
 pub use error::ModelError;
 pub use file::{ModelFile, ModelFormat};
 pub use tokenizer::TextTokenizer;
+pub use tool_calls::{OutputPiece, ParsedCall, ToolCallFormat, ToolCallParser};

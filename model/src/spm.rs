@@ -146,6 +146,22 @@ impl SpmTokenizer {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
+    /// Every id's bytes (see `TextTokenizer::token_bytes`): normal pieces with `▁` as a space, byte
+    /// tokens as their byte, control and unknown tokens marked, unused ones empty.
+    pub fn token_bytes(&self) -> Vec<Vec<u8>> {
+        self.tokens
+            .iter()
+            .zip(&self.types)
+            .map(|(text, &kind)| match kind {
+                NORMAL => text.replace(SPACE, " ").into_bytes(),
+                BYTE => byte_of(text).into_iter().collect(),
+                USER_DEFINED => text.as_bytes().to_vec(),
+                CONTROL | UNKNOWN => crate::tokenizer::control_bytes(text),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
     /// The control tokens' texts and ids.
     pub fn control_tokens(&self) -> Vec<(String, u32)> {
         self.specials
@@ -315,7 +331,7 @@ impl Ord for Bigram {
 }
 
 /// The byte of a `<0xXX>` token.
-fn byte_of(text: &str) -> Option<u8> {
+pub(crate) fn byte_of(text: &str) -> Option<u8> {
     let hex = text.strip_prefix("<0x")?.strip_suffix('>')?;
     u8::from_str_radix(hex, 16).ok()
 }

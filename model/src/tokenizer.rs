@@ -293,6 +293,54 @@ impl TextTokenizer {
         self.end_of_generation.iter().copied().collect()
     }
 
+    /// Every id's bytes, as a grammar matches output text against them: control tokens as
+    /// [`CONTROL_MARKER`] followed by their text (so no text rule ever matches one), byte tokens as
+    /// their byte, and ids the tokenizer does not know as nothing.
+    pub fn token_bytes(&self) -> Vec<Vec<u8>> {
+        match &self.inner {
+            Backend::Spm(spm) => spm.token_bytes(),
+            Backend::Hf(inner) => {
+                let byte_level = matches!(
+                    inner.get_decoder(),
+                    Some(tokenizers::DecoderWrapper::ByteLevel(_))
+                );
+                let unicode_to_byte = if byte_level {
+                    byte_level_alphabet()
+                } else {
+                    HashMap::new()
+                };
+                let added = inner.get_added_tokens_decoder();
+                (0..inner.get_vocab_size(true) as u32)
+                    .map(|id| {
+                        if let Some(token) = added.get(&id) {
+                            return if token.special {
+                                control_bytes(&token.content)
+                            } else {
+                                token.content.as_bytes().to_vec()
+                            };
+                        }
+                        let Some(piece) = inner.id_to_token(id) else {
+                            return Vec::new();
+                        };
+                        if let Some(byte) = crate::spm::byte_of(&piece) {
+                            return vec![byte];
+                        }
+                        if byte_level {
+                            let mapped: Option<Vec<u8>> = piece
+                                .chars()
+                                .map(|c| unicode_to_byte.get(&c).copied())
+                                .collect();
+                            if let Some(bytes) = mapped {
+                                return bytes;
+                            }
+                        }
+                        piece.replace('\u{2581}', " ").into_bytes()
+                    })
+                    .collect()
+            }
+        }
+    }
+
     /// The number of ids the tokenizer knows, added tokens included.
     pub fn vocab_size(&self) -> usize {
         match &self.inner {
@@ -548,6 +596,34 @@ fn tokenizer_error(path: &Path, e: impl std::fmt::Display) -> ModelError {
     }
 }
 
+/// What [`TextTokenizer::token_bytes`] puts before a control token's text: a byte no UTF-8 text
+/// holds (llguidance's `TokTrie::SPECIAL_TOKEN_MARKER`).
+pub const CONTROL_MARKER: u8 = 0xff;
+
+pub(crate) fn control_bytes(text: &str) -> Vec<u8> {
+    let mut bytes = vec![CONTROL_MARKER];
+    bytes.extend_from_slice(text.as_bytes());
+    bytes
+}
+
+/// GPT-2's byte-level alphabet (`bytes_to_unicode`), inverted: printable Latin-1 bytes stand for
+/// themselves, the other 68 bytes are written as U+0100 and up, in byte order.
+fn byte_level_alphabet() -> HashMap<char, u8> {
+    let printable = |b: u8| matches!(b, 0x21..=0x7e | 0xa1..=0xac | 0xae..=0xff);
+    let mut shifted = 0u32;
+    (0..=255u8)
+        .map(|b| {
+            let c = if printable(b) {
+                char::from(b)
+            } else {
+                shifted += 1;
+                char::from_u32(255 + shifted).expect("U+0100..U+0143 are characters")
+            };
+            (c, b)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -564,6 +640,45 @@ mod tests {
         let model = ModelFile::open(&path)
             .unwrap_or_else(|e| panic!("{e} (run `strata fetch-model` first)"));
         TextTokenizer::load(&model).unwrap()
+    }
+
+    #[test]
+    fn token_bytes_spell_what_decoding_spells() {
+        let tokenizer = smollm2();
+        let bytes = tokenizer.token_bytes();
+        assert_eq!(bytes.len(), tokenizer.vocab_size());
+        // A sentence's tokens, byte strings joined, are the sentence; a control token is marked.
+        let text = "Le café coûte 3,50 € — it's\n 12:30!";
+        let ids = tokenizer.encode(text).unwrap();
+        let joined: Vec<u8> = ids
+            .iter()
+            .flat_map(|&id| bytes[id as usize].clone())
+            .collect();
+        assert_eq!(String::from_utf8(joined).unwrap(), text);
+        let end = tokenizer.end_of_generation_ids()[0];
+        assert_eq!(bytes[end as usize][0], CONTROL_MARKER);
+        assert_eq!(
+            &bytes[end as usize][1..],
+            tokenizer.decode(&[end]).unwrap().as_bytes()
+        );
+        // Every token that decodes to whole characters is spelled as those characters; the
+        // others are parts of a character (byte-level BPE splits them).
+        let mut partial = 0;
+        for (id, spelled) in bytes.iter().enumerate() {
+            let decoded = tokenizer.decode(&[id as u32]).unwrap();
+            if spelled.first() == Some(&CONTROL_MARKER) {
+                assert_eq!(&spelled[1..], decoded.as_bytes());
+            } else if std::str::from_utf8(spelled).is_err() {
+                assert!(decoded.contains('\u{FFFD}'), "token {id}");
+                partial += 1;
+            } else {
+                assert_eq!(spelled, decoded.as_bytes(), "token {id}");
+            }
+        }
+        assert!(
+            partial > 0,
+            "byte-level BPE has tokens that end inside a character"
+        );
     }
 
     #[test]

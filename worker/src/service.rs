@@ -130,6 +130,7 @@ fn step_from_wire(s: v1::SequenceInput) -> Result<SequenceStep, WorkerError> {
         sampling,
         top_logprobs: s.top_logprobs as usize,
         seen: s.seen.iter().map(|t| (t.id, t.generated)).collect(),
+        allowed: s.allowed_tokens,
     })
 }
 

@@ -269,6 +269,7 @@ fn greedy_rows_on_the_gpu_match_the_host() {
                 &values[r * vocab..(r + 1) * vocab],
                 &SamplingParams::GREEDY,
                 &[],
+                &[],
                 0,
                 0,
             );

@@ -135,6 +135,22 @@ fn seen(rng: &mut SplitMix64, hostile: bool) -> Vec<v1::TokenCount> {
         .collect()
 }
 
+/// A grammar's mask: none, a valid one, or (`hostile`) one of any size and bits.
+fn allowed(rng: &mut SplitMix64, hostile: bool) -> Vec<u32> {
+    let words = VOCAB.div_ceil(32) as usize;
+    let len = if hostile {
+        rng.pick(&[0, 0, words, words, 1, words + 1, 100_000])
+    } else {
+        rng.pick(&[0, 0, 0, words])
+    };
+    let fill = if hostile {
+        rng.pick(&[0, 1, u32::MAX])
+    } else {
+        rng.pick(&[1, u32::MAX])
+    };
+    vec![fill; len]
+}
+
 /// A sequence's part of a request: a plausible continuation, or (`hostile`) anything at all.
 fn sequence(rng: &mut SplitMix64, target: &Target, hostile: bool) -> v1::SequenceInput {
     if !hostile {
@@ -164,6 +180,7 @@ fn sequence(rng: &mut SplitMix64, target: &Target, hostile: bool) -> v1::Sequenc
             top_logprobs: rng.pick(&[0, 1, 5, 20]),
             request_id: String::new(),
             seen: seen(rng, false),
+            allowed_tokens: allowed(rng, false),
         };
     }
     let seq_id = if rng.chance(95) {
@@ -213,6 +230,7 @@ fn sequence(rng: &mut SplitMix64, target: &Target, hostile: bool) -> v1::Sequenc
         top_logprobs: rng.pick(&[0, 0, 1, 5, 20, 21, u32::MAX]),
         request_id: request_id(rng),
         seen: seen(rng, true),
+        allowed_tokens: allowed(rng, true),
     }
 }
 

@@ -7,7 +7,7 @@ use clap::Args;
 use futures::StreamExt;
 use serde_json::json;
 use strata_client::client::collect;
-use strata_client::{Event, GenerateParams, Generation, StrataClient};
+use strata_client::{Event, GenerateParams, Generation, OutputConstraint, StrataClient};
 
 use super::cluster::ClusterArgs;
 
@@ -72,9 +72,26 @@ pub struct GenerateArgs {
     /// text, like the rest of the prompt.
     #[arg(long)]
     parse_special: bool,
+    /// Constrain the output to this JSON Schema (JSON text, or @FILE): it always parses and
+    /// validates.
+    #[arg(long, conflicts_with = "grammar")]
+    json_schema: Option<String>,
+    /// Constrain the output to this grammar in llguidance's Lark dialect (text, or @FILE).
+    #[arg(long)]
+    grammar: Option<String>,
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     json: bool,
+}
+
+/// `TEXT`, or the contents of FILE for `@FILE`.
+fn text_or_file(arg: &str) -> anyhow::Result<String> {
+    match arg.strip_prefix('@') {
+        Some(path) => {
+            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {path}: {e}"))
+        }
+        None => Ok(arg.to_string()),
+    }
 }
 
 /// `ID=BIAS`, as `--logit-bias` takes it.
@@ -115,6 +132,11 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ignore_eos: args.ignore_eos,
         chat: args.chat,
         parse_special: args.parse_special,
+        constraint: match (&args.json_schema, &args.grammar) {
+            (Some(schema), _) => Some(OutputConstraint::JsonSchema(text_or_file(schema)?)),
+            (None, Some(lark)) => Some(OutputConstraint::Lark(text_or_file(lark)?)),
+            (None, None) => None,
+        },
     };
     if let Some(url) = &args.cluster.coordinator {
         let client = args.cluster.connect(url).await?;

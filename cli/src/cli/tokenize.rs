@@ -36,8 +36,9 @@ pub fn run(args: TokenizeArgs) -> anyhow::Result<()> {
         let messages = [ChatMessage {
             role: "user".into(),
             content: args.text,
+            ..Default::default()
         }];
-        template.prompt_ids(&tokenizer, &messages, usize::MAX)?
+        template.prompt_ids(&tokenizer, &messages, &[], usize::MAX)?
     } else {
         tokenizer.encode_prompt(&args.text, args.parse_special)?
     };

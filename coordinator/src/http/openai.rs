@@ -149,6 +149,7 @@ pub async fn chat_completions(
     if body.messages.is_empty() {
         return Err(ApiError::invalid("messages is empty", Some("messages")));
     }
+    let (tools, tool_choice) = body.wire_tools()?;
     let messages = body
         .messages
         .into_iter()
@@ -170,9 +171,26 @@ pub async fn chat_completions(
                     text
                 }
             };
+            let tool_calls = m
+                .tool_calls
+                .into_iter()
+                .flatten()
+                .map(|c| v1::ToolCall {
+                    id: c.id,
+                    name: c.function.name,
+                    arguments_json: match c.function.arguments {
+                        Some(Value::String(text)) => text,
+                        Some(v) => v.to_string(),
+                        None => String::new(),
+                    },
+                })
+                .collect();
             Ok(v1::ChatMessage {
                 role: m.role,
                 content,
+                tool_calls,
+                tool_call_id: m.tool_call_id.unwrap_or_default(),
+                name: m.name.unwrap_or_default(),
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -180,6 +198,8 @@ pub async fn chat_completions(
     let mut request = body.common.to_request(&state, max_tokens)?;
     request.messages = messages;
     request.top_logprobs = top_logprobs;
+    request.tools = tools;
+    request.tool_choice = tool_choice;
     respond(
         &state,
         &headers,
@@ -205,6 +225,7 @@ async fn respond(
     let n = common.choices()?;
     let model = model_id(state.service.model());
     let (choices, id) = start(state, headers, caller, request, n).await?;
+    let tool_format = choices.first().and_then(Events::tool_format);
     let (prefix, object) = match flavor {
         Flavor::Completion => ("cmpl", "text_completion"),
         Flavor::Chat => ("chatcmpl", "chat.completion"),
@@ -222,6 +243,7 @@ async fn respond(
             choices.len(),
             common.include_usage(),
             logprobs,
+            tool_format,
         );
         sse(choices, writer).into_response()
     } else {
@@ -243,6 +265,16 @@ async fn respond(
                     Flavor::Completion => json!({
                         "index": index, "text": c.text, "logprobs": logprobs,
                         "finish_reason": c.reason,
+                    }),
+                    Flavor::Chat if !c.tool_calls.is_empty() => json!({
+                        "index": index,
+                        "message": {
+                            "role": "assistant",
+                            "content": (!c.text.is_empty()).then_some(&c.text),
+                            "tool_calls": c.tool_calls.iter().map(stream::openai_call).collect::<Vec<_>>(),
+                        },
+                        "logprobs": logprobs,
+                        "finish_reason": "tool_calls",
                     }),
                     Flavor::Chat => json!({
                         "index": index,

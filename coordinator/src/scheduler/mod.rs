@@ -37,7 +37,7 @@ mod outage;
 mod sequence;
 mod step;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use outage::{LossReport, LostStage, Outage};
 use sequence::Sequence;
@@ -85,6 +85,8 @@ pub struct GenerationRequest {
     pub request_id: Arc<str>,
     /// The name of the client's API key (`-` on an open port), for logs.
     pub caller: Arc<str>,
+    /// The grammar the output must follow, in its starting state.
+    pub constraint: Option<Box<crate::grammar::Constraint>>,
 }
 
 /// A snapshot for `Info` and `Health`.

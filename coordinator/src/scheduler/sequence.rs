@@ -33,18 +33,21 @@ pub(super) struct Sequence {
     pub(super) alone: bool,
     /// What the penalties look at, for a request whose sampling has any.
     pub(super) seen: Option<SeenTokens>,
+    /// The grammar's state, for a constrained request: it has taken in every generated token.
+    pub(super) constraint: Option<Box<crate::grammar::Constraint>>,
 }
 
 impl Sequence {
     /// A sequence with nothing fed yet, streaming to `events`.
     pub(super) fn new(
         id: u64,
-        request: GenerationRequest,
+        mut request: GenerationRequest,
         events: EventSender,
         arrived: Instant,
         num_stages: usize,
     ) -> Self {
         Self {
+            constraint: request.constraint.take(),
             id,
             tokens: request.prompt_ids.clone(),
             seen: request
@@ -64,6 +67,12 @@ impl Sequence {
             stage_hop: vec![Duration::ZERO; num_stages],
             alone: false,
         }
+    }
+
+    /// Whether a step that feeds `n` positions samples this sequence's next token (and not a
+    /// prefill chunk's, or a replayed token's, which is known already).
+    pub(super) fn samples_after(&self, n: usize) -> bool {
+        self.cached + n == self.tokens.len()
     }
 
     /// Whether part of the prompt is still to be fed.
@@ -123,6 +132,9 @@ pub(super) fn advance(
     seq.generated += 1;
     if let Some(seen) = &mut seq.seen {
         seen.generated(sampled.id);
+    }
+    if let Some(constraint) = &mut seq.constraint {
+        constraint.accept(sampled.id);
     }
     let delta = match seq.decoder.push(tokenizer, sampled.id) {
         Ok(delta) => delta,

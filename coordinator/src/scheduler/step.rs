@@ -82,14 +82,24 @@ impl Scheduler {
                     top_logprobs: s.request.top_logprobs,
                     seen: s.seen.as_ref().map(SeenTokens::to_vec).unwrap_or_default(),
                     request_id: (s.cached == 0).then(|| s.request.request_id.clone()),
+                    allowed: Vec::new(),
                 })
                 .collect();
+            let constrained = sequences
+                .iter()
+                .zip(&fed)
+                .any(|(s, &n)| s.constraint.is_some() && s.samples_after(n));
             let step_id = self.next_step_id;
             self.next_step_id += 1;
             self.in_flight_sequences += sequences.len();
             let pipeline = self.pipeline.clone();
             let lost = lost_on(self.lost.subscribe(), pipeline.generation());
             self.in_flight.push(Box::pin(async move {
+                let (sequences, entries) = if constrained {
+                    grammar_masks(sequences, &fed, entries).await
+                } else {
+                    (sequences, entries)
+                };
                 let result = tokio::select! {
                     result = pipeline.step(step_id, &entries) => result,
                     loss = lost => Err(loss),
@@ -229,6 +239,33 @@ fn rows_that_fit(feeds: &[usize], max_rows: usize) -> usize {
         })
         .count();
     fit.max(1).min(feeds.len())
+}
+
+/// Fills in the grammar masks of the constrained sequences that sample in this step, on a blocking
+/// thread: a mask takes the grammar through the tokens since the last one, parsing work the
+/// scheduler's task must not wait on. (llguidance turns its own panics into errors, which end the
+/// output: see `Constraint::next_mask`.)
+async fn grammar_masks(
+    mut sequences: Vec<Sequence>,
+    fed: &[usize],
+    mut entries: Vec<StepEntry>,
+) -> (Vec<Sequence>, Vec<StepEntry>) {
+    let samples: Vec<bool> = sequences
+        .iter()
+        .zip(fed)
+        .map(|(s, &n)| s.samples_after(n))
+        .collect();
+    let work = move || {
+        for ((seq, entry), samples) in sequences.iter_mut().zip(&mut entries).zip(samples) {
+            if let Some(constraint) = seq.constraint.as_mut().filter(|_| samples) {
+                entry.allowed = constraint.next_mask();
+            }
+        }
+        (sequences, entries)
+    };
+    tokio::task::spawn_blocking(work)
+        .await
+        .expect("a grammar mask does not panic")
 }
 
 #[cfg(test)]

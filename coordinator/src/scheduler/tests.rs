@@ -19,7 +19,7 @@ use crate::recovery::RecoveryConfig;
 use crate::CoordinatorError;
 
 /// The default model's tokenizer, as `strata fetch-model` caches it (CI fetches it first).
-pub(super) fn smollm2() -> TextTokenizer {
+pub(crate) fn smollm2() -> TextTokenizer {
     let home = std::env::var_os("STRATA_HOME")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {
@@ -43,6 +43,7 @@ pub(super) fn request(within: Duration) -> GenerationRequest {
         deadline: Instant::now() + within,
         request_id: Arc::from("test"),
         caller: Arc::from("-"),
+        constraint: None,
     }
 }
 

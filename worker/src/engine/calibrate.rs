@@ -176,6 +176,7 @@ impl Probe {
                     sampling: Some(SamplingParams::GREEDY),
                     top_logprobs: 0,
                     seen: Vec::new(),
+                    allowed: Vec::new(),
                 })
                 .collect()
         } else {

@@ -100,6 +100,8 @@ pub struct SequenceStep {
     pub top_logprobs: usize,
     /// The tokens so far as `(id, times generated)`, each once, when `sampling` has penalties.
     pub seen: Vec<(u32, u32)>,
+    /// A grammar's bitmask of the tokens sampling may choose (see `sampling::sample`); empty: any.
+    pub allowed: Vec<u32>,
 }
 
 /// What a stage produced for one sequence.

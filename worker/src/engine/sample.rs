@@ -12,7 +12,7 @@ use crate::model::sampling::{greedy_rows, sample, Sampled, SamplingParams};
 /// token (the lowest index among the largest logits, as on the host) and its log-probability are
 /// reduced there, and only those two numbers per row are copied back. Copying and scanning every
 /// 32000-wide row on the host took a quarter of a 32-sequence GPU step. Other rows (temperature,
-/// top-k/p, penalties, bias, requested alternatives) and CPU stages sample on the host from the
+/// top-k/p, penalties, bias, a grammar's mask, requested alternatives) and CPU stages sample on the host from the
 /// full row.
 pub(super) fn sample_rows(
     logits: &Tensor,
@@ -23,7 +23,9 @@ pub(super) fn sample_rows(
     fn params(step: &SequenceStep) -> &SamplingParams {
         step.sampling.as_ref().unwrap_or(GREEDY)
     }
-    let on_device = |step: &SequenceStep| params(step).is_plain_greedy() && step.top_logprobs == 0;
+    let on_device = |step: &SequenceStep| {
+        params(step).is_plain_greedy() && step.top_logprobs == 0 && step.allowed.is_empty()
+    };
     let mut out: Vec<Option<Sampled>> = vec![None; steps.len()];
     if !logits.device().is_cpu() && steps.iter().any(on_device) {
         let (ids, logprobs) = greedy_rows(logits, fused)?;
@@ -55,7 +57,14 @@ pub(super) fn sample_rows(
             .map(|(&i, row)| {
                 let step = &steps[i];
                 let position = (step.start_pos + step.input.len()) as u64;
-                sample(&row, params(step), &step.seen, position, step.top_logprobs)
+                sample(
+                    &row,
+                    params(step),
+                    &step.seen,
+                    &step.allowed,
+                    position,
+                    step.top_logprobs,
+                )
             })
             .collect();
         for (i, s) in host.into_iter().zip(sampled) {

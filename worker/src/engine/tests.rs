@@ -41,6 +41,7 @@ fn step(seq_id: u64, start_pos: usize, ids: Vec<u32>) -> SequenceStep {
         sampling: Some(SamplingParams::GREEDY),
         top_logprobs: 0,
         seen: Vec::new(),
+        allowed: Vec::new(),
     }
 }
 

@@ -168,6 +168,32 @@ fn check_token_ids(id: u64, step: &SequenceStep, stage: &StageShape) -> Result<(
             stage.vocab_size
         )));
     }
+    check_allowed(id, &step.allowed, stage.vocab_size)
+}
+
+/// A grammar's mask has one bit per token of the vocabulary (in whole words), none set past it,
+/// and at least one set: sampling from nothing has no answer.
+fn check_allowed(id: u64, allowed: &[u32], vocab: usize) -> Result<(), WorkerError> {
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    let refuse = |why: String| Err(WorkerError::invalid(format!("sequence {id}: {why}")));
+    if allowed.len() != vocab.div_ceil(32) {
+        return refuse(format!(
+            "a mask of {} words for a vocabulary of {vocab} (wants {})",
+            allowed.len(),
+            vocab.div_ceil(32)
+        ));
+    }
+    let tail_bits = vocab % 32;
+    if tail_bits != 0 && allowed[allowed.len() - 1] >> tail_bits != 0 {
+        return refuse(format!(
+            "the mask allows tokens past the vocabulary of {vocab}"
+        ));
+    }
+    if allowed.iter().all(|&w| w == 0) {
+        return refuse("the mask allows no token".into());
+    }
     Ok(())
 }
 
@@ -253,6 +279,7 @@ mod tests {
             sampling: None,
             top_logprobs: 0,
             seen: Vec::new(),
+            allowed: Vec::new(),
         }
     }
 
@@ -266,6 +293,7 @@ mod tests {
             sampling: Some(SamplingParams::GREEDY),
             top_logprobs: 0,
             seen: Vec::new(),
+            allowed: Vec::new(),
         }
     }
 
@@ -313,6 +341,10 @@ mod tests {
         };
         let seeing = |seen: Vec<(u32, u32)>| SequenceStep {
             seen,
+            ..hidden(1, 0, 1, 8)
+        };
+        let masked = |allowed: Vec<u32>| SequenceStep {
+            allowed,
             ..hidden(1, 0, 1, 8)
         };
         let biased = SequenceStep {
@@ -449,6 +481,34 @@ mod tests {
                 vec![biased],
                 "invalid",
                 "token 100 is outside",
+            ),
+            (
+                "a grammar's mask of the vocabulary",
+                middle_and_last(),
+                vec![masked(vec![0, 0, 0, 1 << 3])],
+                "ok",
+                "",
+            ),
+            (
+                "a mask of the wrong size",
+                middle_and_last(),
+                vec![masked(vec![1; 3])],
+                "invalid",
+                "a mask of 3 words for a vocabulary of 100 (wants 4)",
+            ),
+            (
+                "a mask past the vocabulary",
+                middle_and_last(),
+                vec![masked(vec![0, 0, 0, 1 << 4])],
+                "invalid",
+                "past the vocabulary of 100",
+            ),
+            (
+                "a mask that allows nothing",
+                middle_and_last(),
+                vec![masked(vec![0; 4])],
+                "invalid",
+                "allows no token",
             ),
             (
                 "the most alternatives",

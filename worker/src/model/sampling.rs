@@ -78,10 +78,13 @@ pub struct Sampled {
 
 /// Picks the token at `position` from `logits`, reporting the `top_n` most likely tokens. `seen`
 /// lists the tokens so far as `(id, times generated)`, once each; only penalties read it.
+/// `allowed`, unless empty, is a grammar's bitmask (bit `i % 32` of word `i / 32` for token `i`):
+/// the choice is among those tokens only.
 pub fn sample(
     logits: &[f32],
     params: &SamplingParams,
     seen: &[(u32, u32)],
+    allowed: &[u32],
     position: u64,
     top_n: usize,
 ) -> Sampled {
@@ -89,7 +92,7 @@ pub fn sample(
     let log_norm = max as f64 + sum_exp_below(logits, max).ln();
     let logprob = |id: usize| (logits[id] as f64 - log_norm) as f32;
 
-    let choose_from = adjusted(logits, params, seen);
+    let choose_from = adjusted(logits, params, seen, allowed);
     let id = if params.temperature <= 0.0 {
         // The raw row's maximum serves unless penalties or bias rewrote the row.
         let choice_max = match &choose_from {
@@ -112,13 +115,32 @@ pub fn sample(
 }
 
 /// The logits the choice is made from: the raw ones with the penalties and biases applied (in
-/// that order, as vLLM does). Ids outside the row are ignored: validation refuses them earlier.
-fn adjusted<'a>(logits: &'a [f32], params: &SamplingParams, seen: &[(u32, u32)]) -> Cow<'a, [f32]> {
+/// that order, as vLLM does), and tokens outside `allowed` (if given) at `-inf`. Ids outside the
+/// row are ignored: validation refuses them earlier.
+fn adjusted<'a>(
+    logits: &'a [f32],
+    params: &SamplingParams,
+    seen: &[(u32, u32)],
+    allowed: &[u32],
+) -> Cow<'a, [f32]> {
     let p = params.penalties;
-    if !p.any() && params.logit_bias.is_empty() {
+    if !p.any() && params.logit_bias.is_empty() && allowed.is_empty() {
         return Cow::Borrowed(logits);
     }
     let mut out = logits.to_vec();
+    if !allowed.is_empty() {
+        for (word, chunk) in allowed.iter().zip(out.chunks_mut(32)) {
+            for (bit, l) in chunk.iter_mut().enumerate() {
+                if word >> bit & 1 == 0 {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        // Ids past the mask's words are not allowed either.
+        for l in out.iter_mut().skip(allowed.len() * 32) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
     if p.any() {
         for &(id, generated) in seen {
             let Some(l) = out.get_mut(id as usize) else {
@@ -311,6 +333,8 @@ fn draw(logits: &[f32], params: &SamplingParams, position: u64) -> usize {
         let floor = params.min_p as f64;
         keep = keep.min(weights.iter().take_while(|&&w| w >= floor).count().max(1));
     }
+    // Tokens a grammar rules out weigh 0 and come last: never drawn, even at the rounding edge.
+    keep = keep.min(weights.iter().take_while(|&&w| w > 0.0).count().max(1));
     let kept_total: f64 = weights[..keep].iter().sum();
     let mut target = uniform(params.seed, position) * kept_total;
     for (n, w) in weights[..keep].iter().enumerate() {
@@ -339,9 +363,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_grammar_mask_leaves_only_its_tokens() {
+        // Token 0 is by far the most likely; the mask allows 2 and 33 (of 40) only.
+        let mut row = vec![0.0f32; 40];
+        row[0] = 9.0;
+        row[2] = 1.0;
+        row[33] = 2.0;
+        let mask = [1u32 << 2, 1u32 << 1];
+        let greedy = sample(&row, &SamplingParams::GREEDY, &[], &mask, 0, 1);
+        assert_eq!(greedy.id, 33);
+        // Log-probabilities stay the raw row's: token 0 is still the top alternative.
+        assert_eq!(greedy.top[0].0, 0);
+        let hot = SamplingParams {
+            temperature: 5.0,
+            top_k: 10,
+            seed: 3,
+            ..SamplingParams::GREEDY
+        };
+        let drawn: std::collections::BTreeSet<u32> = (0..300)
+            .map(|pos| sample(&row, &hot, &[], &mask, pos, 0).id)
+            .collect();
+        assert_eq!(drawn, [2, 33].into());
+        // A mask shorter than the row allows nothing past its words.
+        assert_eq!(
+            sample(&row, &SamplingParams::GREEDY, &[], &[1 << 2], 0, 0).id,
+            2
+        );
+    }
+
+    #[test]
     fn greedy_takes_argmax_and_reports_log_softmax() {
         let logits = [1.0f32, 3.0, 2.0, 3.0];
-        let s = sample(&logits, &SamplingParams::GREEDY, &[], 0, 3);
+        let s = sample(&logits, &SamplingParams::GREEDY, &[], &[], 0, 3);
         assert_eq!(s.id, 1, "ties go to the lower id");
         let norm: f64 = logits.iter().map(|&l| (l as f64).exp()).sum::<f64>().ln();
         assert!((s.logprob as f64 - (3.0 - norm)).abs() < 1e-6);
@@ -360,10 +413,10 @@ mod tests {
             ..SamplingParams::GREEDY
         };
         let a: Vec<u32> = (0..50)
-            .map(|pos| sample(&logits, &p, &[], pos, 0).id)
+            .map(|pos| sample(&logits, &p, &[], &[], pos, 0).id)
             .collect();
         let b: Vec<u32> = (0..50)
-            .map(|pos| sample(&logits, &p, &[], pos, 0).id)
+            .map(|pos| sample(&logits, &p, &[], &[], pos, 0).id)
             .collect();
         assert_eq!(a, b);
         let other = SamplingParams {
@@ -371,7 +424,7 @@ mod tests {
             ..p.clone()
         };
         let c: Vec<u32> = (0..50)
-            .map(|pos| sample(&logits, &other, &[], pos, 0).id)
+            .map(|pos| sample(&logits, &other, &[], &[], pos, 0).id)
             .collect();
         assert_ne!(a, c);
         let distinct: std::collections::BTreeSet<u32> = a.iter().copied().collect();
@@ -388,7 +441,7 @@ mod tests {
             seed: 1,
             ..SamplingParams::GREEDY
         };
-        assert!((0..100).all(|pos| sample(&logits, &k1, &[], pos, 0).id == 0));
+        assert!((0..100).all(|pos| sample(&logits, &k1, &[], &[], pos, 0).id == 0));
         let p = SamplingParams {
             temperature: 1.0,
             top_k: 0,
@@ -396,13 +449,13 @@ mod tests {
             seed: 1,
             ..SamplingParams::GREEDY
         };
-        assert!((0..100).all(|pos| sample(&logits, &p, &[], pos, 0).id == 0));
+        assert!((0..100).all(|pos| sample(&logits, &p, &[], &[], pos, 0).id == 0));
         let p2 = SamplingParams {
             top_p: 0.9,
             ..p.clone()
         };
         let ids: std::collections::BTreeSet<u32> = (0..200)
-            .map(|pos| sample(&logits, &p2, &[], pos, 0).id)
+            .map(|pos| sample(&logits, &p2, &[], &[], pos, 0).id)
             .collect();
         assert_eq!(ids, [0, 1].into_iter().collect());
     }
@@ -414,7 +467,7 @@ mod tests {
             penalties,
             ..SamplingParams::GREEDY
         };
-        sample(&[2.0, 1.5, -1.0, 0.0], &params, seen, 0, 0)
+        sample(&[2.0, 1.5, -1.0, 0.0], &params, seen, &[], 0, 0)
     }
 
     #[test]
@@ -463,8 +516,8 @@ mod tests {
             ..SamplingParams::GREEDY
         };
         let row = [-1.0f32, -5.0, -0.5, -0.75];
-        assert_eq!(sample(&row, &params, &[], 0, 0).id, 2);
-        assert_eq!(sample(&row, &params, &[(2, 1)], 0, 0).id, 3);
+        assert_eq!(sample(&row, &params, &[], &[], 0, 0).id, 2);
+        assert_eq!(sample(&row, &params, &[(2, 1)], &[], 0, 0).id, 3);
         // Below 1, it rewards repeats.
         assert_eq!(greedy_with(r(0.5), &[(1, 1)]).id, 1);
     }
@@ -476,17 +529,17 @@ mod tests {
             logit_bias,
             ..SamplingParams::GREEDY
         };
-        assert_eq!(sample(&row, &bias(vec![(3, 2.5)]), &[], 0, 0).id, 3);
-        assert_eq!(sample(&row, &bias(vec![(3, 1.5)]), &[], 0, 0).id, 0);
+        assert_eq!(sample(&row, &bias(vec![(3, 2.5)]), &[], &[], 0, 0).id, 3);
+        assert_eq!(sample(&row, &bias(vec![(3, 1.5)]), &[], &[], 0, 0).id, 0);
         // -100 bans a token, also when sampling at a high temperature.
         let banned = SamplingParams {
             temperature: 5.0,
             seed: 3,
             ..bias(vec![(0, -100.0), (1, -100.0)])
         };
-        assert!((0..200).all(|pos| sample(&row, &banned, &[], pos, 0).id >= 2));
+        assert!((0..200).all(|pos| sample(&row, &banned, &[], &[], pos, 0).id >= 2));
         // Ids past the row are ignored rather than trusted.
-        assert_eq!(sample(&row, &bias(vec![(99, 50.0)]), &[], 0, 0).id, 0);
+        assert_eq!(sample(&row, &bias(vec![(99, 50.0)]), &[], &[], 0, 0).id, 0);
     }
 
     #[test]
@@ -501,7 +554,7 @@ mod tests {
         };
         let drawn = |min_p| -> std::collections::BTreeSet<u32> {
             (0..2000)
-                .map(|pos| sample(&row, &params(min_p), &[], pos, 0).id)
+                .map(|pos| sample(&row, &params(min_p), &[], &[], pos, 0).id)
                 .collect()
         };
         assert_eq!(drawn(0.0), [0, 1, 2, 3].into_iter().collect());
@@ -513,7 +566,7 @@ mod tests {
     fn no_penalty_leaves_the_row_alone() {
         let row = [2.0f32, 1.5];
         assert!(matches!(
-            adjusted(&row, &SamplingParams::GREEDY, &[(0, 3)]),
+            adjusted(&row, &SamplingParams::GREEDY, &[(0, 3)], &[]),
             Cow::Borrowed(_)
         ));
         assert!(SamplingParams::GREEDY.is_plain_greedy());
@@ -575,7 +628,7 @@ mod tests {
         let logits = Tensor::from_vec(flat, (3, 5), &candle_core::Device::Cpu).unwrap();
         let (ids, logprobs) = greedy_rows(&logits, true).unwrap();
         for (i, row) in rows.iter().enumerate() {
-            let host = sample(row, &SamplingParams::GREEDY, &[], 7, 0);
+            let host = sample(row, &SamplingParams::GREEDY, &[], &[], 7, 0);
             assert_eq!(ids[i], host.id, "row {i}");
             assert!(
                 (logprobs[i] - host.logprob).abs() < 1e-5,

@@ -80,6 +80,56 @@ pub(super) struct Common {
     /// Not in OpenAI's API; vLLM accepts it.
     #[serde(default)]
     pub(super) ignore_eos: bool,
+    /// OpenAI's structured output (chat); vLLM and llama.cpp take it on completions too.
+    #[serde(default)]
+    pub(super) response_format: Option<ResponseFormat>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub(super) kind: String,
+    #[serde(default)]
+    pub(super) json_schema: Option<JsonSchemaFormat>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct JsonSchemaFormat {
+    #[serde(default)]
+    pub(super) schema: Option<serde_json::Value>,
+}
+
+impl ResponseFormat {
+    /// The constraint it asks for (`text`: none).
+    fn constraint(&self) -> Result<Option<v1::OutputConstraint>, ApiError> {
+        let schema = match self.kind.as_str() {
+            "text" => return Ok(None),
+            "json_object" => serde_json::json!({"type": "object"}),
+            "json_schema" => self
+                .json_schema
+                .as_ref()
+                .and_then(|j| j.schema.clone())
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "response_format json_schema needs json_schema.schema",
+                        Some("response_format"),
+                    )
+                })?,
+            other => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "response_format type {other:?}: use \"text\", \"json_object\" or \"json_schema\""
+                    ),
+                    Some("response_format"),
+                ))
+            }
+        };
+        Ok(Some(v1::OutputConstraint {
+            grammar: Some(v1::output_constraint::Grammar::JsonSchema(
+                schema.to_string(),
+            )),
+        }))
+    }
 }
 
 /// The most choices one request may ask for: each is a sequence of its own in the scheduler.
@@ -120,6 +170,45 @@ pub(super) struct Message {
     pub(super) role: String,
     #[serde(default)]
     pub(super) content: Option<MessageContent>,
+    /// An assistant turn's calls.
+    #[serde(default)]
+    pub(super) tool_calls: Option<Vec<MessageToolCall>>,
+    /// A tool turn's answer is to this call.
+    #[serde(default)]
+    pub(super) tool_call_id: Option<String>,
+    #[serde(default)]
+    pub(super) name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct MessageToolCall {
+    #[serde(default)]
+    pub(super) id: String,
+    pub(super) function: FunctionCall,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct FunctionCall {
+    pub(super) name: String,
+    /// JSON text, as OpenAI sends it (an object is taken too).
+    #[serde(default)]
+    pub(super) arguments: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ToolSpec {
+    #[serde(rename = "type")]
+    pub(super) kind: String,
+    pub(super) function: FunctionSpec,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct FunctionSpec {
+    pub(super) name: String,
+    #[serde(default)]
+    pub(super) description: Option<String>,
+    #[serde(default)]
+    pub(super) parameters: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,8 +220,70 @@ pub struct ChatRequest {
     pub(super) logprobs: bool,
     #[serde(default)]
     pub(super) top_logprobs: Option<u32>,
+    #[serde(default)]
+    pub(super) tools: Option<Vec<ToolSpec>>,
+    /// `"auto"`, `"none"`, `"required"` or `{"type": "function", "function": {"name": ...}}`.
+    #[serde(default)]
+    pub(super) tool_choice: Option<serde_json::Value>,
     #[serde(flatten)]
     pub(super) common: Common,
+}
+
+impl ChatRequest {
+    /// The tools and tool choice on the wire.
+    pub(super) fn wire_tools(&self) -> Result<(Vec<v1::Tool>, Option<v1::ToolChoice>), ApiError> {
+        let tools = self
+            .tools
+            .iter()
+            .flatten()
+            .map(|t| {
+                if t.kind != "function" {
+                    return Err(ApiError::invalid(
+                        format!(
+                            "tools of type {:?} are not supported: use \"function\"",
+                            t.kind
+                        ),
+                        Some("tools"),
+                    ));
+                }
+                Ok(v1::Tool {
+                    name: t.function.name.clone(),
+                    description: t.function.description.clone().unwrap_or_default(),
+                    parameters_json: t
+                        .function
+                        .parameters
+                        .as_ref()
+                        .map(|p| p.to_string())
+                        .unwrap_or_default(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        use v1::tool_choice::Choice;
+        let choice = match &self.tool_choice {
+            None => None,
+            Some(serde_json::Value::String(mode)) => Some(Choice::Mode(match mode.as_str() {
+                "auto" => v1::ToolMode::Auto as i32,
+                "none" => v1::ToolMode::None as i32,
+                "required" => v1::ToolMode::Required as i32,
+                other => {
+                    return Err(ApiError::invalid(
+                        format!("tool_choice {other:?}: use \"auto\", \"none\", \"required\" or a function"),
+                        Some("tool_choice"),
+                    ))
+                }
+            })),
+            Some(v) => match v["function"]["name"].as_str() {
+                Some(name) => Some(Choice::Function(name.to_string())),
+                None => {
+                    return Err(ApiError::invalid(
+                        "tool_choice must be a mode or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                        Some("tool_choice"),
+                    ))
+                }
+            },
+        };
+        Ok((tools, choice.map(|c| v1::ToolChoice { choice: Some(c) })))
+    }
 }
 
 impl Common {
@@ -196,6 +347,14 @@ impl Common {
             ignore_eos: self.ignore_eos,
             messages: Vec::new(),
             parse_special: false,
+            tools: Vec::new(),
+            tool_choice: None,
+            constraint: self
+                .response_format
+                .as_ref()
+                .map(ResponseFormat::constraint)
+                .transpose()?
+                .flatten(),
         })
     }
 

@@ -6,6 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
+use strata_model::{OutputPiece, ToolCallFormat, ToolCallParser};
 use strata_proto::v1;
 use tonic::Status;
 
@@ -31,6 +32,8 @@ pub(super) fn finish_reason(reason: i32) -> &'static str {
 /// and its tokens when logprobs are asked for.
 pub(super) struct Collected {
     pub(super) text: String,
+    /// The calls the output makes, when tools were offered (then `text` is the rest of it).
+    pub(super) tool_calls: Vec<v1::ToolCall>,
     pub(super) tokens: u32,
     pub(super) reason: &'static str,
     pub(super) prompt_tokens: usize,
@@ -50,8 +53,12 @@ pub(super) async fn collect(mut events: Events, keep_tokens: bool) -> Result<Col
             }
             Some(v1::generate_response::Event::Finished(f)) => {
                 text.push_str(&f.trailing_text);
+                if let Some(format) = events.tool_format() {
+                    text = crate::service::tools::split_output(format, &text).0;
+                }
                 return Ok(Collected {
                     text,
+                    tool_calls: f.tool_calls,
                     tokens: f.generated_tokens,
                     reason: finish_reason(f.reason),
                     prompt_tokens: f.prompt_ids.len(),
@@ -168,6 +175,10 @@ struct ChoiceState {
     finished: bool,
     /// Characters of text sent so far (completions' `text_offset`).
     offset: usize,
+    /// Reads calls out of the text, when tools were offered.
+    calls: Option<ToolCallParser>,
+    /// Calls streamed so far (each `delta.tool_calls` entry's index).
+    call_count: usize,
 }
 
 /// Turns a generation's events into OpenAI's streamed chunks.
@@ -193,6 +204,7 @@ impl ChunkWriter {
         n: usize,
         include_usage: bool,
         logprobs: Option<Logprobs>,
+        tool_format: Option<ToolCallFormat>,
     ) -> Self {
         Self {
             flavor,
@@ -201,7 +213,12 @@ impl ChunkWriter {
             created: now_secs(),
             include_usage,
             logprobs,
-            choices: (0..n).map(|_| ChoiceState::default()).collect(),
+            choices: (0..n)
+                .map(|_| ChoiceState {
+                    calls: tool_format.map(ToolCallParser::new),
+                    ..ChoiceState::default()
+                })
+                .collect(),
             prompt_tokens: 0,
             completion_tokens: 0,
             done: false,
@@ -239,14 +256,31 @@ impl ChunkWriter {
                     .as_ref()
                     .map(|l| l.of(std::slice::from_ref(&t), self.choices[index].offset));
                 self.choices[index].offset += t.text.chars().count();
-                vec![self.chunk(index, Some(&t.text), None, logprobs)]
+                match self.choices[index].calls.as_mut().map(|p| p.push(&t.text)) {
+                    None => vec![self.chunk(index, Some(&t.text), None, logprobs)],
+                    Some(pieces) => self.pieces(index, pieces, logprobs),
+                }
             }
             Some(Event::Finished(f)) => {
                 self.choices[index].finished = true;
                 self.prompt_tokens = f.prompt_ids.len();
                 self.completion_tokens += f.generated_tokens;
-                let text = (!f.trailing_text.is_empty()).then_some(&*f.trailing_text);
-                let mut out = vec![self.chunk(index, text, Some(finish_reason(f.reason)), None)];
+                let mut out = Vec::new();
+                let text = match self.choices[index].calls.as_mut() {
+                    Some(parser) => {
+                        let mut pieces = parser.push(&f.trailing_text);
+                        pieces.extend(parser.finish());
+                        out = self.pieces(index, pieces, None);
+                        None
+                    }
+                    None => (!f.trailing_text.is_empty()).then_some(&*f.trailing_text),
+                };
+                let reason = if self.choices[index].call_count > 0 {
+                    "tool_calls"
+                } else {
+                    finish_reason(f.reason)
+                };
+                out.push(self.chunk(index, text, Some(reason), None));
                 if self.choices.iter().all(|c| c.finished) {
                     self.done = true;
                     if self.include_usage {
@@ -259,6 +293,39 @@ impl ChunkWriter {
             }
             None => Vec::new(),
         }
+    }
+
+    /// Chunks for text and calls read from the output: a content delta per text, a
+    /// `delta.tool_calls` entry per call (whole: name and all its arguments at once). A token's
+    /// logprobs go with its first chunk, or one of their own when it completed nothing yet.
+    fn pieces(
+        &mut self,
+        index: usize,
+        pieces: Vec<OutputPiece>,
+        mut logprobs: Option<Value>,
+    ) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        for piece in pieces {
+            match piece {
+                OutputPiece::Text(text) => {
+                    out.push(self.chunk(index, Some(&text), None, logprobs.take()));
+                }
+                OutputPiece::Call(call) => {
+                    let call_index = self.choices[index].call_count;
+                    self.choices[index].call_count += 1;
+                    let wire = crate::service::tools::wire_call(&call);
+                    let mut entry = openai_call(&wire);
+                    entry["index"] = json!(call_index);
+                    let event =
+                        self.delta(index, json!({"tool_calls": [entry]}), None, logprobs.take());
+                    out.push(event);
+                }
+            }
+        }
+        if let Some(l) = logprobs {
+            out.push(self.chunk(index, None, None, Some(l)));
+        }
+        out
     }
 
     pub(super) fn error(&mut self, status: Status) -> Vec<SseEvent> {
@@ -283,16 +350,31 @@ impl ChunkWriter {
             }),
             Flavor::Chat => {
                 let mut delta = json!({});
-                if !self.choices[index].started {
-                    delta["role"] = json!("assistant");
-                }
                 if let Some(t) = text {
                     delta["content"] = json!(t);
                 }
-                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+                return self.delta(index, delta, finish, Some(logprobs));
             }
         };
         self.choices[index].started = true;
+        self.event(json!([choice]), None)
+    }
+
+    /// A chat chunk with choice `index`'s `delta` (the first one also says the role).
+    fn delta(
+        &mut self,
+        index: usize,
+        mut delta: Value,
+        finish: Option<&str>,
+        logprobs: Option<Value>,
+    ) -> SseEvent {
+        if !self.choices[index].started {
+            delta["role"] = json!("assistant");
+        }
+        self.choices[index].started = true;
+        let logprobs = logprobs.unwrap_or(Value::Null);
+        let choice =
+            json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish});
         self.event(json!([choice]), None)
     }
 
@@ -310,4 +392,14 @@ impl ChunkWriter {
         }
         SseEvent::default().data(body.to_string())
     }
+}
+
+/// A call in OpenAI's shape: `{"id", "type": "function", "function": {"name", "arguments"}}`, the
+/// arguments as JSON text.
+pub(super) fn openai_call(call: &v1::ToolCall) -> Value {
+    json!({
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments_json},
+    })
 }
