@@ -34,6 +34,7 @@ fn seq(seq_id: u64, start_pos: u32, input: v1::sequence_input::Input) -> v1::Seq
         request_id: String::new(),
         seen: Vec::new(),
         allowed_tokens: Vec::new(),
+        copy_prefix_from: 0,
     }
 }
 
@@ -146,6 +147,7 @@ async fn stale_epochs_and_guessed_ids_change_nothing() {
             .release(v1::ReleaseRequest {
                 seq_ids: vec![7],
                 epoch: stale,
+                park: false,
             })
             .await
             .unwrap_err();
@@ -173,6 +175,7 @@ async fn stale_epochs_and_guessed_ids_change_nothing() {
             .release(v1::ReleaseRequest {
                 seq_ids: vec![guess],
                 epoch,
+                park: false,
             })
             .await
             .unwrap()
@@ -304,6 +307,33 @@ async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
             "not cached",
         ),
         (
+            "a copy from a sequence this worker does not hold",
+            vec![v1::SequenceInput {
+                copy_prefix_from: 12345,
+                ..seq(1, 2, Input::Hidden(hidden(1, HIDDEN)))
+            }],
+            Code::Aborted,
+            "prefix source 12345 is not held",
+        ),
+        (
+            "a copy of more positions than the source holds",
+            vec![v1::SequenceInput {
+                copy_prefix_from: 7,
+                ..seq(1, 4, Input::Hidden(hidden(1, HIDDEN)))
+            }],
+            Code::InvalidArgument,
+            "holds fewer than the 4 positions",
+        ),
+        (
+            "a copy of a sequence into itself",
+            vec![v1::SequenceInput {
+                copy_prefix_from: 7,
+                ..seq(7, 3, Input::Hidden(hidden(1, HIDDEN)))
+            }],
+            Code::InvalidArgument,
+            "names the sequence itself",
+        ),
+        (
             "duplicate ids",
             vec![
                 seq(7, 3, Input::Hidden(hidden(1, HIDDEN))),
@@ -323,6 +353,7 @@ async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
                 request_id: String::new(),
                 seen: Vec::new(),
                 allowed_tokens: Vec::new(),
+                copy_prefix_from: 0,
             }],
             Code::InvalidArgument,
             "neither token ids nor hidden states",
@@ -456,6 +487,7 @@ async fn malformed_forwards_get_clear_errors_and_the_worker_keeps_serving() {
         .release(v1::ReleaseRequest {
             seq_ids: vec![7, 7, 1000],
             epoch,
+            park: false,
         })
         .await
         .unwrap()

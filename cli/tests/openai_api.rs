@@ -9,5 +9,5 @@ mod common;
 
 #[test]
 fn the_openai_python_client_gets_strata_generates_text() {
-    common::run_python_check("openai_api.py", 9, "the OpenAI API checks");
+    common::run_python_check("openai_api.py", 10, "the OpenAI API checks");
 }

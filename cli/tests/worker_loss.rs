@@ -93,7 +93,17 @@ async fn stream_until(
     kill_after: usize,
     victim: &mut WorkerProcess,
 ) -> (Vec<u32>, Option<(ClientError, Duration)>) {
-    let mut stream = client.generate(PROMPT, params).await.unwrap();
+    stream_prompt_until(client, PROMPT, params, kill_after, victim).await
+}
+
+async fn stream_prompt_until(
+    client: &StrataClient,
+    prompt: &str,
+    params: &GenerateParams,
+    kill_after: usize,
+    victim: &mut WorkerProcess,
+) -> (Vec<u32>, Option<(ClientError, Duration)>) {
+    let mut stream = client.generate(prompt, params).await.unwrap();
     let mut ids = Vec::new();
     let mut killed_at = None;
     while let Some(event) = stream.next().await {
@@ -157,6 +167,36 @@ async fn with_a_spare_the_stream_completes_with_the_same_tokens() {
 
 /// A spare without the model file, its cache empty, gets the lost stage's weights from the
 /// coordinator when it takes over, and the stream goes on with the same tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_started_on_a_cached_prefix_survives_a_loss_with_the_same_tokens() {
+    let first = WorkerProcess::spawn(&options()).await.unwrap();
+    let mut second = WorkerProcess::spawn(&options()).await.unwrap();
+    let spare = WorkerProcess::spawn(&options()).await.unwrap();
+    let client = coordinator(&[&first, &second], &[&spare]).await;
+    let prompt = format!(
+        "{PROMPT} girl who lived in a house at the edge of a forest with her \
+        grandmother, two cats and a garden full of vegetables. One morning"
+    );
+    let greedy = GenerateParams {
+        top_logprobs: 2,
+        ..params(0, 0.0)
+    };
+    let expected = client.generate_collect(&prompt, &greedy).await.unwrap();
+    assert_eq!(expected.cached_tokens, 0);
+
+    // The same prompt again starts on the first run's parked caches; after the loss it is replayed
+    // on the spare under a fresh id, computing everything, and the stream goes on. (A run that
+    // starts on a copy rounds a little differently from a cold one: tokens may part at near-ties.)
+    let (got, error) = stream_prompt_until(&client, &prompt, &greedy, 10, &mut second).await;
+    assert!(error.is_none(), "the stream failed: {error:?}");
+    common::assert_same_or_near_tie("the replayed stream", &got, &expected);
+    wait_until_serving(&client).await;
+    // The replayed sequence's caches (on the spare now) serve the next request.
+    let again = client.generate_collect(&prompt, &greedy).await.unwrap();
+    assert!(again.cached_tokens > 0, "the cache serves again");
+    common::assert_same_or_near_tie("a run on the spare's cache", &again.token_ids, &expected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spare_without_the_model_file_is_sent_the_stage_and_the_stream_completes() {
     let cache = tempfile::tempdir().unwrap();

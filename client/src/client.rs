@@ -156,6 +156,8 @@ pub struct Finished {
     pub stage_hop: Vec<Duration>,
     /// Text that belongs after the last token's text.
     pub trailing_text: String,
+    /// Prompt tokens copied from the prefix cache instead of computed.
+    pub cached_tokens: u32,
 }
 
 /// One event of a generation stream.
@@ -185,6 +187,8 @@ pub struct Generation {
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
     pub stage_forward: Vec<Duration>,
     pub stage_hop: Vec<Duration>,
+    /// Prompt tokens copied from the prefix cache instead of computed.
+    pub cached_tokens: u32,
 }
 
 impl Generation {
@@ -403,6 +407,7 @@ pub async fn collect(mut stream: TokenStream) -> Result<Generation, ClientError>
                     top_logprobs,
                     stage_forward: f.stage_forward,
                     stage_hop: f.stage_hop,
+                    cached_tokens: f.cached_tokens,
                 });
             }
         }
@@ -443,5 +448,6 @@ fn finished_from_wire(f: v1::GenerateFinished) -> Result<Finished, ClientError> 
             .map(Duration::from_micros)
             .collect(),
         trailing_text: f.trailing_text,
+        cached_tokens: f.cached_tokens,
     })
 }

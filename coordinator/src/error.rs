@@ -93,6 +93,19 @@ impl CoordinatorError {
         }
     }
 
+    /// The stage that refused a step because a prefix source it was to copy from is gone (the
+    /// worker evicted it while the step was on its way), before changing anything.
+    pub fn prefix_refusal_stage(&self) -> Option<usize> {
+        match self {
+            Self::Stage {
+                stage,
+                code: Code::Aborted,
+                ..
+            } => Some(*stage),
+            _ => None,
+        }
+    }
+
     /// The stage a failure happened at.
     pub fn stage_index(&self) -> Option<usize> {
         match self {

@@ -72,6 +72,8 @@ pub struct Finished {
     pub stage_hop: Vec<Duration>,
     /// Text held back until the end (an incomplete character, a possible stop string's start).
     pub trailing_text: String,
+    /// Prompt tokens copied from the prefix cache rather than computed.
+    pub cached_tokens: u32,
 }
 
 /// Why a request ended without finishing: what kind of failure, and a message a person can act on.

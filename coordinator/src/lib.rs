@@ -14,6 +14,7 @@
 //!   cache lacks).
 //! - [`recovery`]: noticing a lost stage and loading it again on a spare or the same worker.
 //! - [`detokenize`]: token ids to text deltas; stop strings.
+//! - [`prefix_cache`]: which prompt prefixes the stages hold parked, for requests that start alike.
 //! - [`grammar`]: constrained decoding (JSON Schema, Lark): the mask of tokens a grammar allows next.
 
 pub mod detokenize;
@@ -25,6 +26,7 @@ pub mod http;
 pub mod metrics;
 pub mod pipeline;
 pub mod plan;
+pub mod prefix_cache;
 pub mod prompt_threads;
 pub mod recovery;
 pub mod scheduler;

@@ -44,6 +44,8 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     prompt_tokens: Counter,
     generated_tokens: Counter,
+    prefix_hits: Counter,
+    cached_tokens: Counter,
     time_to_first_token: Histogram,
     inter_token_latency: Histogram,
     request_duration: Histogram,
@@ -122,6 +124,18 @@ impl Metrics {
             "Tokens generated and streamed to clients",
             generated_tokens.clone(),
         );
+        let prefix_hits = Counter::default();
+        registry.register(
+            "prefix_cache_hits",
+            "Requests that started on a prefix the stages held from an earlier one",
+            prefix_hits.clone(),
+        );
+        let cached_tokens = Counter::default();
+        registry.register(
+            "prefix_cached_tokens",
+            "Prompt tokens copied from the prefix cache instead of computed",
+            cached_tokens.clone(),
+        );
         let time_to_first_token = latency_histogram();
         registry.register_with_unit(
             "time_to_first_token",
@@ -192,6 +206,8 @@ impl Metrics {
         );
         Self {
             registry,
+            prefix_hits,
+            cached_tokens,
             weight_bytes_sent,
             weight_blobs,
             requests,
@@ -235,6 +251,12 @@ impl Metrics {
 
     pub fn request_finished(&self, total_seconds: f64) {
         self.request_duration.observe(total_seconds);
+    }
+
+    /// A request starts on `tokens` positions from the prefix cache.
+    pub fn prefix_hit(&self, tokens: usize) {
+        self.prefix_hits.inc();
+        self.cached_tokens.inc_by(tokens as u64);
     }
 
     /// One step's timings on stage `stage`.

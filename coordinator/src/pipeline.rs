@@ -91,6 +91,8 @@ pub struct StepEntry {
     pub request_id: Option<Arc<str>>,
     /// A grammar's bitmask of the tokens the last stage may sample; empty: any.
     pub allowed: Vec<u32>,
+    /// The parked sequence whose first `start_pos` positions this new sequence copies.
+    pub copy_from: Option<u64>,
 }
 
 /// What a step produced: one sampled token per entry, plus timings.
@@ -101,6 +103,8 @@ pub struct StepResult {
     pub stage_forward: Vec<Duration>,
     /// Per stage: round trip as seen by the coordinator (forward plus hop).
     pub stage_round_trip: Vec<Duration>,
+    /// Parked sequences some stage dropped for room during the step.
+    pub evicted: Vec<u64>,
 }
 
 /// Running totals of one stage's work, shared by every clone of the pipeline.
@@ -267,6 +271,7 @@ impl Pipeline {
         let last = self.stages.len() - 1;
         let mut stage_forward = Vec::with_capacity(self.stages.len());
         let mut stage_round_trip = Vec::with_capacity(self.stages.len());
+        let mut evicted = Vec::new();
         let mut inputs: Vec<Option<v1::sequence_input::Input>> = entries
             .iter()
             .map(|e| {
@@ -299,6 +304,7 @@ impl Pipeline {
                     } else {
                         Vec::new()
                     },
+                    copy_prefix_from: e.copy_from.unwrap_or(0),
                 })
                 .collect();
             let started = Instant::now();
@@ -328,6 +334,7 @@ impl Pipeline {
             counters.steps.fetch_add(1, Ordering::Relaxed);
             stage_round_trip.push(round_trip);
             stage_forward.push(Duration::from_nanos(response.forward_ns));
+            evicted.extend_from_slice(&response.evicted);
             if response.outputs.len() != entries.len() {
                 return Err(CoordinatorError::Protocol(format!(
                     "stage {i} ({}) returned {} outputs for {} sequences",
@@ -355,6 +362,7 @@ impl Pipeline {
                     sampled,
                     stage_forward,
                     stage_round_trip,
+                    evicted,
                 });
             }
             for ((o, e), input) in response
@@ -382,23 +390,35 @@ impl Pipeline {
     /// Frees sequences on every stage. Failures are logged, not returned: a worker that cannot be
     /// reached has lost the caches anyway.
     pub async fn release(&self, seq_ids: Vec<u64>) {
+        self.release_or_park(seq_ids, false).await;
+    }
+
+    /// Parks sequences on every stage (their caches stay, as prefix sources); returns the parked
+    /// sequences any stage dropped to keep within its parking bound (these among them, on a stage
+    /// that could not keep them, or one that failed to answer).
+    pub async fn park(&self, seq_ids: Vec<u64>) -> Vec<u64> {
+        self.release_or_park(seq_ids, true).await
+    }
+
+    async fn release_or_park(&self, seq_ids: Vec<u64>, park: bool) -> Vec<u64> {
         if seq_ids.is_empty() {
-            return;
+            return Vec::new();
         }
         let calls = self.stages.iter().map(|s| {
             let mut client = s.client.clone();
             let seq_ids = seq_ids.clone();
             async move {
                 let call = client.release(v1::ReleaseRequest {
-                    seq_ids,
+                    seq_ids: seq_ids.clone(),
                     epoch: s.epoch,
+                    park,
                 });
                 let Ok(answer) = tokio::time::timeout(CONTROL_TIMEOUT, call).await else {
                     tracing::warn!(worker = %s.address, "release: no answer within {CONTROL_TIMEOUT:?}");
-                    return;
+                    return seq_ids;
                 };
                 match answer {
-                    Ok(_) => {}
+                    Ok(response) => return response.into_inner().evicted,
                     // An unreachable worker holds no caches any more: nothing was lost.
                     Err(status) if status.code() == tonic::Code::Unavailable => {
                         tracing::debug!(worker = %s.address, error = %status.message(), "release: worker gone")
@@ -407,9 +427,17 @@ impl Pipeline {
                         tracing::warn!(worker = %s.address, error = %status.message(), "release failed")
                     }
                 }
+                seq_ids
             }
         });
-        futures::future::join_all(calls).await;
+        let mut dropped: Vec<u64> = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        dropped.sort_unstable();
+        dropped.dedup();
+        dropped
     }
 
     /// Active-sequence counts per stage, for `Info`.

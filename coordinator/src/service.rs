@@ -334,6 +334,7 @@ impl CoordinatorService {
                     ended: false,
                     tool_format,
                     text: String::new(),
+                    content: None,
                 })
             }
             Err(status) => {
@@ -423,12 +424,20 @@ pub struct Events {
     tool_format: Option<ToolCallFormat>,
     /// The output so far, kept only with `tool_format`, to parse the calls at the end.
     text: String,
+    /// With `tool_format`, once finished: the output without its calls.
+    content: Option<String>,
 }
 
 impl Events {
     /// How the output's tool calls are written, when the request offered tools.
     pub fn tool_format(&self) -> Option<ToolCallFormat> {
         self.tool_format
+    }
+
+    /// With tools, after the final event: the output's text without the calls it makes (which are
+    /// in the event's `tool_calls`), parsed once for both.
+    pub fn take_content(&mut self) -> Option<String> {
+        self.content.take()
     }
 
     fn observe(&mut self, item: &Result<GenerationEvent, Failure>) {
@@ -483,6 +492,7 @@ fn to_wire(item: Result<GenerationEvent, Failure>) -> Result<v1::GenerateRespons
             stage_hop_us: f.stage_hop.into_iter().map(micros).collect(),
             trailing_text: f.trailing_text,
             tool_calls: Vec::new(),
+            cached_tokens: f.cached_tokens,
         }),
     };
     Ok(v1::GenerateResponse { event: Some(event) })
@@ -517,7 +527,8 @@ impl Stream for Events {
                     }
                     Ok(GenerationEvent::Finished(f)) => {
                         self.text.push_str(&f.trailing_text);
-                        let (_, calls) = tools::split_output(format, &self.text);
+                        let (content, calls) = tools::split_output(format, &self.text);
+                        self.content = Some(content);
                         Some(calls.iter().map(tools::wire_call).collect())
                     }
                     Err(_) => None,

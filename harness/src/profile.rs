@@ -415,6 +415,7 @@ mod tests {
             top_logprobs: vec![],
             stage_forward: vec![ms(30), ms(40)],
             stage_hop: vec![ms(1), ms(2)],
+            cached_tokens: 0,
         };
         let r = PhaseReport::from_generations("x", &[g.clone(), g], ms(300));
         assert_eq!(r.output_tokens, 6);

@@ -40,6 +40,7 @@ impl SingleProcess {
             top_logprobs: 0,
             seen: Vec::new(),
             allowed: Vec::new(),
+            copy_from: None,
         };
         let started = Instant::now();
         let out = self
@@ -60,7 +61,7 @@ impl SingleProcess {
         }
         let decode_time = started.elapsed().as_secs_f64();
         self.engine
-            .release(self.epoch, vec![id])
+            .release(self.epoch, vec![id], false)
             .await
             .map_err(|e| e.to_string())?;
         Ok(crate::candle_reference::Speed {
@@ -150,6 +151,7 @@ impl SingleProcess {
                     top_logprobs: 0,
                     seen: Vec::new(),
                     allowed: Vec::new(),
+                    copy_from: None,
                 })
                 .collect();
             let step_started = Instant::now();
@@ -177,7 +179,7 @@ impl SingleProcess {
         }
         let ids: Vec<u64> = seqs.iter().map(|(id, _)| *id).collect();
         self.engine
-            .release(self.epoch, ids)
+            .release(self.epoch, ids, false)
             .await
             .map_err(|e| e.to_string())?;
         Ok(BatchRun {

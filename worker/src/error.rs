@@ -14,6 +14,10 @@ pub enum WorkerError {
     /// The worker is not in a state to do this: no stage loaded, another model.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The micro-batch names a prefix source (`copy_prefix_from`) the worker no longer holds; nothing
+    /// changed, and the same step without it would run.
+    #[error("{0}")]
+    Aborted(String),
     /// Too many sequences or cached positions.
     #[error("{0}")]
     ResourceExhausted(String),
@@ -48,6 +52,7 @@ impl From<WorkerError> for Status {
             WorkerError::NotFound(_) => Code::NotFound,
             WorkerError::FailedPrecondition(_) | WorkerError::Model(_) => Code::FailedPrecondition,
             WorkerError::ResourceExhausted(_) => Code::ResourceExhausted,
+            WorkerError::Aborted(_) => Code::Aborted,
             WorkerError::DataLoss(_) => Code::DataLoss,
             WorkerError::ComputeThreadGone => Code::Unavailable,
             WorkerError::Candle(_) | WorkerError::Internal(_) => Code::Internal,

@@ -131,6 +131,7 @@ fn step_from_wire(s: v1::SequenceInput) -> Result<SequenceStep, WorkerError> {
         top_logprobs: s.top_logprobs as usize,
         seen: s.seen.iter().map(|t| (t.id, t.generated)).collect(),
         allowed: s.allowed_tokens,
+        copy_from: (s.copy_prefix_from != 0).then_some(s.copy_prefix_from),
     })
 }
 
@@ -190,6 +191,7 @@ async fn forward_once(
         outputs,
         // Work done for this call, not time spent queued behind another micro-batch.
         forward_ns: (decoding + result.forward_time + encoding.elapsed()).as_nanos() as u64,
+        evicted: result.evicted,
     })
 }
 
@@ -224,6 +226,9 @@ impl v1::worker_server::Worker for WorkerService {
             max_cache_bytes: limits.max_cache_bytes.unwrap_or(0) as u64,
             epoch: stats.epoch,
             weights_from_coordinator: matches!(self.identity.weights, Weights::Sent(_)),
+            parked_sequences: stats.parked_sequences as u32,
+            parked_bytes: stats.parked_bytes as u64,
+            max_parked_bytes: limits.max_parked_bytes.unwrap_or(0) as u64,
         }))
     }
 
@@ -337,9 +342,10 @@ impl v1::worker_server::Worker for WorkerService {
         request: Request<v1::ReleaseRequest>,
     ) -> Result<Response<v1::ReleaseResponse>, Status> {
         let r = request.into_inner();
-        let released = self.engine.release(r.epoch, r.seq_ids).await?;
+        let report = self.engine.release(r.epoch, r.seq_ids, r.park).await?;
         Ok(Response::new(v1::ReleaseResponse {
-            released: released as u32,
+            released: report.released as u32,
+            evicted: report.evicted,
         }))
     }
 

@@ -172,15 +172,26 @@ fn sequence(rng: &mut SplitMix64, target: &Target, hostile: bool) -> v1::Sequenc
                 shape: vec![rows, HIDDEN],
             })
         };
+        let mut start_pos = target.positions.get(&seq_id).copied().unwrap_or(0);
+        // Now and then a new sequence on part of another's prefix (which may since be parked).
+        let mut copy_prefix_from = 0;
+        if start_pos == 0 && rng.chance(15) {
+            let source = rng.below(8) as u64;
+            if let Some(&len) = target.positions.get(&source).filter(|&&l| l > 0) {
+                copy_prefix_from = source;
+                start_pos = 1 + rng.below(len as usize) as u32;
+            }
+        }
         return v1::SequenceInput {
             seq_id,
-            start_pos: target.positions.get(&seq_id).copied().unwrap_or(0),
+            start_pos,
             input: Some(input),
             sampling: sampling(rng, false),
             top_logprobs: rng.pick(&[0, 1, 5, 20]),
             request_id: String::new(),
             seen: seen(rng, false),
             allowed_tokens: allowed(rng, false),
+            copy_prefix_from,
         };
     }
     let seq_id = if rng.chance(95) {
@@ -231,6 +242,11 @@ fn sequence(rng: &mut SplitMix64, target: &Target, hostile: bool) -> v1::Sequenc
         request_id: request_id(rng),
         seen: seen(rng, true),
         allowed_tokens: allowed(rng, true),
+        copy_prefix_from: match rng.below(20) {
+            0 => rng.below(8) as u64,
+            1 => rng.next_u64(),
+            _ => 0,
+        },
     }
 }
 
@@ -259,6 +275,7 @@ async fn stage(model: &ModelFile, layers: std::ops::Range<usize>) -> Target {
         max_sequences: 8,
         max_batch_rows: 256,
         max_cache_bytes: Some(8 << 20),
+        max_parked_bytes: Some(2 << 20),
         // The compute thread polls between jobs as on a GPU, so that path runs under the fuzzer too.
         idle_spin: Some(std::time::Duration::from_micros(200)),
     };
@@ -331,6 +348,8 @@ async fn forward_survives_arbitrary_requests() {
                 } else {
                     target.epoch
                 },
+                // Parked sequences stay as prefix sources but are never fed again.
+                park: rng.chance(40),
             });
             let released = target.service.release(request).await;
             if stale {
@@ -407,6 +426,7 @@ async fn forward_survives_arbitrary_requests() {
                             | Code::OutOfRange
                             | Code::ResourceExhausted
                             | Code::FailedPrecondition
+                            | Code::Aborted
                     ),
                     "exec {exec}, seed {seed}: {:?} {}",
                     status.code(),
@@ -417,8 +437,9 @@ async fn forward_survives_arbitrary_requests() {
                     // What a coordinator does when a worker is full: free sequences. Without it
                     // the caches stay full and every later call stops at the bound.
                     let all = Request::new(v1::ReleaseRequest {
-                        seq_ids: (0..6).chain(target.positions.keys().copied()).collect(),
+                        seq_ids: (0..8).chain(target.positions.keys().copied()).collect(),
                         epoch: target.epoch,
+                        park: false,
                     });
                     target.service.release(all).await.unwrap();
                     target.positions.clear();

@@ -75,6 +75,12 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "STRATA_MAX_STEP_POSITIONS", default_value_t = SchedulerLimits::default().max_step_positions as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_step_positions: u32,
+    /// Finished requests whose KV caches the workers keep, so a request that starts the same way
+    /// (the next turn of a chat, a shared system prompt) copies those positions instead of
+    /// computing them. The workers bound the memory (`strata worker --max-parked-mib`); 0 turns
+    /// prefix caching off.
+    #[arg(long, env = "STRATA_PREFIX_CACHE_ENTRIES", default_value_t = SchedulerLimits::default().prefix_cache_entries)]
+    prefix_cache_entries: usize,
     /// The most new tokens one request may ask for.
     #[arg(long, env = "STRATA_MAX_NEW_TOKENS", default_value_t = RequestLimits::default().max_new_tokens)]
     max_new_tokens: usize,
@@ -219,6 +225,7 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
             max_queued: args.max_queued.unwrap_or(scheduler_defaults.max_queued),
             max_prefill_chunk: args.max_prefill_chunk,
             max_step_positions: args.max_step_positions as usize,
+            prefix_cache_entries: args.prefix_cache_entries,
         },
         requests: RequestLimits {
             max_new_tokens: args.max_new_tokens,

@@ -246,6 +246,7 @@ pub fn to_json(g: &Generation) -> serde_json::Value {
         "text": g.text,
         "finish_reason": g.finish_reason.as_str(),
         "ttft_ms": g.ttft.as_secs_f64() * 1e3,
+        "cached_tokens": g.cached_tokens,
         "total_ms": g.total.as_secs_f64() * 1e3,
         "tokens_per_s": g.tokens_per_s(),
         "decode_tokens_per_s": g.decode_tokens_per_s(),

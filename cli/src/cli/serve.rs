@@ -26,6 +26,11 @@ pub struct ServeArgs {
     /// Skip warming the stages (the first request pays for it).
     #[arg(long)]
     no_warmup: bool,
+    /// Finished requests whose KV caches the workers keep for requests that start the same way (see
+    /// `strata coordinator --prefix-cache-entries`); 0 turns prefix caching off.
+    #[arg(long, env = "STRATA_PREFIX_CACHE_ENTRIES",
+          default_value_t = strata_coordinator::scheduler::SchedulerLimits::default().prefix_cache_entries)]
+    prefix_cache_entries: usize,
     /// Print `STRATA_LISTENING <grpc addr> <http addr>` on stdout once serving (for scripts).
     #[arg(long, hide = true)]
     announce: bool,
@@ -38,6 +43,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     let mut options = args.cluster.local_options(!args.no_warmup, Vec::new())?;
     options.listen = args.listen.clone();
+    options.scheduler.prefix_cache_entries = args.prefix_cache_entries;
     options.http = Some(args.http.clone());
     options.api_keys = args.api_keys.clone();
     options.api_key = std::env::var(super::security::API_KEY_ENV)

@@ -49,6 +49,12 @@ pub struct WorkerArgs {
     /// Requests that would grow past it are refused with RESOURCE_EXHAUSTED instead of running out.
     #[arg(long, env = "STRATA_MAX_CACHE_MIB")]
     max_cache_mib: Option<usize>,
+    /// Memory the caches of ended sequences may keep, within --max-cache-mib, in MiB: the prefix
+    /// cache, which lets a request that starts like an earlier one (the next turn of a chat) skip
+    /// computing that part. They give way to running sequences, least recently used first. Default:
+    /// a quarter of the KV bound, at most 2048. 0 keeps none.
+    #[arg(long, env = "STRATA_MAX_PARKED_MIB")]
+    max_parked_mib: Option<usize>,
     /// Microseconds the compute thread polls for the next step, and the async side for the compute
     /// thread's answer, before they sleep (default: 5000 on a GPU, where it saves a thread wake-up
     /// per hop; 0 on the CPU). 0 turns polling off.
@@ -145,6 +151,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             max_sequences: args.max_sequences,
             max_batch_rows: args.max_batch_rows as usize,
             max_cache_bytes: args.max_cache_mib.map(|mib| mib << 20),
+            max_parked_bytes: args.max_parked_mib.map(|mib| mib << 20),
             idle_spin: args.idle_spin_us.map(std::time::Duration::from_micros),
         },
         max_message_bytes: args.max_message_mib << 20,

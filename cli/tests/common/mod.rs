@@ -236,3 +236,31 @@ pub async fn raw_worker(
     .unwrap();
     (worker, client)
 }
+
+/// `got` equals `want`'s tokens, or departs from them first where `want` (generated with
+/// `top_logprobs` ≥ 2) had its top two within 0.3 nats: a near-tie, where two computations that
+/// round differently may legitimately part (the rule of `../shared/reference/`).
+pub fn assert_same_or_near_tie(what: &str, got: &[u32], want: &strata_client::Generation) {
+    let Some(n) = got.iter().zip(&want.token_ids).position(|(a, b)| a != b) else {
+        assert_eq!(
+            got.len(),
+            want.token_ids.len(),
+            "{what}: {got:?} vs {:?}",
+            want.token_ids
+        );
+        return;
+    };
+    let top = &want.top_logprobs[n];
+    assert!(
+        top.len() >= 2,
+        "{what}: the reference has no alternatives at token {n}"
+    );
+    let gap = top[0].1 - top[1].1;
+    assert!(
+        gap < 0.3,
+        "{what}: departs at token {n} where the reference's top-2 gap is {gap:.3} nats: a bug, \
+         not a near-tie ({got:?} vs {:?})",
+        want.token_ids
+    );
+    eprintln!("{what}: departs at token {n} at a near-tie of {gap:.3} nats");
+}

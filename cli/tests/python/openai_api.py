@@ -4,7 +4,8 @@
 Checks: completions and streamed chat completions give the same greedy text as `strata generate`
 (and `strata generate --chat`); logprobs (chat and completions, streamed and not) equal `strata
 generate --json`'s; `n` gives n choices, streamed and not; penalties and logit_bias reach the sampler
-as `strata generate`'s flags do; a wrong key, and the cluster's token, get 401 in OpenAI's error
+as `strata generate`'s flags do; the next turn of a chat reports the prompt tokens the prefix cache
+gave it; a wrong key, and the cluster's token, get 401 in OpenAI's error
 shape; `/metrics` takes only its scrape token, parses with prometheus_client's OpenMetrics parser
 and its counters move by exactly what one request did, under the key's name.
 
@@ -134,6 +135,10 @@ class OpenAiApiTest(unittest.TestCase):
         self.assertEqual(whole.choices[0].message.role, "assistant")
 
     def test_chat_logprobs_match_strata_generate(self):
+        # The first run parks the prompt's caches; both compared runs then start on them alike (a
+        # run that starts on a copy computes its last positions in another shape than a cold one,
+        # which rounds differently).
+        strata_generate_json(self.grpc, QUESTION, chat=True)
         expected = strata_generate_json(self.grpc, QUESTION, chat=True)
         r = self.client.chat.completions.create(
             model=self.model, messages=[{"role": "user", "content": QUESTION}],
@@ -198,6 +203,33 @@ class OpenAiApiTest(unittest.TestCase):
             max_tokens=8, temperature=1.0, seed=7, n=3)
         self.assertEqual(texts, [c.message.content for c in whole.choices])
         self.assertTrue(all(finishes), finishes)
+
+    def test_the_next_chat_turn_reports_its_cached_prompt_tokens(self):
+        system = ("You answer questions about a small mountain village of four hundred people, "
+                  "with one school, two bakeries and a railway station on the line to the city.")
+        messages = [{"role": "system", "content": system},
+                    {"role": "user", "content": "How many people live there?"}]
+        first = self.client.chat.completions.create(
+            model=self.model, messages=messages, max_tokens=16, temperature=0)
+        self.assertEqual(first.usage.prompt_tokens_details.cached_tokens, 0)
+        messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "Is there a station?"}]
+        second = self.client.chat.completions.create(
+            model=self.model, messages=messages, max_tokens=16, temperature=0)
+        cached = second.usage.prompt_tokens_details.cached_tokens
+        # The first turn's prompt is copied; its answer and the new question are computed.
+        self.assertGreaterEqual(cached, first.usage.prompt_tokens - 2)
+        self.assertLess(cached, second.usage.prompt_tokens)
+        # Streamed, with usage: the same turn again, the same answer, more of it cached.
+        stream = self.client.chat.completions.create(
+            model=self.model, messages=messages, max_tokens=16, temperature=0, stream=True,
+            stream_options={"include_usage": True})
+        text, usage = "", None
+        for chunk in stream:
+            usage = chunk.usage or usage
+            text += "".join(c.delta.content or "" for c in chunk.choices)
+        self.assertEqual(text, second.choices[0].message.content)
+        self.assertEqual(usage.prompt_tokens_details.cached_tokens, usage.prompt_tokens - 2)
 
     def test_penalties_and_bias_reach_the_sampler(self):
         plain = strata_generate_json(self.grpc, PROMPT)

@@ -252,12 +252,14 @@ async fn respond(
             futures::future::try_join_all(choices.into_iter().map(|e| collect(e, keep))).await?;
         let mut completion_tokens = 0;
         let mut prompt_tokens = 0;
+        let mut cached_tokens = 0;
         let choices: Vec<Value> = collected
             .iter()
             .enumerate()
             .map(|(index, c)| {
                 completion_tokens += c.tokens;
                 prompt_tokens = c.prompt_tokens;
+                cached_tokens = cached_tokens.max(c.cached_tokens);
                 let logprobs = logprobs
                     .as_ref()
                     .map_or(Value::Null, |l| l.of(&c.generated, 0));
@@ -291,7 +293,7 @@ async fn respond(
             "created": now_secs(),
             "model": model,
             "choices": choices,
-            "usage": usage(prompt_tokens, completion_tokens),
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
         }))
         .into_response()
     };

@@ -30,6 +30,7 @@ pub use crate::events::EventSender;
 use crate::events::{Failure, FailureKind, GenerationEvent};
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, Sampling, StageHandle};
+use crate::prefix_cache::PrefixCache;
 use crate::recovery::RecoveryConfig;
 use crate::CoordinatorError;
 
@@ -57,6 +58,9 @@ pub struct SchedulerLimits {
     /// burst of prompts goes through in parts, each step short next to the stage timeout (2,048
     /// positions of SmolLM2 take ~8 s on 2 cores), and decoding sequences wait at most one part.
     pub max_step_positions: usize,
+    /// Finished sequences whose caches the stages keep for requests that start the same way (the
+    /// prefix cache, see `prefix_cache.rs`); 0 turns it off. The workers bound their bytes.
+    pub prefix_cache_entries: usize,
 }
 
 impl Default for SchedulerLimits {
@@ -66,6 +70,7 @@ impl Default for SchedulerLimits {
             max_queued: 1024,
             max_prefill_chunk: 512,
             max_step_positions: 2048,
+            prefix_cache_entries: 256,
         }
     }
 }
@@ -199,6 +204,7 @@ impl Scheduler {
     ) -> (Self, SchedulerHandle) {
         let (commands, inbox) = mpsc::channel(256);
         let (loss_reports, losses) = mpsc::unbounded_channel();
+        let (eviction_reports, evictions) = mpsc::unbounded_channel();
         let scheduler = Scheduler {
             inbox,
             pipeline: Arc::new(pipeline),
@@ -220,6 +226,9 @@ impl Scheduler {
             stalled: Vec::new(),
             lost: watch::channel(None).0,
             metrics,
+            prefixes: PrefixCache::new(limits.prefix_cache_entries),
+            eviction_reports,
+            evictions,
         };
         (scheduler, SchedulerHandle { commands })
     }
@@ -253,6 +262,11 @@ struct Scheduler {
     /// The last loss, so the steps out on that pipeline generation end at once.
     lost: watch::Sender<Option<LostStage>>,
     metrics: Arc<Metrics>,
+    /// The prefixes the stages hold parked.
+    prefixes: PrefixCache,
+    /// Parked sequences a stage dropped (found when parking), for `prefixes` to forget.
+    eviction_reports: mpsc::UnboundedSender<Vec<u64>>,
+    evictions: mpsc::UnboundedReceiver<Vec<u64>>,
 }
 
 impl Scheduler {
@@ -283,6 +297,7 @@ impl Scheduler {
                     None => self.inbox_closed = true,
                 },
                 Some(done) = self.in_flight.next(), if !self.in_flight.is_empty() => self.complete(done),
+                Some(dropped) = self.evictions.recv() => self.forget_prefixes(&dropped),
                 Some(loss) = self.losses.recv() => {
                     if loss.generation == self.pipeline.generation() {
                         self.lose_stage(loss.stage, loss.reason);
@@ -461,22 +476,62 @@ impl Scheduler {
 
     /// Frees sequences on every stage without holding up the scheduler.
     fn release(&self, ids: Vec<u64>) {
-        self.release_then_finish(ids, Vec::new());
+        self.release_then_finish(ids, Vec::new(), Vec::new());
     }
 
-    /// Frees sequences on every stage, then sends their final events: a client that has seen its
-    /// `finished` event finds its caches gone from every worker. Runs beside the scheduler.
-    fn release_then_finish(&self, ids: Vec<u64>, finals: Vec<(EventSender, GenerationEvent)>) {
-        if ids.is_empty() && finals.is_empty() {
+    /// Frees sequences on every stage and parks others, then sends their final events: a client
+    /// that has seen its `finished` event finds its sequence active on no worker. Runs beside the
+    /// scheduler; parked sequences a stage did not keep come back as an eviction report.
+    fn release_then_finish(
+        &self,
+        ids: Vec<u64>,
+        park: Vec<u64>,
+        finals: Vec<(EventSender, GenerationEvent)>,
+    ) {
+        if ids.is_empty() && park.is_empty() && finals.is_empty() {
             return;
         }
         let pipeline = self.pipeline.clone();
+        let reports = self.eviction_reports.clone();
         tokio::spawn(async move {
-            pipeline.release(ids).await;
+            let (_, dropped) = futures::join!(pipeline.release(ids), pipeline.park(park));
             for (events, last) in finals {
                 let _ = events.send(Ok(last));
             }
+            if !dropped.is_empty() {
+                let _ = reports.send(dropped);
+            }
         });
+    }
+
+    /// Forgets prefix entries some stage no longer holds, and frees them on the others.
+    fn forget_prefixes(&mut self, dropped: &[u64]) {
+        let forgotten = self.prefixes.forget(dropped);
+        if !forgotten.is_empty() {
+            tracing::debug!(?forgotten, "prefix cache entries evicted by a worker");
+            self.release(forgotten);
+        }
+    }
+
+    /// Before a sequence's first step: starts it on the longest parked prefix it shares, if any;
+    /// and drops a planned copy whose source is no longer an entry.
+    fn settle_prefix(&mut self, seq: &mut Sequence) {
+        if let Some(source) = seq.fork {
+            if !self.prefixes.holds(source) {
+                seq.drop_fork();
+            }
+            return;
+        }
+        if seq.prefix_checked || seq.cached > 0 {
+            return;
+        }
+        seq.prefix_checked = true;
+        if let Some((source, shared)) = self.prefixes.lookup(&seq.request.prompt_ids) {
+            seq.fork = Some(source);
+            seq.cached = shared;
+            seq.reused = shared;
+            self.metrics.prefix_hit(shared);
+        }
     }
 }
 

@@ -100,6 +100,9 @@ impl Scheduler {
             return;
         }
         let lost = self.pipeline.stages()[stage].clone();
+        // The replacement holds no parked caches, so no entry is whole any more.
+        let entries = self.prefixes.clear();
+        self.release(entries);
         tracing::error!(stage, worker = %lost.address, %reason, spares = ?self.spares, "stage lost");
         self.lost.send_replace(Some(LostStage {
             generation: self.pipeline.generation(),
@@ -169,6 +172,7 @@ impl Scheduler {
         for seq in sequences {
             seq.id = fresh_seq_id();
             seq.cached = 0;
+            seq.fork = None;
         }
     }
 

@@ -35,6 +35,14 @@ pub(super) struct Sequence {
     pub(super) seen: Option<SeenTokens>,
     /// The grammar's state, for a constrained request: it has taken in every generated token.
     pub(super) constraint: Option<Box<crate::grammar::Constraint>>,
+    /// The parked sequence this one's first step copies `cached` positions from (the stages hold
+    /// nothing under this id until that step is back).
+    pub(super) fork: Option<u64>,
+    /// Prompt positions copied from the prefix cache, for `usage`.
+    pub(super) reused: usize,
+    /// The prefix cache was asked (once, before the first step: a replay recomputes everything,
+    /// taking the steps the sequence took).
+    pub(super) prefix_checked: bool,
 }
 
 impl Sequence {
@@ -66,6 +74,17 @@ impl Sequence {
             stage_forward: vec![Duration::ZERO; num_stages],
             stage_hop: vec![Duration::ZERO; num_stages],
             alone: false,
+            fork: None,
+            reused: 0,
+            prefix_checked: false,
+        }
+    }
+
+    /// Forgets a copy the first step was to make: everything is computed instead.
+    pub(super) fn drop_fork(&mut self) {
+        if self.fork.take().is_some() {
+            self.cached = 0;
+            self.reused = 0;
         }
     }
 
@@ -187,6 +206,7 @@ pub(super) fn finish(
         seq = seq.id,
         reason = reason.label(),
         prompt_tokens = seq.request.prompt_ids.len(),
+        cached_tokens = seq.reused,
         tokens = seq.generated,
         ttft_ms = seq.first_token.map(|t| t.duration_since(seq.arrived).as_millis() as u64),
         total_ms = now.duration_since(seq.arrived).as_millis() as u64,
@@ -202,6 +222,7 @@ pub(super) fn finish(
         stage_forward: seq.stage_forward.clone(),
         stage_hop: seq.stage_hop.clone(),
         trailing_text: trailing,
+        cached_tokens: seq.reused as u32,
     })
 }
 

@@ -58,6 +58,9 @@ impl Scheduler {
             if sequences.is_empty() {
                 break;
             }
+            for seq in &mut sequences {
+                self.settle_prefix(seq);
+            }
             let mut fed: Vec<usize> = sequences.iter().map(|s| s.next_feed(chunk)).collect();
             // The rest wait, at the front, for the next micro-batch: a burst goes through in parts,
             // and a sequence to retry alone goes alone.
@@ -71,6 +74,10 @@ impl Scheduler {
                 let rest = sequences.split_off(fit);
                 self.ready.splice(0..0, rest);
             }
+            // The coordinator frees no entry that a step on its way copies from.
+            for source in sequences.iter().filter_map(|s| s.fork) {
+                self.prefixes.pin(source);
+            }
             let entries: Vec<StepEntry> = sequences
                 .iter()
                 .zip(&fed)
@@ -81,14 +88,22 @@ impl Scheduler {
                     sampling: s.request.sampling.clone(),
                     top_logprobs: s.request.top_logprobs,
                     seen: s.seen.as_ref().map(SeenTokens::to_vec).unwrap_or_default(),
-                    request_id: (s.cached == 0).then(|| s.request.request_id.clone()),
+                    request_id: (s.cached == 0 || s.fork.is_some())
+                        .then(|| s.request.request_id.clone()),
                     allowed: Vec::new(),
+                    copy_from: s.fork,
                 })
+                .collect();
+            // Which sequences sample a new token in this step (and so need a mask, if constrained).
+            let samples: Vec<bool> = sequences
+                .iter()
+                .zip(&fed)
+                .map(|(s, &n)| s.samples_after(n))
                 .collect();
             let constrained = sequences
                 .iter()
-                .zip(&fed)
-                .any(|(s, &n)| s.constraint.is_some() && s.samples_after(n));
+                .zip(&samples)
+                .any(|(s, &samples)| s.constraint.is_some() && samples);
             let step_id = self.next_step_id;
             self.next_step_id += 1;
             self.in_flight_sequences += sequences.len();
@@ -96,7 +111,7 @@ impl Scheduler {
             let lost = lost_on(self.lost.subscribe(), pipeline.generation());
             self.in_flight.push(Box::pin(async move {
                 let (sequences, entries) = if constrained {
-                    grammar_masks(sequences, &fed, entries).await
+                    grammar_masks(sequences, samples, entries).await
                 } else {
                     (sequences, entries)
                 };
@@ -132,6 +147,9 @@ impl Scheduler {
     /// Takes a micro-batch back: streams its tokens, finishes sequences, returns the rest to `ready`.
     pub(super) fn complete(&mut self, done: FinishedStep) {
         self.in_flight_sequences -= done.sequences.len();
+        for source in done.sequences.iter().filter_map(|s| s.fork) {
+            self.prefixes.unpin(source);
+        }
         let result = match done.result {
             Ok(result) => result,
             Err(e) if e.is_worker_loss() => {
@@ -142,6 +160,26 @@ impl Scheduler {
                     }
                 }
                 self.hold_for_replay(done.sequences);
+                return;
+            }
+            // A stage no longer held a prefix a sequence was to copy (it evicted the parked cache while
+            // the step was on its way) and refused the step, changing nothing on itself or after it.
+            // The step's sources are forgotten and its copies dropped; past the first stage, every
+            // sequence starts again under a fresh id, as after a refusal for room.
+            Err(e) if e.prefix_refusal_stage().is_some() => {
+                let stage = e.prefix_refusal_stage().unwrap_or(0);
+                tracing::info!(error = %e, stage, "a prefix source is gone; the step goes again without it");
+                let sources: Vec<u64> = done.sequences.iter().filter_map(|s| s.fork).collect();
+                let forgotten = self.prefixes.forget(&sources);
+                self.release(forgotten);
+                let mut retry = done.sequences;
+                if stage > 0 {
+                    self.start_over(&mut retry);
+                }
+                for seq in &mut retry {
+                    seq.drop_fork();
+                }
+                self.ready.splice(0..0, retry);
                 return;
             }
             // A stage refused the whole step for room (its KV bound) before changing anything on
@@ -183,13 +221,16 @@ impl Scheduler {
             self.metrics
                 .stage_step(i, forward.as_secs_f64(), hop.as_secs_f64());
         }
+        self.forget_prefixes(&result.evicted);
         let mut to_replay = Vec::new();
         let mut finished = Vec::new();
+        let mut park = Vec::new();
         let mut finals = Vec::new();
         for ((mut seq, fed), (_, sampled)) in
             done.sequences.into_iter().zip(done.fed).zip(result.sampled)
         {
             seq.cached += fed;
+            seq.fork = None;
             seq.alone = false;
             for (i, (forward, hop)) in result.stage_forward.iter().zip(&stage_hop).enumerate() {
                 seq.stage_forward[i] += *forward;
@@ -214,13 +255,26 @@ impl Scheduler {
                         seq.events.clone(),
                         finish(&mut seq, reason, &self.tokenizer),
                     ));
-                    finished.push(seq.id);
+                    // What its stages hold may start the next request (the next turn of a chat):
+                    // the prompt's positions only, see `prefix_cache.rs`.
+                    let prompt = seq.cached.min(seq.request.prompt_ids.len());
+                    let offer = if stale {
+                        Default::default()
+                    } else {
+                        self.prefixes.offer(seq.id, &seq.tokens[..prompt])
+                    };
+                    if offer.park {
+                        park.push(seq.id);
+                    } else {
+                        finished.push(seq.id);
+                    }
+                    finished.extend(offer.dropped);
                 }
                 None if stale => to_replay.push(seq),
                 None => self.ready.push(seq),
             }
         }
-        self.release_then_finish(finished, finals);
+        self.release_then_finish(finished, park, finals);
         if !to_replay.is_empty() {
             self.hold_for_replay(to_replay);
         }
@@ -247,14 +301,9 @@ fn rows_that_fit(feeds: &[usize], max_rows: usize) -> usize {
 /// output: see `Constraint::next_mask`.)
 async fn grammar_masks(
     mut sequences: Vec<Sequence>,
-    fed: &[usize],
+    samples: Vec<bool>,
     mut entries: Vec<StepEntry>,
 ) -> (Vec<Sequence>, Vec<StepEntry>) {
-    let samples: Vec<bool> = sequences
-        .iter()
-        .zip(fed)
-        .map(|(s, &n)| s.samples_after(n))
-        .collect();
     let work = move || {
         for ((seq, entry), samples) in sequences.iter_mut().zip(&mut entries).zip(samples) {
             if let Some(constraint) = seq.constraint.as_mut().filter(|_| samples) {

@@ -177,6 +177,7 @@ impl Probe {
                     top_logprobs: 0,
                     seen: Vec::new(),
                     allowed: Vec::new(),
+                    copy_from: None,
                 })
                 .collect()
         } else {

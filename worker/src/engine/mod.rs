@@ -44,6 +44,9 @@ pub struct EngineLimits {
     /// `None`: half of what the device can give when the engine starts (a GPU's own memory on
     /// CUDA, the host's otherwise; see [`crate::device::memory`]).
     pub max_cache_bytes: Option<usize>,
+    /// Bytes parked caches (kept after their sequence ends, as prefix sources) may take, within
+    /// `max_cache_bytes`. `None`: a quarter of the KV bound, at most [`DEFAULT_MAX_PARKED_BYTES`].
+    pub max_parked_bytes: Option<usize>,
     /// How long the compute thread polls for the next job before it sleeps; `None` chooses by
     /// device (see [`default_idle_spin`]).
     pub idle_spin: Option<Duration>,
@@ -55,10 +58,15 @@ impl Default for EngineLimits {
             max_sequences: 256,
             max_batch_rows: 16_384,
             max_cache_bytes: None,
+            max_parked_bytes: None,
             idle_spin: None,
         }
     }
 }
+
+/// The default bound on parked caches: enough for a few long conversations, not so much that an idle
+/// worker sits on gigabytes of caches nobody asks for.
+pub const DEFAULT_MAX_PARKED_BYTES: usize = 2 << 30;
 
 /// [`strata_transport::spin::default_budget`]: 5 ms on accelerators, none on the CPU. A GPU stage's
 /// compute thread only launches kernels, and a parked thread on the lent VMs took tens of µs to
@@ -102,6 +110,8 @@ pub struct SequenceStep {
     pub seen: Vec<(u32, u32)>,
     /// A grammar's bitmask of the tokens sampling may choose (see `sampling::sample`); empty: any.
     pub allowed: Vec<u32>,
+    /// A new sequence's first `start_pos` positions come from this held sequence's cache.
+    pub copy_from: Option<u64>,
 }
 
 /// What a stage produced for one sequence.
@@ -118,6 +128,17 @@ pub struct ForwardResult {
     /// One output per input, in order.
     pub outputs: Vec<(u64, StepOutput)>,
     pub forward_time: Duration,
+    /// Parked caches dropped to make room for the step.
+    pub evicted: Vec<u64>,
+}
+
+/// What a Release did.
+#[derive(Debug, Clone, Default)]
+pub struct ReleaseReport {
+    /// How many of the ids held a cache (active or parked).
+    pub released: usize,
+    /// Parked caches dropped to stay within the parking bound.
+    pub evicted: Vec<u64>,
 }
 
 /// What a LoadStage did.
@@ -141,6 +162,8 @@ pub struct EngineStats {
     pub active_sequences: usize,
     pub cached_positions: usize,
     pub cache_bytes: usize,
+    pub parked_sequences: usize,
+    pub parked_bytes: usize,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, WorkerError>>;
@@ -160,7 +183,8 @@ enum Job {
     Release {
         epoch: u64,
         seq_ids: Vec<u64>,
-        reply: Reply<usize>,
+        park: bool,
+        reply: Reply<ReleaseReport>,
     },
     Warmup {
         tokens: usize,
@@ -223,15 +247,21 @@ impl Engine {
         let max_cache_bytes = limits
             .max_cache_bytes
             .unwrap_or_else(|| (crate::device::memory(&device).available / 2) as usize);
-        tracing::info!(max_cache_mib = max_cache_bytes >> 20, "KV cache bound");
-        let mut state = State::new(
-            model,
-            device.clone(),
-            options,
-            limits,
-            max_cache_bytes,
-            published.clone(),
+        let max_parked_bytes = limits
+            .max_parked_bytes
+            .unwrap_or((max_cache_bytes / 4).min(DEFAULT_MAX_PARKED_BYTES))
+            .min(max_cache_bytes);
+        tracing::info!(
+            max_cache_mib = max_cache_bytes >> 20,
+            max_parked_mib = max_parked_bytes >> 20,
+            "KV cache bound"
         );
+        let limits = EngineLimits {
+            max_cache_bytes: Some(max_cache_bytes),
+            max_parked_bytes: Some(max_parked_bytes),
+            ..limits
+        };
+        let mut state = State::new(model, device.clone(), options, limits, published.clone());
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
             .thread_name(move |i| format!("{name}-{i}"))
@@ -246,10 +276,6 @@ impl Engine {
                 state.run(job);
             }
         });
-        let limits = EngineLimits {
-            max_cache_bytes: Some(max_cache_bytes),
-            ..limits
-        };
         Ok(Self {
             jobs,
             device,
@@ -311,11 +337,17 @@ impl Engine {
         .await
     }
 
-    /// Frees sequences of the stage loaded as `epoch`; returns how many existed.
-    pub async fn release(&self, epoch: u64, seq_ids: Vec<u64>) -> Result<usize, WorkerError> {
+    /// Frees (or with `park`, parks) sequences of the stage loaded as `epoch`.
+    pub async fn release(
+        &self,
+        epoch: u64,
+        seq_ids: Vec<u64>,
+        park: bool,
+    ) -> Result<ReleaseReport, WorkerError> {
         self.call(|reply| Job::Release {
             epoch,
             seq_ids,
+            park,
             reply,
         })
         .await

@@ -1,6 +1,6 @@
 //! What the compute thread owns, and what each job does to it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
@@ -13,7 +13,8 @@ use super::calibrate::KeptProbes;
 use super::sample::{sample_rows, upload_hidden};
 use super::validate::{validate, Holding, StageShape};
 use super::{
-    EngineLimits, EngineStats, ForwardResult, Job, LoadReport, SequenceStep, StepInput, StepOutput,
+    EngineLimits, EngineStats, ForwardResult, Job, LoadReport, ReleaseReport, SequenceStep,
+    StepInput, StepOutput,
 };
 use crate::model::kv_cache::SequenceKv;
 use crate::model::phase_timer;
@@ -31,8 +32,10 @@ pub(super) struct State {
     pub(super) device: Device,
     pub(super) options: StageOptions,
     limits: EngineLimits,
-    /// `limits.max_cache_bytes`, or the device's default for it.
+    /// `limits.max_cache_bytes`, resolved by the engine.
     max_cache_bytes: usize,
+    /// `limits.max_parked_bytes`, resolved by the engine.
+    max_parked_bytes: usize,
     stage: Option<Stage>,
     /// The loaded stage's epoch: random, fresh at every load, 0 while none is loaded. A caller
     /// that loaded an earlier stage (another coordinator, or this one before a reload) holds
@@ -40,6 +43,10 @@ pub(super) struct State {
     epoch: u64,
     output_dtype: DType,
     sequences: HashMap<u64, SequenceKv>,
+    /// Caches of ended sequences kept as prefix sources, with when each was last used.
+    parked: HashMap<u64, Parked>,
+    /// Counts uses of parked caches, for dropping the least recently used first.
+    use_clock: u64,
     published: Arc<Mutex<EngineStats>>,
     /// Forward steps run, for periodic diagnostics.
     steps: u64,
@@ -53,19 +60,21 @@ impl State {
         device: Device,
         options: StageOptions,
         limits: EngineLimits,
-        max_cache_bytes: usize,
         published: Arc<Mutex<EngineStats>>,
     ) -> Self {
         Self {
             model,
             device,
             options,
+            max_cache_bytes: limits.max_cache_bytes.unwrap_or(usize::MAX),
+            max_parked_bytes: limits.max_parked_bytes.unwrap_or(0),
             limits,
-            max_cache_bytes,
             stage: None,
             epoch: 0,
             output_dtype: DType::F32,
             sequences: HashMap::new(),
+            parked: HashMap::new(),
+            use_clock: 0,
             published,
             steps: 0,
             kept_probes: None,
@@ -110,9 +119,12 @@ impl State {
             Job::Release {
                 epoch,
                 seq_ids,
+                park,
                 reply,
             } => {
-                let result = self.check_epoch(epoch).map(|()| self.release(&seq_ids));
+                let result = self
+                    .check_epoch(epoch)
+                    .map(|()| self.release(&seq_ids, park));
                 self.publish();
                 let _ = reply.send(result);
             }
@@ -151,6 +163,8 @@ impl State {
             active_sequences: self.sequences.len(),
             cached_positions: self.sequences.values().map(SequenceKv::len).sum(),
             cache_bytes: self.sequences.values().map(SequenceKv::bytes).sum(),
+            parked_sequences: self.parked.len(),
+            parked_bytes: self.parked_bytes(),
         }
     }
 
@@ -165,6 +179,7 @@ impl State {
         self.epoch = 0;
         self.kept_probes = None;
         self.sequences.clear();
+        self.parked.clear();
         if let Some(weights) = weights {
             self.model = Some(weights);
         }
@@ -190,16 +205,126 @@ impl State {
         Ok(report)
     }
 
-    /// Frees the sequences that exist among `seq_ids`; returns how many did.
-    fn release(&mut self, seq_ids: &[u64]) -> usize {
-        let released = seq_ids
-            .iter()
-            .filter(|id| self.sequences.remove(id).is_some())
-            .count();
+    /// Frees the sequences that exist among `seq_ids` (active or parked), or with `park` parks
+    /// the active ones, then keeps the parked caches within their bound.
+    fn release(&mut self, seq_ids: &[u64], park: bool) -> ReleaseReport {
+        let mut released = 0;
+        // Asked to park but not kept: the caller must not copy from them.
+        let mut not_parked = Vec::new();
+        for id in seq_ids {
+            if let Some(kv) = self.sequences.remove(id) {
+                released += 1;
+                let kept = (park && self.max_parked_bytes > 0 && !kv.is_empty())
+                    .then(|| kv.compact())
+                    .and_then(|compacted| {
+                        compacted
+                            .inspect_err(|e| tracing::warn!(error = %e, "parking a cache failed"))
+                            .ok()
+                    });
+                if let Some(kv) = kept {
+                    self.use_clock += 1;
+                    let parked = Parked {
+                        kv,
+                        last_used: self.use_clock,
+                    };
+                    self.parked.insert(*id, parked);
+                } else if park {
+                    not_parked.push(*id);
+                }
+            } else if self.parked.remove(id).is_some() {
+                released += 1;
+            } else if park {
+                not_parked.push(*id);
+            }
+        }
+        let mut evicted = self.evict_parked(0, &HashSet::new());
+        evicted.extend(not_parked);
         if released > 0 && self.sequences.is_empty() {
             crate::memory::return_freed_memory();
         }
-        released
+        ReleaseReport { released, evicted }
+    }
+
+    fn parked_bytes(&self) -> usize {
+        self.parked.values().map(|p| p.kv.bytes()).sum()
+    }
+
+    /// Drops parked caches, least recently used first and never one in `keep`, until they fit
+    /// their own bound and leave `room` bytes free under the KV bound. Returns the ids dropped.
+    fn evict_parked(&mut self, room: usize, keep: &HashSet<u64>) -> Vec<u64> {
+        let active: usize = self.sequences.values().map(SequenceKv::bytes).sum();
+        let mut parked = self.parked_bytes();
+        let mut evicted = Vec::new();
+        while parked > self.max_parked_bytes
+            || active.saturating_add(parked).saturating_add(room) > self.max_cache_bytes
+        {
+            let Some(id) = self.least_recently_parked(keep) else {
+                break;
+            };
+            if let Some(gone) = self.parked.remove(&id) {
+                parked -= gone.kv.bytes();
+                evicted.push(id);
+            }
+        }
+        evicted
+    }
+
+    fn least_recently_parked(&self, keep: &HashSet<u64>) -> Option<u64> {
+        self.parked
+            .iter()
+            .filter(|(id, _)| !keep.contains(id))
+            .min_by_key(|(_, p)| p.last_used)
+            .map(|(&id, _)| id)
+    }
+
+    /// The caches of the step's sequences that start on another's prefix: copies of their sources'
+    /// first `start_pos` positions, made before any cache is taken out for the step. A paged pool
+    /// short of pages drops parked caches (not the step's sources) to make them.
+    fn fork_caches(
+        &mut self,
+        steps: &[SequenceStep],
+        sources: &HashSet<u64>,
+        evicted: &mut Vec<u64>,
+    ) -> Result<HashMap<u64, SequenceKv>, WorkerError> {
+        let mut forks = HashMap::new();
+        for step in steps {
+            let Some(source) = step.copy_from else {
+                continue;
+            };
+            self.use_clock += 1;
+            if let Some(parked) = self.parked.get_mut(&source) {
+                parked.last_used = self.use_clock;
+            }
+            loop {
+                let stage = self.stage.as_mut().ok_or_else(no_stage)?;
+                let paged = stage.is_paged();
+                let held = self
+                    .sequences
+                    .get(&source)
+                    .or_else(|| self.parked.get(&source).map(|p| &p.kv))
+                    .ok_or_else(|| WorkerError::Internal(format!("source {source} vanished")))?;
+                let error = match stage.fork_cache(held, step.start_pos, step.input.len()) {
+                    Ok(kv) => {
+                        forks.insert(step.seq_id, kv);
+                        break;
+                    }
+                    Err(e) => e,
+                };
+                match self.least_recently_parked(sources) {
+                    Some(id) if paged => {
+                        self.parked.remove(&id);
+                        evicted.push(id);
+                    }
+                    _ if paged => {
+                        return Err(WorkerError::ResourceExhausted(format!(
+                            "{error}; retry when sequences finish"
+                        )))
+                    }
+                    _ => return Err(error.into()),
+                }
+            }
+        }
+        Ok(forks)
     }
 
     /// Runs one micro-batch: checked whole first, then either every sequence advances or none
@@ -207,25 +332,28 @@ impl State {
     fn forward(&mut self, steps: Vec<SequenceStep>) -> Result<ForwardResult, WorkerError> {
         let started = Instant::now();
         let stage = self.stage.as_mut().ok_or_else(no_stage)?;
+        let shape = StageShape::of(stage);
         let holding = Holding {
             cached_len: |id| self.sequences.get(&id).map(SequenceKv::len),
+            parked_len: |id| self.parked.get(&id).map(|p| p.kv.len()),
             sequences: self.sequences.len(),
             bytes: self.sequences.values().map(SequenceKv::bytes).sum(),
         };
-        validate(
-            &steps,
-            &StageShape::of(stage),
-            &holding,
-            &self.limits,
-            self.max_cache_bytes,
-        )?;
+        let room = validate(&steps, &shape, &holding, &self.limits, self.max_cache_bytes)?;
+        let sources: HashSet<u64> = steps.iter().filter_map(|s| s.copy_from).collect();
+        let mut evicted = self.evict_parked(room, &sources);
+        let mut forks = self.fork_caches(&steps, &sources, &mut evicted)?;
 
+        let stage = self.stage.as_mut().ok_or_else(no_stage)?;
         let segments = segments_of(&steps);
         let rows: usize = segments.iter().map(|s| s.len).sum();
         let input = stage_input(stage, &steps)?;
         let mut caches = Vec::with_capacity(steps.len());
         for step in &steps {
-            let cache = match self.sequences.remove(&step.seq_id) {
+            let cache = match forks
+                .remove(&step.seq_id)
+                .or_else(|| self.sequences.remove(&step.seq_id))
+            {
                 Some(cache) => Ok(cache),
                 None => stage.new_cache(step.input.len()),
             };
@@ -238,13 +366,32 @@ impl State {
             }
         }
         let prepared = started.elapsed();
-        // A full KV pool is a capacity limit, not a fault: the client may retry later.
-        let result = stage
-            .reserve_pages(&segments, &mut caches)
-            .map_err(|e| {
-                WorkerError::ResourceExhausted(format!("{e}; retry when sequences finish"))
-            })
-            .and_then(|()| Ok(stage.forward(input, &segments, &mut caches)?));
+        // A full KV pool is a capacity limit, not a fault: parked caches make room first, then the
+        // client may retry later.
+        let reserved = loop {
+            match stage.reserve_pages(&segments, &mut caches) {
+                Ok(()) => break Ok(()),
+                Err(e) => {
+                    let oldest = self
+                        .parked
+                        .iter()
+                        .min_by_key(|(_, p)| p.last_used)
+                        .map(|(&id, _)| id);
+                    match oldest {
+                        Some(id) => {
+                            self.parked.remove(&id);
+                            evicted.push(id);
+                        }
+                        None => {
+                            break Err(WorkerError::ResourceExhausted(format!(
+                                "{e}; retry when sequences finish"
+                            )))
+                        }
+                    }
+                }
+            }
+        };
+        let result = reserved.and_then(|()| Ok(stage.forward(input, &segments, &mut caches)?));
         // On an accelerator this is the time to queue the step's kernels; the device finishes them
         // while the output is copied back below.
         let queued = started.elapsed();
@@ -294,9 +441,13 @@ impl State {
             finish_us = (forward_time - queued).as_micros() as u64,
             "forward timing"
         );
+        if !evicted.is_empty() {
+            tracing::debug!(?evicted, "parked caches dropped for room");
+        }
         Ok(ForwardResult {
             outputs,
             forward_time,
+            evicted,
         })
     }
 
@@ -331,6 +482,12 @@ impl State {
         phase_timer::discard();
         Ok(started.elapsed())
     }
+}
+
+/// The cache of an ended sequence, kept for `copy_prefix_from`.
+struct Parked {
+    kv: SequenceKv,
+    last_used: u64,
 }
 
 fn no_stage() -> WorkerError {
@@ -383,7 +540,7 @@ fn stage_input(stage: &Stage, steps: &[SequenceStep]) -> Result<StageInput, Work
 }
 
 /// Undoes a step that failed: each sequence that existed goes back with the positions it had
-/// (`start_pos`: what validation found), and new ones vanish. `caches` may be shorter than
+/// (`start_pos`: what validation found), and new ones (forks included) vanish. `caches` may be shorter than
 /// `steps` when the step failed while taking them out.
 fn put_back(
     sequences: &mut HashMap<u64, SequenceKv>,
@@ -391,7 +548,7 @@ fn put_back(
     caches: Vec<SequenceKv>,
 ) {
     for (step, mut cache) in steps.iter().zip(caches) {
-        if step.start_pos > 0 {
+        if step.start_pos > 0 && step.copy_from.is_none() {
             cache.truncate(step.start_pos);
             sequences.insert(step.seq_id, cache);
         }

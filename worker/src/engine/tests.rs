@@ -20,12 +20,23 @@ fn tiny_model(dir: &std::path::Path) -> ModelFile {
 
 /// An engine with the whole tiny model as one stage, its KV pool bounded to `pages` pages.
 async fn start(model: &ModelFile, pages: usize) -> (Engine, u64) {
+    start_with(model, KvLayout::Paged, pages, None).await
+}
+
+/// The same with a choice of layout and a bound on parked caches.
+async fn start_with(
+    model: &ModelFile,
+    kv_layout: KvLayout,
+    pages: usize,
+    max_parked_bytes: Option<usize>,
+) -> (Engine, u64) {
     let options = StageOptions {
-        kv_layout: KvLayout::Paged,
+        kv_layout,
         ..StageOptions::default()
     };
     let limits = EngineLimits {
         max_cache_bytes: Some(pages * PAGE_BYTES),
+        max_parked_bytes,
         ..EngineLimits::default()
     };
     let engine = Engine::start(Some(model.clone()), Device::Cpu, options, limits, 1).unwrap();
@@ -42,6 +53,7 @@ fn step(seq_id: u64, start_pos: usize, ids: Vec<u32>) -> SequenceStep {
         top_logprobs: 0,
         seen: Vec::new(),
         allowed: Vec::new(),
+        copy_from: None,
     }
 }
 
@@ -145,7 +157,14 @@ async fn calls_for_another_load_change_nothing() {
         .forward(old, vec![step(1, 0, prompt(3))])
         .await
         .unwrap();
-    assert_eq!(engine.release(old, vec![1, 9]).await.unwrap(), 1);
+    assert_eq!(
+        engine
+            .release(old, vec![1, 9], false)
+            .await
+            .unwrap()
+            .released,
+        1
+    );
     engine
         .forward(old, vec![step(1, 0, prompt(3))])
         .await
@@ -161,7 +180,7 @@ async fn calls_for_another_load_change_nothing() {
         .unwrap();
     for refused in [
         engine.forward(old, vec![step(3, 0, prompt(3))]).await.err(),
-        engine.release(old, vec![2]).await.err(),
+        engine.release(old, vec![2], false).await.err(),
     ] {
         assert!(
             matches!(&refused, Some(WorkerError::FailedPrecondition(m)) if m.contains("not the loaded one")),
@@ -200,4 +219,124 @@ async fn nothing_runs_before_a_stage_is_loaded_and_warmup_keeps_nothing() {
     engine.warmup(40).await.unwrap();
     let stats = engine.stats();
     assert_eq!((stats.active_sequences, stats.cache_bytes), (0, 0));
+}
+
+/// Runs `prompt` then `decode` greedy tokens on sequence `id` from position `from` (its first step
+/// copying from `source`, if any); returns the tokens sampled after each step.
+async fn generate(
+    engine: &Engine,
+    epoch: u64,
+    id: u64,
+    source: Option<u64>,
+    from: usize,
+    prompt: &[u32],
+    decode: usize,
+) -> Vec<u32> {
+    let first = SequenceStep {
+        copy_from: source,
+        ..step(id, from, prompt[from..].to_vec())
+    };
+    let mut out = sampled(engine.forward(epoch, vec![first]).await.unwrap().outputs);
+    let mut tokens = vec![out.remove(0).1.id];
+    for i in 0..decode {
+        let next = step(id, prompt.len() + i, vec![*tokens.last().unwrap()]);
+        let mut out = sampled(engine.forward(epoch, vec![next]).await.unwrap().outputs);
+        tokens.push(out.remove(0).1.id);
+    }
+    tokens
+}
+
+#[tokio::test]
+async fn a_sequence_started_on_a_parked_prefix_generates_what_a_cold_one_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    for layout in [KvLayout::Contiguous, KvLayout::Paged] {
+        let (engine, epoch) = start_with(&model, layout, 64, None).await;
+        let turn_one = prompt(30);
+        let cold_one = generate(&engine, epoch, 1, None, 0, &turn_one, 4).await;
+        // Turn two: turn one, its answer, and more.
+        let mut turn_two = turn_one.clone();
+        turn_two.extend(&cold_one[..4]);
+        turn_two.extend(prompt(9));
+        let report = engine.release(epoch, vec![1], true).await.unwrap();
+        assert_eq!(
+            (report.released, report.evicted.len()),
+            (1, 0),
+            "{layout:?}"
+        );
+        let stats = engine.stats();
+        assert_eq!((stats.active_sequences, stats.parked_sequences), (0, 1));
+
+        // 34 positions are parked (30 of the prompt, 4 decoded): copy them, compute the rest.
+        let warm = generate(&engine, epoch, 2, Some(1), 34, &turn_two, 6).await;
+        let cold = generate(&engine, epoch, 3, None, 0, &turn_two, 6).await;
+        assert_eq!(warm, cold, "{layout:?}");
+        // A copy of part of an active sequence's prefix works too, and leaves the source as it was.
+        let partial = generate(&engine, epoch, 4, Some(3), 20, &turn_two, 6).await;
+        assert_eq!(partial, cold, "{layout:?}");
+        let next = step(3, turn_two.len() + 6, vec![*cold.last().unwrap()]);
+        engine.forward(epoch, vec![next]).await.unwrap();
+
+        // A parked sequence cannot be fed, and one released without `park` is gone.
+        let refused = engine
+            .forward(epoch, vec![step(1, 34, vec![5])])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, WorkerError::InvalidArgument(_)),
+            "{refused:?}"
+        );
+        assert_eq!(
+            engine
+                .release(epoch, vec![1], false)
+                .await
+                .unwrap()
+                .released,
+            1
+        );
+        let gone = SequenceStep {
+            copy_from: Some(1),
+            ..step(5, 20, turn_two[20..].to_vec())
+        };
+        let refused = engine.forward(epoch, vec![gone]).await.unwrap_err();
+        assert!(
+            matches!(&refused, WorkerError::Aborted(m) if m.contains("prefix source 1")),
+            "{refused:?}"
+        );
+        assert_eq!(engine.stats().parked_sequences, 0);
+    }
+}
+
+#[tokio::test]
+async fn parked_caches_give_way_to_running_sequences_and_stay_within_their_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    for layout in [KvLayout::Contiguous, KvLayout::Paged] {
+        // 16 pages in all, at most 6 of them parked.
+        let (engine, epoch) = start_with(&model, layout, 16, Some(6 * PAGE_BYTES)).await;
+        let mut dropped = Vec::new();
+        for id in 1..=4u64 {
+            engine
+                .forward(epoch, vec![step(id, 0, prompt(30))])
+                .await
+                .unwrap();
+            dropped.extend(engine.release(epoch, vec![id], true).await.unwrap().evicted);
+            assert!(engine.stats().parked_bytes <= 6 * PAGE_BYTES, "{layout:?}");
+        }
+        // Two pages of 30 positions (or 32 rows) each: three fit in six pages, the oldest went.
+        assert_eq!(dropped, [1], "{layout:?}");
+        assert_eq!(engine.stats().parked_sequences, 3);
+        // A prompt that needs the whole bound pushes the parked caches out, oldest first.
+        let big = engine
+            .forward(epoch, vec![step(9, 0, prompt(100))])
+            .await
+            .unwrap();
+        assert!(!big.evicted.is_empty(), "{layout:?}");
+        assert_eq!(big.evicted[0], 2, "{layout:?}");
+        let stats = engine.stats();
+        assert!(
+            stats.cache_bytes + stats.parked_bytes <= 16 * PAGE_BYTES,
+            "{layout:?}: {stats:?}"
+        );
+    }
 }

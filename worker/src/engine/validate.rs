@@ -40,26 +40,30 @@ impl StageShape {
     }
 }
 
-/// What the engine holds: each cached sequence's length, and the totals.
-pub(super) struct Holding<F: Fn(u64) -> Option<usize>> {
+/// What the engine holds: each active sequence's length, each parked one's, and the active totals.
+pub(super) struct Holding<F: Fn(u64) -> Option<usize>, P: Fn(u64) -> Option<usize>> {
     pub cached_len: F,
+    pub parked_len: P,
     pub sequences: usize,
     pub bytes: usize,
 }
 
-pub(super) fn validate<F: Fn(u64) -> Option<usize>>(
+/// Checks a micro-batch; returns the bytes of KV room it may need beyond what active sequences hold
+/// (parked caches give way to it).
+pub(super) fn validate<F: Fn(u64) -> Option<usize>, P: Fn(u64) -> Option<usize>>(
     steps: &[SequenceStep],
     stage: &StageShape,
-    holding: &Holding<F>,
+    holding: &Holding<F, P>,
     limits: &EngineLimits,
     max_cache_bytes: usize,
-) -> Result<(), WorkerError> {
+) -> Result<usize, WorkerError> {
     if steps.is_empty() {
         return Err(WorkerError::invalid("Forward with no sequences"));
     }
     let mut seen = HashSet::with_capacity(steps.len());
     let mut rows = 0usize;
     let mut new_sequences = 0usize;
+    let mut copied = 0usize;
     for step in steps {
         let id = step.seq_id;
         if !seen.insert(id) {
@@ -74,7 +78,23 @@ pub(super) fn validate<F: Fn(u64) -> Option<usize>>(
             )));
         }
         rows += len;
+        let parked = (holding.parked_len)(id).is_some();
+        if let Some(source) = step.copy_from {
+            check_copy(id, source, step.start_pos, holding)?;
+            copied += step.start_pos;
+        }
         match (holding.cached_len)(id) {
+            None if parked => {
+                return Err(WorkerError::invalid(format!(
+                    "sequence {id} is parked: it cannot be fed again (a new sequence needs a new id)"
+                )))
+            }
+            None if step.copy_from.is_some() => new_sequences += 1,
+            Some(_) if step.copy_from.is_some() => {
+                return Err(WorkerError::invalid(format!(
+                    "sequence {id} exists: copy_prefix_from starts a new sequence"
+                )))
+            }
             None if step.start_pos > 0 => {
                 return Err(WorkerError::NotFound(format!(
                     "sequence {id} is not cached on this worker (start_pos {} needs its earlier positions; \
@@ -123,11 +143,13 @@ pub(super) fn validate<F: Fn(u64) -> Option<usize>>(
             limits.max_batch_rows
         )));
     }
-    // Caches grow by doubling, so a step of `rows` positions may allocate up to twice their size.
-    let could_need = holding.bytes.saturating_add(
-        rows.saturating_mul(stage.kv_bytes_per_position)
-            .saturating_mul(2),
-    );
+    // Caches grow by doubling, so a step of `rows` positions may allocate up to twice their size;
+    // a copied prefix takes its own size.
+    let room = rows
+        .saturating_mul(2)
+        .saturating_add(copied)
+        .saturating_mul(stage.kv_bytes_per_position);
+    let could_need = holding.bytes.saturating_add(room);
     if could_need > max_cache_bytes {
         return Err(WorkerError::ResourceExhausted(format!(
             "KV caches would grow past this worker's limit of {} MiB (holding {} MiB for {} sequences); \
@@ -143,7 +165,37 @@ pub(super) fn validate<F: Fn(u64) -> Option<usize>>(
             new_sequences, limits.max_sequences, holding.sequences
         )));
     }
-    Ok(())
+    Ok(room)
+}
+
+/// A new sequence may start on the first `start_pos` positions of a sequence this worker holds.
+fn check_copy<F: Fn(u64) -> Option<usize>, P: Fn(u64) -> Option<usize>>(
+    id: u64,
+    source: u64,
+    start_pos: usize,
+    holding: &Holding<F, P>,
+) -> Result<(), WorkerError> {
+    if source == id {
+        return Err(WorkerError::invalid(format!(
+            "sequence {id}: copy_prefix_from names the sequence itself"
+        )));
+    }
+    if start_pos == 0 {
+        return Err(WorkerError::invalid(format!(
+            "sequence {id}: copy_prefix_from with start_pos 0 copies nothing"
+        )));
+    }
+    let held = (holding.cached_len)(source).or_else(|| (holding.parked_len)(source));
+    match held {
+        None => Err(WorkerError::Aborted(format!(
+            "sequence {id}: prefix source {source} is not held on this worker (ended, or its parked \
+             cache was dropped for room); retry without copy_prefix_from"
+        ))),
+        Some(len) if len < start_pos => Err(WorkerError::invalid(format!(
+            "sequence {id}: prefix source {source} holds fewer than the {start_pos} positions to copy"
+        ))),
+        Some(_) => Ok(()),
+    }
 }
 
 /// Every token the sampler is told about (biased, or seen so far) is in the vocabulary, and the
@@ -280,6 +332,7 @@ mod tests {
             top_logprobs: 0,
             seen: Vec::new(),
             allowed: Vec::new(),
+            copy_from: None,
         }
     }
 
@@ -294,6 +347,7 @@ mod tests {
             top_logprobs: 0,
             seen: Vec::new(),
             allowed: Vec::new(),
+            copy_from: None,
         }
     }
 
@@ -305,21 +359,24 @@ mod tests {
         }
     }
 
-    /// Validates against sequence 7 cached with 5 positions (5 KiB) and a 64 KiB bound; returns the
-    /// error's kind and message, or "ok".
+    /// Validates against sequence 7 cached with 5 positions (5 KiB), sequence 9 parked with 6, and
+    /// a 64 KiB bound; returns the error's kind and message, or "ok".
     fn check(stage: StageShape, steps: Vec<SequenceStep>) -> (String, String) {
         let cached = HashMap::from([(7u64, 5usize)]);
+        let parked = HashMap::from([(9u64, 6usize)]);
         let holding = Holding {
             cached_len: |id| cached.get(&id).copied(),
+            parked_len: |id| parked.get(&id).copied(),
             sequences: cached.len(),
             bytes: 5 * 1024,
         };
         match validate(&steps, &stage, &holding, &limits(), 64 << 10) {
-            Ok(()) => ("ok".into(), String::new()),
+            Ok(_) => ("ok".into(), String::new()),
             Err(e) => {
                 let kind = match &e {
                     WorkerError::InvalidArgument(_) => "invalid",
                     WorkerError::NotFound(_) => "not found",
+                    WorkerError::Aborted(_) => "aborted",
                     WorkerError::ResourceExhausted(_) => "exhausted",
                     _ => "other",
                 };
@@ -354,7 +411,90 @@ mod tests {
             }),
             ..hidden(1, 0, 1, 8)
         };
+        let fork = |id, start_pos, source| SequenceStep {
+            copy_from: Some(source),
+            ..long(id, start_pos, 2)
+        };
         let cases: Vec<(&str, StageShape, Vec<SequenceStep>, &str, &str)> = vec![
+            (
+                "a new sequence on an active one's prefix",
+                first(),
+                vec![fork(1, 5, 7)],
+                "ok",
+                "",
+            ),
+            (
+                "a new sequence on a parked one's prefix, beside its source",
+                first(),
+                vec![fork(1, 4, 9), long(7, 5, 1)],
+                "ok",
+                "",
+            ),
+            (
+                "a prefix longer than its source",
+                first(),
+                vec![fork(1, 7, 9)],
+                "invalid",
+                "fewer than the 7 positions",
+            ),
+            (
+                "a prefix source that is gone",
+                first(),
+                vec![fork(1, 3, 8)],
+                "aborted",
+                "prefix source 8 is not held",
+            ),
+            (
+                "a copy into an existing sequence",
+                first(),
+                vec![fork(7, 5, 9)],
+                "invalid",
+                "copy_prefix_from starts a new sequence",
+            ),
+            (
+                "a copy of nothing",
+                first(),
+                vec![fork(1, 0, 7)],
+                "invalid",
+                "copies nothing",
+            ),
+            (
+                "a copy of itself",
+                first(),
+                vec![fork(1, 2, 1)],
+                "invalid",
+                "names the sequence itself",
+            ),
+            (
+                "a parked sequence fed again",
+                first(),
+                vec![long(9, 6, 1)],
+                "invalid",
+                "sequence 9 is parked",
+            ),
+            (
+                "a parked id as a new sequence",
+                first(),
+                vec![long(9, 0, 1)],
+                "invalid",
+                "sequence 9 is parked",
+            ),
+            (
+                "two new sequences on one prefix",
+                first(),
+                vec![
+                    SequenceStep {
+                        copy_from: Some(7),
+                        ..long(1, 5, 12)
+                    },
+                    SequenceStep {
+                        copy_from: Some(7),
+                        ..long(2, 5, 2)
+                    },
+                ],
+                "ok",
+                "",
+            ),
             (
                 "a new and a cached sequence",
                 first(),
@@ -551,6 +691,7 @@ mod tests {
         let cached = HashMap::<u64, usize>::new();
         let held = |bytes| Holding {
             cached_len: |id: u64| cached.get(&id).copied(),
+            parked_len: |_| None,
             sequences: 2,
             bytes,
         };
@@ -564,5 +705,23 @@ mod tests {
             "{refused}"
         );
         assert!(refused.to_string().contains("for 2 sequences"), "{refused}");
+
+        // A copied prefix takes its own size: 2 × 12 + 5 positions copied from sequence 7.
+        let cached = HashMap::from([(7u64, 5usize)]);
+        let held = |bytes| Holding {
+            cached_len: |id: u64| cached.get(&id).copied(),
+            parked_len: |_| None,
+            sequences: 1,
+            bytes,
+        };
+        let steps = vec![SequenceStep {
+            copy_from: Some(7),
+            ..tokens(1, 5, &[1; 12])
+        }];
+        assert_eq!(
+            validate(&steps, &stage, &held(35 << 10), &limits(), bound).ok(),
+            Some(29 << 10)
+        );
+        assert!(validate(&steps, &stage, &held((35 << 10) + 1), &limits(), bound).is_err());
     }
 }

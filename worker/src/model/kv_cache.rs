@@ -94,10 +94,44 @@ impl SequenceKv {
 
     /// An empty sequence whose keys and values go to pages of a shared pool.
     pub fn paged(pages: PageList) -> Self {
+        Self::paged_holding(pages, 0)
+    }
+
+    /// A paged sequence whose first `len` positions are already written to `pages`.
+    pub fn paged_holding(pages: PageList, len: usize) -> Self {
         Self {
             store: Store::Paged(pages),
-            len: 0,
+            len,
         }
+    }
+
+    /// A contiguous copy of this sequence's first `len` positions (at most its length), with room
+    /// for `extra` more.
+    pub fn copy_prefix(&self, len: usize, extra: usize) -> Result<Self> {
+        let Store::Contiguous(layers) = &self.store else {
+            candle_core::bail!("copy_prefix of a paged sequence: the pool copies its pages");
+        };
+        let len = len.min(self.len);
+        let layers = layers
+            .iter()
+            .map(|layer| {
+                let (heads, _, head_dim) = layer.k.dims3()?;
+                let shape = (heads, (len + extra).max(1), head_dim);
+                let mut copy = LayerKv::with_capacity(shape, layer.k.dtype(), layer.k.device())?;
+                if len > 0 {
+                    copy.k
+                        .slice_set(&layer.k.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                    copy.v
+                        .slice_set(&layer.v.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                }
+                copy.len = len;
+                Ok(copy)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            store: Store::Contiguous(layers),
+            len,
+        })
     }
 
     /// Positions cached.
@@ -129,6 +163,17 @@ impl SequenceKv {
         match &mut self.store {
             Store::Paged(pages) => Some(pages),
             Store::Contiguous(_) => None,
+        }
+    }
+
+    /// The same positions in no more memory than they take: a contiguous cache grown by doubling
+    /// is copied to its length (a parked cache only gets read).
+    pub fn compact(self) -> Result<Self> {
+        match &self.store {
+            Store::Contiguous(layers) if layers.iter().any(|l| l.capacity() > self.len) => {
+                self.copy_prefix(self.len, 0)
+            }
+            _ => Ok(self),
         }
     }
 
@@ -185,6 +230,18 @@ mod tests {
             assert_eq!(vs.dims(), want.dims());
         }
         assert_eq!(kv.len(), 44);
+        // A copy of a prefix holds exactly those positions, and grows on its own.
+        let mut copy = kv.copy_prefix(20, 3)?;
+        assert_eq!(copy.len(), 20);
+        let extra = Tensor::full(-1f32, (2, 1, 3), &dev)?;
+        let (ks, _) = copy
+            .layer(0)
+            .expect("contiguous")
+            .append(&extra, &extra, 1000)?;
+        copy.advance(1);
+        let want = Tensor::cat(&[Tensor::cat(&all, 1)?.narrow(1, 0, 20)?, extra], 1)?;
+        assert_eq!(ks.to_vec3::<f32>()?, want.to_vec3::<f32>()?);
+        assert_eq!(kv.len(), 44, "the source is unchanged");
         kv.truncate(10);
         assert_eq!(kv.len(), 10);
         Ok(())

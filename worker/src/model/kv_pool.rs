@@ -149,6 +149,29 @@ impl KvPool {
         Ok(())
     }
 
+    /// A new page list holding a copy of `source`'s first `len` positions (rows copied on the
+    /// device, a gather and a scatter per layer and tensor). Fails, taking no pages, when the pool
+    /// has no room.
+    pub fn copy_prefix(&mut self, source: &PageList, len: usize) -> Result<PageList> {
+        let mut copy = self.sequence();
+        self.reserve(&mut copy, len)?;
+        if len == 0 {
+            return Ok(copy);
+        }
+        let device = self.keys[0].device().clone();
+        let from: Vec<u32> = (0..len).map(|p| source.row(p)).collect();
+        let to: Vec<u32> = (0..len).map(|p| copy.row(p)).collect();
+        let from = Tensor::from_vec(from, len, &device)?;
+        let to = Tensor::from_vec(to, (1, len, 1), &device)?;
+        for tensor in self.keys.iter().chain(&self.values) {
+            let (heads, _, head_dim) = tensor.dims3()?;
+            let rows = tensor.index_select(&from, 1)?;
+            let to = to.broadcast_as((heads, len, head_dim))?.contiguous()?;
+            tensor.scatter_set(&to, &rows, 1)?;
+        }
+        Ok(copy)
+    }
+
     /// Layer `i`'s keys and values, `[kv_heads, rows, head_dim]`.
     pub fn layer(&self, i: usize) -> (&Tensor, &Tensor) {
         (&self.keys[i], &self.values[i])
@@ -192,6 +215,36 @@ mod tests {
         let free_before = pool.free.lock().unwrap().len();
         drop(a);
         assert_eq!(pool.free.lock().unwrap().len(), free_before + 4);
+        Ok(())
+    }
+
+    #[test]
+    fn a_copied_prefix_has_its_own_pages_with_the_same_rows() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut pool = KvPool::new(2, 1, 2, DType::F32, &dev)?;
+        let mut a = pool.sequence();
+        pool.reserve(&mut a, 2 * PAGE + 5)?;
+        for (layer, tensor) in pool.keys.iter().chain(&pool.values).enumerate() {
+            for p in 0..2 * PAGE + 5 {
+                let value = (layer * 1000 + p) as f32;
+                let row = Tensor::new(&[[[value, -value]]], &dev)?;
+                tensor.slice_set(&row, 1, a.row(p) as usize)?;
+            }
+        }
+        let b = pool.copy_prefix(&a, PAGE + 3)?;
+        assert_eq!(b.pages.len(), 2);
+        assert!(b.pages.iter().all(|p| !a.pages.contains(p)));
+        for (layer, tensor) in pool.keys.iter().chain(&pool.values).enumerate() {
+            for p in 0..PAGE + 3 {
+                let row = tensor.narrow(1, b.row(p) as usize, 1)?.flatten_all()?;
+                let value = (layer * 1000 + p) as f32;
+                assert_eq!(
+                    row.to_vec1::<f32>()?,
+                    [value, -value],
+                    "layer {layer} position {p}"
+                );
+            }
+        }
         Ok(())
     }
 

@@ -412,6 +412,34 @@ impl Stage {
         self.pool.as_ref().map_or(0, KvPool::capacity_bytes)
     }
 
+    /// Whether sequences keep their keys and values in a shared paged pool (accelerators).
+    pub fn is_paged(&self) -> bool {
+        self.pool.is_some()
+    }
+
+    /// A new sequence's caches holding a copy of `source`'s first `len` positions, with room for
+    /// `extra` more. Fails on a paged stage whose pool has no room for the copy.
+    pub fn fork_cache(
+        &mut self,
+        source: &SequenceKv,
+        len: usize,
+        extra: usize,
+    ) -> Result<SequenceKv> {
+        match &mut self.pool {
+            Some(pool) => {
+                let pages = source.pages().ok_or_else(|| {
+                    candle_core::Error::msg("a contiguous cache on a paged stage")
+                })?;
+                let len = len.min(source.len());
+                Ok(SequenceKv::paged_holding(
+                    pool.copy_prefix(pages, len)?,
+                    len,
+                ))
+            }
+            None => source.copy_prefix(len, extra),
+        }
+    }
+
     /// Empty caches for a new sequence with room for `initial` positions.
     pub fn new_cache(&self, initial: usize) -> Result<SequenceKv> {
         if let Some(pool) = &self.pool {

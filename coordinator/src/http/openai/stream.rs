@@ -37,6 +37,7 @@ pub(super) struct Collected {
     pub(super) tokens: u32,
     pub(super) reason: &'static str,
     pub(super) prompt_tokens: usize,
+    pub(super) cached_tokens: u32,
     pub(super) generated: Vec<v1::GeneratedToken>,
 }
 
@@ -53,8 +54,8 @@ pub(super) async fn collect(mut events: Events, keep_tokens: bool) -> Result<Col
             }
             Some(v1::generate_response::Event::Finished(f)) => {
                 text.push_str(&f.trailing_text);
-                if let Some(format) = events.tool_format() {
-                    text = crate::service::tools::split_output(format, &text).0;
+                if let Some(content) = events.take_content() {
+                    text = content;
                 }
                 return Ok(Collected {
                     text,
@@ -62,6 +63,7 @@ pub(super) async fn collect(mut events: Events, keep_tokens: bool) -> Result<Col
                     tokens: f.generated_tokens,
                     reason: finish_reason(f.reason),
                     prompt_tokens: f.prompt_ids.len(),
+                    cached_tokens: f.cached_tokens,
                     generated,
                 });
             }
@@ -71,11 +73,12 @@ pub(super) async fn collect(mut events: Events, keep_tokens: bool) -> Result<Col
     Err(Status::internal("the generation ended without a final event").into())
 }
 
-pub(super) fn usage(prompt_tokens: usize, completion_tokens: u32) -> Value {
+pub(super) fn usage(prompt_tokens: usize, completion_tokens: u32, cached_tokens: u32) -> Value {
     json!({
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens as usize,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     })
 }
 
@@ -191,6 +194,8 @@ pub(super) struct ChunkWriter {
     logprobs: Option<Logprobs>,
     choices: Vec<ChoiceState>,
     prompt_tokens: usize,
+    /// The most prompt tokens any choice copied from the prefix cache.
+    cached_tokens: u32,
     completion_tokens: u32,
     /// `[DONE]` (or an error) is written; nothing more is.
     done: bool,
@@ -220,6 +225,7 @@ impl ChunkWriter {
                 })
                 .collect(),
             prompt_tokens: 0,
+            cached_tokens: 0,
             completion_tokens: 0,
             done: false,
         }
@@ -264,6 +270,7 @@ impl ChunkWriter {
             Some(Event::Finished(f)) => {
                 self.choices[index].finished = true;
                 self.prompt_tokens = f.prompt_ids.len();
+                self.cached_tokens = self.cached_tokens.max(f.cached_tokens);
                 self.completion_tokens += f.generated_tokens;
                 let mut out = Vec::new();
                 let text = match self.choices[index].calls.as_mut() {
@@ -284,7 +291,11 @@ impl ChunkWriter {
                 if self.choices.iter().all(|c| c.finished) {
                     self.done = true;
                     if self.include_usage {
-                        let usage = usage(self.prompt_tokens, self.completion_tokens);
+                        let usage = usage(
+                            self.prompt_tokens,
+                            self.completion_tokens,
+                            self.cached_tokens,
+                        );
                         out.push(self.event(json!([]), Some(usage)));
                     }
                     out.push(SseEvent::default().data("[DONE]"));

@@ -1,0 +1,93 @@
+"""Time to first token of each turn of a scripted 5-turn chat, with the prefix cache and without:
+the same messages go to two `strata serve`s, one started with `--prefix-cache-entries 0`, in
+alternated order, round after round (each round its own chat, so no round starts on another's
+caches). Checks that both answer every turn with the same tokens; prints JSON.
+
+Run: python3 bench/prefix_cache.py --warm 127.0.0.1:8000 --cold 127.0.0.1:8001 --key KEY [--rounds 3]
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import openai
+
+SYSTEM = ("You are the front-desk assistant of the Harbour Street public library. The library opens "
+          "at nine and closes at eight on weekdays, at five on Saturdays, and stays closed on Sundays. "
+          "Members may borrow twelve books at a time for three weeks, renew twice online, and reserve "
+          "study rooms up to a week ahead. The children's floor has story time on Wednesday mornings. "
+          "Answer briefly and politely, and say so when you do not know something.")
+QUESTIONS = [
+    "When are you open on Saturday?",
+    "How many books can I borrow at once?",
+    "Can I renew them online, and how often?",
+    "Is there anything for children during the week?",
+    "How far ahead can I book a study room?",
+]
+
+
+def turn(client, messages, max_tokens):
+    """One streamed turn: (time to first token in s, answer text, prompt tokens, cached tokens)."""
+    start = time.perf_counter()
+    ttft = None
+    text = ""
+    usage = None
+    stream = client.chat.completions.create(
+        model="", messages=messages, temperature=0, max_tokens=max_tokens, stream=True,
+        stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                ttft = ttft or time.perf_counter() - start
+                text += choice.delta.content
+    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+    return ttft, text, usage.prompt_tokens, cached
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--warm", required=True, help="HTTP address of the serve with the cache")
+    ap.add_argument("--cold", required=True, help="HTTP address of the serve without it")
+    ap.add_argument("--key", required=True)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    a = ap.parse_args()
+    clients = {name: openai.OpenAI(base_url=f"http://{addr}/v1", api_key=a.key, timeout=600)
+               for name, addr in [("warm", a.warm), ("cold", a.cold)]}
+    ttfts = {"warm": [[] for _ in QUESTIONS], "cold": [[] for _ in QUESTIONS]}
+    cached = [[] for _ in QUESTIONS]
+    prompt_tokens = [0] * len(QUESTIONS)
+    mismatches = []
+    for r in range(a.rounds):
+        messages = [{"role": "system", "content": f"Session {r + 1}. {SYSTEM}"}]
+        for t, question in enumerate(QUESTIONS):
+            messages.append({"role": "user", "content": question})
+            order = ["warm", "cold"] if (r + t) % 2 == 0 else ["cold", "warm"]
+            answers = {}
+            for name in order:
+                ttft, text, prompt, hit = turn(clients[name], messages, a.max_tokens)
+                ttfts[name][t].append(round(ttft, 4))
+                answers[name] = text
+                if name == "warm":
+                    cached[t].append(hit)
+                    prompt_tokens[t] = prompt
+            if answers["warm"] != answers["cold"]:
+                mismatches.append({"round": r, "turn": t + 1, "warm": answers["warm"],
+                                   "cold": answers["cold"]})
+            print(f"round {r} turn {t + 1}: prompt {prompt_tokens[t]} tokens, cached "
+                  f"{cached[t][-1]}, ttft warm {ttfts['warm'][t][-1] * 1e3:.0f} ms, "
+                  f"cold {ttfts['cold'][t][-1] * 1e3:.0f} ms", flush=True)
+            messages.append({"role": "assistant", "content": answers["warm"]})
+    median = {name: [round(statistics.median(v), 4) for v in per_turn]
+              for name, per_turn in ttfts.items()}
+    ratio = [round(w / c, 3) for w, c in zip(median["warm"], median["cold"])]
+    print(json.dumps({"ttft_s": ttfts, "median_ttft_s": median, "warm_over_cold": ratio,
+                      "prompt_tokens": prompt_tokens, "cached_tokens": cached,
+                      "identical": not mismatches, "mismatches": mismatches}))
+
+
+if __name__ == "__main__":
+    main()
