@@ -258,7 +258,7 @@ impl State {
         while parked > self.max_parked_bytes
             || active.saturating_add(parked).saturating_add(room) > self.max_cache_bytes
         {
-            let Some(id) = self.least_recently_parked(keep) else {
+            let Some(id) = Self::least_recently_parked(&self.parked, keep) else {
                 break;
             };
             if let Some(gone) = self.parked.remove(&id) {
@@ -269,8 +269,8 @@ impl State {
         evicted
     }
 
-    fn least_recently_parked(&self, keep: &HashSet<u64>) -> Option<u64> {
-        self.parked
+    fn least_recently_parked(parked: &HashMap<u64, Parked>, keep: &HashSet<u64>) -> Option<u64> {
+        parked
             .iter()
             .filter(|(id, _)| !keep.contains(id))
             .min_by_key(|(_, p)| p.last_used)
@@ -310,7 +310,7 @@ impl State {
                     }
                     Err(e) => e,
                 };
-                match self.least_recently_parked(sources) {
+                match Self::least_recently_parked(&self.parked, sources) {
                     Some(id) if paged => {
                         self.parked.remove(&id);
                         evicted.push(id);
@@ -372,12 +372,8 @@ impl State {
             match stage.reserve_pages(&segments, &mut caches) {
                 Ok(()) => break Ok(()),
                 Err(e) => {
-                    let oldest = self
-                        .parked
-                        .iter()
-                        .min_by_key(|(_, p)| p.last_used)
-                        .map(|(&id, _)| id);
-                    match oldest {
+                    // The step's copies are made: no parked cache is a source any more.
+                    match Self::least_recently_parked(&self.parked, &HashSet::new()) {
                         Some(id) => {
                             self.parked.remove(&id);
                             evicted.push(id);
