@@ -253,7 +253,7 @@ impl Metrics {
         self.request_duration.observe(total_seconds);
     }
 
-    /// A request starts on `tokens` positions from the prefix cache.
+    /// A request's first step ran on `tokens` positions copied from the prefix cache.
     pub fn prefix_hit(&self, tokens: usize) {
         self.prefix_hits.inc();
         self.cached_tokens.inc_by(tokens as u64);

@@ -530,7 +530,6 @@ impl Scheduler {
             seq.fork = Some(source);
             seq.cached = shared;
             seq.reused = shared;
-            self.metrics.prefix_hit(shared);
         }
     }
 }

@@ -230,7 +230,10 @@ impl Scheduler {
             done.sequences.into_iter().zip(done.fed).zip(result.sampled)
         {
             seq.cached += fed;
-            seq.fork = None;
+            // A hit counts once its copy has run on every stage (an ABORTED copy goes again cold).
+            if seq.fork.take().is_some() {
+                self.metrics.prefix_hit(seq.reused);
+            }
             seq.alone = false;
             for (i, (forward, hop)) in result.stage_forward.iter().zip(&stage_hop).enumerate() {
                 seq.stage_forward[i] += *forward;
