@@ -6,17 +6,12 @@
 
 mod common;
 
-use std::time::Duration;
-
 use strata_client::{GenerateParams, Generation, StrataClient};
-use strata_coordinator::plan::SplitSpec;
 use strata_coordinator::scheduler::SchedulerLimits;
-use strata_coordinator::{Coordinator, CoordinatorConfig};
+use strata_coordinator::CoordinatorConfig;
 use strata_harness::local::WorkerProcess;
 use strata_harness::LocalOptions;
 use strata_proto::v1;
-use strata_transport::Security;
-use tokio::net::TcpListener;
 
 const SYSTEM: &str = "You are a careful assistant for a small bakery. The bakery opens at seven, \
     closes at six, sells bread, pastries and cakes, and takes orders for weddings two weeks ahead. \
@@ -39,29 +34,15 @@ fn worker_options(args: &[&str]) -> LocalOptions {
 
 /// A coordinator over `workers` (loading their stages anew), with `prefix_cache_entries`.
 async fn coordinator(workers: &[WorkerProcess], prefix_cache_entries: usize) -> StrataClient {
-    let config = CoordinatorConfig {
-        model: common::default_model(),
-        workers: workers.iter().map(|w| w.address.clone()).collect(),
-        expected_devices: Vec::new(),
-        split: SplitSpec::Even,
-        warmup: false,
+    let workers: Vec<&WorkerProcess> = workers.iter().collect();
+    common::serve_coordinator(CoordinatorConfig {
         scheduler: SchedulerLimits {
             prefix_cache_entries,
             ..SchedulerLimits::default()
         },
-        requests: Default::default(),
-        max_message_bytes: 64 << 20,
-        security: Security::none(),
-        clients: strata_coordinator::ClientAccess::open(),
-        spares: Vec::new(),
-        stage_timeout: Duration::from_secs(60),
-        transfer_progress: None,
-    };
-    let coordinator = Coordinator::start(config).await.unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(coordinator.serve(listener, std::future::pending()));
-    StrataClient::connect(&url).await.unwrap()
+        ..common::coordinator_config(&workers)
+    })
+    .await
 }
 
 async fn worker_info(worker: &WorkerProcess) -> v1::WorkerInfo {

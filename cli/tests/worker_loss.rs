@@ -9,13 +9,10 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use strata_client::{ClientError, Event, GenerateParams, StrataClient};
-use strata_coordinator::plan::SplitSpec;
-use strata_coordinator::{Coordinator, CoordinatorConfig};
+use strata_coordinator::CoordinatorConfig;
 use strata_harness::local::WorkerProcess;
 use strata_harness::LocalOptions;
 use strata_proto::v1;
-use strata_transport::Security;
-use tokio::net::TcpListener;
 
 const PROMPT: &str = "Once upon a time, there was a little";
 
@@ -46,26 +43,14 @@ async fn coordinator_with(
     spares: &[&WorkerProcess],
     scheduler: strata_coordinator::scheduler::SchedulerLimits,
 ) -> StrataClient {
-    let config = CoordinatorConfig {
-        model: common::default_model(),
-        workers: workers.iter().map(|w| w.address.clone()).collect(),
-        expected_devices: Vec::new(),
-        split: SplitSpec::Even,
+    common::serve_coordinator(CoordinatorConfig {
         warmup: true,
         scheduler,
-        requests: Default::default(),
-        max_message_bytes: 64 << 20,
-        security: Security::none(),
-        clients: strata_coordinator::ClientAccess::open(),
         spares: spares.iter().map(|w| w.address.clone()).collect(),
         stage_timeout: Duration::from_secs(30),
-        transfer_progress: None,
-    };
-    let coordinator = Coordinator::start(config).await.unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(coordinator.serve(listener, std::future::pending()));
-    StrataClient::connect(&url).await.unwrap()
+        ..common::coordinator_config(workers)
+    })
+    .await
 }
 
 /// Waits (up to 30 s) until the coordinator's `Health` says it serves again.

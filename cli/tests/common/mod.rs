@@ -264,3 +264,38 @@ pub fn assert_same_or_near_tie(what: &str, got: &[u32], want: &strata_client::Ge
     );
     eprintln!("{what}: departs at token {n} at a near-tie of {gap:.3} nats");
 }
+
+/// An in-process coordinator's settings over `workers` on the default model, as the end-to-end
+/// tests use it: no TLS, open to every client, stages split evenly, no spares, no warmup.
+pub fn coordinator_config(
+    workers: &[&strata_harness::local::WorkerProcess],
+) -> strata_coordinator::CoordinatorConfig {
+    strata_coordinator::CoordinatorConfig {
+        model: default_model(),
+        workers: workers.iter().map(|w| w.address.clone()).collect(),
+        expected_devices: Vec::new(),
+        split: strata_coordinator::plan::SplitSpec::Even,
+        warmup: false,
+        scheduler: Default::default(),
+        requests: Default::default(),
+        max_message_bytes: 64 << 20,
+        security: strata_transport::Security::none(),
+        clients: strata_coordinator::ClientAccess::open(),
+        spares: Vec::new(),
+        stage_timeout: std::time::Duration::from_secs(60),
+        transfer_progress: None,
+    }
+}
+
+/// Starts a coordinator with `config`, serves its gRPC API on a loopback port, and connects to it.
+pub async fn serve_coordinator(
+    config: strata_coordinator::CoordinatorConfig,
+) -> strata_client::StrataClient {
+    let coordinator = strata_coordinator::Coordinator::start(config)
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(coordinator.serve(listener, std::future::pending()));
+    strata_client::StrataClient::connect(&url).await.unwrap()
+}
