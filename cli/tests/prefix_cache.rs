@@ -207,3 +207,64 @@ async fn a_flood_of_distinct_prompts_keeps_parked_caches_within_the_bound() {
     assert_eq!(hit.cached_tokens as usize, hit.prompt_ids.len() - 2);
     common::assert_same_or_near_tie("a prompt again", &hit.token_ids, &last);
 }
+
+/// How many leading tokens `a` and `b` share.
+fn shared(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_sent_together_compute_their_shared_prefix_once() {
+    let workers = vec![
+        WorkerProcess::spawn(&worker_options(&[])).await.unwrap(),
+        WorkerProcess::spawn(&worker_options(&[])).await.unwrap(),
+    ];
+    let client = coordinator(&workers, 256).await;
+    // Three choices of one prompt (as `n = 3` sends them) and two other questions on the same
+    // system prompt, all at once.
+    let prompt = |q: &str| format!("{SYSTEM}\nCustomer: {q}\nAssistant:");
+    let texts = [
+        prompt(QUESTIONS[0]),
+        prompt(QUESTIONS[0]),
+        prompt(QUESTIONS[1]),
+        prompt(QUESTIONS[0]),
+        prompt(QUESTIONS[2]),
+    ];
+    let runs = texts.iter().map(|text| {
+        let client = client.clone();
+        async move { client.generate_collect(text, &greedy(8)).await.unwrap() }
+    });
+    let runs = futures::future::join_all(runs).await;
+    let system = runs
+        .iter()
+        .map(|r| shared(&r.prompt_ids, &runs[0].prompt_ids))
+        .min()
+        .unwrap();
+    let cached: Vec<usize> = runs.iter().map(|r| r.cached_tokens as usize).collect();
+    eprintln!("shared system prompt: {system} tokens; cached: {cached:?}");
+    // Whichever came first computed its prompt; every other copied at least the shared part
+    // (waiting for it rather than computing it beside the first).
+    assert_eq!(cached.iter().filter(|&&c| c == 0).count(), 1, "{cached:?}");
+    for (run, &cached) in runs.iter().zip(&cached) {
+        assert!(
+            cached == 0 || (cached >= system && cached <= run.prompt_ids.len() - 2),
+            "{cached} of {} cached, {system} shared by all",
+            run.prompt_ids.len()
+        );
+    }
+    // Of the three choices, at least two copied all but the last two positions of another.
+    let whole = runs[0].prompt_ids.len() - 2;
+    let choices = [0, 1, 3];
+    assert!(
+        choices.iter().filter(|&&i| cached[i] == whole).count() >= 2,
+        "{cached:?}"
+    );
+    for i in [1, 3] {
+        common::assert_same_or_near_tie(&format!("choice {i}"), &runs[i].token_ids, &runs[0]);
+    }
+    for worker in &workers {
+        let info = worker_info(worker).await;
+        assert_eq!(info.active_sequences, 0, "{info:?}");
+        assert!(info.parked_sequences >= 1, "{info:?}");
+    }
+}

@@ -1,10 +1,15 @@
-//! Which token prefixes the stages hold in parked caches, so a request that starts like an earlier
-//! one (the next turn of a chat, the same system prompt) copies those positions instead of
-//! computing them again.
+//! Which token prefixes the stages hold, so a request that starts like another (the next turn of a
+//! chat, the same system prompt, the other choices of an `n > 1` request) copies those positions
+//! instead of computing them again.
 //!
-//! An entry is a finished sequence whose caches every stage keeps parked (`ReleaseRequest.park`),
-//! named by its sequence id, with the tokens of its prompt. A new sequence forks from the entry
-//! sharing its longest prefix: its first step sends `copy_prefix_from` and starts there.
+//! An entry is a sequence every stage holds under its id, with the tokens of its prompt: a finished
+//! one whose caches the stages keep parked (`ReleaseRequest.park`), or one still running, whose
+//! prompt positions stay as its prompt steps left them (a running sequence only appends). A new
+//! sequence forks from the entry sharing its longest computed prefix: its first step sends
+//! `copy_prefix_from` and starts there. A prompt that would share more with a prompt still being
+//! prefilled waits for those positions instead of computing them beside it (SGLang's in-batch prefix
+//! caching defers such requests the same way): the choices of an `n > 1` request, or a burst of
+//! requests with one system prompt, prefill the shared part once.
 //!
 //! Only positions that prompt steps computed are shared: a generated token's position was computed
 //! by a one-row decode step, whose matmul and attention shapes differ from the prompt step that
@@ -14,8 +19,9 @@
 //! before. The positions computed after a copy still meet differently shaped attention matmuls than
 //! in one cold prefill, so greedy tokens may part from a cold run's at near-ties.
 //! Entries are found by scanning them (a few hundred at most, each compared only as far as it
-//! agrees), kept least-recently-used within a count, and dropped when a worker says it evicted one.
-//! An entry with a fork on its way is pinned: the coordinator never frees it under that step.
+//! agrees); parked ones are kept least-recently-used within a count, and dropped when a worker says
+//! it evicted one; a running one goes when its sequence is freed. An entry with a fork on its way is
+//! pinned: the coordinator never frees it under that step.
 
 use std::collections::HashMap;
 
@@ -23,13 +29,30 @@ use std::collections::HashMap;
 /// upkeep cost more than a few positions of prefill.
 pub const MIN_SHARED_TOKENS: usize = 16;
 
-/// A parked prefix and what uses it.
+/// A prefix the stages hold, or are computing, and what uses it.
 #[derive(Debug)]
 struct Entry {
+    /// The sequence's prompt.
     tokens: Vec<u32>,
+    /// How many leading positions of `tokens` every stage holds: all of a parked entry's; a running
+    /// sequence's grow as its prompt steps come back.
+    computed: usize,
+    /// Finished and parked (freed only by the cache), or still running (freed when it ends).
+    parked: bool,
     last_used: u64,
     /// Steps in flight that copy from it.
     pins: usize,
+}
+
+/// Where a new sequence's prompt starts.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// Nothing worth copying: compute the whole prompt.
+    Cold,
+    /// Copy the first `shared` positions of entry `source`.
+    Copy { source: u64, shared: usize },
+    /// A prompt being prefilled will hold more of this one soon: wait for its next steps.
+    Wait,
 }
 
 /// What to do with a finished sequence offered to the cache.
@@ -37,11 +60,11 @@ struct Entry {
 pub struct Offer {
     /// Park it: it is an entry now. Otherwise free it (it adds nothing).
     pub park: bool,
-    /// Entries it supersedes, or that fall out of the count: free them on every stage.
+    /// Parked entries it supersedes, or that fall out of the count: free them on every stage.
     pub dropped: Vec<u64>,
 }
 
-/// The coordinator's view of the parked prefixes. Owned by the scheduler task.
+/// The coordinator's view of the prefixes the stages hold. Owned by the scheduler task.
 #[derive(Debug)]
 pub struct PrefixCache {
     entries: HashMap<u64, Entry>,
@@ -50,7 +73,8 @@ pub struct PrefixCache {
 }
 
 impl PrefixCache {
-    /// A cache of at most `max_entries` parked sequences; 0 turns prefix caching off.
+    /// A cache of at most `max_entries` parked sequences (running ones come and go with their
+    /// sequences); 0 turns prefix caching off.
     pub fn new(max_entries: usize) -> Self {
         Self {
             entries: HashMap::new(),
@@ -63,8 +87,9 @@ impl PrefixCache {
         self.max_entries > 0
     }
 
-    pub fn len(&self) -> usize {
-        self.entries.len()
+    /// Parked entries.
+    pub fn parked(&self) -> usize {
+        self.entries.values().filter(|e| e.parked).count()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -75,41 +100,91 @@ impl PrefixCache {
         self.entries.contains_key(&id)
     }
 
-    /// The entry sharing the longest prefix with `prompt`, and how many of its positions a new
-    /// sequence copies: at most `prompt.len() - 2` (its first step feeds at least two, see above),
-    /// and nothing under [`MIN_SHARED_TOKENS`].
-    pub fn lookup(&mut self, prompt: &[u32]) -> Option<(u64, usize)> {
-        let limit = prompt.len().saturating_sub(2);
-        let (id, shared) = self
-            .entries
-            .iter()
-            .map(|(&id, e)| (id, shared_prefix(&e.tokens, &prompt[..limit])))
-            .max_by_key(|&(id, shared)| (shared, self.entries[&id].last_used))?;
-        if shared < MIN_SHARED_TOKENS {
-            return None;
+    /// Where a new sequence with `prompt` starts: on the entry sharing the longest computed prefix
+    /// with it, copying at most `prompt.len() - 2` positions (its first step feeds at least two,
+    /// see above) and nothing under [`MIN_SHARED_TOKENS`]; or, if a prompt being prefilled would
+    /// give at least [`MIN_SHARED_TOKENS`] more than that once computed, after waiting for it.
+    pub fn lookup(&mut self, prompt: &[u32]) -> Lookup {
+        let prompt = &prompt[..prompt.len().saturating_sub(2)];
+        let mut best: Option<(u64, usize, u64)> = None;
+        let mut coming = 0;
+        for (&id, e) in &self.entries {
+            let agrees = shared_prefix(&e.tokens, prompt);
+            let shared = agrees.min(e.computed);
+            if best.is_none_or(|(_, s, used)| (shared, e.last_used) > (s, used)) {
+                best = Some((id, shared, e.last_used));
+            }
+            if !e.parked {
+                coming = coming.max(agrees);
+            }
+        }
+        let (source, shared) = best.map_or((0, 0), |(id, shared, _)| (id, shared));
+        let copies = if shared >= MIN_SHARED_TOKENS {
+            shared
+        } else {
+            0
+        };
+        if coming >= MIN_SHARED_TOKENS && coming >= copies + MIN_SHARED_TOKENS {
+            return Lookup::Wait;
+        }
+        if copies == 0 {
+            return Lookup::Cold;
         }
         self.clock += 1;
-        if let Some(entry) = self.entries.get_mut(&id) {
+        if let Some(entry) = self.entries.get_mut(&source) {
             entry.last_used = self.clock;
         }
-        Some((id, shared))
+        Lookup::Copy { source, shared }
+    }
+
+    /// A running sequence `id` with `prompt` starts its prompt steps: it is an entry from now on,
+    /// unless caching is off, it is too short, or an entry holds all of its prompt already (the
+    /// other choices of one request, or a sequence that copies a whole prompt).
+    pub fn start(&mut self, id: u64, prompt: &[u32]) {
+        if !self.is_enabled()
+            || prompt.len() < MIN_SHARED_TOKENS
+            || self.entries.contains_key(&id)
+            || self.entries.values().any(|e| e.tokens.starts_with(prompt))
+        {
+            return;
+        }
+        self.clock += 1;
+        self.entries.insert(
+            id,
+            Entry {
+                tokens: prompt.to_vec(),
+                computed: 0,
+                parked: false,
+                last_used: self.clock,
+                pins: 0,
+            },
+        );
+    }
+
+    /// Every stage holds the first `computed` positions of running sequence `id` (a step is back).
+    pub fn computed(&mut self, id: u64, computed: usize) {
+        if let Some(e) = self.entries.get_mut(&id).filter(|e| !e.parked) {
+            e.computed = e.computed.max(computed.min(e.tokens.len()));
+        }
     }
 
     /// Offers a finished sequence whose stages hold `tokens`. It is parked unless prefix caching is
-    /// off, it is too short, or an entry already holds all of it; entries it holds all of are
-    /// dropped (what they would give, it gives), and so are the least recently used unpinned ones
-    /// past the count.
+    /// off, it is too short, or another entry holds all of it (a running sequence's entry is parked
+    /// regardless while a copy from it is on its way); parked entries it holds all of are dropped
+    /// (what they would give, it gives), and so are the least recently used unpinned ones past the
+    /// count.
     pub fn offer(&mut self, id: u64, tokens: &[u32]) -> Offer {
-        if !self.is_enabled()
-            || tokens.len() < MIN_SHARED_TOKENS
-            || self.entries.values().any(|e| e.tokens.starts_with(tokens))
-        {
+        let pins = self.entries.remove(&id).map_or(0, |e| e.pins);
+        let wanted = self.is_enabled()
+            && tokens.len() >= MIN_SHARED_TOKENS
+            && !self.entries.values().any(|e| e.tokens.starts_with(tokens));
+        if !wanted && pins == 0 {
             return Offer::default();
         }
         let mut dropped: Vec<u64> = self
             .entries
             .iter()
-            .filter(|(_, e)| e.pins == 0 && tokens.starts_with(&e.tokens))
+            .filter(|(_, e)| e.parked && e.pins == 0 && tokens.starts_with(&e.tokens))
             .map(|(&id, _)| id)
             .collect();
         for id in &dropped {
@@ -120,15 +195,17 @@ impl PrefixCache {
             id,
             Entry {
                 tokens: tokens.to_vec(),
+                computed: tokens.len(),
+                parked: true,
                 last_used: self.clock,
-                pins: 0,
+                pins,
             },
         );
-        while self.entries.len() > self.max_entries {
+        while self.parked() > self.max_entries {
             let oldest = self
                 .entries
                 .iter()
-                .filter(|(_, e)| e.pins == 0)
+                .filter(|(_, e)| e.parked && e.pins == 0)
                 .min_by_key(|(_, e)| e.last_used)
                 .map(|(&id, _)| id);
             let Some(oldest) = oldest else { break };
@@ -153,17 +230,22 @@ impl PrefixCache {
         }
     }
 
-    /// Forgets entries a worker no longer holds; returns those that were entries.
+    /// Forgets the entries among `ids` (a worker no longer holds them, or their sequences are
+    /// being freed); returns the parked ones, which only the cache would free.
     pub fn forget(&mut self, ids: &[u64]) -> Vec<u64> {
         ids.iter()
             .copied()
-            .filter(|id| self.entries.remove(id).is_some())
+            .filter(|id| self.entries.remove(id).is_some_and(|e| e.parked))
             .collect()
     }
 
-    /// Forgets every entry (a stage was lost: its replacement holds none); returns their ids.
+    /// Forgets every entry (a stage was lost: its replacement holds none); returns the parked ones.
     pub fn clear(&mut self) -> Vec<u64> {
-        self.entries.drain().map(|(id, _)| id).collect()
+        self.entries
+            .drain()
+            .filter(|(_, e)| e.parked)
+            .map(|(id, _)| id)
+            .collect()
     }
 }
 
@@ -186,6 +268,10 @@ mod tests {
         tokens
     }
 
+    fn copy(source: u64, shared: usize) -> Lookup {
+        Lookup::Copy { source, shared }
+    }
+
     #[test]
     fn lookups_find_the_longest_shared_prefix_and_leave_a_token_to_feed() {
         let mut cache = PrefixCache::new(8);
@@ -193,20 +279,97 @@ mod tests {
         assert!(cache.offer(2, &with_tail(20, &[900; 30])).park);
         for (prompt, want) in [
             // The whole entry, and more to feed.
-            (with_tail(40, &[7, 8]), Some((1, 40))),
+            (with_tail(40, &[7, 8]), copy(1, 40)),
             // Where it stops agreeing.
-            (with_tail(30, &[5; 10]), Some((1, 30))),
+            (with_tail(30, &[5; 10]), copy(1, 30)),
             // The prompt is the entry, or one token longer: its last two tokens are fed again.
-            (run(40), Some((1, 38))),
-            (with_tail(40, &[7]), Some((1, 39))),
-            (with_tail(20, &[900; 25]), Some((2, 43))),
+            (run(40), copy(1, 38)),
+            (with_tail(40, &[7]), copy(1, 39)),
+            (with_tail(20, &[900; 25]), copy(2, 43)),
             // Too little in common.
-            (with_tail(10, &[5; 30]), None),
-            (vec![9; 50], None),
-            (vec![], None),
+            (with_tail(10, &[5; 30]), Lookup::Cold),
+            (vec![9; 50], Lookup::Cold),
+            (vec![], Lookup::Cold),
         ] {
             assert_eq!(cache.lookup(&prompt), want, "{prompt:?}");
         }
+    }
+
+    #[test]
+    fn a_prompt_waits_for_what_a_running_prefill_will_hold_then_copies_it() {
+        let mut cache = PrefixCache::new(8);
+        let prompt = with_tail(60, &[7; 4]);
+        // The first of three choices starts; the other two wait for its prompt.
+        assert_eq!(cache.lookup(&prompt), Lookup::Cold);
+        cache.start(1, &prompt);
+        assert_eq!(cache.lookup(&prompt), Lookup::Wait);
+        // Its first chunk is back: a prompt sharing no more than that copies it at once ...
+        cache.computed(1, 32);
+        assert_eq!(cache.lookup(&with_tail(32, &[5; 10])), copy(1, 32));
+        // ... one sharing more keeps waiting, unless the rest is too little to wait for.
+        assert_eq!(cache.lookup(&prompt), Lookup::Wait);
+        assert_eq!(cache.lookup(&with_tail(40, &[5; 10])), copy(1, 32));
+        // The whole prompt is back: the choices copy all but their last two positions, and are
+        // no entries of their own (the first holds all of theirs).
+        cache.computed(1, 64);
+        assert_eq!(cache.lookup(&prompt), copy(1, 62));
+        cache.start(2, &prompt);
+        assert!(!cache.holds(2));
+        // Another prompt on the same prefix is an entry of its own.
+        let longer = with_tail(60, &[7; 30]);
+        cache.start(3, &longer);
+        assert!(cache.holds(3));
+        assert_eq!(cache.lookup(&with_tail(60, &[7; 40])), Lookup::Wait);
+        assert_eq!(cache.lookup(&with_tail(60, &[7; 20])), copy(1, 64));
+        // Too short to be worth an entry, or with caching off: none.
+        cache.start(4, &run(MIN_SHARED_TOKENS as u32 - 1));
+        assert!(!cache.holds(4));
+        let mut off = PrefixCache::new(0);
+        off.start(1, &prompt);
+        assert_eq!(off.lookup(&prompt), Lookup::Cold);
+    }
+
+    #[test]
+    fn a_running_entry_is_parked_when_it_ends_and_only_parked_ones_are_freed_by_the_cache() {
+        let mut cache = PrefixCache::new(1);
+        let prompt = with_tail(30, &[7; 4]);
+        assert!(cache.offer(3, &run(20)).park);
+        cache.start(1, &prompt);
+        cache.computed(1, 34);
+        cache.start(2, &with_tail(30, &[8; 4]));
+        // The first ends: parked, superseding the parked prefix it extends; the running entry
+        // does not count against the one parked entry allowed.
+        assert_eq!(
+            cache.offer(1, &prompt),
+            Offer {
+                park: true,
+                dropped: vec![3]
+            }
+        );
+        // A choice that copied it ends: nothing to add.
+        assert_eq!(cache.offer(4, &prompt), Offer::default());
+        // The second's sequence is freed while running: forgotten, but not freed again.
+        assert_eq!(cache.forget(&[2]), Vec::<u64>::new());
+        assert!(!cache.holds(2));
+        assert_eq!(cache.clear(), vec![1]);
+    }
+
+    #[test]
+    fn a_running_entry_with_a_copy_on_its_way_is_parked_even_if_another_holds_it() {
+        let mut cache = PrefixCache::new(8);
+        let prompt = with_tail(30, &[7; 4]);
+        cache.start(1, &prompt);
+        cache.computed(1, 34);
+        assert_eq!(cache.lookup(&prompt), copy(1, 32));
+        cache.pin(1);
+        assert!(cache.offer(2, &with_tail(30, &[7; 10])).park);
+        // Entry 2 holds all of 1, but a step copies from 1: it stays.
+        assert!(cache.offer(1, &prompt).park);
+        assert!(cache.holds(1) && cache.holds(2));
+        // Unpinned, the same offer adds nothing.
+        cache.unpin(1);
+        assert_eq!(cache.offer(1, &prompt), Offer::default());
+        assert!(!cache.holds(1));
     }
 
     #[test]
@@ -230,7 +393,7 @@ mod tests {
             cache.offer(5, &run(MIN_SHARED_TOKENS as u32 - 1)),
             Offer::default()
         );
-        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.parked(), 2);
         // Off: nothing is parked.
         assert_eq!(PrefixCache::new(0).offer(6, &run(40)), Offer::default());
     }
@@ -241,7 +404,7 @@ mod tests {
         cache.offer(1, &with_tail(20, &[1; 5]));
         cache.offer(2, &with_tail(20, &[2; 5]));
         // Entry 1 is used (and pinned by the step that copies from it): 2 is the oldest now.
-        assert_eq!(cache.lookup(&with_tail(20, &[1; 9])), Some((1, 25)));
+        assert_eq!(cache.lookup(&with_tail(20, &[1; 9])), copy(1, 25));
         cache.pin(1);
         assert_eq!(cache.offer(3, &with_tail(20, &[3; 5])).dropped, vec![2]);
         // With 1 pinned, 3 goes next, however old 1 is.
@@ -261,9 +424,9 @@ mod tests {
         cache.offer(2, &with_tail(20, &[2; 5]));
         assert_eq!(cache.forget(&[2, 7]), vec![2]);
         assert!(cache.holds(1) && !cache.holds(2));
-        assert_eq!(cache.lookup(&with_tail(20, &[2; 9])), Some((1, 20)));
+        assert_eq!(cache.lookup(&with_tail(20, &[2; 9])), copy(1, 20));
         assert_eq!(cache.clear(), vec![1]);
         assert!(cache.is_empty());
-        assert_eq!(cache.lookup(&with_tail(20, &[1; 9])), None);
+        assert_eq!(cache.lookup(&with_tail(20, &[1; 9])), Lookup::Cold);
     }
 }

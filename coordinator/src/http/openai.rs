@@ -252,14 +252,14 @@ async fn respond(
             futures::future::try_join_all(choices.into_iter().map(|e| collect(e, keep))).await?;
         let mut completion_tokens = 0;
         let mut prompt_tokens = 0;
-        let mut cached_tokens = 0;
+        // The request's prompt counts once: its other choices copy what the first computes.
+        let cached_tokens = collected.iter().map(|c| c.cached_tokens).min().unwrap_or(0);
         let choices: Vec<Value> = collected
             .iter()
             .enumerate()
             .map(|(index, c)| {
                 completion_tokens += c.tokens;
                 prompt_tokens = c.prompt_tokens;
-                cached_tokens = cached_tokens.max(c.cached_tokens);
                 let logprobs = logprobs
                     .as_ref()
                     .map_or(Value::Null, |l| l.of(&c.generated, 0));

@@ -30,7 +30,7 @@ pub use crate::events::EventSender;
 use crate::events::{Failure, FailureKind, GenerationEvent};
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, Sampling, StageHandle};
-use crate::prefix_cache::PrefixCache;
+use crate::prefix_cache::{Lookup, PrefixCache};
 use crate::recovery::RecoveryConfig;
 use crate::CoordinatorError;
 
@@ -325,7 +325,7 @@ impl Scheduler {
     /// Ends `sequences` with an error each (`status(seq)`) and frees whatever they cached. All are
     /// released, not only those with `cached > 0`: a step that failed half-way may have left a
     /// first chunk on the stages before the one that failed.
-    fn fail(&self, sequences: Vec<Sequence>, failure: impl Fn(&Sequence) -> Failure) {
+    fn fail(&mut self, sequences: Vec<Sequence>, failure: impl Fn(&Sequence) -> Failure) {
         let ids = sequences.iter().map(|s| s.id).collect();
         for seq in &sequences {
             let failure = failure(seq);
@@ -425,6 +425,10 @@ impl Scheduler {
             .into_iter()
             .partition(|s| s.events.is_closed());
         self.ready = kept;
+        // A sequence that is an entry may have nothing on the stages yet (it waited for room in
+        // a micro-batch): it is no entry any more either way.
+        let all: Vec<u64> = gone.iter().map(|s| s.id).collect();
+        self.prefixes.forget(&all);
         let ids: Vec<u64> = gone.iter().filter(|s| s.cached > 0).map(|s| s.id).collect();
         if !ids.is_empty() {
             tracing::debug!(?ids, "client left; releasing");
@@ -475,7 +479,7 @@ impl Scheduler {
     }
 
     /// Frees sequences on every stage without holding up the scheduler.
-    fn release(&self, ids: Vec<u64>) {
+    fn release(&mut self, ids: Vec<u64>) {
         self.release_then_finish(ids, Vec::new(), Vec::new());
     }
 
@@ -483,7 +487,7 @@ impl Scheduler {
     /// that has seen its `finished` event finds its sequence active on no worker. Runs beside the
     /// scheduler; parked sequences a stage did not keep come back as an eviction report.
     fn release_then_finish(
-        &self,
+        &mut self,
         ids: Vec<u64>,
         park: Vec<u64>,
         finals: Vec<(EventSender, GenerationEvent)>,
@@ -491,6 +495,8 @@ impl Scheduler {
         if ids.is_empty() && park.is_empty() && finals.is_empty() {
             return;
         }
+        // A running sequence's entry goes with it (parked ones freed here are gone already).
+        self.prefixes.forget(&ids);
         let pipeline = self.pipeline.clone();
         let reports = self.eviction_reports.clone();
         tokio::spawn(async move {
@@ -513,24 +519,33 @@ impl Scheduler {
         }
     }
 
-    /// Before a sequence's first step: starts it on the longest parked prefix it shares, if any;
-    /// and drops a planned copy whose source is no longer an entry.
-    fn settle_prefix(&mut self, seq: &mut Sequence) {
+    /// Before a sequence's step: on its first, starts it on the longest prefix an entry shares
+    /// with it, if any, and makes it an entry itself while it runs; drops a planned copy whose
+    /// source is no longer an entry. Returns false if it waits instead (a prompt being prefilled
+    /// is about to hold more of its own).
+    fn settle_prefix(&mut self, seq: &mut Sequence) -> bool {
         if let Some(source) = seq.fork {
             if !self.prefixes.holds(source) {
                 seq.drop_fork();
             }
-            return;
+            return true;
         }
-        if seq.prefix_checked || seq.cached > 0 {
-            return;
+        if !seq.prefix_checked && seq.cached == 0 {
+            match self.prefixes.lookup(&seq.request.prompt_ids) {
+                Lookup::Wait => return false,
+                Lookup::Copy { source, shared } => {
+                    seq.fork = Some(source);
+                    seq.cached = shared;
+                    seq.reused = shared;
+                }
+                Lookup::Cold => {}
+            }
+            seq.prefix_checked = true;
         }
-        seq.prefix_checked = true;
-        if let Some((source, shared)) = self.prefixes.lookup(&seq.request.prompt_ids) {
-            seq.fork = Some(source);
-            seq.cached = shared;
-            seq.reused = shared;
+        if seq.is_prefilling() {
+            self.prefixes.start(seq.id, &seq.request.prompt_ids);
         }
+        true
     }
 }
 

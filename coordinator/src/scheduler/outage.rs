@@ -100,7 +100,7 @@ impl Scheduler {
             return;
         }
         let lost = self.pipeline.stages()[stage].clone();
-        // The replacement holds no parked caches, so no entry is whole any more.
+        // The replacement holds no caches, so no entry is whole any more.
         let entries = self.prefixes.clear();
         self.release(entries);
         tracing::error!(stage, worker = %lost.address, %reason, spares = ?self.spares, "stage lost");
@@ -167,7 +167,7 @@ impl Scheduler {
 
     /// Frees `sequences` on every stage and gives each a fresh id with nothing cached, so its next
     /// steps prefill its prompt and generated tokens again on every stage.
-    pub(super) fn start_over(&self, sequences: &mut [Sequence]) {
+    pub(super) fn start_over(&mut self, sequences: &mut [Sequence]) {
         self.release(sequences.iter().map(|s| s.id).collect());
         for seq in sequences {
             seq.id = fresh_seq_id();

@@ -35,8 +35,8 @@ pub(super) struct Sequence {
     pub(super) seen: Option<SeenTokens>,
     /// The grammar's state, for a constrained request: it has taken in every generated token.
     pub(super) constraint: Option<Box<crate::grammar::Constraint>>,
-    /// The parked sequence this one's first step copies `cached` positions from (the stages hold
-    /// nothing under this id until that step is back).
+    /// The prefix cache's entry (a parked or a running sequence) this one's first step copies
+    /// `cached` positions from (the stages hold nothing under this id until that step is back).
     pub(super) fork: Option<u64>,
     /// Prompt positions copied from the prefix cache, for `usage`.
     pub(super) reused: usize,

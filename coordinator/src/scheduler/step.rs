@@ -49,7 +49,7 @@ impl Scheduler {
             let prompts_only = self.in_flight.len() >= devices;
             let parallel = if prompts_only { stages } else { devices };
             let group = self.active().div_ceil(parallel).max(1);
-            let mut sequences: Vec<Sequence> = if prompts_only {
+            let sequences: Vec<Sequence> = if prompts_only {
                 self.take_prompts(group)
             } else {
                 let group = group.min(self.ready.len());
@@ -58,8 +58,18 @@ impl Scheduler {
             if sequences.is_empty() {
                 break;
             }
-            for seq in &mut sequences {
-                self.settle_prefix(seq);
+            // A prompt that waits for another's prefill goes to the back, for a later launch.
+            let mut going = Vec::with_capacity(sequences.len());
+            for mut seq in sequences {
+                if self.settle_prefix(&mut seq) {
+                    going.push(seq);
+                } else {
+                    self.ready.push(seq);
+                }
+            }
+            let mut sequences = going;
+            if sequences.is_empty() {
+                break;
             }
             let mut fed: Vec<usize> = sequences.iter().map(|s| s.next_feed(chunk)).collect();
             // The rest wait, at the front, for the next micro-batch: a burst goes through in parts,
@@ -230,6 +240,10 @@ impl Scheduler {
             done.sequences.into_iter().zip(done.fed).zip(result.sampled)
         {
             seq.cached += fed;
+            if !stale {
+                let prompt = seq.request.prompt_ids.len();
+                self.prefixes.computed(seq.id, seq.cached.min(prompt));
+            }
             // A hit counts once its copy has run on every stage (an ABORTED copy goes again cold).
             if seq.fork.take().is_some() {
                 self.metrics.prefix_hit(seq.reused);

@@ -194,8 +194,9 @@ pub(super) struct ChunkWriter {
     logprobs: Option<Logprobs>,
     choices: Vec<ChoiceState>,
     prompt_tokens: usize,
-    /// The most prompt tokens any choice copied from the prefix cache.
-    cached_tokens: u32,
+    /// The fewest prompt tokens any choice copied from the prefix cache: the request's prompt counts
+    /// once, and its other choices copy what the first computes.
+    cached_tokens: Option<u32>,
     completion_tokens: u32,
     /// `[DONE]` (or an error) is written; nothing more is.
     done: bool,
@@ -225,7 +226,7 @@ impl ChunkWriter {
                 })
                 .collect(),
             prompt_tokens: 0,
-            cached_tokens: 0,
+            cached_tokens: None,
             completion_tokens: 0,
             done: false,
         }
@@ -270,7 +271,10 @@ impl ChunkWriter {
             Some(Event::Finished(f)) => {
                 self.choices[index].finished = true;
                 self.prompt_tokens = f.prompt_ids.len();
-                self.cached_tokens = self.cached_tokens.max(f.cached_tokens);
+                self.cached_tokens = Some(
+                    self.cached_tokens
+                        .map_or(f.cached_tokens, |c| c.min(f.cached_tokens)),
+                );
                 self.completion_tokens += f.generated_tokens;
                 let mut out = Vec::new();
                 let text = match self.choices[index].calls.as_mut() {
@@ -294,7 +298,7 @@ impl ChunkWriter {
                         let usage = usage(
                             self.prompt_tokens,
                             self.completion_tokens,
-                            self.cached_tokens,
+                            self.cached_tokens.unwrap_or(0),
                         );
                         out.push(self.event(json!([]), Some(usage)));
                     }
