@@ -54,6 +54,16 @@ pub enum CoordinatorError {
     Internal(String),
 }
 
+/// Why a stage refused a whole step (see [`CoordinatorError::refusal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Its limits (RESOURCE_EXHAUSTED): no room for the step's positions or sequences.
+    NoRoom,
+    /// A prefix source the step was to copy from is gone (ABORTED): the worker evicted it while
+    /// the step was on its way.
+    PrefixGone,
+}
+
 impl CoordinatorError {
     pub(crate) fn stage(stage: usize, address: &str, status: Status) -> Self {
         Self::Stage {
@@ -80,28 +90,20 @@ impl CoordinatorError {
         )
     }
 
-    /// The stage that refused a step for its limits (RESOURCE_EXHAUSTED), if one did: a worker
-    /// checks a whole step before it changes anything.
-    pub fn capacity_refusal_stage(&self) -> Option<usize> {
+    /// Why a stage refused a step before changing anything (a worker checks a whole step first),
+    /// and which stage it was; `None` for any other failure.
+    pub fn refusal(&self) -> Option<(Refusal, usize)> {
         match self {
             Self::Stage {
                 stage,
                 code: Code::ResourceExhausted,
                 ..
-            } => Some(*stage),
-            _ => None,
-        }
-    }
-
-    /// The stage that refused a step because a prefix source it was to copy from is gone (the
-    /// worker evicted it while the step was on its way), before changing anything.
-    pub fn prefix_refusal_stage(&self) -> Option<usize> {
-        match self {
+            } => Some((Refusal::NoRoom, *stage)),
             Self::Stage {
                 stage,
                 code: Code::Aborted,
                 ..
-            } => Some(*stage),
+            } => Some((Refusal::PrefixGone, *stage)),
             _ => None,
         }
     }

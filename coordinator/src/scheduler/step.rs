@@ -6,6 +6,7 @@ use std::time::Duration;
 use super::outage::lost_on;
 use super::sequence::{advance, finish, SeenTokens, Sequence};
 use super::Scheduler;
+use crate::error::Refusal;
 use crate::events::Failure;
 use crate::pipeline::{StepEntry, StepResult};
 use crate::CoordinatorError;
@@ -172,50 +173,51 @@ impl Scheduler {
                 self.hold_for_replay(done.sequences);
                 return;
             }
-            // A stage no longer held a prefix a sequence was to copy (it evicted the parked cache while
-            // the step was on its way) and refused the step, changing nothing on itself or after it.
-            // The step's sources are forgotten and its copies dropped; past the first stage, every
-            // sequence starts again under a fresh id, as after a refusal for room.
-            Err(e) if e.prefix_refusal_stage().is_some() => {
-                let stage = e.prefix_refusal_stage().unwrap_or(0);
-                tracing::info!(error = %e, stage, "a prefix source is gone; the step goes again without it");
-                let sources: Vec<u64> = done.sequences.iter().filter_map(|s| s.fork).collect();
-                let forgotten = self.prefixes.forget(&sources);
-                self.release(forgotten);
-                let mut retry = done.sequences;
-                if stage > 0 {
-                    self.start_over(&mut retry);
+            Err(e) => match e.refusal() {
+                // A stage no longer held a prefix a sequence was to copy (it evicted the parked
+                // cache while the step was on its way) and refused the step, changing nothing on
+                // itself or after it. The step's sources are forgotten and its copies dropped; past
+                // the first stage, every sequence starts again under a fresh id, as after a refusal
+                // for room.
+                Some((Refusal::PrefixGone, stage)) => {
+                    tracing::info!(error = %e, stage, "a prefix source is gone; the step goes again without it");
+                    let sources: Vec<u64> = done.sequences.iter().filter_map(|s| s.fork).collect();
+                    let forgotten = self.prefixes.forget(&sources);
+                    self.release(forgotten);
+                    let mut retry = done.sequences;
+                    if stage > 0 {
+                        self.start_over(&mut retry);
+                    }
+                    for seq in &mut retry {
+                        seq.drop_fork();
+                    }
+                    self.ready.splice(0..0, retry);
+                    return;
                 }
-                for seq in &mut retry {
-                    seq.drop_fork();
+                // A stage refused the whole step for room (its KV bound) before changing anything
+                // on itself or the stages after it: each sequence retries alone, and only one that
+                // is refused alone fails, not its batch-mates. The stages before the refusing one
+                // did append this step's positions, so past the first stage each sequence starts
+                // again under a fresh id (as a replay does) and prefills everything it has alone.
+                Some((Refusal::NoRoom, stage)) if done.sequences.len() > 1 => {
+                    tracing::info!(error = %e, stage, sequences = done.sequences.len(), "no room for the step; its sequences retry one by one");
+                    let mut retry = done.sequences;
+                    if stage > 0 {
+                        self.start_over(&mut retry);
+                    }
+                    for seq in &mut retry {
+                        seq.alone = true;
+                    }
+                    self.ready.splice(0..0, retry);
+                    return;
                 }
-                self.ready.splice(0..0, retry);
-                return;
-            }
-            // A stage refused the whole step for room (its KV bound) before changing anything on
-            // itself or the stages after it: each sequence retries alone, and only one that is
-            // refused alone fails, not its batch-mates. The stages before the refusing one did
-            // append this step's positions, so past the first stage each sequence starts again
-            // under a fresh id (as a replay does) and prefills everything it has alone.
-            Err(e) if done.sequences.len() > 1 && e.capacity_refusal_stage().is_some() => {
-                let stage = e.capacity_refusal_stage().unwrap_or(0);
-                tracing::info!(error = %e, stage, sequences = done.sequences.len(), "no room for the step; its sequences retry one by one");
-                let mut retry = done.sequences;
-                if stage > 0 {
-                    self.start_over(&mut retry);
+                _ => {
+                    tracing::error!(error = %e, "step failed");
+                    let failure = Failure::from(e);
+                    self.fail(done.sequences, |_| failure.clone());
+                    return;
                 }
-                for seq in &mut retry {
-                    seq.alone = true;
-                }
-                self.ready.splice(0..0, retry);
-                return;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "step failed");
-                let failure = Failure::from(e);
-                self.fail(done.sequences, |_| failure.clone());
-                return;
-            }
+            },
         };
         // A step that ran on a pipeline since lost (or being lost) produced valid tokens, but its
         // sequences' caches are incomplete now.
