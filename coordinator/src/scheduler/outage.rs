@@ -165,14 +165,16 @@ impl Scheduler {
         self.fail(sequences, |_| failure.clone());
     }
 
-    /// Frees `sequences` on every stage and gives each a fresh id with nothing cached, so its next
-    /// steps prefill its prompt and generated tokens again on every stage.
+    /// Frees `sequences` on every stage and gives each a fresh id with nothing cached (and nothing
+    /// copied), so its next steps prefill its prompt and generated tokens again on every stage.
     pub(super) fn start_over(&mut self, sequences: &mut [Sequence]) {
         self.release(sequences.iter().map(|s| s.id).collect());
         for seq in sequences {
             seq.id = fresh_seq_id();
             seq.cached = 0;
             seq.fork = None;
+            // It computes every position now: nothing of its prompt came from the cache.
+            seq.reused = 0;
         }
     }
 

@@ -167,3 +167,25 @@ async fn when_no_worker_takes_the_stage_in_time_everything_waiting_fails_and_new
     );
     assert_eq!(start.elapsed(), at, "the refusal waited");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_sequence_started_over_computes_everything_and_reports_nothing_copied() {
+    let (mut scheduler, _handle) = replacing_a_stage(Duration::from_secs(60));
+    let (events, _received) = mpsc::unbounded_channel();
+    let mut seq = Sequence::new(
+        7,
+        request(Duration::from_secs(60)),
+        events,
+        Instant::now(),
+        2,
+    );
+    // Its first step was to copy 30 positions of entry 5 (refused past the first stage, say).
+    seq.fork = Some(5);
+    seq.cached = 30;
+    seq.reused = 30;
+    let mut sequences = [seq];
+    scheduler.start_over(&mut sequences);
+    let [seq] = sequences;
+    assert_ne!(seq.id, 7, "a fresh id");
+    assert_eq!((seq.cached, seq.fork, seq.reused), (0, None, 0));
+}
