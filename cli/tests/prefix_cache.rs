@@ -213,6 +213,18 @@ fn shared(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
+/// Generates `texts` at once (greedy, 8 tokens); returns the runs and how many prompt positions
+/// each copied.
+async fn together(client: &StrataClient, texts: &[String]) -> (Vec<Generation>, Vec<usize>) {
+    let runs = texts.iter().map(|text| {
+        let client = client.clone();
+        async move { client.generate_collect(text, &greedy(8)).await.unwrap() }
+    });
+    let runs = futures::future::join_all(runs).await;
+    let cached = runs.iter().map(|r| r.cached_tokens as usize).collect();
+    (runs, cached)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prompts_sent_together_compute_their_shared_prefix_once() {
     let workers = vec![
@@ -220,30 +232,34 @@ async fn prompts_sent_together_compute_their_shared_prefix_once() {
         WorkerProcess::spawn(&worker_options(&[])).await.unwrap(),
     ];
     let client = coordinator(&workers, 256).await;
-    // Three choices of one prompt (as `n = 3` sends them) and two other questions on the same
-    // system prompt, all at once.
-    let prompt = |q: &str| format!("{SYSTEM}\nCustomer: {q}\nAssistant:");
-    let texts = [
-        prompt(QUESTIONS[0]),
-        prompt(QUESTIONS[0]),
-        prompt(QUESTIONS[1]),
-        prompt(QUESTIONS[0]),
-        prompt(QUESTIONS[2]),
-    ];
-    let runs = texts.iter().map(|text| {
-        let client = client.clone();
-        async move { client.generate_collect(text, &greedy(8)).await.unwrap() }
-    });
-    let runs = futures::future::join_all(runs).await;
+    let prompt = |session: usize, q: &str| {
+        format!("Session {session}. {SYSTEM}\nCustomer: {q}\nAssistant:")
+    };
+
+    // Three choices of one prompt, as `n = 3` sends them: whichever comes first prefills it, the
+    // other two wait and copy all but its last two positions, which they compute as that prefill
+    // did, bit for bit: the same tokens and log-probabilities.
+    let (runs, cached) = together(&client, &vec![prompt(1, QUESTIONS[0]); 3]).await;
+    let whole = runs[0].prompt_ids.len() - 2;
+    let mut sorted = cached.clone();
+    sorted.sort();
+    assert_eq!(sorted, [0, whole, whole], "{cached:?}");
+    let first = cached.iter().position(|&c| c == 0).unwrap();
+    for run in &runs {
+        assert_eq!(run.token_ids, runs[first].token_ids);
+        assert_eq!(run.top_logprobs, runs[first].top_logprobs);
+    }
+
+    // Other questions on one system prompt: the first computes its prompt, the others wait for the
+    // shared part and copy it.
+    let texts: Vec<String> = QUESTIONS.iter().map(|q| prompt(2, q)).collect();
+    let (runs, cached) = together(&client, &texts).await;
     let system = runs
         .iter()
         .map(|r| shared(&r.prompt_ids, &runs[0].prompt_ids))
         .min()
         .unwrap();
-    let cached: Vec<usize> = runs.iter().map(|r| r.cached_tokens as usize).collect();
     eprintln!("shared system prompt: {system} tokens; cached: {cached:?}");
-    // Whichever came first computed its prompt; every other copied at least the shared part
-    // (waiting for it rather than computing it beside the first).
     assert_eq!(cached.iter().filter(|&&c| c == 0).count(), 1, "{cached:?}");
     for (run, &cached) in runs.iter().zip(&cached) {
         assert!(
@@ -251,16 +267,6 @@ async fn prompts_sent_together_compute_their_shared_prefix_once() {
             "{cached} of {} cached, {system} shared by all",
             run.prompt_ids.len()
         );
-    }
-    // Of the three choices, at least two copied all but the last two positions of another.
-    let whole = runs[0].prompt_ids.len() - 2;
-    let choices = [0, 1, 3];
-    assert!(
-        choices.iter().filter(|&&i| cached[i] == whole).count() >= 2,
-        "{cached:?}"
-    );
-    for i in [1, 3] {
-        common::assert_same_or_near_tie(&format!("choice {i}"), &runs[i].token_ids, &runs[0]);
     }
     for worker in &workers {
         let info = worker_info(worker).await;

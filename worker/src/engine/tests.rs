@@ -340,3 +340,65 @@ async fn parked_caches_give_way_to_running_sequences_and_stay_within_their_bound
         );
     }
 }
+
+/// The hidden states a first stage returns for one sequence.
+fn hidden(outputs: Vec<(u64, StepOutput)>) -> Vec<f32> {
+    match outputs.into_iter().next() {
+        Some((_, StepOutput::Hidden(h))) => h.flatten_all().unwrap().to_vec1().unwrap(),
+        _ => panic!("a first stage returned no hidden states"),
+    }
+}
+
+#[tokio::test]
+async fn rows_computed_after_a_prefix_copy_are_a_cold_prefills_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = SyntheticConfig {
+        context_length: 1024,
+        ..SyntheticConfig::tiny()
+    };
+    write_safetensors_model(dir.path(), &config).unwrap();
+    let model = ModelFile::open(dir.path()).unwrap();
+    let hidden_size = config.hidden_size;
+    for layout in [KvLayout::Contiguous, KvLayout::Paged] {
+        let options = StageOptions {
+            kv_layout: layout,
+            ..StageOptions::default()
+        };
+        let engine =
+            Engine::start(Some(model.clone()), Device::Cpu, options, EngineLimits::default(), 1)
+                .unwrap();
+        // A first stage: its output is the hidden states, not a sampled token.
+        let epoch = engine.load(0..2, None, None).await.unwrap().epoch;
+        // Suffixes of many rows and of few (whose attention products gemm would otherwise sum in
+        // another order), over short and long histories (past gemm's 512-position blocking). At
+        // least 10 rows: this model's f32 projections are candle matmuls too, which sum in another
+        // order for fewer (a GGUF model's quantized ones are strata's kernels, the same for any
+        // rows: `cpu_kernels/tests.rs`).
+        for (len, copied) in [(12, 2), (40, 24), (200, 190), (700, 600), (700, 690)] {
+            let tokens = prompt(len as u32);
+            let cold = hidden(
+                engine
+                    .forward(epoch, vec![step(1, 0, tokens.clone())])
+                    .await
+                    .unwrap()
+                    .outputs,
+            );
+            let fork = SequenceStep {
+                copy_from: Some(1),
+                ..step(2, copied, tokens[copied..].to_vec())
+            };
+            let warm = hidden(engine.forward(epoch, vec![fork]).await.unwrap().outputs);
+            let differ = cold[copied * hidden_size..]
+                .iter()
+                .zip(&warm)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(
+                (warm.len(), differ),
+                ((len - copied) * hidden_size, 0),
+                "{layout:?}: {len} positions, {copied} copied"
+            );
+            engine.release(epoch, vec![1, 2], false).await.unwrap();
+        }
+    }
+}

@@ -230,6 +230,12 @@ impl Layer {
         } else {
             (k.clone(), v.clone())
         };
+        let rows = RowInvariance::of(q.device(), len, group, kv_len, self.head_dim);
+        let q = if rows.column_major_q {
+            q.transpose(1, 2)?.contiguous()?.transpose(1, 2)?
+        } else {
+            q
+        };
         let scores = self.scaled(q.matmul(&k.t()?)?)?;
         let scores = if len > 1 {
             let mask = masks.get(len, kv_len, self.window, scores.dtype(), scores.device())?;
@@ -241,9 +247,68 @@ impl Layer {
             scores
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?;
+        let out = match rows.pad_rows_to {
+            Some(padded) => {
+                let m = group * len;
+                let zeros = Tensor::zeros(
+                    (self.num_kv_heads, padded - m, kv_len),
+                    probs.dtype(),
+                    probs.device(),
+                )?;
+                Tensor::cat(&[&probs, &zeros], 1)?
+                    .matmul(&v)?
+                    .narrow(1, 0, m)?
+            }
+            None => probs.matmul(&v)?,
+        };
         out.reshape((self.num_heads, len, self.head_dim))?
             .transpose(0, 1)?
             .reshape((len, self.num_heads * self.head_dim))
+    }
+}
+
+/// gemm (candle's CPU matmul) computes each output of a product as one FMA chain over the inner
+/// dimension, except that a product of at most this many outputs whose operands are both row-major
+/// goes through a horizontal kernel, which sums in another order.
+const GEMM_HORIZONTAL_MAX_OUTPUTS: usize = 16 * 16;
+/// And a product of at most this many rows and this many columns splits its chains every
+/// [`GEMM_SMALL_DEPTH`] positions, where a larger one sizes its blocks by the cache and does not.
+const GEMM_SMALL_SIDE: usize = 64;
+const GEMM_SMALL_DEPTH: usize = 512;
+
+/// How a prompt step's CPU attention keeps each row's arithmetic that of the same row in one whole
+/// prefill of `kv_len` rows, however many rows the step has: the rows computed after a prefix copy
+/// (`copy_prefix_from`) or in a short last chunk then round exactly as a cold prefill's do, so a
+/// request started on a cached prefix generates a cold request's tokens. A whole prefill's own
+/// products are left as they are (for those the measures below change no bit), and so is decode.
+#[derive(Debug, Clone, Copy, Default)]
+struct RowInvariance {
+    /// Give `q` column-major: gemm never takes its horizontal kernel for `q·kᵀ` then. Only where a
+    /// whole prefill of `kv_len` rows would not take it either.
+    column_major_q: bool,
+    /// Pad `probs` with zero rows to this many for `probs·v`, past gemm's small-product blocking.
+    pad_rows_to: Option<usize>,
+}
+
+impl RowInvariance {
+    fn of(
+        device: &candle_core::Device,
+        len: usize,
+        group: usize,
+        kv_len: usize,
+        head_dim: usize,
+    ) -> Self {
+        if len < 2 || !device.is_cpu() {
+            return Self::default();
+        }
+        let whole_prefill_outputs = group * kv_len * kv_len;
+        let rows = group * len;
+        Self {
+            column_major_q: whole_prefill_outputs > GEMM_HORIZONTAL_MAX_OUTPUTS,
+            pad_rows_to: (rows <= GEMM_SMALL_SIDE
+                && head_dim <= GEMM_SMALL_SIDE
+                && kv_len > GEMM_SMALL_DEPTH)
+                .then_some(GEMM_SMALL_SIDE + 1),
+        }
     }
 }
