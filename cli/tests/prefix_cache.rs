@@ -1,8 +1,9 @@
 //! Prefix caching with real worker processes: each turn of a scripted chat starts on the caches the
 //! stages kept from the turn before (`cached_tokens` says how many positions), and generates the
-//! tokens a coordinator without the cache does (parting, if ever, only at a near-tie: a run that
-//! starts on a copy computes its last positions in another shape, which rounds differently); a flood of distinct prompts keeps the parked
-//! caches within each worker's bound, and a prompt whose prefix was evicted is computed again.
+//! tokens and log-probabilities a coordinator without the cache does, bit for bit (a prompt row
+//! rounds the same in any step: `layer/attention.rs`, `prompt_softmax.rs`); prompts sent together
+//! prefill what they share once; a flood of distinct prompts keeps the parked caches within each
+//! worker's bound, and a prompt whose prefix was evicted is computed again.
 
 mod common;
 
@@ -93,7 +94,9 @@ async fn each_chat_turn_starts_on_the_last_ones_caches_and_generates_the_same_to
     for (turn, (cold, warm)) in cold.iter().zip(&warm).enumerate() {
         assert_eq!(cold.prompt_ids, warm.prompt_ids, "turn {}", turn + 1);
         let what = format!("turn {}", turn + 1);
-        common::assert_same_or_near_tie(&what, &warm.token_ids, cold);
+        // Bit for bit: the same tokens and the same log-probabilities.
+        assert_eq!(warm.token_ids, cold.token_ids, "{what}");
+        assert_eq!(warm.top_logprobs, cold.top_logprobs, "{what}");
         assert_eq!(
             cold.cached_tokens, 0,
             "{what}: nothing is cached without the cache"
@@ -205,7 +208,10 @@ async fn a_flood_of_distinct_prompts_keeps_parked_caches_within_the_bound() {
         .await
         .unwrap();
     assert_eq!(hit.cached_tokens as usize, hit.prompt_ids.len() - 2);
-    common::assert_same_or_near_tie("a prompt again", &hit.token_ids, &last);
+    assert_eq!(
+        (&hit.token_ids, &hit.top_logprobs),
+        (&last.token_ids, &last.top_logprobs)
+    );
 }
 
 /// How many leading tokens `a` and `b` share.
@@ -232,9 +238,8 @@ async fn prompts_sent_together_compute_their_shared_prefix_once() {
         WorkerProcess::spawn(&worker_options(&[])).await.unwrap(),
     ];
     let client = coordinator(&workers, 256).await;
-    let prompt = |session: usize, q: &str| {
-        format!("Session {session}. {SYSTEM}\nCustomer: {q}\nAssistant:")
-    };
+    let prompt =
+        |session: usize, q: &str| format!("Session {session}. {SYSTEM}\nCustomer: {q}\nAssistant:");
 
     // Three choices of one prompt, as `n = 3` sends them: whichever comes first prefills it, the
     // other two wait and copy all but its last two positions, which they compute as that prefill

@@ -16,8 +16,9 @@
 //! computes the same position in a cold start, and round differently. For the same reason a fork
 //! feeds at least two positions, so its last prompt position goes through a prompt step too. The
 //! next turn of a chat thus recomputes the last answer and the new message, and copies everything
-//! before. The positions computed after a copy still meet differently shaped attention matmuls than
-//! in one cold prefill, so greedy tokens may part from a cold run's at near-ties.
+//! before. A CPU stage computes a prompt row alike in any prompt step (`layer/attention.rs`), so a
+//! sequence on a copy generates what a cold one does, bit for bit, within 512 positions; past them,
+//! and on GPUs, tokens may part at near-ties.
 //! Entries are found by scanning them (a few hundred at most, each compared only as far as it
 //! agrees); parked ones are kept least-recently-used within a count, and dropped when a worker says
 //! it evicted one; a running one goes when its sequence is freed. An entry with a fork on its way is

@@ -364,9 +364,14 @@ async fn rows_computed_after_a_prefix_copy_are_a_cold_prefills_bit_for_bit() {
             kv_layout: layout,
             ..StageOptions::default()
         };
-        let engine =
-            Engine::start(Some(model.clone()), Device::Cpu, options, EngineLimits::default(), 1)
-                .unwrap();
+        let engine = Engine::start(
+            Some(model.clone()),
+            Device::Cpu,
+            options,
+            EngineLimits::default(),
+            1,
+        )
+        .unwrap();
         // A first stage: its output is the hidden states, not a sampled token.
         let epoch = engine.load(0..2, None, None).await.unwrap().epoch;
         // Suffixes of many rows and of few (whose attention products gemm would otherwise sum in

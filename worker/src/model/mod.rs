@@ -26,6 +26,7 @@ pub mod mask;
 pub mod paged_attention;
 pub mod paged_step;
 pub mod phase_timer;
+pub mod prompt_softmax;
 pub mod rope;
 pub mod sampling;
 pub mod stage;

@@ -7,6 +7,7 @@ use crate::model::kv_cache::SequenceKv;
 use crate::model::kv_pool::KvPool;
 use crate::model::mask::MaskCache;
 use crate::model::paged_step::{DecodeBatch, PagedStep};
+use crate::model::prompt_softmax::prompt_softmax;
 
 use super::{stack_rows, Layer, Segment, StepContext};
 #[cfg(feature = "cuda")]
@@ -246,7 +247,11 @@ impl Layer {
         } else {
             scores
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = if rows.prompt_softmax && scores.dtype() == candle_core::DType::F32 {
+            prompt_softmax(&scores, len)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
         let out = match rows.pad_rows_to {
             Some(padded) => {
                 let m = group * len;
@@ -288,6 +293,8 @@ struct RowInvariance {
     column_major_q: bool,
     /// Pad `probs` with zero rows to this many for `probs·v`, past gemm's small-product blocking.
     pad_rows_to: Option<usize>,
+    /// Sum each row's softmax over the positions it sees only (`prompt_softmax.rs`).
+    prompt_softmax: bool,
 }
 
 impl RowInvariance {
@@ -309,6 +316,7 @@ impl RowInvariance {
                 && head_dim <= GEMM_SMALL_SIDE
                 && kv_len > GEMM_SMALL_DEPTH)
                 .then_some(GEMM_SMALL_SIDE + 1),
+            prompt_softmax: true,
         }
     }
 }
