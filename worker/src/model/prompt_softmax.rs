@@ -4,10 +4,9 @@
 //! candle's softmax sums a whole row (masked positions are zeros) in 32-lane groups and a scalar
 //! tail, so where the tail starts moves with the row's length: a position's scores summed over a
 //! history of 118 positions round differently from the same scores summed over 186. Summing each
-//! row over exactly the positions up to its own makes every prompt row round as the decode step
-//! at that position does (a decode row's history ends at it), whatever prefill computed it; a
-//! cached prefix copied into a longer prompt is then the prefix a cold prefill of that prompt
-//! computes. The arithmetic is candle's otherwise (its max, `exp`, lane sums and division), so the
+//! row over exactly the positions up to its own (as a decode row's softmax does: its history ends
+//! at it) makes a prompt row's sums the same whatever prefill computed it; a cached prefix copied
+//! into a longer prompt is then the prefix a cold prefill of that prompt computes. The arithmetic is candle's otherwise (its max, `exp`, lane sums and division), so the
 //! last row of every prompt step is bit for bit what candle's softmax gives.
 
 use candle_core::cpu::kernels::VecOps;
