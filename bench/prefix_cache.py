@@ -61,16 +61,22 @@ def departure(warm, cold):
     return None
 
 
-def main():
+def warm_and_cold(max_tokens):
+    """The command line shared with `shared_prefill.py`, and an OpenAI client for each server."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--warm", required=True, help="HTTP address of the serve with the cache")
     ap.add_argument("--cold", required=True, help="HTTP address of the serve without it")
     ap.add_argument("--key", required=True)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--max-tokens", type=int, default=max_tokens)
     a = ap.parse_args()
     clients = {name: openai.OpenAI(base_url=f"http://{addr}/v1", api_key=a.key, timeout=600)
                for name, addr in [("warm", a.warm), ("cold", a.cold)]}
+    return a, clients
+
+
+def main():
+    a, clients = warm_and_cold(max_tokens=48)
     ttfts = {"warm": [[] for _ in QUESTIONS], "cold": [[] for _ in QUESTIONS]}
     cached = [[] for _ in QUESTIONS]
     prompt_tokens = [0] * len(QUESTIONS)

@@ -8,13 +8,12 @@ token of the slowest answer, and the cached prompt tokens; JSON last.
 Run: python3 bench/shared_prefill.py --warm 127.0.0.1:8000 --cold 127.0.0.1:8001 --key KEY [--rounds 3]
 """
 
-import argparse
 import concurrent.futures
 import json
 import statistics
 import time
 
-import openai
+from prefix_cache import QUESTIONS as CHAT_QUESTIONS, warm_and_cold
 
 SYSTEM = ("You are the front-desk assistant of the Harbour Street public library. The library opens "
           "at nine and closes at eight on weekdays, at five on Saturdays, and stays closed on Sundays. "
@@ -23,12 +22,7 @@ SYSTEM = ("You are the front-desk assistant of the Harbour Street public library
           "The reading room on the second floor is silent; the café on the ground floor is not. "
           "Lost cards cost two pounds to replace; late books cost ten pence a day. "
           "Answer briefly and politely, and say so when you do not know something.")
-QUESTIONS = [
-    "When are you open on Saturday?",
-    "How many books can I borrow at once?",
-    "Can I renew them online, and how often?",
-    "Is there anything for children during the week?",
-]
+QUESTIONS = CHAT_QUESTIONS[:4]
 
 
 def one(client, messages, n, max_tokens, start):
@@ -65,15 +59,7 @@ def case(client, name, system, max_tokens):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--warm", required=True, help="HTTP address of the serve with the cache")
-    ap.add_argument("--cold", required=True, help="HTTP address of the serve without it")
-    ap.add_argument("--key", required=True)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--max-tokens", type=int, default=16)
-    a = ap.parse_args()
-    clients = {name: openai.OpenAI(base_url=f"http://{addr}/v1", api_key=a.key, timeout=600)
-               for name, addr in [("warm", a.warm), ("cold", a.cold)]}
+    a, clients = warm_and_cold(max_tokens=16)
     cases = ["n4", "burst4"]
     times = {c: {s: {"first": [], "done": []} for s in clients} for c in cases}
     cached = {c: [] for c in cases}

@@ -202,7 +202,8 @@ impl PrefixCache {
                 pins,
             },
         );
-        while self.parked() > self.max_entries {
+        let mut parked = self.parked();
+        while parked > self.max_entries {
             let oldest = self
                 .entries
                 .iter()
@@ -212,6 +213,7 @@ impl PrefixCache {
             let Some(oldest) = oldest else { break };
             self.entries.remove(&oldest);
             dropped.push(oldest);
+            parked -= 1;
         }
         let park = self.entries.contains_key(&id);
         Offer { park, dropped }

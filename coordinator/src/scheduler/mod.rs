@@ -425,10 +425,14 @@ impl Scheduler {
             .into_iter()
             .partition(|s| s.events.is_closed());
         self.ready = kept;
-        // A sequence that is an entry may have nothing on the stages yet (it waited for room in
-        // a micro-batch): it is no entry any more either way.
-        let all: Vec<u64> = gone.iter().map(|s| s.id).collect();
-        self.prefixes.forget(&all);
+        // One that waited for room in a micro-batch may be an entry with nothing on the stages
+        // (releasing forgets the others' entries).
+        let unsent: Vec<u64> = gone
+            .iter()
+            .filter(|s| s.cached == 0)
+            .map(|s| s.id)
+            .collect();
+        self.prefixes.forget(&unsent);
         let ids: Vec<u64> = gone.iter().filter(|s| s.cached > 0).map(|s| s.id).collect();
         if !ids.is_empty() {
             tracing::debug!(?ids, "client left; releasing");
@@ -530,7 +534,11 @@ impl Scheduler {
             }
             return true;
         }
-        if !seq.prefix_checked && seq.cached == 0 {
+        // Past its first step under this id: settled.
+        if seq.cached > 0 {
+            return true;
+        }
+        if !seq.prefix_checked {
             match self.prefixes.lookup(&seq.request.prompt_ids) {
                 Lookup::Wait => return false,
                 Lookup::Copy { source, shared } => {
@@ -542,9 +550,7 @@ impl Scheduler {
             }
             seq.prefix_checked = true;
         }
-        if seq.is_prefilling() {
-            self.prefixes.start(seq.id, &seq.request.prompt_ids);
-        }
+        self.prefixes.start(seq.id, &seq.request.prompt_ids);
         true
     }
 }

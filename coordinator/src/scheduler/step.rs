@@ -241,11 +241,13 @@ impl Scheduler {
         for ((mut seq, fed), (_, sampled)) in
             done.sequences.into_iter().zip(done.fed).zip(result.sampled)
         {
-            seq.cached += fed;
-            if !stale {
-                let prompt = seq.request.prompt_ids.len();
-                self.prefixes.computed(seq.id, seq.cached.min(prompt));
+            let prompt = seq.request.prompt_ids.len();
+            // A prompt step back from every stage: its entry holds those positions now.
+            if !stale && seq.cached < prompt {
+                self.prefixes
+                    .computed(seq.id, (seq.cached + fed).min(prompt));
             }
+            seq.cached += fed;
             // A hit counts once its copy has run on every stage (an ABORTED copy goes again cold).
             if seq.fork.take().is_some() {
                 self.metrics.prefix_hit(seq.reused);

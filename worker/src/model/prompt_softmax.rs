@@ -71,9 +71,8 @@ mod tests {
     use candle_core::{DType, Device, D};
 
     /// Causal scores of `len` rows over `kv_len` positions, `-inf` past each row's own.
-    fn scores(heads: usize, len: usize, kv_len: usize, seed: u64) -> Tensor {
+    fn scores(heads: usize, len: usize, kv_len: usize) -> Tensor {
         let base = Tensor::randn(0f32, 3., (heads, len, kv_len), &Device::Cpu).unwrap();
-        let _ = seed;
         let mask: Vec<f32> = (0..len)
             .flat_map(|r| {
                 (0..kv_len).map(move |j| {
@@ -102,7 +101,7 @@ mod tests {
     #[test]
     fn each_row_sums_what_it_sees_as_a_decode_row_does_and_the_last_row_is_candles() {
         for (len, kv_len) in [(1, 1), (5, 5), (40, 40), (37, 150), (200, 333)] {
-            let s = scores(3, len, kv_len, 0);
+            let s = scores(3, len, kv_len);
             let ours = prompt_softmax(&s, len).unwrap();
             // The last row of each block: candle's softmax, bit for bit.
             let last = |t: &Tensor| bits(&t.narrow(1, len - 1, 1).unwrap());
@@ -146,7 +145,7 @@ mod tests {
 
     #[test]
     fn bad_shapes_are_errors() {
-        let s = scores(1, 4, 4, 0);
+        let s = scores(1, 4, 4);
         assert!(prompt_softmax(&s, 5).is_err());
         assert!(prompt_softmax(&s.to_dtype(DType::F16).unwrap(), 4).is_err());
     }

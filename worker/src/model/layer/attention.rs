@@ -232,7 +232,7 @@ impl Layer {
             (k.clone(), v.clone())
         };
         let rows = RowInvariance::of(q.device(), len, group, kv_len, self.head_dim);
-        let q = if rows.column_major_q {
+        let q = if rows.is_some_and(|r| r.column_major_q) {
             q.transpose(1, 2)?.contiguous()?.transpose(1, 2)?
         } else {
             q
@@ -247,12 +247,12 @@ impl Layer {
         } else {
             scores
         };
-        let probs = if rows.prompt_softmax && scores.dtype() == candle_core::DType::F32 {
+        let probs = if rows.is_some() && scores.dtype() == candle_core::DType::F32 {
             prompt_softmax(&scores, len)?
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
         };
-        let out = match rows.pad_rows_to {
+        let out = match rows.and_then(|r| r.pad_rows_to) {
             Some(padded) => {
                 let m = group * len;
                 let zeros = Tensor::zeros(
@@ -284,39 +284,39 @@ const GEMM_SMALL_DEPTH: usize = 512;
 /// How a prompt step's CPU attention keeps each row's arithmetic that of the same row in one whole
 /// prefill of `kv_len` rows, however many rows the step has: the rows computed after a prefix copy
 /// (`copy_prefix_from`) or in a short last chunk then round exactly as a cold prefill's do, so a
-/// request started on a cached prefix generates a cold request's tokens. A whole prefill's own
-/// products are left as they are (for those the measures below change no bit), and so is decode.
-#[derive(Debug, Clone, Copy, Default)]
+/// request started on a cached prefix generates a cold request's tokens. Every CPU prompt step
+/// sums its softmax rows over what they see (`prompt_softmax.rs`); a whole prefill's products are
+/// left as they are (for those the measures below change no bit), and decode is untouched.
+#[derive(Debug, Clone, Copy)]
 struct RowInvariance {
     /// Give `q` column-major: gemm never takes its horizontal kernel for `q·kᵀ` then. Only where a
     /// whole prefill of `kv_len` rows would not take it either.
     column_major_q: bool,
     /// Pad `probs` with zero rows to this many for `probs·v`, past gemm's small-product blocking.
     pad_rows_to: Option<usize>,
-    /// Sum each row's softmax over the positions it sees only (`prompt_softmax.rs`).
-    prompt_softmax: bool,
 }
 
 impl RowInvariance {
+    /// The measures for a step of `len` rows over `kv_len` positions; `None` for decode and off the
+    /// CPU.
     fn of(
         device: &candle_core::Device,
         len: usize,
         group: usize,
         kv_len: usize,
         head_dim: usize,
-    ) -> Self {
+    ) -> Option<Self> {
         if len < 2 || !device.is_cpu() {
-            return Self::default();
+            return None;
         }
         let whole_prefill_outputs = group * kv_len * kv_len;
         let rows = group * len;
-        Self {
+        Some(Self {
             column_major_q: whole_prefill_outputs > GEMM_HORIZONTAL_MAX_OUTPUTS,
             pad_rows_to: (rows <= GEMM_SMALL_SIDE
                 && head_dim <= GEMM_SMALL_SIDE
                 && kv_len > GEMM_SMALL_DEPTH)
                 .then_some(GEMM_SMALL_SIDE + 1),
-            prompt_softmax: true,
-        }
+        })
     }
 }
