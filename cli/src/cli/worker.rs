@@ -189,6 +189,8 @@ struct AblationArgs {
     candle_kernels: bool,
     #[arg(long, hide = true)]
     attention_wide_from: Option<usize>,
+    #[arg(long, hide = true)]
+    no_cpu_attention: bool,
 }
 
 impl From<AblationArgs> for Ablations {
@@ -201,6 +203,7 @@ impl From<AblationArgs> for Ablations {
             no_fused_kernels: a.no_fused_kernels,
             no_fused_ops: a.no_fused_ops,
             attention_wide_from: a.attention_wide_from,
+            no_cpu_attention: a.no_cpu_attention,
         }
     }
 }

@@ -407,3 +407,70 @@ async fn rows_computed_after_a_prefix_copy_are_a_cold_prefills_bit_for_bit() {
         }
     }
 }
+
+#[tokio::test]
+async fn cpu_attention_kernel_gives_candles_bits_within_one_gemm_block() {
+    // Heads of 16, 64 and 128 dimensions (the tiny model's, SmolLM2's and Qwen2.5-1.5B's), two
+    // query heads per key/value head.
+    for hidden_size in [64, 256, 512] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SyntheticConfig {
+            hidden_size,
+            intermediate_size: 2 * hidden_size,
+            context_length: 1024,
+            ..SyntheticConfig::tiny()
+        };
+        write_safetensors_model(dir.path(), &config).unwrap();
+        let model = ModelFile::open(dir.path()).unwrap();
+        let start = |no_cpu_attention| {
+            let options = StageOptions {
+                ablations: crate::model::Ablations {
+                    no_cpu_attention,
+                    ..Default::default()
+                },
+                ..StageOptions::default()
+            };
+            Engine::start(
+                Some(model.clone()),
+                Device::Cpu,
+                options,
+                EngineLimits::default(),
+                1,
+            )
+            .unwrap()
+        };
+        let (kernel, candle) = (start(false), start(true));
+        let kernel_epoch = kernel.load(0..2, None, None).await.unwrap().epoch;
+        let candle_epoch = candle.load(0..2, None, None).await.unwrap().epoch;
+        // Prompts short and long (to gemm's 512-position block), then decode steps; and a prompt
+        // continued in a second prompt step.
+        for (len, chunk) in [(3, 3), (40, 40), (300, 300), (480, 480), (200, 150)] {
+            let tokens = prompt(len);
+            let mut steps = vec![(0, tokens[..chunk as usize].to_vec())];
+            if chunk < len {
+                steps.push((chunk as usize, tokens[chunk as usize..].to_vec()));
+            }
+            for t in 0..(512 - len as usize).min(30) {
+                steps.push((len as usize + t, vec![(t as u32 * 7) % 512]));
+            }
+            for (n, (at, ids)) in steps.into_iter().enumerate() {
+                let a = kernel.forward(kernel_epoch, vec![step(1, at, ids.clone())]);
+                let a = hidden(a.await.unwrap().outputs);
+                let b = candle.forward(candle_epoch, vec![step(1, at, ids)]);
+                let b = hidden(b.await.unwrap().outputs);
+                let differ = a
+                    .iter()
+                    .zip(&b)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                assert_eq!(
+                    (a.len(), differ),
+                    (b.len(), 0),
+                    "hidden {hidden_size}: prompt {len} ({chunk} first), step {n}"
+                );
+            }
+            kernel.release(kernel_epoch, vec![1], false).await.unwrap();
+            candle.release(candle_epoch, vec![1], false).await.unwrap();
+        }
+    }
+}

@@ -68,6 +68,8 @@ pub struct StepContext<'a> {
     pub fused_ops: bool,
     /// The history length from which CUDA decode attention runs its wide variant.
     pub attention_wide_from: usize,
+    /// Whether CPU attention runs strata's kernel where it applies (`cpu_attention.rs`).
+    pub cpu_attention: bool,
 }
 
 /// A transformer block. Every family runs through this one block; its description

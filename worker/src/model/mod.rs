@@ -11,6 +11,7 @@
 //! - `cuda_kernel` (CUDA builds): what those two share (NVRTC compilation, device slices).
 //! - [`sampling`]: choosing the next token from logits on the last stage.
 
+pub mod cpu_attention;
 pub mod cpu_kernels;
 #[cfg(feature = "cuda")]
 pub mod cuda_kernel;

@@ -138,6 +138,9 @@ pub struct Ablations {
     /// The history length from which CUDA decode attention runs its wide variant, instead of
     /// [`ATTENTION_WIDE_FROM`].
     pub attention_wide_from: Option<usize>,
+    /// On the CPU, candle's matmuls, mask and softmax for attention instead of strata's kernel
+    /// (`cpu_attention.rs`).
+    pub no_cpu_attention: bool,
 }
 
 /// The longest history in a batch from which CUDA decode attention runs its wide variant (32 warps
@@ -196,6 +199,8 @@ pub struct Stage {
     fused_ops: bool,
     /// See [`Ablations::attention_wide_from`].
     attention_wide_from: usize,
+    /// Whether CPU attention runs strata's kernel where it applies (`cpu_attention.rs`).
+    cpu_attention: bool,
 }
 
 impl Stage {
@@ -347,6 +352,7 @@ impl Stage {
                 .ablations
                 .attention_wide_from
                 .unwrap_or(ATTENTION_WIDE_FROM),
+            cpu_attention: device.is_cpu() && !options.ablations.no_cpu_attention,
         })
     }
 
@@ -548,6 +554,7 @@ impl Stage {
             paged: self.pool.as_ref().zip(paged_step.as_ref()),
             fused_ops: self.fused_ops,
             attention_wide_from: self.attention_wide_from,
+            cpu_attention: self.cpu_attention,
         };
         // Each block's feed-forward output is added to the stream by the next block (with its
         // first norm) or below (with the head's norm).

@@ -12,7 +12,7 @@
 pub mod activations;
 mod k_quants;
 mod legacy;
-mod spin_pool;
+pub(crate) mod spin_pool;
 
 use std::any::Any;
 use std::fmt::Debug;

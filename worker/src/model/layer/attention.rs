@@ -3,9 +3,9 @@
 
 use candle_core::{Result, Tensor};
 
+use crate::model::cpu_attention::{self, AttentionShape};
 use crate::model::kv_cache::SequenceKv;
 use crate::model::kv_pool::KvPool;
-use crate::model::mask::MaskCache;
 use crate::model::paged_step::{DecodeBatch, PagedStep};
 use crate::model::prompt_softmax::prompt_softmax;
 
@@ -39,7 +39,7 @@ impl Layer {
                 .layer(layer)
                 .ok_or_else(|| candle_core::Error::msg("a paged cache in a contiguous step"))?;
             let (k_all, v_all) = cache.append(&k, &v, ctx.max_len)?;
-            outputs.push(self.attend(&q, &k_all, &v_all, seg, ctx.masks)?);
+            outputs.push(self.attend(&q, &k_all, &v_all, seg, ctx)?);
         }
         stack_rows(outputs)
     }
@@ -111,7 +111,7 @@ impl Layer {
             let q = q.narrow(0, seg.offset, seg.len)?;
             let k_all = keys.index_select(&read.gather, 1)?;
             let v_all = values.index_select(&read.gather, 1)?;
-            outputs.push(self.attend(&q, &k_all, &v_all, &seg, ctx.masks)?);
+            outputs.push(self.attend(&q, &k_all, &v_all, &seg, ctx)?);
         }
         let attn = stack_rows(outputs)?;
         match &step.restore {
@@ -203,10 +203,24 @@ impl Layer {
         k: &Tensor,
         v: &Tensor,
         seg: &Segment,
-        masks: &mut MaskCache,
+        ctx: &mut StepContext<'_>,
     ) -> Result<Tensor> {
         let group = self.num_heads / self.num_kv_heads;
         let len = seg.len;
+        if ctx.cpu_attention && self.softcap.is_none() && q.dtype() == candle_core::DType::F32 {
+            let shape = AttentionShape {
+                len,
+                heads: self.num_heads,
+                kv_heads: self.num_kv_heads,
+                head_dim: self.head_dim,
+                scale: (!self.q_prescaled).then_some(self.scale as f32),
+                window: self.window,
+            };
+            if shape.runs_here(k.dim(1)?) {
+                return cpu_attention::attention(q, k, v, shape);
+            }
+        }
+        let masks = &mut *ctx.masks;
         // A decoding row of a sliding layer sees only the window's last positions: read just
         // those; prompt rows get the window in their mask.
         let (k, v) = match self.window {
