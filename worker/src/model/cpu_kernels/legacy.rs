@@ -78,6 +78,13 @@ trait Block32: Copy {
     fn m(&self) -> f16 {
         f16::ZERO
     }
+    /// What [`Block32::unpack_unsigned`] adds to each signed value (0 for the formats with a
+    /// minimum, whose values are unsigned already).
+    const OFFSET: u8;
+    /// The 32 values as unsigned bytes, `q + OFFSET`, for the two-column kernel: `dpbusd` takes
+    /// unsigned by signed bytes, and a lane's sum starts from `-OFFSET ×` its activations' sum.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn unpack_unsigned(&self) -> __m256i;
 }
 
 /// The 32 nibbles of `qs`: low nibbles first, then high.
@@ -110,6 +117,12 @@ unsafe fn bit_bytes(qh: [u8; 4]) -> __m256i {
 }
 
 impl Block32 for BlockQ4_0 {
+    const OFFSET: u8 = 8;
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    unsafe fn unpack_unsigned(&self) -> __m256i {
+        nibbles(&self.qs)
+    }
     const SIGNED: bool = true;
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -122,6 +135,12 @@ impl Block32 for BlockQ4_0 {
 }
 
 impl Block32 for BlockQ4_1 {
+    const OFFSET: u8 = 0;
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    unsafe fn unpack_unsigned(&self) -> __m256i {
+        nibbles(&self.qs)
+    }
     const SIGNED: bool = false;
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -137,6 +156,13 @@ impl Block32 for BlockQ4_1 {
 }
 
 impl Block32 for BlockQ5_0 {
+    const OFFSET: u8 = 16;
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    unsafe fn unpack_unsigned(&self) -> __m256i {
+        let q = nibbles(&self.qs);
+        _mm256_mask_add_epi8(q, u32::from_le_bytes(self.qh), q, _mm256_set1_epi8(16))
+    }
     const SIGNED: bool = true;
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -157,6 +183,12 @@ impl Block32 for BlockQ5_0 {
 }
 
 impl Block32 for BlockQ5_1 {
+    const OFFSET: u8 = 0;
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    unsafe fn unpack_unsigned(&self) -> __m256i {
+        self.unpack_avx512()
+    }
     const SIGNED: bool = false;
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -179,6 +211,15 @@ impl Block32 for BlockQ5_1 {
 }
 
 impl Block32 for BlockQ8_0 {
+    const OFFSET: u8 = 128;
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    unsafe fn unpack_unsigned(&self) -> __m256i {
+        _mm256_xor_si256(
+            _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i),
+            _mm256_set1_epi8(0x80u8 as i8),
+        )
+    }
     const SIGNED: bool = true;
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -254,6 +295,95 @@ macro_rules! dot32 {
     };
 }
 
+/// Two weight columns against `ROWS` activation rows in 512-bit vectors, column `w0` in the low
+/// half and `w1` in the high: one `dpbusd` gives both columns' products of a block, the weights
+/// unsigned (`q + OFFSET`) and each lane's sum started from `bias` (`-OFFSET ×` the lane's four
+/// activations), so every lane holds the integer [`dot32`] computes and the f32 steps are its own.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot32_pair<B: Block32, const ROWS: usize>(
+    w0: &[B],
+    w1: &[B],
+    a: &[BlockQ8_1],
+    kb: usize,
+    scales: &[RowScales],
+    bias: &[[i32; 8]],
+    out0: &mut [f32],
+    out1: &mut [f32],
+) {
+    let halves = |lo: __m256, hi: __m256| {
+        _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+            _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
+            _mm256_castps_pd(hi),
+        ))
+    };
+    let both = |v: &[f32; ROW_TILE]| {
+        _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(
+            v.as_ptr() as *const f64
+        )))
+    };
+    let mut acc = [_mm512_setzero_ps(); ROWS];
+    let mut mins = _mm512_setzero_ps();
+    for (b, rs) in scales.iter().enumerate().take(kb) {
+        let (x0, x1) = (&w0[b], &w1[b]);
+        let q = _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(x0.unpack_unsigned()),
+            x1.unpack_unsigned(),
+        );
+        let wd = halves(
+            _mm256_set1_ps(super::f32_of(x0.d())),
+            _mm256_set1_ps(super::f32_of(x1.d())),
+        );
+        if B::OFFSET == 0 {
+            let wm = halves(
+                _mm256_set1_ps(super::f32_of(x0.m())),
+                _mm256_set1_ps(super::f32_of(x1.m())),
+            );
+            mins = _mm512_add_ps(mins, _mm512_mul_ps(wm, both(&rs.s)));
+        }
+        for r in 0..ROWS {
+            let ab = &a[r * kb + b];
+            let y = _mm512_broadcast_i64x4(_mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i));
+            let start = if B::OFFSET == 0 {
+                _mm512_setzero_si512()
+            } else {
+                _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                    bias[r * kb + b].as_ptr() as *const __m256i
+                ))
+            };
+            let products = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, q, y));
+            let scale = _mm512_mul_ps(wd, _mm512_set1_ps(rs.d[r]));
+            acc[r] = _mm512_fmadd_ps(scale, products, acc[r]);
+        }
+    }
+    let mut min_lanes = [0f32; 2 * ROW_TILE];
+    _mm512_storeu_ps(min_lanes.as_mut_ptr(), mins);
+    for r in 0..ROWS {
+        let lo = _mm512_castps512_ps256(acc[r]);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[r])));
+        out0[r] = super::hsum_ps(lo) + min_lanes[r];
+        out1[r] = super::hsum_ps(hi) + min_lanes[ROW_TILE + r];
+    }
+}
+
+/// The starts of [`dot32_pair`]'s lanes for each activation block: `-offset ×` the sum of each
+/// lane's four activations.
+fn lane_bias(act: &[BlockQ8_1], offset: u8) -> Vec<[i32; 8]> {
+    if offset == 0 {
+        return Vec::new();
+    }
+    act.iter()
+        .map(|block| {
+            std::array::from_fn(|lane| {
+                let four = &block.qs[4 * lane..4 * lane + 4];
+                -(offset as i32) * four.iter().map(|&q| q as i32).sum::<i32>()
+            })
+        })
+        .collect()
+}
+
 dot32!(dot32, "avx2,fma,f16c", unpack, block_products);
 dot32!(
     dot32_avx512,
@@ -291,6 +421,27 @@ macro_rules! weight_block {
                 out: &mut [f32],
             ) {
                 dot32_avx512::<Self, ROWS>(w, a, kb, scales, out)
+            }
+
+            const PAIRS: bool = true;
+
+            fn pair_bias(act: &[BlockQ8_1]) -> Vec<[i32; 8]> {
+                lane_bias(act, <Self as Block32>::OFFSET)
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+            unsafe fn dot_rows_pair_avx512<const ROWS: usize>(
+                w0: &[Self],
+                w1: &[Self],
+                a: &[BlockQ8_1],
+                kb: usize,
+                scales: &[RowScales],
+                bias: &[[i32; 8]],
+                out0: &mut [f32],
+                out1: &mut [f32],
+            ) {
+                dot32_pair::<Self, ROWS>(w0, w1, a, kb, scales, bias, out0, out1)
             }
         }
     };

@@ -231,6 +231,35 @@ pub(crate) trait WeightBlock: Copy + Send + Sync + Debug + 'static {
         scales: &[RowScales],
         out: &mut [f32],
     );
+
+    /// Whether the AVX-512 level multiplies two columns at once
+    /// ([`WeightBlock::dot_rows_pair_avx512`]).
+    const PAIRS: bool = false;
+
+    /// What the pair kernel needs of each activation block besides the block (`[]` if nothing).
+    fn pair_bias(_act: &[Self::Act]) -> Vec<[i32; 8]> {
+        Vec::new()
+    }
+
+    /// [`WeightBlock::dot_rows_avx512`] of two columns `w0`, `w1` at once into `out0`, `out1`, the
+    /// same bits; `bias` is [`WeightBlock::pair_bias`] of `a`'s blocks.
+    ///
+    /// # Safety
+    /// As `dot_rows_avx512`; only called where [`WeightBlock::PAIRS`].
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn dot_rows_pair_avx512<const ROWS: usize>(
+        _w0: &[Self],
+        _w1: &[Self],
+        _a: &[Self::Act],
+        _kb: usize,
+        _scales: &[RowScales],
+        _bias: &[[i32; 8]],
+        _out0: &mut [f32],
+        _out1: &mut [f32],
+    ) {
+        unreachable!("{} has no two-column kernel", Self::NAME)
+    }
 }
 
 /// A weight matrix `[n, k]` (n output columns, k inputs) in `B` blocks, row-major.
@@ -314,6 +343,14 @@ impl<B: WeightBlock> CpuMatmul for QuantMatrix<B> {
             x.chunks_exact(B::ELEMS).map(B::Act::quantize).collect()
         };
         let scales = row_scales(&act, m, kb);
+        // Two columns per 512-bit vector pay where a weight block serves several rows; one row
+        // (decode) runs faster on the one-column kernel (BENCHMARKS.md, session 24).
+        let pairs = isa == Isa::Avx512 && B::PAIRS && m > 1;
+        let bias = if pairs {
+            B::pair_bias(&act)
+        } else {
+            Vec::new()
+        };
         // Column-major result: each task owns whole columns, so tasks never share memory.
         let mut out_t = vec![0f32; n * m];
         let pool = spin_pool::SpinPool::for_threads(rayon::current_num_threads());
@@ -333,7 +370,24 @@ impl<B: WeightBlock> CpuMatmul for QuantMatrix<B> {
             let chunk = unsafe {
                 std::slice::from_raw_parts_mut(out_ptr.get().add(first * m), columns * m)
             };
-            for (c, column) in chunk.chunks_exact_mut(m).enumerate() {
+            let mut c = 0;
+            #[cfg(target_arch = "x86_64")]
+            while pairs && c + 1 < columns {
+                let (col0, col1) = chunk[c * m..(c + 2) * m].split_at_mut(m);
+                let w0 = &self.blocks[(first + c) * kb..(first + c + 1) * kb];
+                let w1 = &self.blocks[(first + c + 1) * kb..(first + c + 2) * kb];
+                for row0 in (0..m).step_by(ROW_TILE) {
+                    let rows = ROW_TILE.min(m - row0);
+                    let a = &act[row0 * kb..(row0 + rows) * kb];
+                    let bias = bias.get(row0 * kb..).unwrap_or(&[]);
+                    let scales = &scales[row0 / ROW_TILE * kb..][..kb];
+                    let (out0, out1) = (&mut col0[row0..row0 + rows], &mut col1[row0..row0 + rows]);
+                    // SAFETY: this CPU runs AVX-512 (`isa`, checked above) and `B` has pairs.
+                    unsafe { dot_pair_tile::<B>(rows, w0, w1, a, kb, scales, bias, out0, out1) }
+                }
+                c += 2;
+            }
+            for (c, column) in chunk.chunks_exact_mut(m).enumerate().skip(c) {
                 let w = &self.blocks[(first + c) * kb..(first + c + 1) * kb];
                 for row0 in (0..m).step_by(ROW_TILE) {
                     let rows = ROW_TILE.min(m - row0);
@@ -379,6 +433,34 @@ unsafe fn dot_tile<B: WeightBlock>(
             match (isa, rows) {
                 $((Isa::Avx2, $n) => B::dot_rows::<$n>(w, a, kb, scales, out),
                   (Isa::Avx512, $n) => B::dot_rows_avx512::<$n>(w, a, kb, scales, out),)*
+                _ => unreachable!("a tile has 1..={ROW_TILE} rows"),
+            }
+        };
+    }
+    tile!(1 2 3 4 5 6 7 8)
+}
+
+/// One tile of `rows` (1..=[`ROW_TILE`]) activation rows against two weight columns.
+///
+/// # Safety
+/// The CPU runs [`Isa::Avx512`] and `B` has [`WeightBlock::PAIRS`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_pair_tile<B: WeightBlock>(
+    rows: usize,
+    w0: &[B],
+    w1: &[B],
+    a: &[B::Act],
+    kb: usize,
+    scales: &[RowScales],
+    bias: &[[i32; 8]],
+    out0: &mut [f32],
+    out1: &mut [f32],
+) {
+    macro_rules! tile {
+        ($($n:literal)*) => {
+            match rows {
+                $($n => B::dot_rows_pair_avx512::<$n>(w0, w1, a, kb, scales, bias, out0, out1),)*
                 _ => unreachable!("a tile has 1..={ROW_TILE} rows"),
             }
         };
