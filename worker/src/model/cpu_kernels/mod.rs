@@ -351,8 +351,9 @@ impl<B: WeightBlock> CpuMatmul for QuantMatrix<B> {
         } else {
             Vec::new()
         };
-        // Column-major result: each task owns whole columns, so tasks never share memory.
-        let mut out_t = vec![0f32; n * m];
+        // Each task owns whole columns and writes them straight into the row-major result (a
+        // transposing pass after the job ran on one thread while the pool's others waited).
+        let mut out = vec![0f32; m * n];
         let pool = spin_pool::SpinPool::for_threads(rayon::current_num_threads());
         // A few tasks per thread: enough to even out, few enough that scheduling stays negligible;
         // one task (on this thread alone) where the whole product is smaller than a wake-up.
@@ -361,19 +362,20 @@ impl<B: WeightBlock> CpuMatmul for QuantMatrix<B> {
         } else {
             COLUMNS_PER_TASK.max(n.div_ceil(pool.threads() * 4))
         };
-        let out_ptr = SharedOut(out_t.as_mut_ptr());
+        let out_ptr = SharedOut(out.as_mut_ptr());
+        // SAFETY (of every write below): task `task` alone writes columns
+        // `first..first + columns` of `out`, which outlives `run`.
+        let store = |row0: usize, rows: usize, col: usize, values: &[f32; ROW_TILE]| unsafe {
+            for (r, v) in values.iter().enumerate().take(rows) {
+                *out_ptr.get().add((row0 + r) * n + col) = *v;
+            }
+        };
         pool.run(n.div_ceil(per_task), &|task| {
             let first = task * per_task;
             let columns = per_task.min(n - first);
-            // SAFETY: task `task` alone writes columns `first..first + columns` of `out_t`, which
-            // outlives `run`.
-            let chunk = unsafe {
-                std::slice::from_raw_parts_mut(out_ptr.get().add(first * m), columns * m)
-            };
             let mut c = 0;
             #[cfg(target_arch = "x86_64")]
             while pairs && c + 1 < columns {
-                let (col0, col1) = chunk[c * m..(c + 2) * m].split_at_mut(m);
                 let w0 = &self.blocks[(first + c) * kb..(first + c + 1) * kb];
                 let w1 = &self.blocks[(first + c + 1) * kb..(first + c + 2) * kb];
                 for row0 in (0..m).step_by(ROW_TILE) {
@@ -381,35 +383,34 @@ impl<B: WeightBlock> CpuMatmul for QuantMatrix<B> {
                     let a = &act[row0 * kb..(row0 + rows) * kb];
                     let bias = bias.get(row0 * kb..).unwrap_or(&[]);
                     let scales = &scales[row0 / ROW_TILE * kb..][..kb];
-                    let (out0, out1) = (&mut col0[row0..row0 + rows], &mut col1[row0..row0 + rows]);
+                    let (mut out0, mut out1) = ([0f32; ROW_TILE], [0f32; ROW_TILE]);
                     // SAFETY: this CPU runs AVX-512 (`isa`, checked above) and `B` has pairs.
-                    unsafe { dot_pair_tile::<B>(rows, w0, w1, a, kb, scales, bias, out0, out1) }
+                    unsafe {
+                        dot_pair_tile::<B>(rows, w0, w1, a, kb, scales, bias, &mut out0, &mut out1)
+                    }
+                    store(row0, rows, first + c, &out0);
+                    store(row0, rows, first + c + 1, &out1);
                 }
                 c += 2;
             }
-            for (c, column) in chunk.chunks_exact_mut(m).enumerate().skip(c) {
+            for c in c..columns {
                 let w = &self.blocks[(first + c) * kb..(first + c + 1) * kb];
                 for row0 in (0..m).step_by(ROW_TILE) {
                     let rows = ROW_TILE.min(m - row0);
                     let a = &act[row0 * kb..(row0 + rows) * kb];
                     let scales = &scales[row0 / ROW_TILE * kb..][..kb];
-                    let out = &mut column[row0..row0 + rows];
+                    let mut values = [0f32; ROW_TILE];
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: this CPU runs `isa` (checked above).
                     unsafe {
-                        dot_tile::<B>(isa, rows, w, a, kb, scales, out)
+                        dot_tile::<B>(isa, rows, w, a, kb, scales, &mut values)
                     }
                     #[cfg(not(target_arch = "x86_64"))]
-                    unreachable!("supported() is false off x86_64: {w:?} {a:?} {scales:?} {out:?}");
+                    unreachable!("supported() is false off x86_64: {w:?} {a:?} {scales:?}");
+                    store(row0, rows, first + c, &values);
                 }
             }
         });
-        let mut out = vec![0f32; m * n];
-        for (col, values) in out_t.chunks_exact(m).enumerate() {
-            for (row, v) in values.iter().enumerate() {
-                out[row * n + col] = *v;
-            }
-        }
         out
     }
 }
