@@ -299,6 +299,89 @@ k_kernels!(
     add_scaled_products_vnni
 );
 
+/// Two Q4_K/Q5_K weight columns against `ROWS` activation rows in 512-bit vectors (column `w0`
+/// in the low half, `w1` in the high): one `maddubs` and one `dpwssd` give both columns' scaled
+/// products of 32 elements, each half the integers and f32 steps of `vnni::dot_rows_q45`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn dot_pair_q45<B: Q45Block, const ROWS: usize>(
+    w0: &[B],
+    w1: &[B],
+    a: &[BlockQ8K],
+    kb: usize,
+    out0: &mut [f32],
+    out1: &mut [f32],
+) {
+    let join = |lo: __m256i, hi: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+    let join_ps = |lo: __m256, hi: __m256| {
+        _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+            _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
+            _mm256_castps_pd(hi),
+        ))
+    };
+    let mut acc = [_mm512_setzero_ps(); ROWS];
+    let mut mins = [[_mm_setzero_ps(); 2]; ROWS];
+    let m4 = _mm512_set1_epi8(0x0F);
+    for b in 0..kb {
+        let (x0, x1) = (&w0[b], &w1[b]);
+        let ((d0, dmin0, scales0, qs0), (d1, dmin1, scales1, qs1)) = (x0.parts(), x1.parts());
+        let (d0, dmin0) = (super::f32_of(d0), super::f32_of(dmin0));
+        let (d1, dmin1) = (super::f32_of(d1), super::f32_of(dmin1));
+        let (sm0, sm1) = (scales_and_mins(scales0), scales_and_mins(scales1));
+        // Each column's 8 scales in both 128-bit lanes of its half, for in-lane byte shuffles.
+        let (sc0, sc1) = (_mm256_castsi256_si128(sm0), _mm256_castsi256_si128(sm1));
+        let sc = join(_mm256_set_m128i(sc0, sc0), _mm256_set_m128i(sc1, sc1));
+        let high = join(x0.high(), x1.high());
+        let mut sumi = [_mm512_setzero_si512(); ROWS];
+        for j in 0..QK_K / 64 {
+            let bits = join(
+                _mm256_loadu_si256(qs0[32 * j..].as_ptr() as *const __m256i),
+                _mm256_loadu_si256(qs1[32 * j..].as_ptr() as *const __m256i),
+            );
+            let mut lo = _mm512_and_si512(bits, m4);
+            let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(bits), m4);
+            if B::FIVE_BITS {
+                let one = _mm512_set1_epi8(1);
+                let shift_lo = _mm_cvtsi32_si128(2 * j as i32);
+                let shift_hi = _mm_cvtsi32_si128(2 * j as i32 + 1);
+                let h_lo = _mm512_and_si512(_mm512_srl_epi16(high, shift_lo), one);
+                let h_hi = _mm512_and_si512(_mm512_srl_epi16(high, shift_hi), one);
+                lo = _mm512_or_si512(lo, _mm512_slli_epi16::<4>(h_lo));
+                hi = _mm512_or_si512(hi, _mm512_slli_epi16::<4>(h_hi));
+            }
+            let s_lo = _mm512_shuffle_epi8(sc, _mm512_set1_epi16(broadcast_word(2 * j)));
+            let s_hi = _mm512_shuffle_epi8(sc, _mm512_set1_epi16(broadcast_word(2 * j + 1)));
+            for r in 0..ROWS {
+                let y = &a[r * kb + b].qs[64 * j..];
+                let y_lo = _mm512_broadcast_i64x4(_mm256_loadu_si256(y.as_ptr() as *const __m256i));
+                let y_hi =
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(y[32..].as_ptr() as *const __m256i));
+                sumi[r] = _mm512_dpwssd_epi32(sumi[r], _mm512_maddubs_epi16(lo, y_lo), s_lo);
+                sumi[r] = _mm512_dpwssd_epi32(sumi[r], _mm512_maddubs_epi16(hi, y_hi), s_hi);
+            }
+        }
+        for r in 0..ROWS {
+            let ab = &a[r * kb + b];
+            let scale = join_ps(_mm256_set1_ps(d0 * ab.d), _mm256_set1_ps(d1 * ab.d));
+            acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sumi[r]), acc[r]);
+            for (c, (sm, dmin)) in [(sm0, dmin0), (sm1, dmin1)].into_iter().enumerate() {
+                mins[r][c] = _mm_fmadd_ps(
+                    _mm_set1_ps(dmin * ab.d),
+                    _mm_cvtepi32_ps(min_products(sm, ab)),
+                    mins[r][c],
+                );
+            }
+        }
+    }
+    for r in 0..ROWS {
+        let lo = _mm512_castps512_ps256(acc[r]);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[r])));
+        out0[r] = super::hsum_ps(lo) - hsum_128(mins[r][0]);
+        out1[r] = super::hsum_ps(hi) - hsum_128(mins[r][1]);
+    }
+}
+
 /// The shuffle control that copies 16-bit lane `i` of a 128-bit half into every lane.
 const fn broadcast_word(i: usize) -> i16 {
     (((2 * i + 1) << 8) | (2 * i)) as i16
@@ -328,7 +411,7 @@ fn row_blocks<const ROWS: usize>(a: &[BlockQ8K], kb: usize, b: usize) -> [&Block
 }
 
 macro_rules! weight_block {
-    ($block:ty, $name:literal, $kernel:ident $(::<$generic:ty>)?) => {
+    ($block:ty, $name:literal, $kernel:ident $(::<$generic:ty>)? $(, pairs: $pair:ident)?) => {
         impl WeightBlock for $block {
             const NAME: &'static str = $name;
             const ELEMS: usize = QK_K;
@@ -357,10 +440,29 @@ macro_rules! weight_block {
             ) {
                 vnni::$kernel::<$($generic,)? ROWS>(w, a, kb, out)
             }
+
+            $(
+            const PAIRS: bool = true;
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+            unsafe fn dot_rows_pair_avx512<const ROWS: usize>(
+                w0: &[Self],
+                w1: &[Self],
+                a: &[BlockQ8K],
+                kb: usize,
+                _scales: &[RowScales],
+                _bias: &[[i32; 8]],
+                out0: &mut [f32],
+                out1: &mut [f32],
+            ) {
+                $pair::<Self, ROWS>(w0, w1, a, kb, out0, out1)
+            }
+            )?
         }
     };
 }
 
-weight_block!(BlockQ4K, "Q4_K", dot_rows_q45::<BlockQ4K>);
-weight_block!(BlockQ5K, "Q5_K", dot_rows_q45::<BlockQ5K>);
+weight_block!(BlockQ4K, "Q4_K", dot_rows_q45::<BlockQ4K>, pairs: dot_pair_q45);
+weight_block!(BlockQ5K, "Q5_K", dot_rows_q45::<BlockQ5K>, pairs: dot_pair_q45);
 weight_block!(BlockQ6K, "Q6_K", dot_rows_q6k);

@@ -191,6 +191,7 @@ fn kernel_throughput() {
             (3072, 576, 1),
             (576, 1536, 1),
             (3072, 576, 128),
+            (1536, 1536, 128),
         ]
         .into_iter()
         .filter(|s| s.1 % dtype.block_size() == 0)
