@@ -314,12 +314,6 @@ unsafe fn dot_pair_q45<B: Q45Block, const ROWS: usize>(
     out1: &mut [f32],
 ) {
     let join = |lo: __m256i, hi: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
-    let join_ps = |lo: __m256, hi: __m256| {
-        _mm512_castpd_ps(_mm512_insertf64x4::<1>(
-            _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
-            _mm256_castps_pd(hi),
-        ))
-    };
     let mut acc = [_mm512_setzero_ps(); ROWS];
     let mut mins = [[_mm_setzero_ps(); 2]; ROWS];
     let m4 = _mm512_set1_epi8(0x0F);
@@ -363,7 +357,7 @@ unsafe fn dot_pair_q45<B: Q45Block, const ROWS: usize>(
         }
         for r in 0..ROWS {
             let ab = &a[r * kb + b];
-            let scale = join_ps(_mm256_set1_ps(d0 * ab.d), _mm256_set1_ps(d1 * ab.d));
+            let scale = super::join_ps(_mm256_set1_ps(d0 * ab.d), _mm256_set1_ps(d1 * ab.d));
             acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sumi[r]), acc[r]);
             for (c, (sm, dmin)) in [(sm0, dmin0), (sm1, dmin1)].into_iter().enumerate() {
                 mins[r][c] = _mm_fmadd_ps(
@@ -375,10 +369,9 @@ unsafe fn dot_pair_q45<B: Q45Block, const ROWS: usize>(
         }
     }
     for r in 0..ROWS {
-        let lo = _mm512_castps512_ps256(acc[r]);
-        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[r])));
-        out0[r] = super::hsum_ps(lo) - hsum_128(mins[r][0]);
-        out1[r] = super::hsum_ps(hi) - hsum_128(mins[r][1]);
+        let (lo, hi) = super::hsum_halves(acc[r]);
+        out0[r] = lo - hsum_128(mins[r][0]);
+        out1[r] = hi - hsum_128(mins[r][1]);
     }
 }
 

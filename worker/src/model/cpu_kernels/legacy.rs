@@ -313,12 +313,6 @@ unsafe fn dot32_pair<B: Block32, const ROWS: usize>(
     out0: &mut [f32],
     out1: &mut [f32],
 ) {
-    let halves = |lo: __m256, hi: __m256| {
-        _mm512_castpd_ps(_mm512_insertf64x4::<1>(
-            _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
-            _mm256_castps_pd(hi),
-        ))
-    };
     let both = |v: &[f32; ROW_TILE]| {
         _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(
             v.as_ptr() as *const f64
@@ -332,12 +326,12 @@ unsafe fn dot32_pair<B: Block32, const ROWS: usize>(
             _mm512_castsi256_si512(x0.unpack_unsigned()),
             x1.unpack_unsigned(),
         );
-        let wd = halves(
+        let wd = super::join_ps(
             _mm256_set1_ps(super::f32_of(x0.d())),
             _mm256_set1_ps(super::f32_of(x1.d())),
         );
         if B::OFFSET == 0 {
-            let wm = halves(
+            let wm = super::join_ps(
                 _mm256_set1_ps(super::f32_of(x0.m())),
                 _mm256_set1_ps(super::f32_of(x1.m())),
             );
@@ -361,10 +355,9 @@ unsafe fn dot32_pair<B: Block32, const ROWS: usize>(
     let mut min_lanes = [0f32; 2 * ROW_TILE];
     _mm512_storeu_ps(min_lanes.as_mut_ptr(), mins);
     for r in 0..ROWS {
-        let lo = _mm512_castps512_ps256(acc[r]);
-        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[r])));
-        out0[r] = super::hsum_ps(lo) + min_lanes[r];
-        out1[r] = super::hsum_ps(hi) + min_lanes[ROW_TILE + r];
+        let (lo, hi) = super::hsum_halves(acc[r]);
+        out0[r] = lo + min_lanes[r];
+        out1[r] = hi + min_lanes[ROW_TILE + r];
     }
 }
 

@@ -480,6 +480,31 @@ unsafe fn f32_of(h: half::f16) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(h.to_bits() as i16)))
 }
 
+/// One 512-bit vector of two 256-bit halves, `lo` in lanes 0..8 (the two-column kernels).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+#[inline]
+unsafe fn join_ps(
+    lo: std::arch::x86_64::__m256,
+    hi: std::arch::x86_64::__m256,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+        _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
+        _mm256_castps_pd(hi),
+    ))
+}
+
+/// The sums of each 256-bit half's eight lanes, low half first (the two-column kernels).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+#[inline]
+unsafe fn hsum_halves(v: std::arch::x86_64::__m512) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+    (hsum_ps(_mm512_castps512_ps256(v)), hsum_ps(hi))
+}
+
 /// The sum of a vector's eight lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
