@@ -25,8 +25,18 @@ pub struct ApiKeys {
 #[derive(Default, PartialEq, Eq)]
 struct KeyTable {
     entries: Vec<(Arc<str>, AuthToken)>,
-    /// The file's bytes the table was parsed from, so an unchanged file is not parsed again.
-    source: Vec<u8>,
+    /// The file's bytes the table was parsed from, so an unchanged file is not parsed again;
+    /// `None` while the file cannot be read (the table is empty then).
+    source: Option<Vec<u8>>,
+}
+
+/// What a reread of the keys file found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reload {
+    /// The keys changed.
+    pub changed: bool,
+    /// Lines that were skipped, each with its number and why (the other lines' keys hold).
+    pub skipped: Vec<String>,
 }
 
 impl fmt::Debug for ApiKeys {
@@ -41,10 +51,11 @@ impl fmt::Debug for ApiKeys {
 impl ApiKeys {
     /// Reads `path`: one key per line as `NAME KEY`; blank lines and lines starting with `#` are
     /// skipped. Names are `[A-Za-z0-9._-]`, up to 64 characters; keys follow the token rules (at
-    /// least 16 printable characters). A repeated name or key is an error.
+    /// least 16 printable characters). At start every line must be right (a repeated name or key
+    /// is an error too); rereads while serving skip the wrong lines instead (see [`Self::reload`]).
     pub fn load(path: &Path) -> Result<Self, TransportError> {
         let source = read(path)?;
-        let table = parse(&source).map_err(|why| invalid_file(path, why))?;
+        let table = parse_strict(&source).map_err(|why| invalid_file(path, why))?;
         Ok(Self {
             path: Some(path.to_path_buf()),
             keys: RwLock::new(Arc::new(table)),
@@ -53,7 +64,7 @@ impl ApiKeys {
 
     /// Checks the text of a keys file without keeping it.
     pub fn validate(text: &str) -> Result<(), TransportError> {
-        parse(text.as_bytes())
+        parse_strict(text.as_bytes())
             .map(drop)
             .map_err(TransportError::Invalid)
     }
@@ -65,7 +76,7 @@ impl ApiKeys {
             path: None,
             keys: RwLock::new(Arc::new(KeyTable {
                 entries: vec![(name.into(), key)],
-                source: Vec::new(),
+                source: None,
             })),
         })
     }
@@ -92,48 +103,63 @@ impl ApiKeys {
             .collect()
     }
 
-    /// Rereads the file. `Ok(true)` when the keys changed; on an error the keys stay as they were.
-    pub fn reload(&self) -> Result<bool, TransportError> {
+    /// Rereads the file. Keys fail closed: the table becomes exactly the well-formed lines of the
+    /// file as it is now (a malformed line is skipped and reported, never a reason to keep keys
+    /// the file no longer holds), and a file that cannot be read leaves no key valid until it can
+    /// be (the error is returned).
+    pub fn reload(&self) -> Result<Reload, TransportError> {
         let Some(path) = &self.path else {
-            return Ok(false);
+            return Ok(Reload::default());
         };
-        let source = read(path)?;
-        if source == self.table().source {
-            return Ok(false);
+        let source = match read(path) {
+            Ok(source) => source,
+            Err(e) => {
+                self.replace(KeyTable::default());
+                return Err(e);
+            }
+        };
+        if self.table().source.as_ref() == Some(&source) {
+            return Ok(Reload::default());
         }
-        let table = parse(&source).map_err(|why| invalid_file(path, why))?;
-        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
-        Ok(true)
+        let (table, skipped) = parse(&source);
+        let changed = self.table().entries != table.entries;
+        self.replace(table);
+        Ok(Reload { changed, skipped })
     }
 
     /// Rereads the file every `RELOAD_INTERVAL` for as long as `self` is in use elsewhere, logging
-    /// each change and each file that does not parse (the old keys stay then).
+    /// each change, each skipped line, and each reread of a file that cannot be read (no key is
+    /// valid then).
     pub fn watch(self: &Arc<Self>) {
         if self.path.is_none() {
             return;
         }
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut failing = false;
             loop {
                 tokio::time::sleep(RELOAD_INTERVAL).await;
                 let Some(keys) = weak.upgrade() else {
                     return;
                 };
                 match keys.reload() {
-                    Ok(true) => {
-                        failing = false;
-                        tracing::info!(names = ?keys.names(), "API keys reloaded");
+                    Ok(reload) => {
+                        for line in &reload.skipped {
+                            tracing::warn!(line = %line, "API keys file: line skipped");
+                        }
+                        if reload.changed {
+                            tracing::info!(names = ?keys.names(), "API keys reloaded");
+                        }
                     }
-                    Ok(false) => failing = false,
-                    Err(e) if !failing => {
-                        failing = true;
-                        tracing::error!(error = %e, "API keys file unusable; the previous keys stay");
+                    Err(e) => {
+                        tracing::error!(error = %e, "API keys file unreadable: every client key is refused until it can be read");
                     }
-                    Err(_) => {}
                 }
             }
         });
+    }
+
+    fn replace(&self, table: KeyTable) {
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
     }
 
     fn table(&self) -> Arc<KeyTable> {
@@ -168,38 +194,90 @@ fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
-fn parse(source: &[u8]) -> Result<KeyTable, String> {
-    let text = std::str::from_utf8(source).map_err(|_| "not UTF-8".to_string())?;
-    let mut entries: Vec<(Arc<str>, AuthToken)> = Vec::new();
+/// Every line right, or the first wrong one.
+fn parse_strict(source: &[u8]) -> Result<KeyTable, String> {
+    if std::str::from_utf8(source).is_err() {
+        return Err("not UTF-8".into());
+    }
+    let (table, mut skipped) = parse(source);
+    if skipped.is_empty() {
+        Ok(table)
+    } else {
+        Err(skipped.swap_remove(0))
+    }
+}
+
+/// The keys of the well-formed lines, and why each other line was skipped. A name used again
+/// keeps its first line; a key given on two lines is valid on neither (which name it stands for
+/// is unknown).
+fn parse(source: &[u8]) -> (KeyTable, Vec<String>) {
+    let text = String::from_utf8_lossy(source);
+    let mut entries: Vec<(Arc<str>, AuthToken, usize)> = Vec::new();
+    let mut skipped = Vec::new();
+    let mut doubled = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let at = |why: String| format!("line {}: {why}", i + 1);
-        let mut fields = line.split_whitespace();
-        let (Some(name), Some(key), None) = (fields.next(), fields.next(), fields.next()) else {
-            return Err(at("expected `NAME KEY`".into()));
-        };
-        check_name(name).map_err(at)?;
-        let key = AuthToken::new(key).map_err(|e| {
-            at(match e {
-                TransportError::Invalid(why) => why,
-                other => other.to_string(),
-            })
-        })?;
-        if entries.iter().any(|(n, _)| &**n == name) {
-            return Err(at(format!("the name {name:?} is used twice")));
+        match parse_line(line, &entries) {
+            Ok((name, key)) => entries.push((name.into(), key, i + 1)),
+            Err(Skip::Doubled(key, why)) => {
+                doubled.push(key);
+                skipped.push(format!("line {}: {why}", i + 1));
+            }
+            Err(Skip::Wrong(why)) => skipped.push(format!("line {}: {why}", i + 1)),
         }
-        if entries.iter().any(|(_, k)| *k == key) {
-            return Err(at(format!("{name:?} has the same key as an earlier line")));
-        }
-        entries.push((name.into(), key));
     }
-    Ok(KeyTable {
+    let entries = entries
+        .into_iter()
+        .filter(|(name, key, line)| {
+            let keep = !doubled.contains(key);
+            if !keep {
+                skipped.push(format!(
+                    "line {line}: {name:?} has a key another line gives too"
+                ));
+            }
+            keep
+        })
+        .map(|(name, key, _)| (name, key))
+        .collect();
+    let table = KeyTable {
         entries,
-        source: source.to_vec(),
-    })
+        source: Some(source.to_vec()),
+    };
+    (table, skipped)
+}
+
+enum Skip {
+    Wrong(String),
+    /// The line's key is an earlier line's too.
+    Doubled(AuthToken, String),
+}
+
+fn parse_line<'a>(
+    line: &'a str,
+    earlier: &[(Arc<str>, AuthToken, usize)],
+) -> Result<(&'a str, AuthToken), Skip> {
+    let mut fields = line.split_whitespace();
+    let (Some(name), Some(key), None) = (fields.next(), fields.next(), fields.next()) else {
+        return Err(Skip::Wrong("expected `NAME KEY`".into()));
+    };
+    check_name(name).map_err(Skip::Wrong)?;
+    let key = AuthToken::new(key).map_err(|e| {
+        Skip::Wrong(match e {
+            TransportError::Invalid(why) => why,
+            other => other.to_string(),
+        })
+    })?;
+    if earlier.iter().any(|(n, _, _)| &**n == name) {
+        return Err(Skip::Wrong(format!("the name {name:?} is used twice")));
+    }
+    if earlier.iter().any(|(_, k, _)| *k == key) {
+        let why = format!("{name:?} has the same key as an earlier line");
+        return Err(Skip::Doubled(key, why));
+    }
+    Ok((name, key))
 }
 
 /// A line for a keys file: `name` and a fresh key.
@@ -215,6 +293,7 @@ mod tests {
 
     const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaa";
     const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbb";
+    const C: &str = "cccccccccccccccccccccccc";
 
     fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
@@ -255,20 +334,52 @@ mod tests {
     }
 
     #[test]
-    fn reload_revokes_and_keeps_the_old_keys_on_a_bad_file() {
+    fn reload_revokes_and_fails_closed() {
         let (_dir, path) = file(&format!("alice {A}\nbob {B}\n"));
         let keys = ApiKeys::load(&path).unwrap();
-        assert!(!keys.reload().unwrap(), "an unchanged file is no change");
+        assert_eq!(
+            keys.reload().unwrap(),
+            Reload::default(),
+            "an unchanged file"
+        );
         std::fs::write(&path, format!("bob {B}\n")).unwrap();
-        assert!(keys.reload().unwrap());
+        assert!(keys.reload().unwrap().changed);
         assert_eq!(keys.check(A.as_bytes()), None);
         assert_eq!(keys.check(B.as_bytes()).as_deref(), Some("bob"));
-        std::fs::write(&path, "bob\n").unwrap();
-        assert!(keys.reload().is_err());
+
+        // A typo beside the removal of a key still removes it; the good lines hold.
+        std::fs::write(&path, format!("alice {A}\nbob {B}\n")).unwrap();
+        keys.reload().unwrap();
+        let mut text = format!("bob {B}\ncarol\n").into_bytes();
+        text.push(0xff);
+        text.extend_from_slice(format!("d {C}\n").as_bytes());
+        std::fs::write(&path, text).unwrap();
+        let reload = keys.reload().unwrap();
+        assert!(reload.changed);
+        assert_eq!(reload.skipped.len(), 2, "{reload:?}");
+        assert!(
+            reload.skipped[0].starts_with("line 2: expected"),
+            "{reload:?}"
+        );
+        assert_eq!(keys.check(A.as_bytes()), None);
         assert_eq!(keys.check(B.as_bytes()).as_deref(), Some("bob"));
+        assert_eq!(keys.check(C.as_bytes()), None);
+
+        // A key on two lines stands for neither name.
+        std::fs::write(&path, format!("bob {B}\neve {B}\ncarol {C}\n")).unwrap();
+        let reload = keys.reload().unwrap();
+        assert_eq!(reload.skipped.len(), 2, "{reload:?}");
+        assert_eq!(keys.check(B.as_bytes()), None);
+        assert_eq!(keys.check(C.as_bytes()).as_deref(), Some("carol"));
+
+        // No file, no keys; back when it is readable again.
         std::fs::remove_file(&path).unwrap();
         assert!(keys.reload().is_err());
-        assert_eq!(keys.check(B.as_bytes()).as_deref(), Some("bob"));
+        assert_eq!(keys.check(C.as_bytes()), None);
+        assert!(keys.names().is_empty());
+        std::fs::write(&path, format!("carol {C}\n")).unwrap();
+        assert!(keys.reload().unwrap().changed);
+        assert_eq!(keys.check(C.as_bytes()).as_deref(), Some("carol"));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Server};
 
-pub use api_keys::{new_key_line, ApiKeys};
+pub use api_keys::{new_key_line, ApiKeys, Reload};
 pub use auth::{AuthToken, Caller, ClientAuth, ServerAuth};
 pub use tls::{Peers, TlsMaterial, HANDSHAKE_TIMEOUT};
 
