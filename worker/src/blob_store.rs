@@ -89,7 +89,7 @@ impl BlobStore {
     pub fn write(&self, blob: &BlobRef, offset: u64, data: &[u8]) -> Result<bool, WorkerError> {
         if blob.size == 0 || blob.size > self.max_bytes {
             return Err(WorkerError::ResourceExhausted(format!(
-                "a blob of {} bytes does not fit this worker's weight cache of {} MiB (--cache-max-gib)",
+                "a blob of {} bytes does not fit this worker's weight cache of {} MiB (--weight-cache-gib)",
                 blob.size,
                 self.max_bytes >> 20
             )));
@@ -117,6 +117,10 @@ impl BlobStore {
                 blob.hex()
             )));
         }
+        if held == 0 {
+            // A new transfer: room for the whole blob is made before its first byte lands.
+            self.evict(blob);
+        }
         let mut file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -133,9 +137,11 @@ impl BlobStore {
         Ok(true)
     }
 
-    /// Drops the least recently used complete blobs (never `keep`) while they total more than
-    /// the bound.
+    /// Drops the least recently used blobs, complete or partial (the rest of a transfer that was
+    /// cut and never resumed), never `keep`, while they and all of `keep` total more than the
+    /// bound.
     fn evict(&self, keep: &BlobRef) {
+        let keep_bytes = keep.size;
         let keep = keep.hex();
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return;
@@ -145,7 +151,8 @@ impl BlobStore {
             .filter_map(|entry| {
                 let name = entry.file_name().into_string().ok()?;
                 let meta = entry.metadata().ok()?;
-                (name.len() == 64 && name != keep && meta.is_file()).then(|| {
+                let digest = name.strip_suffix(".partial").unwrap_or(&name);
+                (digest.len() == 64 && digest != keep && meta.is_file()).then(|| {
                     (
                         meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
                         meta.len(),
@@ -154,8 +161,7 @@ impl BlobStore {
                 })
             })
             .collect();
-        let kept = fs::metadata(self.dir.join(&keep)).map_or(0, |m| m.len());
-        let mut total: u64 = kept + blobs.iter().map(|(_, size, _)| size).sum::<u64>();
+        let mut total: u64 = keep_bytes + blobs.iter().map(|(_, size, _)| size).sum::<u64>();
         blobs.sort();
         for (_, size, path) in blobs {
             if total <= self.max_bytes {
@@ -259,5 +265,38 @@ mod tests {
         assert!(store.complete(&blobs[0].0).is_some());
         assert!(store.complete(&blobs[1].0).is_none());
         assert!(store.complete(&blobs[2].0).is_some());
+    }
+
+    #[test]
+    fn cut_transfers_count_against_the_bound_and_go_first_when_older() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path(), 25_000).unwrap();
+        let blobs: Vec<(BlobRef, Vec<u8>)> = (0..3)
+            .map(|i| {
+                let data = bytes(10_000, 20 + i);
+                (digest_bytes(&data), data)
+            })
+            .collect();
+        // Blob 0's transfer is cut at 8,000 bytes and never resumed; blob 1 arrives whole.
+        store.write(&blobs[0].0, 0, &blobs[0].1[..8_000]).unwrap();
+        File::options()
+            .write(true)
+            .open(store.partial_path(&blobs[0].0))
+            .unwrap()
+            .set_modified(SystemTime::now() - std::time::Duration::from_secs(60))
+            .unwrap();
+        store.write(&blobs[1].0, 0, &blobs[1].1).unwrap();
+        assert_eq!(store.held(&blobs[0].0), 8_000);
+        // Blob 2's transfer needs room: the cut one, the oldest, goes as it starts.
+        store.write(&blobs[2].0, 0, &blobs[2].1[..10]).unwrap();
+        assert_eq!(store.held(&blobs[0].0), 0);
+        assert!(!store.partial_path(&blobs[0].0).exists());
+        assert!(store.complete(&blobs[1].0).is_some());
+        assert!(store.write(&blobs[2].0, 10, &blobs[2].1[10..]).unwrap());
+        let total: u64 = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(total <= 25_000, "{total}");
     }
 }

@@ -162,12 +162,17 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A worker admits cluster members only: with a certificate and a CA, its callers must present a
-/// certificate of that CA (mutual TLS, always), and it never trusts a client CA.
+/// A worker admits cluster members only: serving TLS, its callers must present a certificate of the
+/// node CA (mutual TLS, always; a certificate without the CA to check callers is refused), and it
+/// never trusts a client CA.
 fn worker_security(args: &SecurityArgs) -> anyhow::Result<strata_transport::Security> {
     let mut files = args.files();
     files.client_ca = None;
-    files.mutual_tls = files.cert.is_some() && files.ca.is_some();
+    anyhow::ensure!(
+        files.cert.is_none() || files.ca.is_some(),
+        "a worker serving TLS checks its callers' certificates: give --tls-ca (the node CA) with --tls-cert, or --keys DIR"
+    );
+    files.mutual_tls = files.cert.is_some();
     strata_transport::Security::load(&files).context("invalid TLS or token settings")
 }
 
