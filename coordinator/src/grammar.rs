@@ -73,7 +73,24 @@ impl Grammars {
             pending: Vec::new(),
             end_of_generation: self.end_of_generation.clone(),
             words: self.words,
+            failed: None,
         })
+    }
+
+    /// Whether `value` is valid under `schema` as this crate's grammars read JSON (the model's
+    /// output under that schema could have been exactly it).
+    pub fn fits(&self, schema: &serde_json::Value, value: &serde_json::Value) -> bool {
+        let Ok(mut c) = self.compile(&GrammarSpec::JsonSchema(schema.clone())) else {
+            return false;
+        };
+        let Ok(env) = c.matcher.tok_env() else {
+            return false;
+        };
+        let tokens = env.tokenize_bytes(value.to_string().as_bytes());
+        c.matcher
+            .try_consume_tokens(&tokens)
+            .is_ok_and(|n| n == tokens.len())
+            && c.matcher.is_accepting().unwrap_or(false)
     }
 }
 
@@ -85,6 +102,8 @@ pub struct Constraint {
     pending: Vec<u32>,
     end_of_generation: Arc<[u32]>,
     words: usize,
+    /// Why the grammar failed, once it has: the output ends there, as an error, not a success.
+    failed: Option<String>,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -101,9 +120,15 @@ impl Constraint {
         self.pending.push(token);
     }
 
+    /// Why the grammar failed, if it has (see [`Constraint::next_mask`]).
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
     /// The tokens allowed next, as the wire's bitmask (one bit per vocabulary id). Once the grammar
-    /// is complete only end-of-generation tokens are; a grammar that fails (it never should: every
-    /// token came from its own mask) allows only them too, so the output ends where it went wrong.
+    /// is complete only end-of-generation tokens are. A grammar that fails (llguidance out of lexer
+    /// fuel, or an error of its own) allows only them too, so the output ends where it went wrong,
+    /// and records why: the request then ends with an error, not as a finished output.
     pub fn next_mask(&mut self) -> Vec<u32> {
         let pending = std::mem::take(&mut self.pending);
         let mask = self
@@ -122,6 +147,7 @@ impl Constraint {
             }
             Err(e) => {
                 tracing::error!(error = %e, "the grammar failed: ending the output");
+                self.failed.get_or_insert_with(|| e.to_string());
                 self.allow_end(&mut words);
             }
         }
@@ -207,6 +233,43 @@ mod tests {
     }
 
     #[test]
+    fn a_failing_grammar_allows_only_the_end_and_says_why() {
+        let grammars = Grammars::new(&smollm2(), 49152).unwrap();
+        let mut c = grammars
+            .compile(&GrammarSpec::JsonSchema(
+                serde_json::json!({"type": "object"}),
+            ))
+            .unwrap();
+        c.next_mask();
+        assert_eq!(c.failure(), None);
+        c.matcher.test_trigger_lexer_error().unwrap_err();
+        assert_eq!(allowed(&c.next_mask()), smollm2().end_of_generation_ids());
+        assert!(c.failure().is_some());
+    }
+
+    #[test]
+    fn values_fit_their_schema_or_not() {
+        let grammars = Grammars::new(&smollm2(), 49152).unwrap();
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1}},
+            "required": ["city"],
+            "additionalProperties": false,
+        });
+        for (value, fits) in [
+            (serde_json::json!({"city": "Paris"}), true),
+            (serde_json::json!({"city": "Paris", "days": 3}), true),
+            (serde_json::json!({"days": 3}), false),
+            (serde_json::json!({"city": 3}), false),
+            (serde_json::json!({"city": "Paris", "days": 0}), false),
+            (serde_json::json!({"city": "Paris", "when": "now"}), false),
+            (serde_json::json!({"city": "Pa\"ris\n✓"}), true),
+        ] {
+            assert_eq!(grammars.fits(&schema, &value), fits, "{value}");
+        }
+    }
+
+    #[test]
     fn a_lark_grammar_and_a_wrong_one() {
         let tokenizer = smollm2();
         let grammars = Grammars::new(&tokenizer, 49152).unwrap();
@@ -225,6 +288,13 @@ mod tests {
             ))
             .unwrap_err();
         assert!(e.contains("nonsense"), "{e}");
+        // A keyword llguidance does not implement is refused by name, not ignored.
+        let e = grammars
+            .compile(&GrammarSpec::JsonSchema(
+                serde_json::json!({"type": "array", "uniqueItems": true}),
+            ))
+            .unwrap_err();
+        assert!(e.contains("uniqueItems"), "{e}");
     }
 
     #[test]

@@ -19,12 +19,20 @@
 //! before. A CPU stage computes a prompt row alike in any prompt step (`layer/attention.rs`), so a
 //! sequence on a copy generates what a cold one does, bit for bit, within 512 positions; past them,
 //! and on GPUs, tokens may part at near-ties.
+//!
+//! Entries belong to a tenant (the name of the API key that made them) and only that tenant's
+//! requests copy from them, wait on them, or learn their length: otherwise `cached_tokens` and the
+//! time to a first token would tell one key, token by token, what another key sent (vLLM salts its
+//! prefix hashes per tenant for this reason). A cluster that serves one user can share entries
+//! across keys instead (`--share-prefix-cache`). The count of parked entries is shared: one
+//! tenant's entries can push out another's, which costs speed, never content.
 //! Entries are found by scanning them (a few hundred at most, each compared only as far as it
 //! agrees); parked ones are kept least-recently-used within a count, and dropped when a worker says
 //! it evicted one; a running one goes when its sequence is freed. An entry with a fork on its way is
 //! pinned: the coordinator never frees it under that step.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Fewer shared tokens than this are computed again rather than copied: a copy and an entry's
 /// upkeep cost more than a few positions of prefill.
@@ -33,6 +41,8 @@ pub const MIN_SHARED_TOKENS: usize = 16;
 /// A prefix the stages hold, or are computing, and what uses it.
 #[derive(Debug)]
 struct Entry {
+    /// Whose requests may use it (empty when entries are shared across tenants).
+    tenant: Arc<str>,
     /// The sequence's prompt.
     tokens: Vec<u32>,
     /// How many leading positions of `tokens` every stage holds: all of a parked entry's; a running
@@ -70,17 +80,29 @@ pub struct Offer {
 pub struct PrefixCache {
     entries: HashMap<u64, Entry>,
     max_entries: usize,
+    /// Every tenant's requests use every entry (one user's cluster, by choice).
+    shared: bool,
     clock: u64,
 }
 
 impl PrefixCache {
     /// A cache of at most `max_entries` parked sequences (running ones come and go with their
-    /// sequences); 0 turns prefix caching off.
-    pub fn new(max_entries: usize) -> Self {
+    /// sequences); 0 turns prefix caching off. Entries are each tenant's own unless `shared`.
+    pub fn new(max_entries: usize, shared: bool) -> Self {
         Self {
             entries: HashMap::new(),
             max_entries,
+            shared,
             clock: 0,
+        }
+    }
+
+    /// The tenant an entry of `tenant`'s is filed under.
+    fn owner<'a>(&self, tenant: &'a str) -> &'a str {
+        if self.shared {
+            ""
+        } else {
+            tenant
         }
     }
 
@@ -101,15 +123,17 @@ impl PrefixCache {
         self.entries.contains_key(&id)
     }
 
-    /// Where a new sequence with `prompt` starts: on the entry sharing the longest computed prefix
-    /// with it, copying at most `prompt.len() - 2` positions (its first step feeds at least two,
-    /// see above) and nothing under [`MIN_SHARED_TOKENS`]; or, if a prompt being prefilled would
-    /// give at least [`MIN_SHARED_TOKENS`] more than that once computed, after waiting for it.
-    pub fn lookup(&mut self, prompt: &[u32]) -> Lookup {
+    /// Where a new sequence of `tenant`'s with `prompt` starts: on the tenant's entry sharing the
+    /// longest computed prefix with it, copying at most `prompt.len() - 2` positions (its first
+    /// step feeds at least two, see above) and nothing under [`MIN_SHARED_TOKENS`]; or, if a
+    /// prompt of the tenant's being prefilled would give at least [`MIN_SHARED_TOKENS`] more than
+    /// that once computed, after waiting for it.
+    pub fn lookup(&mut self, tenant: &str, prompt: &[u32]) -> Lookup {
         let prompt = &prompt[..prompt.len().saturating_sub(2)];
+        let tenant = self.owner(tenant);
         let mut best: Option<(u64, usize, u64)> = None;
         let mut coming = 0;
-        for (&id, e) in &self.entries {
+        for (&id, e) in self.entries.iter().filter(|(_, e)| *e.tenant == *tenant) {
             let agrees = shared_prefix(&e.tokens, prompt);
             let shared = agrees.min(e.computed);
             if best.is_none_or(|(_, s, used)| (shared, e.last_used) > (s, used)) {
@@ -138,14 +162,19 @@ impl PrefixCache {
         Lookup::Copy { source, shared }
     }
 
-    /// A running sequence `id` with `prompt` starts its prompt steps: it is an entry from now on,
-    /// unless caching is off, it is too short, or an entry holds all of its prompt already (the
-    /// other choices of one request, or a sequence that copies a whole prompt).
-    pub fn start(&mut self, id: u64, prompt: &[u32]) {
+    /// A running sequence `id` of `tenant`'s with `prompt` starts its prompt steps: it is an entry
+    /// from now on, unless caching is off, it is too short, or an entry of the tenant's holds all
+    /// of its prompt already (the other choices of one request, or a sequence that copies a whole
+    /// prompt).
+    pub fn start(&mut self, id: u64, tenant: &str, prompt: &[u32]) {
+        let tenant = self.owner(tenant);
         if !self.is_enabled()
             || prompt.len() < MIN_SHARED_TOKENS
             || self.entries.contains_key(&id)
-            || self.entries.values().any(|e| e.tokens.starts_with(prompt))
+            || self
+                .entries
+                .values()
+                .any(|e| *e.tenant == *tenant && e.tokens.starts_with(prompt))
         {
             return;
         }
@@ -153,6 +182,7 @@ impl PrefixCache {
         self.entries.insert(
             id,
             Entry {
+                tenant: tenant.into(),
                 tokens: prompt.to_vec(),
                 computed: 0,
                 parked: false,
@@ -169,23 +199,29 @@ impl PrefixCache {
         }
     }
 
-    /// Offers a finished sequence whose stages hold `tokens`. It is parked unless prefix caching is
-    /// off, it is too short, or another entry holds all of it (a running sequence's entry is parked
-    /// regardless while a copy from it is on its way); parked entries it holds all of are dropped
-    /// (what they would give, it gives), and so are the least recently used unpinned ones past the
-    /// count.
-    pub fn offer(&mut self, id: u64, tokens: &[u32]) -> Offer {
+    /// Offers a finished sequence of `tenant`'s whose stages hold `tokens`. It is parked unless
+    /// prefix caching is off, it is too short, or another entry of the tenant's holds all of it (a
+    /// running sequence's entry is parked regardless while a copy from it is on its way); the
+    /// tenant's parked entries it holds all of are dropped (what they would give, it gives), and
+    /// so are the least recently used unpinned ones past the count.
+    pub fn offer(&mut self, id: u64, tenant: &str, tokens: &[u32]) -> Offer {
+        let tenant = self.owner(tenant);
         let pins = self.entries.remove(&id).map_or(0, |e| e.pins);
         let wanted = self.is_enabled()
             && tokens.len() >= MIN_SHARED_TOKENS
-            && !self.entries.values().any(|e| e.tokens.starts_with(tokens));
+            && !self
+                .entries
+                .values()
+                .any(|e| *e.tenant == *tenant && e.tokens.starts_with(tokens));
         if !wanted && pins == 0 {
             return Offer::default();
         }
         let mut dropped: Vec<u64> = self
             .entries
             .iter()
-            .filter(|(_, e)| e.parked && e.pins == 0 && tokens.starts_with(&e.tokens))
+            .filter(|(_, e)| {
+                *e.tenant == *tenant && e.parked && e.pins == 0 && tokens.starts_with(&e.tokens)
+            })
             .map(|(&id, _)| id)
             .collect();
         for id in &dropped {
@@ -195,6 +231,7 @@ impl PrefixCache {
         self.entries.insert(
             id,
             Entry {
+                tenant: tenant.into(),
                 tokens: tokens.to_vec(),
                 computed: tokens.len(),
                 parked: true,
@@ -261,6 +298,10 @@ fn shared_prefix(a: &[u32], b: &[u32]) -> usize {
 mod tests {
     use super::*;
 
+    /// Two tenants (API key names).
+    const A: &str = "alice";
+    const B: &str = "bob";
+
     fn run(n: u32) -> Vec<u32> {
         (0..n).collect()
     }
@@ -277,9 +318,9 @@ mod tests {
 
     #[test]
     fn lookups_find_the_longest_shared_prefix_and_leave_a_token_to_feed() {
-        let mut cache = PrefixCache::new(8);
-        assert!(cache.offer(1, &run(40)).park);
-        assert!(cache.offer(2, &with_tail(20, &[900; 30])).park);
+        let mut cache = PrefixCache::new(8, false);
+        assert!(cache.offer(1, A, &run(40)).park);
+        assert!(cache.offer(2, A, &with_tail(20, &[900; 30])).park);
         for (prompt, want) in [
             // The whole entry, and more to feed.
             (with_tail(40, &[7, 8]), copy(1, 40)),
@@ -294,63 +335,63 @@ mod tests {
             (vec![9; 50], Lookup::Cold),
             (vec![], Lookup::Cold),
         ] {
-            assert_eq!(cache.lookup(&prompt), want, "{prompt:?}");
+            assert_eq!(cache.lookup(A, &prompt), want, "{prompt:?}");
         }
     }
 
     #[test]
     fn a_prompt_waits_for_what_a_running_prefill_will_hold_then_copies_it() {
-        let mut cache = PrefixCache::new(8);
+        let mut cache = PrefixCache::new(8, false);
         let prompt = with_tail(60, &[7; 4]);
         // The first of three choices starts; the other two wait for its prompt.
-        assert_eq!(cache.lookup(&prompt), Lookup::Cold);
-        cache.start(1, &prompt);
-        assert_eq!(cache.lookup(&prompt), Lookup::Wait);
+        assert_eq!(cache.lookup(A, &prompt), Lookup::Cold);
+        cache.start(1, A, &prompt);
+        assert_eq!(cache.lookup(A, &prompt), Lookup::Wait);
         // Its first chunk is back: a prompt sharing no more than that copies it at once ...
         cache.computed(1, 32);
-        assert_eq!(cache.lookup(&with_tail(32, &[5; 10])), copy(1, 32));
+        assert_eq!(cache.lookup(A, &with_tail(32, &[5; 10])), copy(1, 32));
         // ... one sharing more keeps waiting, unless the rest is too little to wait for.
-        assert_eq!(cache.lookup(&prompt), Lookup::Wait);
-        assert_eq!(cache.lookup(&with_tail(40, &[5; 10])), copy(1, 32));
+        assert_eq!(cache.lookup(A, &prompt), Lookup::Wait);
+        assert_eq!(cache.lookup(A, &with_tail(40, &[5; 10])), copy(1, 32));
         // The whole prompt is back: the choices copy all but their last two positions, and are
         // no entries of their own (the first holds all of theirs).
         cache.computed(1, 64);
-        assert_eq!(cache.lookup(&prompt), copy(1, 62));
-        cache.start(2, &prompt);
+        assert_eq!(cache.lookup(A, &prompt), copy(1, 62));
+        cache.start(2, A, &prompt);
         assert!(!cache.holds(2));
         // Another prompt on the same prefix is an entry of its own.
         let longer = with_tail(60, &[7; 30]);
-        cache.start(3, &longer);
+        cache.start(3, A, &longer);
         assert!(cache.holds(3));
-        assert_eq!(cache.lookup(&with_tail(60, &[7; 40])), Lookup::Wait);
-        assert_eq!(cache.lookup(&with_tail(60, &[7; 20])), copy(1, 64));
+        assert_eq!(cache.lookup(A, &with_tail(60, &[7; 40])), Lookup::Wait);
+        assert_eq!(cache.lookup(A, &with_tail(60, &[7; 20])), copy(1, 64));
         // Too short to be worth an entry, or with caching off: none.
-        cache.start(4, &run(MIN_SHARED_TOKENS as u32 - 1));
+        cache.start(4, A, &run(MIN_SHARED_TOKENS as u32 - 1));
         assert!(!cache.holds(4));
-        let mut off = PrefixCache::new(0);
-        off.start(1, &prompt);
-        assert_eq!(off.lookup(&prompt), Lookup::Cold);
+        let mut off = PrefixCache::new(0, false);
+        off.start(1, A, &prompt);
+        assert_eq!(off.lookup(A, &prompt), Lookup::Cold);
     }
 
     #[test]
     fn a_running_entry_is_parked_when_it_ends_and_only_parked_ones_are_freed_by_the_cache() {
-        let mut cache = PrefixCache::new(1);
+        let mut cache = PrefixCache::new(1, false);
         let prompt = with_tail(30, &[7; 4]);
-        assert!(cache.offer(3, &run(20)).park);
-        cache.start(1, &prompt);
+        assert!(cache.offer(3, A, &run(20)).park);
+        cache.start(1, A, &prompt);
         cache.computed(1, 34);
-        cache.start(2, &with_tail(30, &[8; 4]));
+        cache.start(2, A, &with_tail(30, &[8; 4]));
         // The first ends: parked, superseding the parked prefix it extends; the running entry
         // does not count against the one parked entry allowed.
         assert_eq!(
-            cache.offer(1, &prompt),
+            cache.offer(1, A, &prompt),
             Offer {
                 park: true,
                 dropped: vec![3]
             }
         );
         // A choice that copied it ends: nothing to add.
-        assert_eq!(cache.offer(4, &prompt), Offer::default());
+        assert_eq!(cache.offer(4, A, &prompt), Offer::default());
         // The second's sequence is freed while running: forgotten, but not freed again.
         assert_eq!(cache.forget(&[2]), Vec::<u64>::new());
         assert!(!cache.holds(2));
@@ -359,29 +400,29 @@ mod tests {
 
     #[test]
     fn a_running_entry_with_a_copy_on_its_way_is_parked_even_if_another_holds_it() {
-        let mut cache = PrefixCache::new(8);
+        let mut cache = PrefixCache::new(8, false);
         let prompt = with_tail(30, &[7; 4]);
-        cache.start(1, &prompt);
+        cache.start(1, A, &prompt);
         cache.computed(1, 34);
-        assert_eq!(cache.lookup(&prompt), copy(1, 32));
+        assert_eq!(cache.lookup(A, &prompt), copy(1, 32));
         cache.pin(1);
-        assert!(cache.offer(2, &with_tail(30, &[7; 10])).park);
+        assert!(cache.offer(2, A, &with_tail(30, &[7; 10])).park);
         // Entry 2 holds all of 1, but a step copies from 1: it stays.
-        assert!(cache.offer(1, &prompt).park);
+        assert!(cache.offer(1, A, &prompt).park);
         assert!(cache.holds(1) && cache.holds(2));
         // Unpinned, the same offer adds nothing.
         cache.unpin(1);
-        assert_eq!(cache.offer(1, &prompt), Offer::default());
+        assert_eq!(cache.offer(1, A, &prompt), Offer::default());
         assert!(!cache.holds(1));
     }
 
     #[test]
     fn an_offer_supersedes_the_entries_it_extends_and_adds_nothing_they_hold() {
-        let mut cache = PrefixCache::new(8);
-        assert!(cache.offer(1, &run(30)).park);
-        assert!(cache.offer(2, &with_tail(20, &[900; 10])).park);
+        let mut cache = PrefixCache::new(8, false);
+        assert!(cache.offer(1, A, &run(30)).park);
+        assert!(cache.offer(2, A, &with_tail(20, &[900; 10])).park);
         // Turn two of the first chat holds all of turn one: turn one goes.
-        let offer = cache.offer(3, &with_tail(30, &[5; 20]));
+        let offer = cache.offer(3, A, &with_tail(30, &[5; 20]));
         assert_eq!(
             offer,
             Offer {
@@ -390,46 +431,92 @@ mod tests {
             }
         );
         // A sequence that an entry holds all of adds nothing.
-        assert_eq!(cache.offer(4, &with_tail(30, &[5; 10])), Offer::default());
+        assert_eq!(
+            cache.offer(4, A, &with_tail(30, &[5; 10])),
+            Offer::default()
+        );
         // Too short to be worth a copy.
         assert_eq!(
-            cache.offer(5, &run(MIN_SHARED_TOKENS as u32 - 1)),
+            cache.offer(5, A, &run(MIN_SHARED_TOKENS as u32 - 1)),
             Offer::default()
         );
         assert_eq!(cache.parked(), 2);
         // Off: nothing is parked.
-        assert_eq!(PrefixCache::new(0).offer(6, &run(40)), Offer::default());
+        assert_eq!(
+            PrefixCache::new(0, false).offer(6, A, &run(40)),
+            Offer::default()
+        );
     }
 
     #[test]
     fn the_count_drops_the_least_recently_used_but_never_a_pinned_entry() {
-        let mut cache = PrefixCache::new(2);
-        cache.offer(1, &with_tail(20, &[1; 5]));
-        cache.offer(2, &with_tail(20, &[2; 5]));
+        let mut cache = PrefixCache::new(2, false);
+        cache.offer(1, A, &with_tail(20, &[1; 5]));
+        cache.offer(2, A, &with_tail(20, &[2; 5]));
         // Entry 1 is used (and pinned by the step that copies from it): 2 is the oldest now.
-        assert_eq!(cache.lookup(&with_tail(20, &[1; 9])), copy(1, 25));
+        assert_eq!(cache.lookup(A, &with_tail(20, &[1; 9])), copy(1, 25));
         cache.pin(1);
-        assert_eq!(cache.offer(3, &with_tail(20, &[3; 5])).dropped, vec![2]);
+        assert_eq!(cache.offer(3, A, &with_tail(20, &[3; 5])).dropped, vec![2]);
         // With 1 pinned, 3 goes next, however old 1 is.
-        assert_eq!(cache.offer(4, &with_tail(20, &[4; 5])).dropped, vec![3]);
+        assert_eq!(cache.offer(4, A, &with_tail(20, &[4; 5])).dropped, vec![3]);
         cache.unpin(1);
-        assert_eq!(cache.offer(5, &with_tail(20, &[5; 5])).dropped, vec![1]);
+        assert_eq!(cache.offer(5, A, &with_tail(20, &[5; 5])).dropped, vec![1]);
         // A pinned entry that a new one extends stays too.
         cache.pin(5);
-        let offer = cache.offer(6, &with_tail(20, &[5; 9]));
+        let offer = cache.offer(6, A, &with_tail(20, &[5; 9]));
         assert!(offer.park && !offer.dropped.contains(&5), "{offer:?}");
     }
 
     #[test]
     fn evicted_and_lost_entries_are_forgotten() {
-        let mut cache = PrefixCache::new(8);
-        cache.offer(1, &with_tail(20, &[1; 5]));
-        cache.offer(2, &with_tail(20, &[2; 5]));
+        let mut cache = PrefixCache::new(8, false);
+        cache.offer(1, A, &with_tail(20, &[1; 5]));
+        cache.offer(2, A, &with_tail(20, &[2; 5]));
         assert_eq!(cache.forget(&[2, 7]), vec![2]);
         assert!(cache.holds(1) && !cache.holds(2));
-        assert_eq!(cache.lookup(&with_tail(20, &[2; 9])), copy(1, 20));
+        assert_eq!(cache.lookup(A, &with_tail(20, &[2; 9])), copy(1, 20));
         assert_eq!(cache.clear(), vec![1]);
         assert!(cache.is_empty());
-        assert_eq!(cache.lookup(&with_tail(20, &[1; 9])), Lookup::Cold);
+        assert_eq!(cache.lookup(A, &with_tail(20, &[1; 9])), Lookup::Cold);
+    }
+
+    #[test]
+    fn a_tenant_never_copies_waits_on_or_supersedes_another_tenants_entries() {
+        let mut cache = PrefixCache::new(8, false);
+        let prompt = with_tail(40, &[7; 4]);
+        // Alice's prompt is being prefilled: Bob's same prompt neither waits for it ...
+        cache.start(1, A, &prompt);
+        assert_eq!(cache.lookup(A, &prompt), Lookup::Wait);
+        assert_eq!(cache.lookup(B, &prompt), Lookup::Cold);
+        // ... nor is kept from being an entry of his own by it.
+        cache.start(2, B, &prompt);
+        assert!(cache.holds(2));
+        cache.computed(1, 44);
+        // Alice's finished prompt is hers alone.
+        assert!(cache.offer(1, A, &prompt).park);
+        assert!(cache.offer(2, B, &run(20)).park);
+        assert_eq!(cache.lookup(A, &prompt), copy(1, 42));
+        assert_eq!(cache.lookup("carol", &prompt), Lookup::Cold);
+        assert_eq!(cache.lookup(B, &prompt), copy(2, 20));
+        // Bob's longer prompt does not supersede Alice's entry (hers to lose only by the count).
+        let offer = cache.offer(3, B, &with_tail(40, &[7; 10]));
+        assert_eq!(
+            offer,
+            Offer {
+                park: true,
+                dropped: vec![2]
+            }
+        );
+        assert!(cache.holds(1));
+        assert_eq!(cache.lookup(A, &prompt), copy(1, 42));
+
+        // Shared across tenants by choice: everyone's entries serve everyone.
+        let mut shared = PrefixCache::new(8, true);
+        shared.start(1, A, &prompt);
+        assert_eq!(shared.lookup(B, &prompt), Lookup::Wait);
+        shared.computed(1, 44);
+        assert!(shared.offer(1, A, &prompt).park);
+        assert_eq!(shared.lookup(B, &prompt), copy(1, 42));
+        assert_eq!(shared.offer(2, B, &prompt), Offer::default());
     }
 }

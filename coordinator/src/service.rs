@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use strata_model::{ChatPromptError, ChatTemplate, ModelFile, TextTokenizer, ToolCallFormat};
+use strata_model::{
+    CallCheck, CallReader, ChatPromptError, ChatTemplate, ModelFile, TextTokenizer,
+};
 use strata_proto::v1;
 use strata_transport::Caller;
 use tokio::sync::mpsc;
@@ -109,7 +111,8 @@ impl CoordinatorService {
     }
 
     /// The prompt's ids: `prompt` as given, or `messages` rendered with the model's chat template,
-    /// their content tokenized as text (a control token typed in a message stays characters).
+    /// every client string in them and in `tools` tokenized as text (a control token typed in any
+    /// field stays characters) and every role one of OpenAI's.
     fn prompt_ids(
         &self,
         r: &v1::GenerateRequest,
@@ -131,16 +134,6 @@ impl CoordinatorService {
         };
         let messages = tools::chat_messages(&r.messages)
             .map_err(|e| invalid(format!("chat messages: {e}")))?;
-        if let Some(m) = messages.iter().find(|m| {
-            m.tool_calls
-                .iter()
-                .any(|c| self.tokenizer.has_control_text(&c.arguments.to_string()))
-        }) {
-            return Err(invalid(format!(
-                "a {} message's tool call holds a control token's text in its arguments",
-                m.role
-            )));
-        }
         // `validate` has checked the messages' sizes.
         template
             .prompt_ids(
@@ -155,20 +148,48 @@ impl CoordinatorService {
             })
     }
 
-    /// `spec` compiled against the vocabulary (built the first time).
+    /// The grammar side of the vocabulary (built the first time).
+    fn grammars(&self) -> Result<&Grammars, Status> {
+        self.grammars
+            .get_or_init(|| Grammars::new(&self.tokenizer, self.model.config.vocab_size))
+            .as_ref()
+            .map_err(|e| Status::failed_precondition(format!("constrained decoding: {e}")))
+    }
+
+    /// `spec` compiled against the vocabulary.
     fn compile_grammar(
         &self,
         spec: &crate::grammar::GrammarSpec,
     ) -> Result<crate::grammar::Constraint, Status> {
-        let grammars = self
-            .grammars
-            .get_or_init(|| Grammars::new(&self.tokenizer, self.model.config.vocab_size));
-        let grammars = grammars
-            .as_ref()
-            .map_err(|e| Status::failed_precondition(format!("constrained decoding: {e}")))?;
-        grammars
+        self.grammars()?
             .compile(spec)
             .map_err(|e| invalid(format!("the output grammar does not compile: {e}")))
+    }
+
+    /// Which calls read from the output count for a request offering `tools`: a call to one of
+    /// them whose arguments fit its schema (read as a constrained output would be). Each schema
+    /// must compile, or the request is refused naming the tool.
+    fn call_check(&self, tools: &[strata_model::Tool]) -> Result<CallCheck, Status> {
+        let grammars = self.grammars()?;
+        for (i, t) in tools.iter().enumerate() {
+            let spec = crate::grammar::GrammarSpec::JsonSchema(t.parameters.clone());
+            grammars.compile(&spec).map_err(|e| {
+                invalid(format!(
+                    "tools[{i}].function.parameters: the schema cannot be checked: {e}"
+                ))
+            })?;
+        }
+        let schemas: Vec<(String, serde_json::Value)> = tools
+            .iter()
+            .map(|t| (t.name.clone(), t.parameters.clone()))
+            .collect();
+        let grammars = self.grammars.clone();
+        Ok(Arc::new(move |call| {
+            let Some((_, schema)) = schemas.iter().find(|(name, _)| *name == call.name) else {
+                return false;
+            };
+            matches!(grammars.get(), Some(Ok(g)) if g.fits(schema, &call.arguments))
+        }))
     }
 
     fn validate(
@@ -177,7 +198,7 @@ impl CoordinatorService {
         client_timeout: Option<Duration>,
         request_id: Arc<str>,
         caller: Arc<str>,
-    ) -> Result<(GenerationRequest, Option<ToolCallFormat>), Status> {
+    ) -> Result<(GenerationRequest, Option<CallReader>), Status> {
         // The cheap checks first: a request refused for its sizes costs no tokenizing.
         if r.messages.len() > self.limits.max_messages {
             return Err(invalid(format!(
@@ -295,7 +316,11 @@ impl CoordinatorService {
             caller,
             constraint,
         };
-        Ok((request, tool_use.format))
+        let calls = match tool_use.format {
+            Some(format) => Some(CallReader::new(format, self.call_check(&tool_use.tools)?)),
+            None => None,
+        };
+        Ok((request, calls))
     }
 
     /// Validates, tokenizes and queues a request: the one way in for every API. Refusals and the
@@ -311,7 +336,7 @@ impl CoordinatorService {
         let key: Arc<str> = caller.label().into();
         let started = async {
             let key = key.clone();
-            let (request, tool_format) = self
+            let (request, calls) = self
                 .off_async_threads(move |service| {
                     service.validate(request, client_timeout, request_id, key)
                 })
@@ -319,11 +344,11 @@ impl CoordinatorService {
             let prompt_tokens = request.prompt_ids.len();
             let (events, stream) = mpsc::unbounded_channel();
             self.scheduler.submit(request, events).await?;
-            Ok::<_, Status>((stream, prompt_tokens, tool_format))
+            Ok::<_, Status>((stream, prompt_tokens, calls))
         }
         .await;
         match started {
-            Ok((stream, prompt_tokens, tool_format)) => {
+            Ok((stream, prompt_tokens, calls)) => {
                 self.metrics.request_accepted(prompt_tokens);
                 Ok(Events {
                     stream,
@@ -332,7 +357,7 @@ impl CoordinatorService {
                     key,
                     last_token: None,
                     ended: false,
-                    tool_format,
+                    calls,
                     text: String::new(),
                     content: None,
                 })
@@ -420,18 +445,18 @@ pub struct Events {
     key: Arc<str>,
     last_token: Option<Duration>,
     ended: bool,
-    /// How the model writes calls, when the request offered tools.
-    tool_format: Option<ToolCallFormat>,
-    /// The output so far, kept only with `tool_format`, to parse the calls at the end.
+    /// How the output's calls are read, when the request offered tools.
+    calls: Option<CallReader>,
+    /// The output so far, kept only with `calls`, to parse the calls at the end.
     text: String,
-    /// With `tool_format`, once finished: the output without its calls.
+    /// With `calls`, once finished: the output without its calls.
     content: Option<String>,
 }
 
 impl Events {
-    /// How the output's tool calls are written, when the request offered tools.
-    pub fn tool_format(&self) -> Option<ToolCallFormat> {
-        self.tool_format
+    /// How the output's tool calls are read, when the request offered tools.
+    pub fn call_reader(&self) -> Option<CallReader> {
+        self.calls.clone()
     }
 
     /// With tools, after the final event: the output's text without the calls it makes (which are
@@ -520,14 +545,14 @@ impl Stream for Events {
         }
         polled.map(|item| {
             item.map(|item| {
-                let calls = self.tool_format.and_then(|format| match &item {
+                let calls = self.calls.clone().and_then(|reader| match &item {
                     Ok(GenerationEvent::Token(t)) => {
                         self.text.push_str(&t.text);
                         None
                     }
                     Ok(GenerationEvent::Finished(f)) => {
                         self.text.push_str(&f.trailing_text);
-                        let (content, calls) = tools::split_output(format, &self.text);
+                        let (content, calls) = tools::split_output(&reader, &self.text);
                         self.content = Some(content);
                         Some(calls.iter().map(tools::wire_call).collect())
                     }

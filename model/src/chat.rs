@@ -2,7 +2,6 @@
 //! Face `tokenizer_config.json`), rendered with minijinja the way `transformers` renders it.
 
 use std::collections::HashMap;
-use std::ops::Range;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::Value;
@@ -11,6 +10,7 @@ use serde::ser::SerializeStruct;
 use serde::{Serialize, Serializer};
 use serde_json::json;
 
+use crate::client_text::ClientText;
 use crate::tool_calls::ToolCallFormat;
 use crate::{ModelError, ModelFile, TextTokenizer};
 
@@ -81,7 +81,7 @@ pub struct ChatTemplate {
     bos_token: String,
     eos_token: String,
     /// How the model writes a function call, for a template that takes `tools`.
-    tool_format: Option<ToolCallFormat>,
+    tool_format: Option<Result<ToolCallFormat, String>>,
 }
 
 const TEMPLATE_NAME: &str = "chat";
@@ -140,9 +140,10 @@ impl ChatTemplate {
         })
     }
 
-    /// How the model writes function calls; `None` when its template takes no `tools`.
-    pub fn tool_format(&self) -> Option<ToolCallFormat> {
-        self.tool_format
+    /// How the model writes function calls; `None` when its template takes no `tools`, an error
+    /// when strata cannot read the syntax it teaches.
+    pub fn tool_format(&self) -> Option<Result<ToolCallFormat, String>> {
+        self.tool_format.clone()
     }
 
     /// The prompt for `messages`, offering `tools` (none: the template is not told of any),
@@ -232,37 +233,22 @@ fn write_python_json(v: &serde_json::Value, indent: Option<usize>, depth: usize,
     }
 }
 
-/// A rendered prompt and where the messages' content lies in it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RenderedChat {
-    pub text: String,
-    /// Byte ranges of `text` that are message content (the user's text, not the template's), or
-    /// `None` where the template changes content in a way that cannot be followed (say `upper`).
-    pub content: Option<Vec<Range<usize>>>,
-}
-
 /// Why a conversation did not become a prompt.
 #[derive(Debug, thiserror::Error)]
 pub enum ChatPromptError {
-    /// The messages cannot be a prompt: the template refused them, the prompt is too long, or
-    /// control-token text could not be kept text.
+    /// The messages cannot be a prompt: a field is not acceptable (an unknown role), the template
+    /// refused them, the prompt is too long, or client text could not be kept text.
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
     Tokenizer(#[from] ModelError),
 }
 
-/// Stands for message `i`'s content in a second rendering, to find where the template puts it:
-/// private-use characters no template trims, changes or contains.
-fn marker(i: usize) -> String {
-    format!("\u{E000}{i}\u{E001}")
-}
-
 impl ChatTemplate {
-    /// The prompt ids of `messages`, rendered (at most `max_bytes` long) and tokenized with their
-    /// content as data: a control token typed in a message stays characters. Only a conversation
-    /// with such text is rendered a second time, to find where its content landed
-    /// ([`ChatTemplate::render_with_content`]); any other tokenizes as its rendered text.
+    /// The prompt ids of `messages` offering `tools`, rendered (at most `max_bytes` long) and
+    /// tokenized with every client-supplied string as data: a control token's text in any field
+    /// stays characters (see `client_text.rs`), and every role is one of OpenAI's. A conversation
+    /// without such text tokenizes as its rendered text.
     pub fn prompt_ids(
         &self,
         tokenizer: &TextTokenizer,
@@ -270,98 +256,26 @@ impl ChatTemplate {
         tools: &[Tool],
         max_bytes: usize,
     ) -> Result<Vec<u32>, ChatPromptError> {
-        let too_long = |text: &str| {
-            (text.len() > max_bytes).then(|| {
-                ChatPromptError::Invalid(format!(
-                    "the rendered chat of {} bytes is over the limit of {max_bytes}",
-                    text.len()
-                ))
-            })
-        };
-        let Some(typed) = messages
-            .iter()
-            .find(|m| tokenizer.has_control_text(&m.content))
-        else {
-            let text = self
-                .render(messages, tools)
-                .map_err(ChatPromptError::Invalid)?;
-            return match too_long(&text) {
-                Some(e) => Err(e),
-                None => Ok(tokenizer.encode(&text)?),
-            };
-        };
-        let rendered = self
-            .render_with_content(messages, tools)
+        let mut client = ClientText::new(tokenizer.control_texts());
+        let (messages, tools) = client
+            .guard_chat(messages, tools)
             .map_err(ChatPromptError::Invalid)?;
-        if let Some(e) = too_long(&rendered.text) {
-            return Err(e);
+        let rendered = self
+            .render(&messages, &tools)
+            .map_err(ChatPromptError::Invalid)?;
+        let restored = client
+            .restore(&rendered)
+            .map_err(ChatPromptError::Invalid)?;
+        if restored.text.len() > max_bytes {
+            return Err(ChatPromptError::Invalid(format!(
+                "the rendered chat of {} bytes is over the limit of {max_bytes}",
+                restored.text.len()
+            )));
         }
-        match &rendered.content {
-            Some(content) => Ok(tokenizer.encode_with_data(&rendered.text, content)?),
-            None => Err(ChatPromptError::Invalid(format!(
-                "a {} message holds a control token's text, and the model's chat template changes \
-                 message content in a way that cannot keep it text",
-                typed.role
-            ))),
+        if client.is_empty() {
+            return Ok(tokenizer.encode(&restored.text)?);
         }
-    }
-
-    /// [`ChatTemplate::render`], and where each message's content landed (see
-    /// `TextTokenizer::encode_with_data`). The template is rendered once more with a marker for each
-    /// content; putting the contents (as they are, or trimmed, as Gemma's template trims them) in
-    /// place of the markers must give the same text, or the template changed the content in a way
-    /// that cannot be followed (`content` is `None`).
-    pub fn render_with_content(
-        &self,
-        messages: &[ChatMessage],
-        tools: &[Tool],
-    ) -> Result<RenderedChat, String> {
-        let text = self.render(messages, tools)?;
-        if messages.iter().any(|m| {
-            m.role.contains(['\u{E000}', '\u{E001}'])
-                || m.content.contains(['\u{E000}', '\u{E001}'])
-        }) {
-            return Err("chat messages may not contain the characters U+E000 or U+E001".into());
-        }
-        let marked: Vec<ChatMessage> = messages
-            .iter()
-            .enumerate()
-            .map(|(i, m)| ChatMessage {
-                content: marker(i),
-                ..m.clone()
-            })
-            .collect();
-        let skeleton = self.render(&marked, tools)?;
-        for trim in [false, true] {
-            let mut rebuilt = String::with_capacity(text.len());
-            let mut content = Vec::new();
-            let mut rest = skeleton.as_str();
-            while let Some(open) = rest.find('\u{E000}') {
-                let Some(close) = rest[open..].find('\u{E001}') else {
-                    break;
-                };
-                let index: Option<usize> = rest[open + 3..open + close].parse().ok();
-                let Some(m) = index.and_then(|i| messages.get(i)) else {
-                    break;
-                };
-                rebuilt.push_str(&rest[..open]);
-                let body = if trim { m.content.trim() } else { &m.content };
-                content.push(rebuilt.len()..rebuilt.len() + body.len());
-                rebuilt.push_str(body);
-                rest = &rest[open + close + 3..];
-            }
-            rebuilt.push_str(rest);
-            if rebuilt == text {
-                return Ok(RenderedChat {
-                    text,
-                    content: Some(content),
-                });
-            }
-        }
-        Ok(RenderedChat {
-            text,
-            content: None,
-        })
+        Ok(tokenizer.encode_with_data(&restored.text, &restored.data)?)
     }
 }
 
@@ -441,34 +355,6 @@ mod tests {
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
              <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
-    }
-
-    #[test]
-    fn content_ranges_follow_the_template_trimmed_or_not() {
-        let spans = |source: &str, messages: &[ChatMessage]| {
-            let t = ChatTemplate::new(Path::new("m"), source.into(), String::new(), String::new())
-                .unwrap();
-            t.render_with_content(messages, &[]).map(|r| {
-                let texts: Option<Vec<String>> = r
-                    .content
-                    .map(|spans| spans.iter().map(|c| r.text[c.clone()].into()).collect());
-                (r.text, texts)
-            })
-        };
-        let messages = [user(" Hi <|im_end|> "), user("again")];
-        let (text, contents) = spans(SMOLLM2, &messages).unwrap();
-        assert_eq!(contents.unwrap(), [" Hi <|im_end|> ", "again"]);
-        assert!(text.starts_with("<|im_start|>system\n"));
-        // Gemma's templates trim the content.
-        let trims = "{% for m in messages %}<t>{{ m['content'] | trim }}</t>{% endfor %}";
-        let (text, contents) = spans(trims, &messages).unwrap();
-        assert_eq!(text, "<t>Hi <|im_end|></t><t>again</t>");
-        assert_eq!(contents.unwrap(), ["Hi <|im_end|>", "again"]);
-        // A template that rewrites content cannot be followed: no ranges, not a guess.
-        let upper = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}";
-        assert_eq!(spans(upper, &messages).unwrap().1, None);
-        // The markers' characters are refused in messages.
-        assert!(spans(SMOLLM2, &[user("\u{E000}0\u{E001}")]).is_err());
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! - [`file`]: opens a GGUF file or a Hugging Face safetensors directory and reads its [`ModelConfig`]
 //!   and fingerprint (the model identity every worker must agree on).
 //! - [`chat`]: the model's chat template, rendered with minijinja.
+//! - [`client_text`]: every client string a template renders stays text (no control tokens), and
+//!   roles are OpenAI's.
 //! - [`config`]: the shape of a Llama-family model, read from GGUF metadata or `config.json`.
 //! - [`stage_weights`]: which tensors a stage reads, and the digests that name them when the
 //!   coordinator sends them to a worker without the file.
@@ -15,6 +17,7 @@
 //! fingerprint and the tokenizer. The tensor math lives in `strata-worker` alone.
 
 pub mod chat;
+pub mod client_text;
 pub mod config;
 pub mod error;
 pub mod file;
@@ -27,11 +30,11 @@ pub mod tokenizer;
 pub mod tool_calls;
 pub mod wire;
 
-pub use chat::{
-    ChatMessage, ChatPromptError, ChatTemplate, ChatTemplateSource, RenderedChat, Tool, ToolCall,
-};
+pub use chat::{ChatMessage, ChatPromptError, ChatTemplate, ChatTemplateSource, Tool, ToolCall};
 pub use config::ModelConfig;
 pub use error::ModelError;
 pub use file::{ModelFile, ModelFormat};
 pub use tokenizer::TextTokenizer;
-pub use tool_calls::{OutputPiece, ParsedCall, ToolCallFormat, ToolCallParser};
+pub use tool_calls::{
+    CallCheck, CallReader, OutputPiece, ParsedCall, ToolCallFormat, ToolCallParser,
+};

@@ -205,12 +205,11 @@ impl TextTokenizer {
         data: &[Range<usize>],
     ) -> Result<Vec<u32>, ModelError> {
         let controls = self.control_tokens();
-        let in_data = |range: &Range<usize>| {
-            controls
-                .iter()
-                .any(|(special, _)| text[range.clone()].contains(special.as_str()))
+        // Only a control token that would be read where data lies changes anything.
+        let overlaps = |&(at, len, _): &(usize, usize, u32)| {
+            data.iter().any(|r| r.start < at + len && at < r.end)
         };
-        if !data.iter().any(in_data) {
+        if !control_matches(text, controls, &[]).iter().any(overlaps) {
             return self.encode(text);
         }
         let mut ids = Vec::new();
@@ -247,11 +246,9 @@ impl TextTokenizer {
         Ok(ids)
     }
 
-    /// Whether `text` holds the text of a control token.
-    pub fn has_control_text(&self, text: &str) -> bool {
-        self.control_tokens()
-            .iter()
-            .any(|(special, _)| text.contains(special.as_str()))
+    /// The control tokens' texts.
+    pub fn control_texts(&self) -> impl Iterator<Item = &str> {
+        self.control_tokens().iter().map(|(t, _)| t.as_str())
     }
 
     /// The control tokens' texts and ids, longest first.

@@ -1,6 +1,8 @@
 //! How a family writes function calls in its replies: read back out of the text as it streams, and
 //! written as a grammar that makes the model call one.
 
+use std::sync::Arc;
+
 use serde_json::{json, Value};
 
 use crate::chat::Tool;
@@ -22,16 +24,26 @@ const PYTHON_TAG: &str = "<|python_tag|>";
 /// Some models (Qwen2.5-Coder among them) write a lone call as a fenced JSON block instead.
 const JSON_FENCE: &str = "```json";
 
+/// Mistral's templates teach `[TOOL_CALLS] [{"name": ..., "arguments": ...}]`, which strata does
+/// not read.
+const MISTRAL_CALLS: &str = "[TOOL_CALLS]";
+
 impl ToolCallFormat {
-    /// The format of a template that takes `tools`, told by the syntax it shows the model.
-    pub fn of_template(source: &str) -> Option<Self> {
+    /// The format of a template that takes `tools`, told by the syntax it shows the model:
+    /// `None` when it takes no tools, an error naming the syntax when strata cannot read it.
+    pub fn of_template(source: &str) -> Option<Result<Self, String>> {
         if !source.contains("tools") {
             return None;
         }
-        Some(if source.contains(OPEN) {
-            Self::Tagged
+        Some(if source.contains(MISTRAL_CALLS) {
+            Err(format!(
+                "this model writes function calls in Mistral's {MISTRAL_CALLS} format, which strata \
+                 does not read yet: send the request without tools"
+            ))
+        } else if source.contains(OPEN) {
+            Ok(Self::Tagged)
         } else {
-            Self::Json
+            Ok(Self::Json)
         })
     }
 
@@ -82,12 +94,47 @@ pub enum OutputPiece {
     Call(ParsedCall),
 }
 
+/// Whether a parsed call is one the request can take: it names an offered tool, and its arguments
+/// fit that tool's schema.
+pub type CallCheck = Arc<dyn Fn(&ParsedCall) -> bool + Send + Sync>;
+
+/// How one request's output is read for calls: the family's syntax, and which calls count.
+#[derive(Clone)]
+pub struct CallReader {
+    pub format: ToolCallFormat,
+    check: CallCheck,
+}
+
+impl std::fmt::Debug for CallReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallReader")
+            .field("format", &self.format)
+            .finish()
+    }
+}
+
+impl CallReader {
+    pub fn new(format: ToolCallFormat, check: CallCheck) -> Self {
+        Self { format, check }
+    }
+
+    /// A parser for one output.
+    pub fn parser(&self) -> ToolCallParser {
+        ToolCallParser {
+            reader: self.clone(),
+            held: String::new(),
+            state: State::Undecided,
+        }
+    }
+}
+
 /// Splits streamed output into text and calls. Text that may still turn out to open a call is held
-/// back, so no part of a call's syntax is ever streamed as content; a call that does not parse is
-/// given back as the text it was.
+/// back, so no part of a call's syntax is ever streamed as content; a call that does not parse, has
+/// fields besides its name and arguments, or fails the reader's check, is given back as the text it
+/// was (a JSON reply with a `name` is not a call unless it is exactly one to an offered tool).
 #[derive(Debug)]
 pub struct ToolCallParser {
-    format: ToolCallFormat,
+    reader: CallReader,
     held: String,
     state: State,
 }
@@ -106,12 +153,8 @@ enum State {
 }
 
 impl ToolCallParser {
-    pub fn new(format: ToolCallFormat) -> Self {
-        Self {
-            format,
-            held: String::new(),
-            state: State::Undecided,
-        }
+    fn parse_call(&self, body: &str) -> Option<ParsedCall> {
+        parse_call(self.reader.format, body).filter(|call| (self.reader.check)(call))
     }
 
     /// Takes the next text and returns what is known now.
@@ -120,7 +163,7 @@ impl ToolCallParser {
         let mut out = Vec::new();
         loop {
             match self.state {
-                State::Text if self.format == ToolCallFormat::Json => {
+                State::Text if self.reader.format == ToolCallFormat::Json => {
                     let end = self.held.len();
                     out.extend(take_text(&mut self.held, end));
                     return out;
@@ -141,7 +184,7 @@ impl ToolCallParser {
                     Some(at) => {
                         let body: String = self.held.drain(..at + CLOSE.len()).collect();
                         let body = &body[..at];
-                        out.push(match parse_call(body) {
+                        out.push(match self.parse_call(body) {
                             Some(call) => OutputPiece::Call(call),
                             None => OutputPiece::Text(format!("{OPEN}{body}{CLOSE}")),
                         });
@@ -181,7 +224,7 @@ impl ToolCallParser {
         match state {
             State::Text | State::Undecided => as_text(held).into_iter().collect(),
             // A model that ends its reply at the call may leave the closing tag out.
-            State::InCall => match parse_call(&held) {
+            State::InCall => match self.parse_call(&held) {
                 Some(call) => vec![OutputPiece::Call(call)],
                 None => vec![OutputPiece::Text(format!("{OPEN}{held}"))],
             },
@@ -192,12 +235,12 @@ impl ToolCallParser {
                     Some(fenced) => fenced.strip_suffix("```").unwrap_or(fenced),
                     None => body,
                 };
-                let calls: Option<Vec<OutputPiece>> = match parse_call(body) {
+                let calls: Option<Vec<OutputPiece>> = match self.parse_call(body) {
                     Some(call) => Some(vec![OutputPiece::Call(call)]),
                     None => body
                         .split(';')
                         .filter(|s| !s.trim().is_empty())
-                        .map(|s| parse_call(s).map(OutputPiece::Call))
+                        .map(|s| self.parse_call(s).map(OutputPiece::Call))
                         .collect(),
                 };
                 match calls {
@@ -224,27 +267,44 @@ fn partial_suffix(text: &str, marker: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// `{"name": ..., "arguments" | "parameters": {...}}`; arguments given as JSON text (as some
-/// models write them) are read as the object they hold.
-fn parse_call(body: &str) -> Option<ParsedCall> {
-    let value: Value = serde_json::from_str(body.trim()).ok()?;
-    let name = value.get("name")?.as_str()?.to_string();
-    let arguments = match value.get("arguments").or_else(|| value.get("parameters")) {
-        None => json!({}),
-        Some(Value::String(text)) => serde_json::from_str(text).ok()?,
-        Some(v) => v.clone(),
+/// `{"name": ..., "arguments" | "parameters": {...}}` (the format's own key first: models of
+/// either family use both), nothing else in it; arguments given as JSON text (as some models write
+/// them) are read as the object they hold.
+fn parse_call(format: ToolCallFormat, body: &str) -> Option<ParsedCall> {
+    let Value::Object(mut value) = serde_json::from_str(body.trim()).ok()? else {
+        return None;
     };
-    arguments
-        .is_object()
-        .then_some(ParsedCall { name, arguments })
+    let name = value.remove("name")?.as_str()?.to_string();
+    let keys = match format {
+        ToolCallFormat::Tagged => ["arguments", "parameters"],
+        ToolCallFormat::Json => ["parameters", "arguments"],
+    };
+    let given = value.remove(keys[0]).or_else(|| value.remove(keys[1]));
+    let arguments = match given {
+        None => json!({}),
+        Some(Value::String(text)) => serde_json::from_str(&text).ok()?,
+        Some(v) => v,
+    };
+    (value.is_empty() && arguments.is_object()).then_some(ParsedCall { name, arguments })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Reads calls to `f`, `g`, `get_weather` and `now`, with any arguments but `{"bad": ...}`.
+    fn reader(format: ToolCallFormat) -> CallReader {
+        CallReader::new(
+            format,
+            Arc::new(|c: &ParsedCall| {
+                ["f", "g", "get_weather", "now"].contains(&c.name.as_str())
+                    && c.arguments.get("bad").is_none()
+            }),
+        )
+    }
+
     fn run(format: ToolCallFormat, pieces: &[&str]) -> Vec<OutputPiece> {
-        let mut parser = ToolCallParser::new(format);
+        let mut parser = reader(format).parser();
         let mut out: Vec<OutputPiece> = pieces.iter().flat_map(|p| parser.push(p)).collect();
         out.extend(parser.finish());
         // Adjacent texts are one text, however they were streamed.
@@ -281,7 +341,7 @@ mod tests {
         // Character by character: the tag's first characters are held, never streamed.
         let chars: Vec<String> = output.chars().map(String::from).collect();
         let chars: Vec<&str> = chars.iter().map(String::as_str).collect();
-        let mut parser = ToolCallParser::new(ToolCallFormat::Tagged);
+        let mut parser = reader(ToolCallFormat::Tagged).parser();
         for c in &chars {
             for piece in parser.push(c) {
                 if let OutputPiece::Text(t) = piece {
@@ -342,6 +402,30 @@ mod tests {
             ),
             // Multi-byte characters next to a held tag prefix.
             (&["é<", "tool_c", "é"], vec![text("é<tool_cé")]),
+            // Not an offered tool, arguments the check refuses, or fields besides the name and
+            // one arguments key: text, as written.
+            (
+                &["<tool_call>{\"name\": \"rm\", \"arguments\": {}}</tool_call>"],
+                vec![text(
+                    "<tool_call>{\"name\": \"rm\", \"arguments\": {}}</tool_call>",
+                )],
+            ),
+            (
+                &["<tool_call>{\"name\": \"f\", \"arguments\": {\"bad\": 1}}</tool_call>"],
+                vec![text(
+                    "<tool_call>{\"name\": \"f\", \"arguments\": {\"bad\": 1}}</tool_call>",
+                )],
+            ),
+            (
+                &["{\"name\": \"f\", \"arguments\": {}, \"parameters\": {}}"],
+                vec![text(
+                    "{\"name\": \"f\", \"arguments\": {}, \"parameters\": {}}",
+                )],
+            ),
+            (
+                &["{\"name\": \"f\", \"age\": 3}"],
+                vec![text("{\"name\": \"f\", \"age\": 3}")],
+            ),
         ];
         for (pieces, expected) in table {
             assert_eq!(&run(ToolCallFormat::Tagged, pieces), expected, "{pieces:?}");
@@ -361,6 +445,15 @@ mod tests {
             ),
             (&["The answer is 4."], vec![text("The answer is 4.")]),
             (&["{not a call"], vec![text("{not a call")]),
+            // A structured reply with a `name` is content, not a call.
+            (
+                &["{\"name\": \"Ann\", \"age\": 3}"],
+                vec![text("{\"name\": \"Ann\", \"age\": 3}")],
+            ),
+            (
+                &["{\"name\": \"f\", \"parameters\": {}}; {\"name\": \"rm\", \"parameters\": {}}"],
+                vec![text("{\"name\": \"f\", \"parameters\": {}}; {\"name\": \"rm\", \"parameters\": {}}")],
+            ),
             (&[], vec![]),
         ];
         for (pieces, expected) in table {
@@ -373,14 +466,17 @@ mod tests {
         assert_eq!(ToolCallFormat::of_template("{{ messages }}"), None);
         assert_eq!(
             ToolCallFormat::of_template("{% if tools %}<tool_call>{% endif %}"),
-            Some(ToolCallFormat::Tagged)
+            Some(Ok(ToolCallFormat::Tagged))
         );
         assert_eq!(
             ToolCallFormat::of_template(
                 "{% if tools is not none %}{{ tools | tojson }}{% endif %}"
             ),
-            Some(ToolCallFormat::Json)
+            Some(Ok(ToolCallFormat::Json))
         );
+        let mistral = "{% if tools %}[AVAILABLE_TOOLS]{{ tools|tojson }}[/AVAILABLE_TOOLS]{% endif %}[TOOL_CALLS]";
+        let refused = ToolCallFormat::of_template(mistral).unwrap().unwrap_err();
+        assert!(refused.contains("Mistral's [TOOL_CALLS]"), "{refused}");
     }
 
     #[test]

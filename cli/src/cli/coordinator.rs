@@ -81,6 +81,12 @@ pub struct CoordinatorArgs {
     /// prefix caching off.
     #[arg(long, env = "STRATA_PREFIX_CACHE_ENTRIES", default_value_t = SchedulerLimits::default().prefix_cache_entries)]
     prefix_cache_entries: usize,
+    /// Let every API key's requests copy from the prefix-cache entries of every key. Off (the
+    /// default), each key's entries are its own. On suits a cluster that serves one user: with
+    /// several users, `cached_tokens` and the time to the first token tell one key, token by
+    /// token, whether another key sent a guessed prompt.
+    #[arg(long, env = "STRATA_SHARE_PREFIX_CACHE")]
+    share_prefix_cache: bool,
     /// The most new tokens one request may ask for.
     #[arg(long, env = "STRATA_MAX_NEW_TOKENS", default_value_t = RequestLimits::default().max_new_tokens)]
     max_new_tokens: usize,
@@ -226,6 +232,7 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
             max_prefill_chunk: args.max_prefill_chunk,
             max_step_positions: args.max_step_positions as usize,
             prefix_cache_entries: args.prefix_cache_entries,
+            share_prefix_cache: args.share_prefix_cache,
         },
         requests: RequestLimits {
             max_new_tokens: args.max_new_tokens,

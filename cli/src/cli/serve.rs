@@ -31,6 +31,12 @@ pub struct ServeArgs {
     #[arg(long, env = "STRATA_PREFIX_CACHE_ENTRIES",
           default_value_t = strata_coordinator::scheduler::SchedulerLimits::default().prefix_cache_entries)]
     prefix_cache_entries: usize,
+    /// Let every API key's requests copy from the prefix-cache entries of every key. Off (the
+    /// default), each key's entries are its own. On suits a cluster that serves one user: with
+    /// several users, `cached_tokens` and the time to the first token tell one key, token by
+    /// token, whether another key sent a guessed prompt.
+    #[arg(long, env = "STRATA_SHARE_PREFIX_CACHE")]
+    share_prefix_cache: bool,
     /// Print `STRATA_LISTENING <grpc addr> <http addr>` on stdout once serving (for scripts).
     #[arg(long, hide = true)]
     announce: bool,
@@ -44,6 +50,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut options = args.cluster.local_options(!args.no_warmup, Vec::new())?;
     options.listen = args.listen.clone();
     options.scheduler.prefix_cache_entries = args.prefix_cache_entries;
+    options.scheduler.share_prefix_cache = args.share_prefix_cache;
     options.http = Some(args.http.clone());
     options.api_keys = args.api_keys.clone();
     options.api_key = std::env::var(super::security::API_KEY_ENV)

@@ -225,7 +225,7 @@ async fn respond(
     let n = common.choices()?;
     let model = model_id(state.service.model());
     let (choices, id) = start(state, headers, caller, request, n).await?;
-    let tool_format = choices.first().and_then(Events::tool_format);
+    let calls = choices.first().and_then(Events::call_reader);
     let (prefix, object) = match flavor {
         Flavor::Completion => ("cmpl", "text_completion"),
         Flavor::Chat => ("chatcmpl", "chat.completion"),
@@ -243,7 +243,7 @@ async fn respond(
             choices.len(),
             common.include_usage(),
             logprobs,
-            tool_format,
+            calls,
         );
         sse(choices, writer).into_response()
     } else {
@@ -276,7 +276,8 @@ async fn respond(
                             "tool_calls": c.tool_calls.iter().map(stream::openai_call).collect::<Vec<_>>(),
                         },
                         "logprobs": logprobs,
-                        "finish_reason": "tool_calls",
+                        // A reply cut by the limit says so, whatever calls it holds.
+                        "finish_reason": if c.reason == "length" { "length" } else { "tool_calls" },
                     }),
                     Flavor::Chat => json!({
                         "index": index,

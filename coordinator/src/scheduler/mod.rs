@@ -61,6 +61,9 @@ pub struct SchedulerLimits {
     /// Finished sequences whose caches the stages keep for requests that start the same way (the
     /// prefix cache, see `prefix_cache.rs`); 0 turns it off. The workers bound their bytes.
     pub prefix_cache_entries: usize,
+    /// Every API key's requests copy from every key's entries (one user's cluster). Off, each
+    /// key's entries are its own, so no key learns what another sent.
+    pub share_prefix_cache: bool,
 }
 
 impl Default for SchedulerLimits {
@@ -71,6 +74,7 @@ impl Default for SchedulerLimits {
             max_prefill_chunk: 512,
             max_step_positions: 2048,
             prefix_cache_entries: 256,
+            share_prefix_cache: false,
         }
     }
 }
@@ -88,7 +92,8 @@ pub struct GenerationRequest {
     pub deadline: Instant,
     /// Names the request in every log line about it, here and on the workers.
     pub request_id: Arc<str>,
-    /// The name of the client's API key (`-` on an open port), for logs.
+    /// The name of the client's API key (`-` on an open port), for logs; the tenant whose prefix
+    /// cache entries the request may use.
     pub caller: Arc<str>,
     /// The grammar the output must follow, in its starting state.
     pub constraint: Option<Box<crate::grammar::Constraint>>,
@@ -226,7 +231,7 @@ impl Scheduler {
             stalled: Vec::new(),
             lost: watch::channel(None).0,
             metrics,
-            prefixes: PrefixCache::new(limits.prefix_cache_entries),
+            prefixes: PrefixCache::new(limits.prefix_cache_entries, limits.share_prefix_cache),
             eviction_reports,
             evictions,
         };
@@ -494,7 +499,7 @@ impl Scheduler {
         &mut self,
         ids: Vec<u64>,
         park: Vec<u64>,
-        finals: Vec<(EventSender, GenerationEvent)>,
+        finals: Vec<(EventSender, Result<GenerationEvent, Failure>)>,
     ) {
         if ids.is_empty() && park.is_empty() && finals.is_empty() {
             return;
@@ -506,7 +511,7 @@ impl Scheduler {
         tokio::spawn(async move {
             let (_, dropped) = futures::join!(pipeline.release(ids), pipeline.park(park));
             for (events, last) in finals {
-                let _ = events.send(Ok(last));
+                let _ = events.send(last);
             }
             if !dropped.is_empty() {
                 let _ = reports.send(dropped);
@@ -539,7 +544,10 @@ impl Scheduler {
             return true;
         }
         if !seq.prefix_checked {
-            match self.prefixes.lookup(&seq.request.prompt_ids) {
+            match self
+                .prefixes
+                .lookup(&seq.request.caller, &seq.request.prompt_ids)
+            {
                 Lookup::Wait => return false,
                 Lookup::Copy { source, shared } => {
                     seq.fork = Some(source);
@@ -550,7 +558,8 @@ impl Scheduler {
             }
             seq.prefix_checked = true;
         }
-        self.prefixes.start(seq.id, &seq.request.prompt_ids);
+        self.prefixes
+            .start(seq.id, &seq.request.caller, &seq.request.prompt_ids);
         true
     }
 }

@@ -7,7 +7,7 @@ use super::outage::lost_on;
 use super::sequence::{advance, finish, SeenTokens, Sequence};
 use super::Scheduler;
 use crate::error::Refusal;
-use crate::events::Failure;
+use crate::events::{Failure, FailureKind};
 use crate::pipeline::{StepEntry, StepResult};
 use crate::CoordinatorError;
 
@@ -272,17 +272,23 @@ impl Scheduler {
             }
             match advance(&mut seq, sampled, &self.tokenizer, self.context_length) {
                 Some(reason) => {
-                    finals.push((
-                        seq.events.clone(),
-                        finish(&mut seq, reason, &self.tokenizer),
-                    ));
+                    let last = match seq.constraint.as_ref().and_then(|c| c.failure()) {
+                        // The output stopped where its grammar failed: it does not follow it.
+                        Some(why) => Err(Failure::new(
+                            FailureKind::Internal,
+                            format!("the output grammar failed ({why}); the output so far does not follow it"),
+                        )),
+                        None => Ok(finish(&mut seq, reason, &self.tokenizer)),
+                    };
+                    finals.push((seq.events.clone(), last));
                     // What its stages hold may start the next request (the next turn of a chat):
                     // the prompt's positions only, see `prefix_cache.rs`.
                     let prompt = seq.cached.min(seq.request.prompt_ids.len());
                     let offer = if stale {
                         Default::default()
                     } else {
-                        self.prefixes.offer(seq.id, &seq.tokens[..prompt])
+                        self.prefixes
+                            .offer(seq.id, &seq.request.caller, &seq.tokens[..prompt])
                     };
                     if offer.park {
                         park.push(seq.id);

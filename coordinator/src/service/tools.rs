@@ -3,8 +3,7 @@
 
 use serde_json::Value;
 use strata_model::{
-    ChatMessage, ChatTemplate, OutputPiece, ParsedCall, Tool, ToolCall, ToolCallFormat,
-    ToolCallParser,
+    CallReader, ChatMessage, ChatTemplate, OutputPiece, ParsedCall, Tool, ToolCall, ToolCallFormat,
 };
 use strata_proto::v1;
 
@@ -85,6 +84,9 @@ pub fn tool_use(r: &v1::GenerateRequest, chat: Option<&ChatTemplate>) -> Result<
     if constraint.is_some() && r.ignore_eos {
         return Err("a constrained output ends when its grammar does: drop ignore_eos".into());
     }
+    if constraint.is_some() && !r.stop.is_empty() {
+        return Err(STOP_WITH_GRAMMAR.into());
+    }
     let choice = r.tool_choice.as_ref().and_then(|c| c.choice.clone());
     if r.tools.is_empty() {
         return match choice {
@@ -124,12 +126,18 @@ pub fn tool_use(r: &v1::GenerateRequest, chat: Option<&ChatTemplate>) -> Result<
             ..ToolUse::default()
         });
     }
-    let Some(format) = chat.and_then(ChatTemplate::tool_format) else {
-        return Err(
-            "this model's chat template takes no tools: it was not trained to call functions"
-                .into(),
-        );
-    };
+    let format =
+        match chat.and_then(ChatTemplate::tool_format) {
+            Some(Ok(format)) => format,
+            Some(Err(why)) => return Err(why),
+            None => return Err(
+                "this model's chat template takes no tools: it was not trained to call functions"
+                    .into(),
+            ),
+        };
+    // Under the client's own output constraint the reply is that structured output, whatever
+    // fields it has (a `name` among them): content, never read as a call.
+    let reads_calls = constraint.is_none();
     let grammar = if mode == v1::ToolMode::Required {
         if constraint.is_some() {
             return Err(
@@ -154,12 +162,20 @@ pub fn tool_use(r: &v1::GenerateRequest, chat: Option<&ChatTemplate>) -> Result<
     } else {
         constraint
     };
+    if grammar.is_some() && !r.stop.is_empty() {
+        return Err(STOP_WITH_GRAMMAR.into());
+    }
     Ok(ToolUse {
         tools,
-        format: Some(format),
+        format: reads_calls.then_some(format),
         grammar,
     })
 }
+
+/// Stop strings could cut a constrained output before its grammar completes, leaving text that
+/// does not follow it.
+const STOP_WITH_GRAMMAR: &str =
+    "stop strings could cut the output before its grammar completes: drop stop, or the output constraint";
 
 fn tool(t: &v1::Tool) -> Result<Tool, String> {
     let name_ok = !t.name.is_empty()
@@ -188,8 +204,8 @@ fn tool(t: &v1::Tool) -> Result<Tool, String> {
 
 /// A generated output split into its text and its calls (a whole output's
 /// [`ToolCallParser`]).
-pub fn split_output(format: ToolCallFormat, text: &str) -> (String, Vec<ParsedCall>) {
-    let mut parser = ToolCallParser::new(format);
+pub fn split_output(reader: &CallReader, text: &str) -> (String, Vec<ParsedCall>) {
+    let mut parser = reader.parser();
     let mut pieces = parser.push(text);
     pieces.extend(parser.finish());
     let mut content = String::new();
@@ -286,6 +302,22 @@ mod tests {
         )
         .unwrap();
         assert!(none.tools.is_empty() && none.format.is_none());
+        // The client's own schema under `auto`: its reply is that output, never read as a call.
+        let schema = v1::OutputConstraint {
+            grammar: Some(v1::output_constraint::Grammar::JsonSchema(
+                r#"{"type":"object","properties":{"name":{"type":"string"}}}"#.into(),
+            )),
+        };
+        let structured = tool_use(
+            &v1::GenerateRequest {
+                constraint: Some(schema.clone()),
+                ..request(vec![weather()], None)
+            },
+            Some(&t),
+        )
+        .unwrap();
+        assert!(structured.format.is_none() && structured.grammar.is_some());
+        assert_eq!(structured.tools.len(), 1);
         let bad_name = v1::Tool {
             name: "get weather".into(),
             ..weather()
@@ -358,6 +390,24 @@ mod tests {
                 Some(&t),
                 "not a plain prompt",
             ),
+            // Stop strings could cut a constrained output short.
+            (
+                v1::GenerateRequest {
+                    constraint: Some(schema.clone()),
+                    stop: vec!["}".into()],
+                    ..request(vec![], None)
+                },
+                Some(&t),
+                "drop stop",
+            ),
+            (
+                v1::GenerateRequest {
+                    stop: vec!["}".into()],
+                    ..request(vec![weather()], Some(Choice::Mode(2)))
+                },
+                Some(&t),
+                "drop stop",
+            ),
         ];
         for (r, template, want) in cases {
             let e = tool_use(&r, template).unwrap_err();
@@ -385,8 +435,12 @@ mod tests {
 
     #[test]
     fn outputs_split_into_content_and_calls() {
-        let (content, calls) = split_output(
+        let reader = CallReader::new(
             ToolCallFormat::Tagged,
+            std::sync::Arc::new(|c| c.name == "f"),
+        );
+        let (content, calls) = split_output(
+            &reader,
             "Sure.\n<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>",
         );
         assert_eq!(content, "Sure.\n");

@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
-use strata_model::{OutputPiece, ToolCallFormat, ToolCallParser};
+use strata_model::{CallReader, OutputPiece, ToolCallParser};
 use strata_proto::v1;
 use tonic::Status;
 
@@ -210,7 +210,7 @@ impl ChunkWriter {
         n: usize,
         include_usage: bool,
         logprobs: Option<Logprobs>,
-        tool_format: Option<ToolCallFormat>,
+        calls: Option<CallReader>,
     ) -> Self {
         Self {
             flavor,
@@ -221,7 +221,7 @@ impl ChunkWriter {
             logprobs,
             choices: (0..n)
                 .map(|_| ChoiceState {
-                    calls: tool_format.map(ToolCallParser::new),
+                    calls: calls.as_ref().map(CallReader::parser),
                     ..ChoiceState::default()
                 })
                 .collect(),
@@ -286,10 +286,11 @@ impl ChunkWriter {
                     }
                     None => (!f.trailing_text.is_empty()).then_some(&*f.trailing_text),
                 };
-                let reason = if self.choices[index].call_count > 0 {
-                    "tool_calls"
-                } else {
-                    finish_reason(f.reason)
+                // A reply cut by the limit says so, whatever calls it holds.
+                let reason = match finish_reason(f.reason) {
+                    "length" => "length",
+                    _ if self.choices[index].call_count > 0 => "tool_calls",
+                    reason => reason,
                 };
                 out.push(self.chunk(index, text, Some(reason), None));
                 if self.choices.iter().all(|c| c.finished) {
