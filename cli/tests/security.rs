@@ -345,10 +345,11 @@ async fn api_keys_are_named_counted_and_revocable_by_editing_the_file() {
     let err = grpc(&alice).await.unwrap_err();
     assert!(err.to_string().contains("unknown API key"), "{err}");
     assert_eq!(complete(&bob).await.0, 200);
-    // A file that does not parse keeps the keys as they were.
+    // Keys fail closed: a file whose only line does not parse leaves no key valid (it never keeps
+    // the keys it held before).
     std::fs::write(&keys_file, "bob\n").unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(complete(&bob).await.0, 200);
+    assert_eq!(complete(&bob).await.0, 401);
     cluster.stop().await.unwrap();
 }
 
