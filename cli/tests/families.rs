@@ -89,15 +89,6 @@ fn qwen2_chat_through_the_openai_client_writes_python() {
     );
 }
 
-/// Llama 3.1's JSON tool-call format through its own chat template, end to end with the `openai`
-/// client: a forced call comes back as a call and renders into the next turn, a structured reply
-/// with a `name` stays content, cut replies say `length`, stop strings under a schema and unknown
-/// roles are refused.
-#[test]
-fn llama3_tool_calls_through_the_openai_api() {
-    common::run_python_check("llama3_tools.py", 5, "the Llama 3.1 tool-call checks");
-}
-
 /// A Llama 3.x GGUF with `rope_freqs` (random weights, non-trivial divisors) through 1 and 2
 /// stages against an independent NumPy float64 forward pass; without the tensor, plain RoPE.
 #[test]

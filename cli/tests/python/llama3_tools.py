@@ -10,7 +10,7 @@ offered tool; an output cut by `max_tokens` says `length` whatever it holds; sto
 with a schema are refused (400), and so is a role that is not OpenAI's (naming the field).
 
 Run: STRATA_BIN=target/release/strata python3 cli/tests/python/llama3_tools.py (cargo test runs it:
-cli/tests/families.rs)
+cli/tests/llama3_tools.rs)
 """
 
 import json
