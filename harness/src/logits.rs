@@ -41,28 +41,86 @@ impl LogitsPipeline {
     /// The f32 logits of the last position of `prompt`, run as one prefill step.
     pub fn last_logits(&mut self, prompt: &[u32]) -> anyhow::Result<Vec<f32>> {
         anyhow::ensure!(!prompt.is_empty(), "empty prompt");
+        let mut caches = self.new_caches(prompt.len())?;
+        self.step(prompt, 0, &mut caches)
+    }
+
+    /// Teacher-forced generation: `prompt` as one prefill step, then each of `forced` fed as a
+    /// one-row decode step, as a generation that chose those tokens runs. Returns the f32 logits
+    /// that chose each of `forced` (the prefill's last row, then every decode step's but the last
+    /// one's).
+    pub fn forced_logits(
+        &mut self,
+        prompt: &[u32],
+        forced: &[u32],
+    ) -> anyhow::Result<Vec<Vec<f32>>> {
+        anyhow::ensure!(!prompt.is_empty(), "empty prompt");
+        let mut caches = self.new_caches(prompt.len() + forced.len())?;
+        let mut rows = vec![self.step(prompt, 0, &mut caches)?];
+        for (i, &id) in forced
+            .iter()
+            .enumerate()
+            .take(forced.len().saturating_sub(1))
+        {
+            rows.push(self.step(&[id], prompt.len() + i, &mut caches)?);
+        }
+        Ok(rows)
+    }
+
+    fn new_caches(
+        &self,
+        len: usize,
+    ) -> anyhow::Result<Vec<strata_worker::model::kv_cache::SequenceKv>> {
+        Ok(self
+            .stages
+            .iter()
+            .map(|s| s.new_cache(len))
+            .collect::<candle_core::Result<_>>()?)
+    }
+
+    /// One step of `ids` at `start_pos` through every stage: the last row's logits.
+    fn step(
+        &mut self,
+        ids: &[u32],
+        start_pos: usize,
+        caches: &mut [strata_worker::model::kv_cache::SequenceKv],
+    ) -> anyhow::Result<Vec<f32>> {
         let segment = [Segment {
             offset: 0,
-            len: prompt.len(),
-            start_pos: 0,
+            len: ids.len(),
+            start_pos,
         }];
-        let mut input = StageInput::Tokens(prompt.to_vec());
-        let last = self.stages.len() - 1;
-        for i in 0..=last {
-            let stage = &mut self.stages[i];
-            let mut caches = vec![stage.new_cache(prompt.len())?];
-            let out = stage.forward(input, &segment, &mut caches)?;
-            if i == last {
-                return Ok(out
-                    .to_device(&Device::Cpu)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?);
+        let mut input = StageInput::Tokens(ids.to_vec());
+        let mut out = None;
+        for (stage, cache) in self.stages.iter_mut().zip(caches.iter_mut()) {
+            if let Some(previous) = out.take() {
+                // What a worker sends (f32 on the host), then what the next worker does with it.
+                let wire: Tensor =
+                    Tensor::to_dtype(&previous, DType::F32)?.to_device(&Device::Cpu)?;
+                input =
+                    StageInput::Hidden(wire.to_device(stage.device())?.to_dtype(stage.dtype())?);
             }
-            // What a worker sends (f32 on the host), then what the next worker does with it.
-            let wire: Tensor = out.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-            let next = &self.stages[i + 1];
-            input = StageInput::Hidden(wire.to_device(next.device())?.to_dtype(next.dtype())?);
+            out = Some(stage.forward(input, &segment, std::slice::from_mut(cache))?);
+            input = StageInput::Tokens(Vec::new());
         }
-        unreachable!("at least one stage")
+        let out = out.context("at least one stage")?;
+        let rows = out.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let rows = rows.reshape((out.elem_count() / out.dims()[out.rank() - 1], ()))?;
+        let n = rows.dim(0)?;
+        Ok(rows.get(n - 1)?.to_vec1::<f32>()?)
     }
+}
+
+/// Where `chosen` stands in `logits`: its log-probability minus the best other token's (negative
+/// when another token is preferred). For llama.cpp's greedy token this is the step's top-2 margin
+/// as llama.cpp reports it, signed.
+pub fn margin_of(logits: &[f32], chosen: u32) -> f32 {
+    let chosen_logit = logits[chosen as usize];
+    let best_other = logits
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != chosen as usize)
+        .map(|(_, &l)| l)
+        .fold(f32::NEG_INFINITY, f32::max);
+    chosen_logit - best_other
 }

@@ -9,7 +9,7 @@ pub const BLOCK: usize = 32;
 pub const QK_K: usize = 256;
 
 /// An activation block quantized to 8 bits: `x ≈ d * q`, with `s = d * Σq` kept for the formats with
-/// a minimum (Q4_1, Q5_1).
+/// a minimum (Q4_1, Q5_1): the minimum's share of a block's dot product is `m · s`.
 #[derive(Debug, Clone, Copy)]
 pub struct BlockQ8_1 {
     pub d: f32,
@@ -50,8 +50,13 @@ impl ActivationBlock for BlockQ8_1 {
         self.s
     }
 
-    /// llama.cpp's `quantize_row_q8_1` (AVX2): `d = max|x| / 127`, `q = x · (127 / max|x|)` rounded
-    /// to nearest-even, `s = d · Σq`, with `d` and `s` stored as f16 (so rounded through f16 here).
+    /// llama.cpp's `quantize_row_q8_1` (AVX2) for `d` and `q`: `d = max|x| / 127` rounded through
+    /// f16, `q = x · (127 / max|x|)` rounded to nearest-even. `s` departs from it: llama.cpp stores
+    /// `d · Σq` as f16, 11 bits, so a Q4_1/Q5_1 block's `m · s` is off by up to 2⁻¹² of itself, and
+    /// `m` is as large as the weights; here `s` is `d · Σq` of the very `d` and `q` the product
+    /// uses (exact in f32: |Σq| < 2¹³), so the minimum applies to the activations as quantized.
+    /// With f16 sums, SmolLM2-135M Q4_1 chose another token than llama.cpp and an f64 evaluation at
+    /// a step where both are sure (BENCHMARKS.md, issue #44).
     fn quantize(x: &[f32]) -> Self {
         let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
@@ -62,9 +67,10 @@ impl ActivationBlock for BlockQ8_1 {
             *q = (v * id).round_ties_even() as i8;
             sum += *q as i32;
         }
+        let d = f16::from_f32(d).to_f32();
         Self {
-            d: f16::from_f32(d).to_f32(),
-            s: f16::from_f32(sum as f32 * d).to_f32(),
+            d,
+            s: sum as f32 * d,
             qs,
         }
     }
@@ -132,6 +138,66 @@ mod tests {
             let bound = step(&block) * 0.5 + want.abs() * 1e-3;
             assert!((got - want).abs() <= bound, "{got} vs {want}");
         }
+    }
+
+    /// llama.cpp's rule value for value: `d` is `max|x| / 127` through f16, `q` is `x · 127/max|x|`
+    /// rounded half to even (ties built on purpose: with `max|x| = 127` the multiplier is 1), `s` is
+    /// `d · Σq` exactly; Q8_K maps the largest magnitude to -127, rounds half to even, clamps at 127,
+    /// keeps `d = 1/iscale` in f32 and sums each 16 `q`.
+    #[test]
+    fn quantization_follows_llama_cpps_rule_value_for_value() {
+        let mut x = [0f32; BLOCK];
+        x[0] = 127.0;
+        for (i, v) in x.iter_mut().enumerate().skip(1) {
+            // Ties (k + 0.5, both signs), and values off a tie.
+            *v = match i % 4 {
+                0 => i as f32 + 0.5,
+                1 => -(i as f32) - 0.5,
+                2 => i as f32 + 0.25,
+                _ => -(i as f32) + 0.75,
+            };
+        }
+        let b = BlockQ8_1::quantize(&x);
+        assert_eq!(b.d, f16::from_f32(1.0).to_f32());
+        for (q, v) in b.qs.iter().zip(&x) {
+            assert_eq!(*q as f32, v.round_ties_even(), "{v}");
+        }
+        assert_eq!(b.qs[4], 4, "4.5 rounds to 4, not 5");
+        assert_eq!(b.qs[5], -6, "-5.5 rounds to -6");
+        assert_eq!(
+            b.s,
+            b.d * b.qs.iter().map(|&q| q as i32).sum::<i32>() as f32
+        );
+        // A scale that f16 rounds: d is the f16 value, s uses it.
+        let y: Vec<f32> = (0..BLOCK).map(|i| (i as f32 - 11.3) * 0.0173).collect();
+        let b = BlockQ8_1::quantize(&y);
+        let amax = y.iter().fold(0f32, |a, v| a.max(v.abs()));
+        assert_eq!(b.d, f16::from_f32(amax / 127.0).to_f32());
+        assert_ne!(b.d, amax / 127.0);
+        for (q, v) in b.qs.iter().zip(&y) {
+            assert_eq!(*q as f32, (v * (127.0 / amax)).round_ties_even());
+        }
+        assert_eq!(
+            b.s,
+            b.d * b.qs.iter().map(|&q| q as i32).sum::<i32>() as f32
+        );
+
+        let mut z = [0f32; QK_K];
+        z[7] = -254.0;
+        z[1] = 3.0; // iscale = 0.5: 1.5 rounds to 2
+        z[2] = 5.0; // 2.5 rounds to 2
+        z[3] = -7.0; // -3.5 rounds to -4
+        let k = BlockQ8K::quantize(&z);
+        let iscale = -127.0f32 / -254.0;
+        assert_eq!(k.d, 1.0 / iscale);
+        for (q, v) in k.qs.iter().zip(&z) {
+            assert_eq!(*q as f32, (iscale * v).round_ties_even().min(127.0), "{v}");
+        }
+        assert_eq!((k.qs[1], k.qs[2], k.qs[3], k.qs[7]), (2, 2, -4, -127));
+        assert_eq!(
+            k.bsums[0],
+            k.qs[..16].iter().map(|&q| q as i16).sum::<i16>()
+        );
     }
 
     #[test]
