@@ -317,10 +317,11 @@ fn with_scratch<T>(f: impl FnOnce(&mut Scratch) -> T) -> T {
 }
 
 /// Each instruction set's entry points: the bodies below, compiled with its features so their
-/// fixed-width lane loops become its vectors.
+/// fixed-width lane loops become its vectors. Off x86_64 they compile as plain code and never run
+/// (`Isa::detect` is `None` there, so `supported` keeps every step on candle's path).
 macro_rules! entries {
     ($features:literal, $wide:literal, $scores:ident, $output:ident, $prompt:ident) => {
-        #[target_feature(enable = $features)]
+        #[cfg_attr(target_arch = "x86_64", target_feature(enable = $features))]
         unsafe fn $scores(
             step: &Step<'_>,
             kv_head: usize,
@@ -333,7 +334,7 @@ macro_rules! entries {
             scores_body::<$wide>(step, kv_head, rows, first, end, dst, &mut scratch.panel)
         }
 
-        #[target_feature(enable = $features)]
+        #[cfg_attr(target_arch = "x86_64", target_feature(enable = $features))]
         unsafe fn $output(
             step: &Step<'_>,
             kv_head: usize,
@@ -344,7 +345,7 @@ macro_rules! entries {
             output_body(step, kv_head, row, scores, start)
         }
 
-        #[target_feature(enable = $features)]
+        #[cfg_attr(target_arch = "x86_64", target_feature(enable = $features))]
         unsafe fn $prompt(step: &Step<'_>, kv_head: usize, rows: &[Row], scratch: &mut Scratch) {
             let start = rows.iter().map(|r| r.lo).min().unwrap_or(0);
             let end = rows.iter().map(|r| r.pos + 1).max().unwrap_or(0);

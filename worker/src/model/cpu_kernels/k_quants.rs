@@ -6,7 +6,9 @@
 use half::f16;
 
 use super::activations::{BlockQ8K, QK_K};
-use super::{RowScales, WeightBlock};
+#[cfg(target_arch = "x86_64")]
+use super::RowScales;
+use super::WeightBlock;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 

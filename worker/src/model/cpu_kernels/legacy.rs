@@ -6,7 +6,9 @@
 use half::f16;
 
 use super::activations::{BlockQ8_1, BLOCK};
-use super::{RowScales, WeightBlock, ROW_TILE};
+use super::WeightBlock;
+#[cfg(target_arch = "x86_64")]
+use super::{RowScales, ROW_TILE};
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 

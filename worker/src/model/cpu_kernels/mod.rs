@@ -10,7 +10,11 @@
 //! batch-mates.
 
 pub mod activations;
+// The kernels are x86 code: elsewhere they compile, so the worker builds for Apple silicon and ARM
+// Linux, but never run (`supported` is false), and their helpers go unused there.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 mod k_quants;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 mod legacy;
 pub(crate) mod spin_pool;
 
@@ -374,7 +378,6 @@ impl<B: WeightBlock> CpuMatmul for QuantMatrix<B> {
             let first = task * per_task;
             let columns = per_task.min(n - first);
             let mut c = 0;
-            #[cfg(target_arch = "x86_64")]
             while pairs && c + 1 < columns {
                 let w0 = &self.blocks[(first + c) * kb..(first + c + 1) * kb];
                 let w1 = &self.blocks[(first + c + 1) * kb..(first + c + 2) * kb];
@@ -400,13 +403,8 @@ impl<B: WeightBlock> CpuMatmul for QuantMatrix<B> {
                     let a = &act[row0 * kb..(row0 + rows) * kb];
                     let scales = &scales[row0 / ROW_TILE * kb..][..kb];
                     let mut values = [0f32; ROW_TILE];
-                    #[cfg(target_arch = "x86_64")]
                     // SAFETY: this CPU runs `isa` (checked above).
-                    unsafe {
-                        dot_tile::<B>(isa, rows, w, a, kb, scales, &mut values)
-                    }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    unreachable!("supported() is false off x86_64: {w:?} {a:?} {scales:?}");
+                    unsafe { dot_tile::<B>(isa, rows, w, a, kb, scales, &mut values) }
                     store(row0, rows, first + c, &values);
                 }
             }
@@ -439,6 +437,43 @@ unsafe fn dot_tile<B: WeightBlock>(
         };
     }
     tile!(1 2 3 4 5 6 7 8)
+}
+
+/// Off x86_64 no [`Isa`] runs ([`supported`] is false), so no matrix of strata's is ever built.
+///
+/// # Safety
+/// None needed: it never runs.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dot_tile<B: WeightBlock>(
+    isa: Isa,
+    _rows: usize,
+    _w: &[B],
+    _a: &[B::Act],
+    _kb: usize,
+    _scales: &[RowScales],
+    _out: &mut [f32],
+) {
+    unreachable!("{} asked of a CPU that is not x86_64", isa.name())
+}
+
+/// Off x86_64 no two-column kernel runs either.
+///
+/// # Safety
+/// None needed: it never runs.
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_pair_tile<B: WeightBlock>(
+    _rows: usize,
+    _w0: &[B],
+    _w1: &[B],
+    _a: &[B::Act],
+    _kb: usize,
+    _scales: &[RowScales],
+    _bias: &[[i32; 8]],
+    _out0: &mut [f32],
+    _out1: &mut [f32],
+) {
+    unreachable!("two-column kernels run only on x86_64")
 }
 
 /// One tile of `rows` (1..=[`ROW_TILE`]) activation rows against two weight columns.
