@@ -90,22 +90,20 @@ impl LogitsPipeline {
             len: ids.len(),
             start_pos,
         }];
-        let mut input = StageInput::Tokens(ids.to_vec());
-        let mut out = None;
+        // What a stage hands on, as a worker sends it: f32 on the host.
+        let mut wire: Option<Tensor> = None;
         for (stage, cache) in self.stages.iter_mut().zip(caches.iter_mut()) {
-            if let Some(previous) = out.take() {
-                // What a worker sends (f32 on the host), then what the next worker does with it.
-                let wire: Tensor =
-                    Tensor::to_dtype(&previous, DType::F32)?.to_device(&Device::Cpu)?;
-                input =
-                    StageInput::Hidden(wire.to_device(stage.device())?.to_dtype(stage.dtype())?);
-            }
-            out = Some(stage.forward(input, &segment, std::slice::from_mut(cache))?);
-            input = StageInput::Tokens(Vec::new());
+            let input = match wire.take() {
+                None => StageInput::Tokens(ids.to_vec()),
+                Some(w) => {
+                    StageInput::Hidden(w.to_device(stage.device())?.to_dtype(stage.dtype())?)
+                }
+            };
+            let out = stage.forward(input, &segment, std::slice::from_mut(cache))?;
+            wire = Some(out.to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
         }
-        let out = out.context("at least one stage")?;
-        let rows = out.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-        let rows = rows.reshape((out.elem_count() / out.dims()[out.rank() - 1], ()))?;
+        let out = wire.context("at least one stage")?;
+        let rows = out.reshape((out.elem_count() / out.dims()[out.rank() - 1], ()))?;
         let n = rows.dim(0)?;
         Ok(rows.get(n - 1)?.to_vec1::<f32>()?)
     }

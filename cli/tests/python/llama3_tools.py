@@ -23,6 +23,10 @@ import gguf
 import numpy as np
 import openai
 
+# The byte-level BPE alphabet, as the other random-weight GGUF check writes it (this folder is on
+# sys.path when a script here runs).
+from rope_freqs_reference import byte_alphabet
+
 STRATA = os.environ.get("STRATA_BIN", "target/release/strata")
 KEY = "llama3-tools-test-key-0123456789abcdef"
 LAYERS, HIDDEN, HEADS, KV_HEADS, FFN, CONTEXT = 2, 64, 4, 2, 128, 4096
@@ -118,19 +122,6 @@ WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]}},
                    "required": ["city"], "additionalProperties": False}}}
-
-
-def byte_alphabet():
-    """GPT-2's byte-to-character map, in byte order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for _, c in sorted(zip(bs, cs))]
 
 
 def write_model(path, seed=3):
