@@ -20,7 +20,26 @@ pub fn probe_prompt(n: usize) -> Vec<u32> {
     (0..n as u32).map(|i| 300 + (i * 37) % 4000).collect()
 }
 
-/// Runs candle's `quantized_llama` on `model`: one prefill of `prompt` then `decode` greedy tokens.
+/// Whether candle's `quantized_llama` reads `model`: a GGUF file of the Llama architecture (other
+/// families name their metadata keys after themselves, and it reads only `llama.*`).
+pub fn check_readable(model: &Path) -> anyhow::Result<()> {
+    let mut file = std::fs::File::open(model)?;
+    let content = gguf_file::Content::read(&mut file)?;
+    let architecture = match content.metadata.get("general.architecture") {
+        Some(value) => value.to_string()?.clone(),
+        None => String::from("unnamed"),
+    };
+    if architecture != "llama" {
+        anyhow::bail!(
+            "candle's quantized_llama reads Llama files only, and {} is {architecture}: compare it with llama.cpp instead (--llama-cpp)",
+            model.display()
+        );
+    }
+    Ok(())
+}
+
+/// Runs candle's `quantized_llama` on `model` (one it reads: [`check_readable`]): one prefill of
+/// `prompt` then `decode` greedy tokens.
 pub fn measure(model: &Path, prompt: &[u32], decode: usize) -> candle_core::Result<Speed> {
     let mut file = std::fs::File::open(model)?;
     let content = gguf_file::Content::read(&mut file)?;

@@ -45,7 +45,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (dtype, name) in picked {
         let weight = content.tensor(&mut file, &name, &Device::Cpu)?;
         let (n, k) = weight.shape().dims2()?;
-        let ours = cpu_kernels::matrix_for(weight.dtype(), &weight.data()?, n, k)
+        let isa = cpu_kernels::Isa::detect().ok_or("this CPU runs no strata kernel")?;
+        let ours = cpu_kernels::matrix_for(weight.dtype(), &weight.data()?, n, k, isa)
             .ok_or("no strata kernel")??;
         let candle = QMatMul::from_qtensor(weight)?;
         for m in [1usize, 8, 128] {

@@ -390,6 +390,7 @@ async fn run_kernels(args: KernelArgs) -> anyhow::Result<()> {
     let peer = if llama_cpp.is_some() {
         "llama.cpp"
     } else {
+        candle_reference::check_readable(&model)?;
         "candle quantized_llama"
     };
     let prompt = candle_reference::probe_prompt(args.prompt_tokens);

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use strata_worker::engine::EngineLimits;
+use strata_worker::model::cpu_kernels::Isa;
 use strata_worker::model::{phase_timer, Ablations, KvLayout, StageOptions};
 use strata_worker::WorkerConfig;
 use tokio::net::TcpListener;
@@ -196,6 +197,17 @@ struct AblationArgs {
     attention_wide_from: Option<usize>,
     #[arg(long, hide = true)]
     no_cpu_attention: bool,
+    /// The highest instruction set strata's CPU kernels use: avx2 or avx512.
+    #[arg(long, hide = true, value_parser = parse_isa)]
+    cpu_isa: Option<Isa>,
+}
+
+fn parse_isa(name: &str) -> Result<Isa, String> {
+    match name {
+        "avx2" => Ok(Isa::Avx2),
+        "avx512" => Ok(Isa::Avx512),
+        _ => Err(format!("{name:?} is not avx2 or avx512")),
+    }
 }
 
 impl From<AblationArgs> for Ablations {
@@ -209,6 +221,7 @@ impl From<AblationArgs> for Ablations {
             no_fused_ops: a.no_fused_ops,
             attention_wide_from: a.attention_wide_from,
             no_cpu_attention: a.no_cpu_attention,
+            cpu_isa: a.cpu_isa,
         }
     }
 }

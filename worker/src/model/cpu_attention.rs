@@ -53,6 +53,8 @@ pub struct AttentionShape {
     pub scale: Option<f32>,
     /// A sliding window: a row sees only its last `window` positions.
     pub window: Option<usize>,
+    /// The instruction set the kernel runs on.
+    pub isa: Isa,
 }
 
 impl AttentionShape {
@@ -73,7 +75,7 @@ impl AttentionShape {
             group * kv_len * kv_len <= GEMM_HORIZONTAL_MAX_OUTPUTS
         };
         let matrix_vector = self.len == 1 && group == 1;
-        Isa::detect().is_some() && !horizontal && !matrix_vector && self.len <= kv_len
+        self.isa.runs_here() && !horizontal && !matrix_vector && self.len <= kv_len
     }
 }
 
@@ -138,8 +140,7 @@ impl CustomOp3 for Attention {
         let k = view(k_storage, k_layout, "keys")?;
         let v = view(v_storage, v_layout, "values")?;
         let mut out = vec![0f32; len * heads * head_dim];
-        let isa = Isa::detect().expect("runs_here checked the ISA");
-        run(&s, kv_len, &q, &k, &v, &mut out, isa);
+        run(&s, kv_len, &q, &k, &v, &mut out, s.isa);
         Ok((CpuStorage::F32(out), Shape::from((len, heads * head_dim))))
     }
 }

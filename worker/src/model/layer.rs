@@ -12,6 +12,7 @@ use candle_core::{Result, Tensor};
 use strata_model::config::Activation;
 use strata_model::ModelConfig;
 
+use super::cpu_kernels::Isa;
 use super::kv_cache::SequenceKv;
 use super::kv_pool::KvPool;
 use super::linear::Linear;
@@ -68,8 +69,9 @@ pub struct StepContext<'a> {
     pub fused_ops: bool,
     /// The history length from which CUDA decode attention runs its wide variant.
     pub attention_wide_from: usize,
-    /// Whether CPU attention runs strata's kernel where it applies (`cpu_attention.rs`).
-    pub cpu_attention: bool,
+    /// The instruction set CPU attention runs strata's kernel on where it applies
+    /// (`cpu_attention.rs`); `None`: candle's.
+    pub cpu_attention: Option<Isa>,
 }
 
 /// A transformer block. Every family runs through this one block; its description

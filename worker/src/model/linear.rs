@@ -5,7 +5,7 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Module, Result, Tensor};
 
-use super::cpu_kernels::{self, CpuMatmul};
+use super::cpu_kernels::{self, CpuMatmul, Isa};
 
 /// `y = x Wᵀ` without bias (biases are added by the layer).
 #[derive(Debug, Clone)]
@@ -21,7 +21,7 @@ pub enum Linear {
 /// Which code multiplies a GGUF weight, for the load-time log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kernel {
-    /// strata's kernel, on the instruction set named (`CpuMatmul::isa_name`).
+    /// strata's kernel, on the instruction set named (`CpuMatmul::isa`).
     Strata(&'static str),
     /// candle's quantized matmul (another device, another format, or a CPU without AVX2/FMA).
     Candle,
@@ -40,18 +40,20 @@ impl Kernel {
 }
 
 impl Linear {
-    /// A GGUF weight: on a CPU, strata's kernel for its format where there is one and
-    /// `fast_kernels` is on; candle's quantized matmul otherwise. Also says which it chose.
-    pub fn quantized(weight: QTensor, fast_kernels: bool) -> Result<(Self, Kernel)> {
+    /// A GGUF weight: on a CPU, strata's kernel for its format on `strata_kernels`' instruction set
+    /// where there is one; candle's quantized matmul otherwise (also where `strata_kernels` is
+    /// `None`). Also says which it chose.
+    pub fn quantized(weight: QTensor, strata_kernels: Option<Isa>) -> Result<(Self, Kernel)> {
         if weight.device().is_cpu() && cpu_kernels::supported() {
-            if !fast_kernels {
+            let Some(isa) = strata_kernels else {
                 let matmul = QMatMul::from_qtensor(weight)?;
                 return Ok((Self::Quantized(matmul), Kernel::CandleByChoice));
-            }
+            };
             let (n, k) = weight.shape().dims2()?;
-            if let Some(matrix) = cpu_kernels::matrix_for(weight.dtype(), &weight.data()?, n, k) {
+            let data = weight.data()?;
+            if let Some(matrix) = cpu_kernels::matrix_for(weight.dtype(), &data, n, k, isa) {
                 let matrix = matrix.map_err(candle_core::Error::msg)?;
-                let kernel = Kernel::Strata(matrix.isa_name());
+                let kernel = Kernel::Strata(matrix.isa().name());
                 return Ok((Self::Cpu(matrix), kernel));
             }
         }

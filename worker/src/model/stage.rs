@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use strata_model::config::{RopeScaling, RopeStyle};
 use strata_model::{ModelConfig, ModelFile, ModelFormat};
 
+use super::cpu_kernels::Isa;
 use super::embedding::Embedding;
 use super::kv_cache::SequenceKv;
 use super::kv_pool::KvPool;
@@ -141,6 +142,9 @@ pub struct Ablations {
     /// On the CPU, candle's matmuls, mask and softmax for attention instead of strata's kernel
     /// (`cpu_attention.rs`).
     pub no_cpu_attention: bool,
+    /// On the CPU, strata's kernels (matmuls and attention) use no instruction set above this one
+    /// (e.g. AVX2 on an AVX-512 machine), instead of the best the CPU runs.
+    pub cpu_isa: Option<Isa>,
 }
 
 /// The longest history in a batch from which CUDA decode attention runs its wide variant (32 warps
@@ -199,8 +203,9 @@ pub struct Stage {
     fused_ops: bool,
     /// See [`Ablations::attention_wide_from`].
     attention_wide_from: usize,
-    /// Whether CPU attention runs strata's kernel where it applies (`cpu_attention.rs`).
-    cpu_attention: bool,
+    /// The instruction set CPU attention runs strata's kernel on where it applies
+    /// (`cpu_attention.rs`); `None`: candle's everywhere.
+    cpu_attention: Option<Isa>,
 }
 
 impl Stage {
@@ -227,7 +232,10 @@ impl Stage {
                 layers.start, layers.end, config.num_layers
             )));
         }
-        let mut w = WeightLoader::open(model, device, dtype, !options.ablations.candle_kernels)?;
+        let ablations = &options.ablations;
+        let isa = Isa::best_up_to(ablations.cpu_isa);
+        let strata_kernels = isa.filter(|_| !ablations.candle_kernels);
+        let mut w = WeightLoader::open(model, device, dtype, strata_kernels)?;
         let is_first = layers.start == 0;
         let is_last = layers.end == config.num_layers;
         let embedding = if is_first {
@@ -352,7 +360,7 @@ impl Stage {
                 .ablations
                 .attention_wide_from
                 .unwrap_or(ATTENTION_WIDE_FROM),
-            cpu_attention: device.is_cpu() && !options.ablations.no_cpu_attention,
+            cpu_attention: isa.filter(|_| device.is_cpu() && !options.ablations.no_cpu_attention),
         })
     }
 

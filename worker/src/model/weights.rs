@@ -13,6 +13,7 @@ use strata_model::stage_weights::{check_tensor_size, digest_bytes, TensorBlobs};
 pub use strata_model::tensors::Role;
 use strata_model::{ModelFile, ModelFormat};
 
+use super::cpu_kernels::Isa;
 use super::embedding::{Embedding, QuantizedTable};
 use super::linear::{Kernel, Linear};
 use crate::WorkerError;
@@ -52,8 +53,9 @@ pub struct WeightLoader<'a> {
     device: Device,
     /// The dtype of dense weights and norms on the device.
     dtype: DType,
-    /// Use strata's own CPU kernels where they exist.
-    fast_kernels: bool,
+    /// Run GGUF weights on strata's own CPU kernels where they exist, on this instruction set
+    /// (`None`: candle's).
+    strata_kernels: Option<Isa>,
     /// Which kernel multiplies each GGUF type loaded so far, and how many tensors of it.
     kernels: BTreeMap<(String, Kernel), usize>,
 }
@@ -63,7 +65,7 @@ impl<'a> WeightLoader<'a> {
         model: &'a ModelFile,
         device: &Device,
         dtype: DType,
-        fast_kernels: bool,
+        strata_kernels: Option<Isa>,
     ) -> Result<Self, WorkerError> {
         let source = match (model.format, &model.blobs) {
             (ModelFormat::Gguf, Some(blobs)) => WeightSource::Blobs {
@@ -95,7 +97,7 @@ impl<'a> WeightLoader<'a> {
             source,
             device: device.clone(),
             dtype,
-            fast_kernels,
+            strata_kernels,
             kernels: BTreeMap::new(),
         })
     }
@@ -166,7 +168,7 @@ impl<'a> WeightLoader<'a> {
             return Ok(Linear::Dense(self.dense(role)?));
         };
         let dtype = gguf_type_name(q.dtype());
-        let (linear, kernel) = Linear::quantized(q, self.fast_kernels)?;
+        let (linear, kernel) = Linear::quantized(q, self.strata_kernels)?;
         *self.kernels.entry((dtype, kernel)).or_default() += 1;
         Ok(linear)
     }

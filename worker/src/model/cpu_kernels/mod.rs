@@ -79,17 +79,13 @@ pub trait CpuMatmul: Any + Debug + Send + Sync {
     /// this format and input width.
     fn concat(&self, others: &[&dyn CpuMatmul]) -> Option<Arc<dyn CpuMatmul>>;
     fn as_any(&self) -> &dyn Any;
-    /// The instruction set [`CpuMatmul::matmul`] runs this format on here.
-    fn isa_name(&self) -> &'static str;
+    /// The instruction set [`CpuMatmul::matmul`] runs on, chosen at load ([`matrix_for`]).
+    fn isa(&self) -> Isa;
     /// Bytes of the weight.
     fn bytes(&self) -> usize;
     /// `x: [m, k]` row-major → `x Wᵀ: [m, n]` row-major.
     fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        self.matmul_with(
-            x,
-            m,
-            Isa::detect().expect("strata's CPU kernels need AVX2, FMA and F16C"),
-        )
+        self.matmul_with(x, m, self.isa())
     }
     /// [`CpuMatmul::matmul`] on one instruction set (one that [`Isa::runs_here`]).
     fn matmul_with(&self, x: &[f32], m: usize, isa: Isa) -> Vec<f32>;
@@ -137,6 +133,12 @@ impl Isa {
         }
     }
 
+    /// The best level this CPU runs, no higher than `ceiling` where one is given (a measure-only
+    /// cap, [`crate::model::Ablations::cpu_isa`]); `None` without the baseline.
+    pub fn best_up_to(ceiling: Option<Isa>) -> Option<Isa> {
+        Isa::detect().map(|best| ceiling.map_or(best, |cap| cap.min(best)))
+    }
+
     /// Whether this CPU runs this level.
     pub fn runs_here(self) -> bool {
         Isa::detect().is_some_and(|best| self <= best)
@@ -170,33 +172,36 @@ pub const KERNEL_TYPES: &[GgmlDType] = &[
     GgmlDType::Q6K,
 ];
 
-/// strata's kernel for a GGUF tensor `[n, k]` of type `dtype` (raw bytes as stored), or `None` where
-/// there is none (another type, or a CPU without AVX2/FMA): the caller then uses candle's.
+/// strata's kernel for a GGUF tensor `[n, k]` of type `dtype` (raw bytes as stored), run on `isa`,
+/// or `None` where there is none (another type, or a CPU without `isa`): the caller then uses
+/// candle's.
 pub fn matrix_for(
     dtype: GgmlDType,
     bytes: &[u8],
     n: usize,
     k: usize,
+    isa: Isa,
 ) -> Option<Result<Arc<dyn CpuMatmul>, String>> {
     fn build<B: WeightBlock>(
         bytes: &[u8],
         n: usize,
         k: usize,
+        isa: Isa,
     ) -> Option<Result<Arc<dyn CpuMatmul>, String>> {
-        Some(QuantMatrix::<B>::from_gguf_bytes(bytes, n, k).map(|m| Arc::new(m) as _))
+        Some(QuantMatrix::<B>::from_gguf_bytes(bytes, n, k, isa).map(|m| Arc::new(m) as _))
     }
-    if !supported() {
+    if !isa.runs_here() {
         return None;
     }
     match dtype {
-        GgmlDType::Q4_0 => build::<legacy::BlockQ4_0>(bytes, n, k),
-        GgmlDType::Q4_1 => build::<legacy::BlockQ4_1>(bytes, n, k),
-        GgmlDType::Q5_0 => build::<legacy::BlockQ5_0>(bytes, n, k),
-        GgmlDType::Q5_1 => build::<legacy::BlockQ5_1>(bytes, n, k),
-        GgmlDType::Q8_0 => build::<legacy::BlockQ8_0>(bytes, n, k),
-        GgmlDType::Q4K => build::<k_quants::BlockQ4K>(bytes, n, k),
-        GgmlDType::Q5K => build::<k_quants::BlockQ5K>(bytes, n, k),
-        GgmlDType::Q6K => build::<k_quants::BlockQ6K>(bytes, n, k),
+        GgmlDType::Q4_0 => build::<legacy::BlockQ4_0>(bytes, n, k, isa),
+        GgmlDType::Q4_1 => build::<legacy::BlockQ4_1>(bytes, n, k, isa),
+        GgmlDType::Q5_0 => build::<legacy::BlockQ5_0>(bytes, n, k, isa),
+        GgmlDType::Q5_1 => build::<legacy::BlockQ5_1>(bytes, n, k, isa),
+        GgmlDType::Q8_0 => build::<legacy::BlockQ8_0>(bytes, n, k, isa),
+        GgmlDType::Q4K => build::<k_quants::BlockQ4K>(bytes, n, k, isa),
+        GgmlDType::Q5K => build::<k_quants::BlockQ5K>(bytes, n, k, isa),
+        GgmlDType::Q6K => build::<k_quants::BlockQ6K>(bytes, n, k, isa),
         _ => None,
     }
 }
@@ -272,11 +277,18 @@ pub(crate) struct QuantMatrix<B> {
     n: usize,
     k: usize,
     blocks: Vec<B>,
+    /// What [`CpuMatmul::matmul`] runs on.
+    isa: Isa,
 }
 
 impl<B: WeightBlock> QuantMatrix<B> {
-    /// Takes the raw bytes of a GGUF tensor of shape `[n, k]`.
-    pub(crate) fn from_gguf_bytes(bytes: &[u8], n: usize, k: usize) -> Result<Self, String> {
+    /// Takes the raw bytes of a GGUF tensor of shape `[n, k]`, to be run on `isa`.
+    pub(crate) fn from_gguf_bytes(
+        bytes: &[u8],
+        n: usize,
+        k: usize,
+        isa: Isa,
+    ) -> Result<Self, String> {
         let size = std::mem::size_of::<B>();
         if !k.is_multiple_of(B::ELEMS) {
             return Err(format!(
@@ -299,7 +311,7 @@ impl<B: WeightBlock> QuantMatrix<B> {
             // chunk holds exactly `size_of::<B>()` of them (read unaligned).
             .map(|chunk| unsafe { std::ptr::read_unaligned(chunk.as_ptr() as *const B) })
             .collect();
-        Ok(Self { n, k, blocks })
+        Ok(Self { n, k, blocks, isa })
     }
 }
 
@@ -313,10 +325,11 @@ impl<B: WeightBlock> CpuMatmul for QuantMatrix<B> {
             n: self.n,
             k: self.k,
             blocks: self.blocks.clone(),
+            isa: self.isa,
         };
         for other in others {
             let other = other.as_any().downcast_ref::<Self>()?;
-            if other.k != self.k {
+            if other.k != self.k || other.isa != self.isa {
                 return None;
             }
             joined.n += other.n;
@@ -329,8 +342,8 @@ impl<B: WeightBlock> CpuMatmul for QuantMatrix<B> {
         self
     }
 
-    fn isa_name(&self) -> &'static str {
-        Isa::detect().unwrap_or(Isa::Avx2).name()
+    fn isa(&self) -> Isa {
+        self.isa
     }
 
     fn bytes(&self) -> usize {

@@ -74,7 +74,8 @@ fn quantized_activations(dtype: GgmlDType, x: &[f32]) -> Vec<f32> {
 fn check(dtype: GgmlDType, n: usize, k: usize, m: usize, seed: u64) {
     let mut rng = Rng(seed);
     let (bytes, dense) = random_tensor(dtype, n, k, &mut rng);
-    let matrix = matrix_for(dtype, &bytes, n, k)
+    let best = Isa::detect().expect("a CPU with strata's kernels");
+    let matrix = matrix_for(dtype, &bytes, n, k, best)
         .expect("a kernel on this CPU")
         .unwrap();
     assert_eq!((matrix.rows(), matrix.bytes()), (n, bytes.len()));
@@ -108,9 +109,13 @@ fn check(dtype: GgmlDType, n: usize, k: usize, m: usize, seed: u64) {
             assert!((got[row * n + col] as f64 - f32_product).abs() <= 0.02 * scale + 1e-4);
         }
     }
-    // Every instruction set gives exactly the same results (the same integer sums).
+    // Every instruction set gives exactly the same results (the same integer sums), asked for per
+    // call or chosen at load.
     for isa in Isa::available() {
         assert_eq!(matrix.matmul_with(&x, m, isa), got, "{dtype:?} on {isa:?}");
+        let at_load = matrix_for(dtype, &bytes, n, k, isa).unwrap().unwrap();
+        assert_eq!(at_load.isa(), isa);
+        assert_eq!(at_load.matmul(&x, m), got, "{dtype:?} loaded for {isa:?}");
     }
     // Each row alone gives bit-identical results to the row inside the batch.
     for row in [0, m - 1] {
@@ -144,15 +149,17 @@ fn rejects_wrong_sizes() {
         let (size, elems) = (dtype.type_size(), dtype.block_size());
         if supported() {
             // Rows that are not whole blocks, and bytes that are not the tensor's.
-            assert!(matrix_for(dtype, &vec![0; 2 * size], 1, elems + 1)
-                .unwrap()
-                .is_err());
-            assert!(matrix_for(dtype, &vec![0; size - 1], 1, elems)
+            assert!(
+                matrix_for(dtype, &vec![0; 2 * size], 1, elems + 1, Isa::Avx2)
+                    .unwrap()
+                    .is_err()
+            );
+            assert!(matrix_for(dtype, &vec![0; size - 1], 1, elems, Isa::Avx2)
                 .unwrap()
                 .is_err());
         }
     }
-    assert!(matrix_for(GgmlDType::Q2K, &[0; 84], 1, 256).is_none());
+    assert!(matrix_for(GgmlDType::Q2K, &[0; 84], 1, 256, Isa::Avx2).is_none());
 }
 
 /// Throughput of each kernel on SmolLM2-sized shapes (prints; run with `--ignored --nocapture`).
@@ -172,7 +179,9 @@ fn kernel_throughput() {
         .filter(|s| s.1 % dtype.block_size() == 0)
         {
             let (bytes, _) = random_tensor(dtype, n, k, &mut rng);
-            let w = matrix_for(dtype, &bytes, n, k).unwrap().unwrap();
+            let w = matrix_for(dtype, &bytes, n, k, Isa::detect().unwrap())
+                .unwrap()
+                .unwrap();
             let x: Vec<f32> = (0..m * k).map(|_| rng.unit()).collect();
             let reps = if m == 1 { 2000 } else { 20 };
             let start = std::time::Instant::now();

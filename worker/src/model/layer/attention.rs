@@ -1,7 +1,7 @@
 //! Attention of one block: per sequence against its own cache, fused where a kernel allows, or
 //! over a paged pool as one padded batch.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use crate::model::cpu_attention::{self, AttentionShape};
 use crate::model::kv_cache::SequenceKv;
@@ -207,7 +207,8 @@ impl Layer {
     ) -> Result<Tensor> {
         let group = self.num_heads / self.num_kv_heads;
         let len = seg.len;
-        if ctx.cpu_attention && self.softcap.is_none() && q.dtype() == candle_core::DType::F32 {
+        let cpu_isa = ctx.cpu_attention;
+        if let Some(isa) = cpu_isa.filter(|_| self.softcap.is_none() && q.dtype() == DType::F32) {
             let shape = AttentionShape {
                 len,
                 heads: self.num_heads,
@@ -215,6 +216,7 @@ impl Layer {
                 head_dim: self.head_dim,
                 scale: (!self.q_prescaled).then_some(self.scale as f32),
                 window: self.window,
+                isa,
             };
             if shape.runs_here(k.dim(1)?) {
                 return cpu_attention::attention(q, k, v, shape);
@@ -261,7 +263,7 @@ impl Layer {
         } else {
             scores
         };
-        let probs = if rows.is_some() && scores.dtype() == candle_core::DType::F32 {
+        let probs = if rows.is_some() && scores.dtype() == DType::F32 {
             prompt_softmax(&scores, len)?
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
