@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
@@ -155,12 +155,18 @@ pub fn assert_follows_reference(p: &Value, out: &Value) {
 /// Runs a Python check of `tests/python/` against this build's binary and asserts that unittest ran
 /// `tests` tests and passed (a skipped or missing test fails too).
 pub fn run_python_check(script: &str, tests: usize, what: &str) {
+    run_python_check_with(script, tests, what, &[]);
+}
+
+/// [`run_python_check`] with more environment variables for the script.
+pub fn run_python_check_with(script: &str, tests: usize, what: &str, env: &[(&str, &Path)]) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/python")
         .join(script);
     let out = Command::new("python3")
         .arg(&path)
         .env("STRATA_BIN", strata())
+        .envs(env.iter().copied())
         .output()
         .expect("run python3");
     let stderr = String::from_utf8_lossy(&out.stderr);
