@@ -2,9 +2,9 @@
 //! Teacher-forced over the shared reference prompts (llama.cpp's greedy ids fed back one decode step
 //! at a time, as a generation that chose them runs), strata's signed top-2 margin at each step (the
 //! reference token's log-probability minus the best other's) is compared with llama.cpp's
-//! (`reference_top2_margin_nats`), through 1 and 3 stages. The same statistic for candle's kernels
-//! (`--candle-kernels`) is printed beside it, so the two can be compared (BENCHMARKS.md records
-//! both). strata's kernels also run once on AVX2 alone (`--cpu-isa avx2`), through 2 stages, as on
+//! (`reference_top2_margin_nats`), through 1 and 3 stages. The same statistic for the device-generic
+//! path (`--candle-kernels --no-cpu-attention`: candle's kernels, as on ARM and, op for op, Metal) is
+//! printed beside it, so the two can be compared (BENCHMARKS.md records both). strata's kernels also run once on AVX2 alone (`--cpu-isa avx2`), through 2 stages, as on
 //! a CPU without AVX-512, and every run must choose as the reference rule allows: llama.cpp's token
 //! at every step of the exact prefix, and a first departure after it only at a near-tie of its own.
 //!
@@ -115,14 +115,22 @@ fn breaks_rule(rows: &[Vec<f32>], greedy: &[u32], exact: usize) -> Option<String
     })
 }
 
-/// Measures strata's kernels through 1 and 3 stages and candle's through 1, and holds strata's to
-/// `mean` and `max` (nats).
+/// Measures strata's kernels through 1 and 3 stages (and 2 on AVX2), and the device-generic path
+/// through 1 (candle's quantized matmuls and attention: what a CPU without AVX2, an ARM host, runs,
+/// and the ops a Metal stage runs); holds strata's to `mean` and `max` (nats), and every run to the
+/// reference rule.
 fn check(name: &str, model: &std::path::Path, reference: serde_json::Value, mean: f32, max: f32) {
-    let candle = Ablations {
+    let generic = Ablations {
         candle_kernels: true,
+        no_cpu_attention: true,
         ..Ablations::default()
     };
-    let control = measure(model, &reference, 1, candle);
+    let control = measure(model, &reference, 1, generic);
+    assert!(
+        control.broken.is_empty(),
+        "{name}, the generic path: greedy choices break the reference rule: {:?}",
+        control.broken
+    );
     let avx2 = Ablations {
         cpu_isa: Some(Isa::Avx2),
         ..Ablations::default()
@@ -135,7 +143,7 @@ fn check(name: &str, model: &std::path::Path, reference: serde_json::Value, mean
     for (stages, ablations, isa) in runs {
         let ours = measure(model, &reference, stages, ablations);
         eprintln!(
-            "margins {name}, {stages} stage(s), {isa}: strata mean |Δ| {:.3} max {:.3} ({}); candle kernels (1 stage) mean {:.3} max {:.3} ({})",
+            "margins {name}, {stages} stage(s), {isa}: strata mean |Δ| {:.3} max {:.3} ({}); generic path (1 stage) mean {:.3} max {:.3} ({})",
             ours.mean(),
             ours.worst.0,
             ours.worst.1,
