@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every test: unit tests, end-to-end tests with real worker and coordinator processes on loopback,
 # the reference comparison against llama.cpp, the Python gRPC and OpenAI clients, the seed's
-# examples (each checks what it demonstrates and fails if that does not hold), the validators of
-# every deploy/ file, and the multi-host test in network namespaces (needs root; skipped, and said
+# examples (each checks what it demonstrates and fails if that does not hold), type-checks for
+# Apple silicon with Metal and for ARM Linux (scripts/cross-check.sh), the validators of every
+# deploy/ file, and the multi-host test in network namespaces (needs root; skipped, and said
 # so, without it). One release build serves all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,9 @@ echo "examples: 5 passed, 0 failed"
 echo "=== shell scripts (shellcheck)"
 shellcheck -x -P SCRIPTDIR scripts/*.sh bench/*.sh .ci/run cli/tests/netns/*.sh
 echo "shell scripts: clean"
+
+echo "=== Apple silicon (Metal) and ARM Linux: type-checks of the worker and CLI, -D warnings"
+scripts/cross-check.sh linux macos
 
 echo "=== deploy/ validators"
 deploy/validate.sh "$release/strata"
