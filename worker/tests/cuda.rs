@@ -3,6 +3,7 @@
 //! Marked `ignore` unless the crate is built with `--features cuda`, so CI (a CPU build) lists them as
 //! ignored with the reason; `bench/gpu.sh` builds and runs them on the GPU host.
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use strata_model::synthetic::{write_safetensors_model, SyntheticConfig};
 use strata_model::ModelFile;
@@ -291,4 +292,224 @@ fn greedy_rows_on_the_gpu_match_the_host() {
     let (ids, _) = greedy_rows(&logits, true).unwrap();
     assert_eq!(ids[0], 3);
     assert_eq!(ids[1], u32::MAX);
+}
+
+/// Decode steps replayed as CUDA graphs give the same logits, bit for bit, as the same steps run op
+/// by op: through batch sizes that come and go, histories crossing a graph's length bucket (256)
+/// and the wide attention kernel's threshold, a pool that grows mid-run, and a later stage fed
+/// hidden states.
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "CUDA-only: needs --features cuda and a GPU (bench/gpu.sh runs it)"
+)]
+fn decode_steps_replayed_as_cuda_graphs_match_eager_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = SyntheticConfig {
+        dtype: DType::F32,
+        context_length: 2048,
+        ..SyntheticConfig::tiny()
+    };
+    write_safetensors_model(dir.path(), &config).unwrap();
+    let model = ModelFile::open(dir.path()).unwrap();
+    let gpu = Device::new_cuda(0).unwrap();
+    let n = model.config.num_layers;
+    let options = |graphs: bool| StageOptions {
+        kv_layout: KvLayout::Paged,
+        ablations: strata_worker::model::Ablations {
+            no_cuda_graphs: !graphs,
+            ..Default::default()
+        },
+        ..StageOptions::default()
+    };
+    // Sequence 0 decodes from 200 to 330 positions (crossing 256); sequence 1 joins at step 20
+    // and leaves at step 90; sequence 2's 1000-position prompt at step 100 grows the pool
+    // past its first 1024 positions.
+    let mut steps: Vec<Vec<(usize, usize)>> = vec![vec![(0, 200)]];
+    for i in 0..130 {
+        let mut step = vec![(0, 1)];
+        match i {
+            20 => step.push((1, 9)),
+            21..=90 => step.push((1, 1)),
+            100 => step.push((2, 1000)),
+            101.. => step.push((2, 1)),
+            _ => {}
+        }
+        steps.push(step);
+    }
+    let run = |graphs: bool| -> Vec<Vec<f32>> {
+        let mut first = Stage::load(&model, 0..n / 2, &gpu, DType::F32, options(graphs)).unwrap();
+        let mut last = Stage::load(&model, n / 2..n, &gpu, DType::F32, options(graphs)).unwrap();
+        let mut first_caches: Vec<Option<_>> = (0..3).map(|_| None).collect();
+        let mut last_caches: Vec<Option<_>> = (0..3).map(|_| None).collect();
+        steps
+            .iter()
+            .enumerate()
+            .map(|(i, step)| {
+                let hidden = common::run_step(&mut first, &mut first_caches, step, |rows| {
+                    StageInput::Tokens((0..rows).map(|j| ((j * 31 + i * 7) % 500) as u32).collect())
+                });
+                let logits = common::run_step(&mut last, &mut last_caches, step, |_| {
+                    StageInput::Hidden(hidden)
+                });
+                logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            })
+            .collect()
+    };
+    let (graphed, eager) = (run(true), run(false));
+    for (i, (g, e)) in graphed.iter().zip(&eager).enumerate() {
+        assert_eq!(g.len(), e.len(), "step {i}");
+        let same = g.iter().zip(e).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "step {i}: rel L2 {:.2e}", rel_l2(g, e));
+    }
+    eprintln!(
+        "{} steps identical with and without CUDA graphs",
+        steps.len()
+    );
+}
+
+/// A 2-layer Llama GGUF of random weights (hidden 128, 2 heads of 64, 1 kv head, ffn 256), every
+/// matrix in `Q8_0` except the value projections, in `value_type`.
+fn tiny_gguf(path: &std::path::Path, value_type: GgmlDType) -> ModelFile {
+    use candle_core::quantized::gguf_file::{self, Value};
+    let (hidden, ffn, vocab, layers, kv) = (128usize, 256usize, 512usize, 2usize, 64usize);
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut random = |shape: (usize, usize), scale: f32| {
+        let values: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+            })
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    };
+    let quantized = |t: Tensor, dtype| QTensor::quantize(&t, dtype).unwrap();
+    let norm = |n: usize| {
+        QTensor::quantize(
+            &Tensor::ones(n, DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::F32,
+        )
+        .unwrap()
+    };
+    let mut tensors: Vec<(String, QTensor)> = vec![
+        (
+            "token_embd.weight".into(),
+            quantized(random((vocab, hidden), 2.0), GgmlDType::Q8_0),
+        ),
+        ("output_norm.weight".into(), norm(hidden)),
+        (
+            "output.weight".into(),
+            quantized(random((vocab, hidden), 0.2), GgmlDType::Q8_0),
+        ),
+    ];
+    for i in 0..layers {
+        let b = |name: &str| format!("blk.{i}.{name}.weight");
+        tensors.push((b("attn_norm"), norm(hidden)));
+        tensors.push((b("ffn_norm"), norm(hidden)));
+        for (name, shape, dtype) in [
+            ("attn_q", (hidden, hidden), GgmlDType::Q8_0),
+            ("attn_k", (kv, hidden), GgmlDType::Q8_0),
+            ("attn_v", (kv, hidden), value_type),
+            ("attn_output", (hidden, hidden), GgmlDType::Q8_0),
+            ("ffn_gate", (ffn, hidden), GgmlDType::Q8_0),
+            ("ffn_up", (ffn, hidden), GgmlDType::Q8_0),
+            ("ffn_down", (hidden, ffn), GgmlDType::Q8_0),
+        ] {
+            tensors.push((b(name), quantized(random(shape, 0.3), dtype)));
+        }
+    }
+    let metadata = [
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.block_count", Value::U32(layers as u32)),
+        ("llama.context_length", Value::U32(1024)),
+        ("llama.embedding_length", Value::U32(hidden as u32)),
+        ("llama.feed_forward_length", Value::U32(ffn as u32)),
+        ("llama.attention.head_count", Value::U32(2)),
+        ("llama.attention.head_count_kv", Value::U32(1)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+        ("llama.rope.freq_base", Value::F32(10_000.0)),
+    ];
+    let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut file = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut file, &metadata, &tensors).unwrap();
+    ModelFile::open(path).unwrap()
+}
+
+/// A quantized GGUF stage on CUDA stacks q/k/v (and gate/up) of one format into one matmul and
+/// rotates and writes keys and values in one kernel with GGUF's interleaved RoPE pairing, also
+/// where the formats differ and the separate projections are joined for the kernel: the same
+/// logits as the unfused path (separate matmuls, candle's RoPE and scatter), and close to the CPU.
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "CUDA-only: needs --features cuda and a GPU (bench/gpu.sh runs it)"
+)]
+fn quantized_projections_stacked_on_the_gpu_match_the_unfused_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps: [&[(usize, usize)]; 5] = [
+        &[(0, 40), (1, 9)],
+        &[(0, 1), (1, 1)],
+        &[(2, 5), (0, 1), (1, 1)],
+        &[(0, 1), (1, 1), (2, 1)],
+        &[(2, 1), (0, 1)],
+    ];
+    let options = |layout, fused: bool| StageOptions {
+        kv_layout: layout,
+        ablations: strata_worker::model::Ablations {
+            no_fused_kernels: !fused,
+            no_fused_projections: !fused,
+            ..Default::default()
+        },
+        ..StageOptions::default()
+    };
+    let gpu = Device::new_cuda(0).unwrap();
+    for (value_type, stacked_layers) in [(GgmlDType::Q8_0, 2), (GgmlDType::Q4_0, 0)] {
+        let model = tiny_gguf(&dir.path().join(format!("{value_type:?}.gguf")), value_type);
+        let stage = Stage::load(
+            &model,
+            0..2,
+            &gpu,
+            DType::F32,
+            options(KvLayout::Paged, true),
+        );
+        assert_eq!(
+            stage.unwrap().fusions(),
+            (stacked_layers, true),
+            "{value_type:?}"
+        );
+        let fused = last_logits(
+            &model,
+            &gpu,
+            DType::F32,
+            options(KvLayout::Paged, true),
+            &steps,
+        );
+        let unfused = last_logits(
+            &model,
+            &gpu,
+            DType::F32,
+            options(KvLayout::Paged, false),
+            &steps,
+        );
+        let cpu = last_logits(
+            &model,
+            &Device::Cpu,
+            DType::F32,
+            options(KvLayout::Contiguous, false),
+            &steps,
+        );
+        let (err, cpu_err) = (rel_l2(&fused, &unfused), rel_l2(&fused, &cpu));
+        eprintln!(
+            "values in {value_type:?}: fused vs unfused rel L2 {err:.2e}, vs cpu {cpu_err:.2e}"
+        );
+        assert!(err < 1e-4, "{value_type:?}: fused vs unfused rel L2 {err}");
+        // The CPU quantizes activations to its own 8-bit blocks, CUDA to q8_1.
+        assert!(
+            cpu_err < 3e-2,
+            "{value_type:?}: fused vs cpu rel L2 {cpu_err}"
+        );
+    }
 }

@@ -200,6 +200,8 @@ struct AblationArgs {
     /// The highest instruction set strata's CPU kernels use: avx2 or avx512.
     #[arg(long, hide = true, value_parser = parse_isa)]
     cpu_isa: Option<Isa>,
+    #[arg(long, hide = true)]
+    no_cuda_graphs: bool,
 }
 
 fn parse_isa(name: &str) -> Result<Isa, String> {
@@ -222,6 +224,7 @@ impl From<AblationArgs> for Ablations {
             attention_wide_from: a.attention_wide_from,
             no_cpu_attention: a.no_cpu_attention,
             cpu_isa: a.cpu_isa,
+            no_cuda_graphs: a.no_cuda_graphs,
         }
     }
 }

@@ -60,6 +60,8 @@ pub struct KvPool {
     free: FreePages,
     /// Bytes of one page over all layers, keys and values.
     page_bytes: usize,
+    /// Counts reallocations of the tensors (which move their rows in memory).
+    generation: u64,
 }
 
 impl KvPool {
@@ -79,6 +81,7 @@ impl KvPool {
             max_pages: usize::MAX,
             free: Arc::new(Mutex::new((0..INITIAL_PAGES as u32).rev().collect())),
             page_bytes: 2 * layers * kv_heads * PAGE * head_dim * dtype.size_in_bytes(),
+            generation: 0,
         })
     }
 
@@ -96,6 +99,7 @@ impl KvPool {
             self.values = self.values.iter().map(shrink).collect::<Result<_>>()?;
             *lock(&self.free) = (0..limit as u32).rev().collect();
             self.pages = limit;
+            self.generation += 1;
         }
         self.max_pages = limit.max(self.pages);
         Ok(())
@@ -146,6 +150,7 @@ impl KvPool {
         self.values = self.values.iter().map(grow).collect::<Result<_>>()?;
         lock(&self.free).extend((self.pages as u32..pages as u32).rev());
         self.pages = pages;
+        self.generation += 1;
         Ok(())
     }
 
@@ -170,6 +175,12 @@ impl KvPool {
             tensor.scatter_set(&to, &rows, 1)?;
         }
         Ok(copy)
+    }
+
+    /// Changes whenever the pool's tensors are reallocated (kernels recorded against the old
+    /// ones must not run again).
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Layer `i`'s keys and values, `[kv_heads, rows, head_dim]`.

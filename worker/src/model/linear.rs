@@ -64,7 +64,14 @@ impl Linear {
     /// Applies the layer to `x: [rows, in]`, giving `[rows, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Quantized(w) => w.forward(x),
+            Self::Quantized(w) => {
+                #[cfg(feature = "cuda")]
+                if let (QMatMul::QTensor(q), true) = (w, x.device().is_cuda()) {
+                    let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
+                    super::step_graph::note_quantized_matmul(rows, q.shape().dims2()?.1);
+                }
+                w.forward(x)
+            }
             Self::Dense(w) => x.matmul(&w.t()?),
             Self::Cpu(w) => {
                 let rows = x.dim(0)?;

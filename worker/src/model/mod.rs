@@ -8,6 +8,7 @@
 //! - [`cpu_kernels`]: strata's AVX2 matmuls for GGUF weights on the CPU (Q4_0..Q8_0, Q4_K..Q6_K).
 //! - `paged_attention` (CUDA builds): decode attention from the paged pool in one kernel.
 //! - `fused_ops` (CUDA builds): residual add + RMSNorm and SiLU · up, one kernel each.
+//! - `step_graph` (CUDA builds): decode steps recorded once as CUDA graphs and replayed.
 //! - `cuda_kernel` (CUDA builds): what those two share (NVRTC compilation, device slices).
 //! - [`sampling`]: choosing the next token from logits on the last stage.
 
@@ -31,6 +32,8 @@ pub mod prompt_softmax;
 pub mod rope;
 pub mod sampling;
 pub mod stage;
+#[cfg(feature = "cuda")]
+pub mod step_graph;
 pub mod step_indexes;
 pub mod weights;
 

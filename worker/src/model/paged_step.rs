@@ -27,8 +27,11 @@ pub struct DecodeBatch {
     /// for the fused CUDA kernel, which reads `gather` up to these lengths and needs no mask.
     pub lens: Option<Tensor>,
     pub sequences: usize,
-    /// The longest history in the batch, new position included.
+    /// The row length of `gather` (and of the masks): the longest history, or more where the step
+    /// is laid out for a CUDA graph (`step_graph::LEN_BUCKET`).
     pub len: usize,
+    /// The longest history in the batch, new position included.
+    pub longest: usize,
 }
 
 /// A sequence that adds several positions (a prompt or a chunk of one).
@@ -57,7 +60,7 @@ pub struct PagedStep {
 /// A paged step planned on the host: its arrays are slots of the step's [`IndexBuffer`], which the
 /// stage uploads once together with its other indexes; [`PagedStepPlan::resolve`] then builds the
 /// step from the uploaded buffer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct PagedStepPlan {
     write: IndexSlot,
     fused_write: bool,
@@ -66,7 +69,7 @@ pub struct PagedStepPlan {
     restore: Option<IndexSlot>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct DecodePlan {
     rows: Option<IndexSlot>,
     gather: IndexSlot,
@@ -76,19 +79,23 @@ struct DecodePlan {
     lens: Option<IndexSlot>,
     sequences: usize,
     len: usize,
+    longest: usize,
 }
 
 impl PagedStep {
     /// Plans a step into `indexes`. `caches[s]` holds pages for every position of `segments[s]`
     /// (reserved by the caller). `fused_attention`: decode attention runs as one kernel (lengths
     /// instead of a mask); `fused_write`: RoPE and the pool write run as one kernel (plain write
-    /// rows). `window`: the stage's sliding window, if some of its layers slide.
+    /// rows). `window`: the stage's sliding window, if some of its layers slide. `pad_len`: lay the
+    /// decode histories out this many positions long (at least the longest), so that steps of
+    /// growing histories share one layout.
     pub fn plan(
         segments: &[Segment],
         caches: &[SequenceKv],
         fused_attention: bool,
         fused_write: bool,
         window: Option<usize>,
+        pad_len: Option<usize>,
         indexes: &mut IndexBuffer,
     ) -> Result<PagedStepPlan> {
         let pages = |s: usize| {
@@ -115,7 +122,8 @@ impl PagedStep {
                 .iter()
                 .map(|&s| segments[s].start_pos + 1)
                 .collect();
-            let len = own.iter().copied().max().unwrap_or(1);
+            let longest = own.iter().copied().max().unwrap_or(1);
+            let len = pad_len.map_or(longest, |pad| pad.max(longest));
             let mut gather = Vec::with_capacity(decoding.len() * len);
             for (&s, &own) in decoding.iter().zip(&own) {
                 let pages = pages(s)?;
@@ -154,6 +162,7 @@ impl PagedStep {
                 lens,
                 sequences: decoding.len(),
                 len,
+                longest,
             })
         };
 
@@ -230,6 +239,7 @@ impl PagedStepPlan {
                     lens: uploaded.get_some(plan.lens)?,
                     sequences: n,
                     len,
+                    longest: plan.longest,
                 })
             }
         };

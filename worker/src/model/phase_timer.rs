@@ -80,6 +80,11 @@ fn sync(device: &Device) {
     }
 }
 
+/// Whether marks do anything (a step whose phases are timed is not replayed as a CUDA graph).
+pub fn active() -> bool {
+    mode() != Mode::Off
+}
+
 /// Starts timing a step.
 pub fn start(device: &Device) {
     if mode() == Mode::Off {

@@ -100,6 +100,12 @@ impl RopeTable {
         })
     }
 
+    /// Whether the table is kept for every position (else each step computes its rows from the
+    /// positions on the host).
+    pub fn keeps_table(&self) -> bool {
+        self.reuse
+    }
+
     /// Whether pairs are `(2i, 2i + 1)` (GGUF) rather than halves `(i, i + head_dim/2)`.
     pub fn interleaved(&self) -> bool {
         matches!(self.style, RopeStyle::Interleaved)

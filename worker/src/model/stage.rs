@@ -4,7 +4,7 @@
 use std::ops::Range;
 
 use candle_core::{DType, Device, Result, Tensor};
-use strata_model::config::{RopeScaling, RopeStyle};
+use strata_model::config::RopeScaling;
 use strata_model::{ModelConfig, ModelFile, ModelFormat};
 
 use super::cpu_kernels::Isa;
@@ -14,10 +14,10 @@ use super::kv_pool::KvPool;
 use super::layer::{add_pending_and_norm, Layer, Segment, StepContext};
 use super::linear::Linear;
 use super::mask::MaskCache;
-use super::paged_step::PagedStep;
+use super::paged_step::{PagedStep, PagedStepPlan};
 use super::phase_timer;
 use super::rope::RopeTable;
-use super::step_indexes::{IndexBuffer, IndexSlot};
+use super::step_indexes::{IndexBuffer, IndexSlot, UploadedIndexes};
 use super::weights::{Role, WeightLoader};
 use crate::WorkerError;
 
@@ -145,6 +145,9 @@ pub struct Ablations {
     /// On the CPU, strata's kernels (matmuls and attention) use no instruction set above this one
     /// (e.g. AVX2 on an AVX-512 machine), instead of the best the CPU runs.
     pub cpu_isa: Option<Isa>,
+    /// On CUDA, every decode step launched op by op instead of replayed as a CUDA graph
+    /// (`step_graph.rs`).
+    pub no_cuda_graphs: bool,
 }
 
 /// The longest history in a batch from which CUDA decode attention runs its wide variant (32 warps
@@ -164,12 +167,21 @@ pub enum StageInput {
 
 /// What a step's first block reads: the previous stage's hidden states, or (on the first stage) the
 /// embedding rows of token ids that travel in the step's index upload.
+#[derive(Clone)]
 enum StepEntry {
     Hidden(Tensor),
     /// Ids in the index upload, and the dense table they select from on the device.
     Tokens(IndexSlot, Tensor),
     /// Rows already looked up on the host (a quantized table).
     Rows(Tensor),
+}
+
+/// What a step's work on the device reads besides its entry and uploaded arrays.
+struct StepArrays<'a> {
+    positions: &'a [u32],
+    segments: &'a [Segment],
+    angle_rows: IndexSlot,
+    last_rows: Option<IndexSlot>,
 }
 
 /// The final norm and output projection.
@@ -206,6 +218,9 @@ pub struct Stage {
     /// The instruction set CPU attention runs strata's kernel on where it applies
     /// (`cpu_attention.rs`); `None`: candle's everywhere.
     cpu_attention: Option<Isa>,
+    /// Decode steps recorded as CUDA graphs (`step_graph`), unless switched off or not on CUDA.
+    #[cfg(feature = "cuda")]
+    graphs: Option<super::step_graph::StepGraphs>,
 }
 
 impl Stage {
@@ -336,11 +351,7 @@ impl Stage {
         let fused_attention = fused_kernels
             && super::paged_attention_supported(config.head_dim)
             && !blocks.iter().any(Layer::has_softcap);
-        // GGUF Llama's interleaved RoPE pairing has no dense GGUF model to be tested on here, so
-        // only the halves pairing takes the fused write.
-        let fused_write = fused_attention
-            && config.rope.style == RopeStyle::Halves
-            && blocks.iter().all(|b| b.has_fused_qkv() && !b.has_qk_norm());
+        let fused_write = fused_attention && !blocks.iter().any(Layer::has_qk_norm);
         Ok(Self {
             ropes,
             pool,
@@ -361,6 +372,9 @@ impl Stage {
                 .attention_wide_from
                 .unwrap_or(ATTENTION_WIDE_FROM),
             cpu_attention: isa.filter(|_| device.is_cpu() && !options.ablations.no_cpu_attention),
+            #[cfg(feature = "cuda")]
+            graphs: (device.is_cuda() && !options.ablations.no_cuda_graphs)
+                .then(super::step_graph::StepGraphs::default),
         })
     }
 
@@ -390,6 +404,13 @@ impl Stage {
 
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
+    }
+
+    /// How many of the stage's blocks compute q, k and v in one matmul, and whether its paged
+    /// steps rotate and write keys and values in one kernel (what the CUDA tests check is taken).
+    pub fn fusions(&self) -> (usize, bool) {
+        let fused = self.blocks.iter().filter(|b| b.has_fused_qkv()).count();
+        (fused, self.fused_write)
     }
 
     /// Whether strata's fused CUDA kernels for elementwise work (and the greedy choice) run here.
@@ -479,6 +500,7 @@ impl Stage {
         caches: &mut [SequenceKv],
     ) -> Result<Tensor> {
         phase_timer::start(&self.device);
+        let graph_len = self.graph_len(segments);
         let positions: Vec<u32> = segments
             .iter()
             .flat_map(|s| (s.start_pos..s.start_pos + s.len).map(|p| p as u32))
@@ -517,6 +539,7 @@ impl Stage {
                     self.fused_attention,
                     self.fused_write,
                     self.config.sliding_window,
+                    graph_len,
                     &mut indexes,
                 )
             })
@@ -524,8 +547,148 @@ impl Stage {
         // On the last stage, each sequence's last row; in a decode-only step that is every row.
         let last_rows = (self.head.is_some() && segments.iter().any(|s| s.len != 1))
             .then(|| indexes.push(segments.iter().map(|s| (s.offset + s.len - 1) as u32)));
-        let uploaded = indexes.upload(&self.device)?;
+        let step = StepArrays {
+            positions: &positions,
+            segments,
+            angle_rows,
+            last_rows,
+        };
+        let out = match graph_len {
+            #[cfg(feature = "cuda")]
+            Some(len) => self.forward_graphed(len, &indexes, entry, paged_plan, &step)?,
+            _ => {
+                let uploaded = indexes.upload(&self.device)?;
+                self.run(entry, &uploaded, paged_plan, &step, caches)?
+            }
+        };
+        for (seg, cache) in segments.iter().zip(caches.iter_mut()) {
+            cache.advance(seg.len);
+        }
+        Ok(out)
+    }
 
+    /// The history length a decode step is laid out with to run as a CUDA graph, or `None` when
+    /// the step runs eagerly: graphs need CUDA, decode rows only, the fused attention kernel (no
+    /// masks), the RoPE table (no angles computed from positions on the host) and no sliding
+    /// window that cuts a history short, and no phase timing (which synchronizes mid-step).
+    fn graph_len(&self, segments: &[Segment]) -> Option<usize> {
+        #[cfg(feature = "cuda")]
+        {
+            let longest = segments.iter().map(|s| s.start_pos + 1).max()?;
+            let eligible = self.graphs.is_some()
+                && self.pool.is_some()
+                && self.fused_attention
+                && !phase_timer::active()
+                && segments.iter().all(|s| s.len == 1)
+                && self.ropes.iter().all(RopeTable::keeps_table)
+                && self.config.sliding_window.is_none_or(|w| longest <= w);
+            let bucket = super::step_graph::LEN_BUCKET;
+            eligible.then(|| longest.div_ceil(bucket) * bucket)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = segments;
+            None
+        }
+    }
+
+    /// A decode step through the CUDA graph of its shape (see `step_graph`): its index array and
+    /// input rows go into the graph's own buffers, then the graph is replayed, captured, or (the
+    /// first time a shape is seen, or where it cannot be captured) the step runs eagerly on them.
+    #[cfg(feature = "cuda")]
+    fn forward_graphed(
+        &mut self,
+        len: usize,
+        indexes: &IndexBuffer,
+        entry: StepEntry,
+        plan: Option<PagedStepPlan>,
+        step: &StepArrays<'_>,
+    ) -> Result<Tensor> {
+        use super::step_graph::{copy_device, copy_host, workspace_epoch, GraphKey, Plan};
+        let (Some(pool), Some(graphs), Device::Cuda(cuda)) =
+            (&self.pool, &mut self.graphs, &self.device)
+        else {
+            candle_core::bail!("a CUDA graph step needs the paged pool on a CUDA device");
+        };
+        let input = match &entry {
+            StepEntry::Hidden(x) | StepEntry::Rows(x) => Some(x.clone()),
+            StepEntry::Tokens(..) => None,
+        };
+        let longest = step
+            .segments
+            .iter()
+            .map(|s| s.start_pos + 1)
+            .max()
+            .unwrap_or(1);
+        let key = GraphKey {
+            sequences: step.segments.len(),
+            len,
+            wide: longest >= self.attention_wide_from,
+            indexes: indexes.values().len(),
+            hidden_input: input.is_some(),
+            pool_generation: pool.generation(),
+            workspace_epoch: workspace_epoch(),
+        };
+        let hidden = input
+            .is_some()
+            .then_some((self.config.hidden_size, self.dtype));
+        let (mut slot, todo) = graphs.take(key, hidden, &self.device)?;
+        let cuda = cuda.clone();
+        let device = self.device.clone();
+        let result = (|| {
+            copy_host(indexes.values(), &slot.indexes)?;
+            let entry = match (entry, &slot.input, &input) {
+                (StepEntry::Hidden(_), Some(buffer), Some(x)) => {
+                    copy_device(x, buffer)?;
+                    StepEntry::Hidden(buffer.clone())
+                }
+                (StepEntry::Rows(_), Some(buffer), Some(x)) => {
+                    copy_device(x, buffer)?;
+                    StepEntry::Rows(buffer.clone())
+                }
+                (entry @ StepEntry::Tokens(..), None, None) => entry,
+                _ => candle_core::bail!("a CUDA graph's input buffer does not match its step"),
+            };
+            let uploaded = UploadedIndexes::on_device(slot.indexes.clone());
+            // Paged steps keep every sequence's history in the pool: no cache is read or written
+            // but through it.
+            let no_caches: &mut [SequenceKv] = &mut [];
+            match todo {
+                Plan::Replay => slot.replay(),
+                Plan::Eager => self.run(entry, &uploaded, plan, step, no_caches),
+                Plan::Warm => {
+                    let _cache = cuda.enable_cuda_graph_htod_cache();
+                    let out = self.run(entry, &uploaded, plan, step, no_caches)?;
+                    slot.warmed(&out);
+                    Ok(out)
+                }
+                Plan::Capture => {
+                    let _cache = cuda.enable_cuda_graph_htod_cache();
+                    let captured = slot.capture(&device, || {
+                        self.run(entry.clone(), &uploaded, plan.clone(), step, &mut [])
+                    })?;
+                    match captured {
+                        Some(out) => Ok(out),
+                        None => self.run(entry, &uploaded, plan, step, no_caches),
+                    }
+                }
+            }
+        })();
+        if let Some(graphs) = &mut self.graphs {
+            graphs.put(key, slot);
+        }
+        result
+    }
+
+    /// The step's work on the device, from its uploaded index arrays on.
+    fn run(
+        &mut self,
+        entry: StepEntry,
+        uploaded: &UploadedIndexes,
+        paged_plan: Option<PagedStepPlan>,
+        step: &StepArrays<'_>,
+        caches: &mut [SequenceKv],
+    ) -> Result<Tensor> {
         let mut x = match entry {
             StepEntry::Hidden(hidden) => hidden,
             StepEntry::Tokens(ids, table) => {
@@ -537,7 +700,7 @@ impl Stage {
         let paged_step = paged_plan
             .map(|plan| {
                 plan.resolve(
-                    &uploaded,
+                    uploaded,
                     self.config.num_kv_heads,
                     self.config.head_dim,
                     self.dtype,
@@ -546,15 +709,15 @@ impl Stage {
             })
             .transpose()?;
         let fused_write = paged_step.as_ref().is_some_and(|step| step.fused_write);
-        let angle_index = uploaded.get(angle_rows)?;
+        let angle_index = uploaded.get(step.angle_rows)?;
         let angles = self
             .ropes
             .iter()
-            .map(|rope| rope.angles(&positions, angle_index.clone(), fused_write))
+            .map(|rope| rope.angles(step.positions, angle_index.clone(), fused_write))
             .collect::<Result<Vec<_>>>()?;
         phase_timer::mark(&self.device, "embedding, step indexes");
         let mut ctx = StepContext {
-            segments,
+            segments: step.segments,
             angles,
             ropes: &self.ropes,
             masks: &mut self.masks,
@@ -574,16 +737,13 @@ impl Stage {
             pending = Some(out);
             phase_timer::layer_end(i);
         }
-        for (seg, cache) in segments.iter().zip(caches.iter_mut()) {
-            cache.advance(seg.len);
-        }
         let Some(head) = &self.head else {
             return match pending {
                 Some(out) => x + out,
                 None => Ok(x),
             };
         };
-        let last_rows = uploaded.get_some(last_rows)?;
+        let last_rows = uploaded.get_some(step.last_rows)?;
         let select = |t: Tensor| match &last_rows {
             Some(rows) => t.index_select(rows, 0),
             None => Ok(t),
@@ -605,8 +765,12 @@ impl Stage {
         Ok(logits)
     }
 
-    /// Drops cached masks (after a warmup, so it leaves nothing behind).
+    /// Drops cached masks and step graphs (after a warmup, so it leaves nothing behind).
     pub fn clear_scratch(&mut self) {
         self.masks.clear();
+        #[cfg(feature = "cuda")]
+        if let Some(graphs) = &mut self.graphs {
+            graphs.clear();
+        }
     }
 }

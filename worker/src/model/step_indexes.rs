@@ -41,6 +41,11 @@ impl IndexBuffer {
         }
     }
 
+    /// The packed arrays, in slot order.
+    pub fn values(&self) -> &[u32] {
+        &self.host
+    }
+
     /// Copies every array to `device` at once.
     pub fn upload(self, device: &Device) -> Result<UploadedIndexes> {
         let len = self.host.len();
@@ -56,6 +61,11 @@ impl IndexBuffer {
 pub struct UploadedIndexes(Tensor);
 
 impl UploadedIndexes {
+    /// A buffer already on the device holding [`IndexBuffer::values`] (a CUDA graph's own).
+    pub fn on_device(buffer: Tensor) -> Self {
+        Self(buffer)
+    }
+
     /// The array of `slot`: a `[len]` u32 view into the buffer (contiguous, with an offset).
     pub fn get(&self, slot: IndexSlot) -> Result<Tensor> {
         self.0.narrow(0, slot.start, slot.len)

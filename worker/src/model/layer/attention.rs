@@ -44,8 +44,10 @@ impl Layer {
         stack_rows(outputs)
     }
 
-    /// The fused CUDA path: one kernel rotates queries and keys out of the fused q/k/v projection and
-    /// writes keys and values into the pool, then attention reads the pool.
+    /// The fused CUDA path: one kernel rotates queries and keys out of the q/k/v projection and
+    /// writes keys and values into the pool, then attention reads the pool. Projections that could
+    /// not be fused (weights of different formats) are joined into the layout the kernel reads:
+    /// one copy instead of the separate path's rotations, transposes and scatters.
     pub(super) fn attend_fused(
         &self,
         h: &Tensor,
@@ -56,9 +58,10 @@ impl Layer {
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         {
-            let y = self.qkv.fused_output(h)?.ok_or_else(|| {
-                candle_core::Error::msg("a fused pool write needs fused q/k/v weights")
-            })?;
+            let y = match self.qkv.fused_output(h)? {
+                Some(y) => y,
+                None => Tensor::cat(&self.qkv.forward::<3>(h)?, 1)?,
+            };
             let RopeAngles::Indexed { cos, sin, index } = &ctx.angles[self.rope] else {
                 candle_core::bail!("the fused pool write needs indexed RoPE angles");
             };
@@ -152,7 +155,7 @@ impl Layer {
                 lens,
                 batch.len,
                 scale,
-                batch.len >= wide_from,
+                batch.longest >= wide_from,
             )?
             .reshape((n, self.num_heads * self.head_dim));
         }

@@ -1,5 +1,8 @@
 //! A block's projections of one input, fused into one matmul where the weights allow.
 
+use std::borrow::Cow;
+
+use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{Result, Tensor};
 
 use crate::model::cpu_kernels::CpuMatmul;
@@ -8,8 +11,8 @@ use crate::WorkerError;
 
 /// Projections of the same input, with optional biases. Dense weights are concatenated at load
 /// time so one matmul computes them all (fewer kernel launches: what a GPU step's time is made of);
-/// strata's CPU matrices of one format likewise; others run one by one, unless the file stores
-/// them as one tensor (Phi-3).
+/// strata's CPU matrices and quantized GPU matrices of one format likewise; others run one by one,
+/// unless the file stores them as one tensor (Phi-3).
 #[derive(Debug)]
 pub(super) enum Projections {
     /// One weight `[Σ outputs, in]`; `widths` are the outputs of each part, in order; `bias` is
@@ -58,6 +61,8 @@ impl Projections {
         {
             // strata's CPU kernels fuse when every part has one format (Q4_K_M files mix them).
             (Linear::Cpu(joined), cpu.iter().map(|w| w.rows()).collect())
+        } else if let Some(joined) = stack_quantized(&parts)? {
+            joined
         } else {
             return Ok(Self::Separate { parts, biases });
         };
@@ -131,6 +136,48 @@ impl Projections {
             }
         }
     }
+}
+
+/// GGUF weights kept quantized on a GPU, of one format and input width, as one matrix of their rows
+/// stacked: a quantized row is whole blocks of its own, so stacking the matrices concatenates their
+/// bytes. One matmul then quantizes the input once and launches once for all of them. `None` when
+/// the parts differ in format (a Q4_K_M file stores some value projections in Q6_K) or are not
+/// quantized GPU weights (the CPU keeps candle's matmuls as they are, for A/B runs against
+/// strata's kernels).
+fn stack_quantized(parts: &[Linear]) -> Result<Option<(Linear, Vec<usize>)>> {
+    let quantized: Vec<&QTensor> = parts
+        .iter()
+        .filter_map(|p| match p {
+            Linear::Quantized(QMatMul::QTensor(q)) => Some(q.as_ref()),
+            _ => None,
+        })
+        .collect();
+    let Some(first) = quantized.first().filter(|_| quantized.len() == parts.len()) else {
+        return Ok(None);
+    };
+    let device = first.device();
+    let (_, in_features) = first.shape().dims2()?;
+    let mut widths = Vec::with_capacity(quantized.len());
+    for q in &quantized {
+        let (rows, k) = q.shape().dims2()?;
+        if device.is_cpu() || q.dtype() != first.dtype() || k != in_features {
+            return Ok(None);
+        }
+        widths.push(rows);
+    }
+    let mut bytes = Vec::with_capacity(quantized.iter().map(|q| q.storage_size_in_bytes()).sum());
+    for q in &quantized {
+        bytes.extend_from_slice(&q.data()?);
+    }
+    // candle reads the bytes as blocks in place; the allocator's alignment (16) covers every
+    // block type, and a buffer without it stays unfused rather than failing.
+    if !(bytes.as_ptr() as usize).is_multiple_of(16) {
+        return Ok(None);
+    }
+    let storage = QStorage::from_data(Cow::Owned(bytes), &device, first.dtype())?;
+    let stacked = QTensor::new(storage, (widths.iter().sum::<usize>(), in_features))?;
+    let matmul = QMatMul::from_qtensor(stacked)?;
+    Ok(Some((Linear::Quantized(matmul), widths)))
 }
 
 /// `y + bias` broadcast over rows, or `y`.
