@@ -26,12 +26,12 @@ pub const VARIANTS: [Variant; 4] = [
     },
     Variant {
         name: "RoPE table off",
-        worker_flags: &["--no-rope-reuse"],
+        worker_flags: &["--no-rope-table"],
         warmup: true,
     },
     Variant {
         name: "mask cache off",
-        worker_flags: &["--no-mask-reuse"],
+        worker_flags: &["--no-mask-cache"],
         warmup: true,
     },
     Variant {

@@ -134,7 +134,6 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    phase_timer::set_mode(args.phase_times);
     let config = WorkerConfig {
         model,
         weight_cache,
@@ -147,6 +146,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             ablations: args.ablations.into(),
             kv_layout: args.kv_layout,
             dtype: args.dtype,
+            phase_times: args.phase_times,
         },
         limits: EngineLimits {
             max_sequences: args.max_sequences,
@@ -181,10 +181,10 @@ fn worker_security(args: &SecurityArgs) -> anyhow::Result<strata_transport::Secu
 /// optimizations` and the GPU bench scripts pass them; see [`Ablations`]).
 #[derive(Args, Debug, Clone, Copy)]
 struct AblationArgs {
-    #[arg(long, hide = true)]
-    no_rope_reuse: bool,
-    #[arg(long, hide = true)]
-    no_mask_reuse: bool,
+    #[arg(long, hide = true, alias = "no-rope-reuse")]
+    no_rope_table: bool,
+    #[arg(long, hide = true, alias = "no-mask-reuse")]
+    no_mask_cache: bool,
     #[arg(long, hide = true)]
     no_fused_projections: bool,
     #[arg(long, hide = true, alias = "no-fused-attention")]
@@ -215,8 +215,8 @@ fn parse_isa(name: &str) -> Result<Isa, String> {
 impl From<AblationArgs> for Ablations {
     fn from(a: AblationArgs) -> Self {
         Self {
-            no_rope_table: a.no_rope_reuse,
-            no_mask_cache: a.no_mask_reuse,
+            no_rope_table: a.no_rope_table,
+            no_mask_cache: a.no_mask_cache,
             candle_kernels: a.candle_kernels,
             no_fused_projections: a.no_fused_projections,
             no_fused_kernels: a.no_fused_kernels,

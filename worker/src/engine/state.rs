@@ -424,7 +424,7 @@ impl State {
                 .collect::<candle_core::Result<Vec<_>>>()?
         };
         let forward_time = started.elapsed();
-        phase_timer::mark(stage.device(), "copy back, sample");
+        stage.timer().mark(stage.device(), "copy back, sample");
         self.steps += 1;
         if self.steps.is_multiple_of(PHASE_REPORT_EVERY) {
             phase_timer::log_report();

@@ -18,7 +18,7 @@ use super::kv_pool::KvPool;
 use super::linear::Linear;
 use super::mask::MaskCache;
 use super::paged_step::PagedStep;
-use super::phase_timer;
+use super::phase_timer::PhaseTimer;
 use super::rope::{RopeAngles, RopeTable};
 use super::weights::{Role, WeightLoader};
 use crate::WorkerError;
@@ -72,6 +72,8 @@ pub struct StepContext<'a> {
     /// The instruction set CPU attention runs strata's kernel on where it applies
     /// (`cpu_attention.rs`); `None`: candle's.
     pub cpu_attention: Option<Isa>,
+    /// The marks of `--phase-times`.
+    pub timer: PhaseTimer,
 }
 
 /// A transformer block. Every family runs through this one block; its description
@@ -267,7 +269,7 @@ impl Layer {
                 let (cos, sin) = ctx.angles[self.rope].per_row()?;
                 let q = rope.apply(&q, cos, sin)?.squeeze(2)?;
                 let k = rope.apply(&k, cos, sin)?.squeeze(2)?;
-                phase_timer::mark(x.device(), "norm, qkv, rope");
+                ctx.timer.mark(x.device(), "norm, qkv, rope");
                 match ctx.paged {
                     Some((pool, step)) => {
                         let (keys, values) = pool.layer(layer);
@@ -279,14 +281,14 @@ impl Layer {
                 }
             }
         };
-        phase_timer::mark(x.device(), "attention");
+        ctx.timer.mark(x.device(), "attention");
         let attn = self.o.forward(&attn)?;
         let attn = match &self.post_attn_norm {
             Some(norm) => candle_nn::ops::rms_norm(&attn, norm, self.eps)?,
             None => attn,
         };
         let (x, h) = add_rms_norm(&x, &attn, &self.ffn_norm, self.eps, ctx.fused_ops)?;
-        phase_timer::mark(x.device(), "output projection");
+        ctx.timer.mark(x.device(), "output projection");
 
         let ffn = self.gated_activation(&h, ctx.fused_ops)?;
         let out = self.down.forward(&ffn)?;
@@ -294,7 +296,7 @@ impl Layer {
             Some(norm) => candle_nn::ops::rms_norm(&out, norm, self.eps)?,
             None => out,
         };
-        phase_timer::mark(x.device(), "feed-forward");
+        ctx.timer.mark(x.device(), "feed-forward");
         Ok((x, out))
     }
 

@@ -6,11 +6,11 @@
 //! layer's queue time is kept by its place in the stage, so a slow first layer shows apart from
 //! uniformly slow ones. Off (the default), a mark is one relaxed load.
 //!
-//! The mode is the process's (marks sit deep in the layers, where no step context reaches): the
-//! worker's command line sets it once with [`set_mode`] before any stage loads.
+//! The mode is chosen once at load (`StageOptions::phase_times`) and held as a [`PhaseTimer`] by the
+//! stage, which hands it down to its layers in the step context; the tally belongs to the compute
+//! thread that runs the steps.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
@@ -41,19 +41,10 @@ impl std::str::FromStr for Mode {
     }
 }
 
-static MODE: AtomicU8 = AtomicU8::new(0);
-
-/// Sets what every later mark in this process does.
-pub fn set_mode(mode: Mode) {
-    MODE.store(mode as u8, Ordering::Relaxed);
-}
-
-fn mode() -> Mode {
-    match MODE.load(Ordering::Relaxed) {
-        1 => Mode::Synced,
-        2 => Mode::Host,
-        _ => Mode::Off,
-    }
+/// The marks of one stage's steps, in the mode the stage was loaded with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PhaseTimer {
+    mode: Mode,
 }
 
 #[derive(Default)]
@@ -74,72 +65,78 @@ thread_local! {
     static TALLY: RefCell<Tally> = RefCell::new(Tally::default());
 }
 
-fn sync(device: &Device) {
-    if mode() == Mode::Synced {
-        let _ = device.synchronize();
+impl PhaseTimer {
+    pub fn new(mode: Mode) -> Self {
+        Self { mode }
     }
-}
 
-/// Whether marks do anything (a step whose phases are timed is not replayed as a CUDA graph).
-pub fn active() -> bool {
-    mode() != Mode::Off
-}
-
-/// Starts timing a step.
-pub fn start(device: &Device) {
-    if mode() == Mode::Off {
-        return;
-    }
-    sync(device);
-    TALLY.with(|t| {
-        let mut t = t.borrow_mut();
-        t.steps += 1;
-        t.since = Some(Instant::now());
-    });
-}
-
-/// Ends the phase `name` (the time since the previous mark).
-pub fn mark(device: &Device, name: &'static str) {
-    if mode() == Mode::Off {
-        return;
-    }
-    sync(device);
-    TALLY.with(|t| {
-        let mut t = t.borrow_mut();
-        let now = Instant::now();
-        let Some(since) = t.since.replace(now) else {
-            return;
-        };
-        match t.phases.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, total)) => *total += now - since,
-            None => t.phases.push((name, now - since)),
+    fn sync(self, device: &Device) {
+        if self.mode == Mode::Synced {
+            let _ = device.synchronize();
         }
-    });
-}
-
-/// Starts timing the stage's layer at `index` (host time only, in `host` mode).
-pub fn layer_start() {
-    if mode() != Mode::Host {
-        return;
     }
-    TALLY.with(|t| t.borrow_mut().layer_since = Some(Instant::now()));
-}
 
-/// Ends the stage's layer at `index`.
-pub fn layer_end(index: usize) {
-    if mode() != Mode::Host {
-        return;
+    /// Whether marks do anything (a step whose phases are timed is not replayed as a CUDA graph).
+    pub fn active(self) -> bool {
+        self.mode != Mode::Off
     }
-    TALLY.with(|t| {
-        let mut t = t.borrow_mut();
-        let Some(since) = t.layer_since.take() else {
+
+    /// Starts timing a step.
+    pub fn start(self, device: &Device) {
+        if self.mode == Mode::Off {
             return;
-        };
-        if t.layers.len() <= index {
-            t.layers.resize(index + 1, Duration::ZERO);
         }
-        t.layers[index] += since.elapsed();
-    });
+        self.sync(device);
+        TALLY.with(|t| {
+            let mut t = t.borrow_mut();
+            t.steps += 1;
+            t.since = Some(Instant::now());
+        });
+    }
+
+    /// Ends the phase `name` (the time since the previous mark).
+    pub fn mark(self, device: &Device, name: &'static str) {
+        if self.mode == Mode::Off {
+            return;
+        }
+        self.sync(device);
+        TALLY.with(|t| {
+            let mut t = t.borrow_mut();
+            let now = Instant::now();
+            let Some(since) = t.since.replace(now) else {
+                return;
+            };
+            match t.phases.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, total)) => *total += now - since,
+                None => t.phases.push((name, now - since)),
+            }
+        });
+    }
+
+    /// Starts timing the stage's layer at `index` (host time only, in `host` mode).
+    pub fn layer_start(self) {
+        if self.mode != Mode::Host {
+            return;
+        }
+        TALLY.with(|t| t.borrow_mut().layer_since = Some(Instant::now()));
+    }
+
+    /// Ends the stage's layer at `index`.
+    pub fn layer_end(self, index: usize) {
+        if self.mode != Mode::Host {
+            return;
+        }
+        TALLY.with(|t| {
+            let mut t = t.borrow_mut();
+            let Some(since) = t.layer_since.take() else {
+                return;
+            };
+            if t.layers.len() <= index {
+                t.layers.resize(index + 1, Duration::ZERO);
+            }
+            t.layers[index] += since.elapsed();
+        });
+    }
 }
 
 /// What the steps since the last `take` (or `discard`) spent.
@@ -151,11 +148,8 @@ struct Taken {
     layers: Vec<Duration>,
 }
 
-/// The tally so far, emptied.
+/// The tally so far, emptied (empty while marks are off: nothing was added).
 fn take() -> Taken {
-    if mode() == Mode::Off {
-        return Taken::default();
-    }
     TALLY.with(|t| {
         let mut t = t.borrow_mut();
         Taken {

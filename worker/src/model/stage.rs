@@ -15,7 +15,7 @@ use super::layer::{add_pending_and_norm, Layer, Segment, StepContext};
 use super::linear::Linear;
 use super::mask::MaskCache;
 use super::paged_step::{PagedStep, PagedStepPlan};
-use super::phase_timer;
+use super::phase_timer::{self, PhaseTimer};
 use super::rope::RopeTable;
 use super::step_indexes::{IndexBuffer, IndexSlot, UploadedIndexes};
 use super::weights::{Role, WeightLoader};
@@ -30,6 +30,8 @@ pub struct StageOptions {
     pub kv_layout: KvLayout,
     /// Compute dtype of safetensors stages; `None` chooses per device (see [`StageOptions::compute_dtype`]).
     pub dtype: Option<DType>,
+    /// Whether and how each step's phases are timed (diagnosis only; `--phase-times`).
+    pub phase_times: phase_timer::Mode,
 }
 
 impl StageOptions {
@@ -111,6 +113,7 @@ impl Default for StageOptions {
             ablations: Ablations::default(),
             kv_layout: KvLayout::Auto,
             dtype: None,
+            phase_times: phase_timer::Mode::Off,
         }
     }
 }
@@ -218,6 +221,8 @@ pub struct Stage {
     /// The instruction set CPU attention runs strata's kernel on where it applies
     /// (`cpu_attention.rs`); `None`: candle's everywhere.
     cpu_attention: Option<Isa>,
+    /// The marks of `--phase-times` (diagnosis only).
+    timer: PhaseTimer,
     /// Decode steps recorded as CUDA graphs (`step_graph`), unless switched off or not on CUDA.
     #[cfg(feature = "cuda")]
     graphs: Option<super::step_graph::StepGraphs>,
@@ -372,6 +377,7 @@ impl Stage {
                 .attention_wide_from
                 .unwrap_or(ATTENTION_WIDE_FROM),
             cpu_attention: isa.filter(|_| device.is_cpu() && !options.ablations.no_cpu_attention),
+            timer: PhaseTimer::new(options.phase_times),
             #[cfg(feature = "cuda")]
             graphs: (device.is_cuda() && !options.ablations.no_cuda_graphs)
                 .then(super::step_graph::StepGraphs::default),
@@ -411,6 +417,11 @@ impl Stage {
     pub fn fusions(&self) -> (usize, bool) {
         let fused = self.blocks.iter().filter(|b| b.has_fused_qkv()).count();
         (fused, self.fused_write)
+    }
+
+    /// The marks of `--phase-times` this stage was loaded with.
+    pub fn timer(&self) -> PhaseTimer {
+        self.timer
     }
 
     /// Whether strata's fused CUDA kernels for elementwise work (and the greedy choice) run here.
@@ -499,7 +510,7 @@ impl Stage {
         segments: &[Segment],
         caches: &mut [SequenceKv],
     ) -> Result<Tensor> {
-        phase_timer::start(&self.device);
+        self.timer.start(&self.device);
         let graph_len = self.graph_len(segments);
         let positions: Vec<u32> = segments
             .iter()
@@ -578,7 +589,7 @@ impl Stage {
             let eligible = self.graphs.is_some()
                 && self.pool.is_some()
                 && self.fused_attention
-                && !phase_timer::active()
+                && !self.timer.active()
                 && segments.iter().all(|s| s.len == 1)
                 && self.ropes.iter().all(RopeTable::keeps_table)
                 && self.config.sliding_window.is_none_or(|w| longest <= w);
@@ -715,7 +726,7 @@ impl Stage {
             .iter()
             .map(|rope| rope.angles(step.positions, angle_index.clone(), fused_write))
             .collect::<Result<Vec<_>>>()?;
-        phase_timer::mark(&self.device, "embedding, step indexes");
+        self.timer.mark(&self.device, "embedding, step indexes");
         let mut ctx = StepContext {
             segments: step.segments,
             angles,
@@ -726,16 +737,17 @@ impl Stage {
             fused_ops: self.fused_ops,
             attention_wide_from: self.attention_wide_from,
             cpu_attention: self.cpu_attention,
+            timer: self.timer,
         };
         // Each block's feed-forward output is added to the stream by the next block (with its
         // first norm) or below (with the head's norm).
         let mut pending = None;
         for (i, block) in self.blocks.iter().enumerate() {
-            phase_timer::layer_start();
+            self.timer.layer_start();
             let (stream, out) = block.forward(&x, pending.as_ref(), i, caches, &mut ctx)?;
             x = stream;
             pending = Some(out);
-            phase_timer::layer_end(i);
+            self.timer.layer_end(i);
         }
         let Some(head) = &self.head else {
             return match pending {
@@ -761,7 +773,7 @@ impl Stage {
             Some(cap) => ((logits / cap as f64)?.tanh()? * cap as f64)?,
             None => logits,
         };
-        phase_timer::mark(&self.device, "head");
+        self.timer.mark(&self.device, "head");
         Ok(logits)
     }
 

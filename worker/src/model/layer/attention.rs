@@ -11,7 +11,7 @@ use crate::model::prompt_softmax::prompt_softmax;
 
 use super::{stack_rows, Layer, Segment, StepContext};
 #[cfg(feature = "cuda")]
-use crate::model::{paged_attention, phase_timer, rope::RopeAngles};
+use crate::model::{paged_attention, rope::RopeAngles};
 
 impl Layer {
     /// Attention with per-sequence caches: each sequence appends to and reads its own tensors.
@@ -77,7 +77,7 @@ impl Layer {
                 self.num_heads,
                 ctx.ropes[self.rope].interleaved(),
             )?;
-            phase_timer::mark(h.device(), "norm, qkv, rope");
+            ctx.timer.mark(h.device(), "norm, qkv, rope");
             self.attend_paged(&q, pool, layer, step, ctx)
         }
         #[cfg(not(feature = "cuda"))]
