@@ -7,7 +7,8 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     strata_worker::memory::configure_allocator();
     let args = cli::Cli::parse();
-    // Compute threads must be fixed before any tensor work starts a thread pool.
+    // Compute threads must be fixed before any tensor work starts a thread pool; rayon and candle
+    // (`candle_core::utils::get_num_threads`) read them from this variable.
     if let Some(threads) = args.compute_threads() {
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
