@@ -83,7 +83,7 @@ pub fn dtype_name(dtype: DType) -> &'static str {
 /// Where a stage keeps keys and values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvLayout {
-    /// Paged on accelerators, contiguous on the CPU.
+    /// Paged on CUDA, contiguous on the CPU and on Metal.
     #[default]
     Auto,
     /// A growing tensor per sequence and layer; attention per sequence, reading the cache in place.
@@ -332,7 +332,9 @@ impl Stage {
             + embedding.as_ref().map_or(0, |e| e.bytes())
             + head.as_ref().map_or(0, |h| h.output.weight_bytes());
         let paged = match options.kv_layout {
-            KvLayout::Auto => !device.is_cpu(),
+            // The pool's kernels (fused write, decode attention from the pool) are CUDA's; Metal
+            // keeps the per-sequence caches whose candle ops the CPU runs and tests.
+            KvLayout::Auto => device.is_cuda(),
             KvLayout::Contiguous => false,
             KvLayout::Paged => true,
         };
