@@ -179,6 +179,17 @@ enum StepEntry {
     Rows(Tensor),
 }
 
+/// How a decode step that runs as a CUDA graph is laid out (made only in CUDA builds).
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct GraphLayout {
+    /// The history length its gather array is padded to (`step_graph::LEN_BUCKET`).
+    len: usize,
+    /// Whether decode attention runs its wide variant (the longest history reaches
+    /// `attention_wide_from`), as the paged plan decides from the same histories.
+    wide: bool,
+}
+
 /// What a step's work on the device reads besides its entry and uploaded arrays.
 struct StepArrays<'a> {
     positions: &'a [u32],
@@ -513,7 +524,7 @@ impl Stage {
         caches: &mut [SequenceKv],
     ) -> Result<Tensor> {
         self.timer.start(&self.device);
-        let graph_len = self.graph_len(segments);
+        let graph = self.graph_layout(segments);
         let positions: Vec<u32> = segments
             .iter()
             .flat_map(|s| (s.start_pos..s.start_pos + s.len).map(|p| p as u32))
@@ -552,7 +563,7 @@ impl Stage {
                     self.fused_attention,
                     self.fused_write,
                     self.config.sliding_window,
-                    graph_len,
+                    graph.map(|g| g.len),
                     &mut indexes,
                 )
             })
@@ -566,9 +577,9 @@ impl Stage {
             angle_rows,
             last_rows,
         };
-        let out = match graph_len {
+        let out = match graph {
             #[cfg(feature = "cuda")]
-            Some(len) => self.forward_graphed(len, &indexes, entry, paged_plan, &step)?,
+            Some(graph) => self.forward_graphed(graph, &indexes, entry, paged_plan, &step)?,
             _ => {
                 let uploaded = indexes.upload(&self.device)?;
                 self.run(entry, &uploaded, paged_plan, &step, caches)?
@@ -580,11 +591,11 @@ impl Stage {
         Ok(out)
     }
 
-    /// The history length a decode step is laid out with to run as a CUDA graph, or `None` when
-    /// the step runs eagerly: graphs need CUDA, decode rows only, the fused attention kernel (no
-    /// masks), the RoPE table (no angles computed from positions on the host) and no sliding
-    /// window that cuts a history short, and no phase timing (which synchronizes mid-step).
-    fn graph_len(&self, segments: &[Segment]) -> Option<usize> {
+    /// How a decode step is laid out to run as a CUDA graph, or `None` when the step runs
+    /// eagerly: graphs need CUDA, decode rows only, the fused attention kernel (no masks), the
+    /// RoPE table (no angles computed from positions on the host) and no sliding window that cuts
+    /// a history short, and no phase timing (which synchronizes mid-step).
+    fn graph_layout(&self, segments: &[Segment]) -> Option<GraphLayout> {
         #[cfg(feature = "cuda")]
         {
             let longest = segments.iter().map(|s| s.start_pos + 1).max()?;
@@ -596,7 +607,10 @@ impl Stage {
                 && self.ropes.iter().all(RopeTable::keeps_table)
                 && self.config.sliding_window.is_none_or(|w| longest <= w);
             let bucket = super::step_graph::LEN_BUCKET;
-            eligible.then(|| longest.div_ceil(bucket) * bucket)
+            eligible.then(|| GraphLayout {
+                len: longest.div_ceil(bucket) * bucket,
+                wide: longest >= self.attention_wide_from,
+            })
         }
         #[cfg(not(feature = "cuda"))]
         {
@@ -611,7 +625,7 @@ impl Stage {
     #[cfg(feature = "cuda")]
     fn forward_graphed(
         &mut self,
-        len: usize,
+        layout: GraphLayout,
         indexes: &IndexBuffer,
         entry: StepEntry,
         plan: Option<PagedStepPlan>,
@@ -623,43 +637,34 @@ impl Stage {
         else {
             candle_core::bail!("a CUDA graph step needs the paged pool on a CUDA device");
         };
-        let input = match &entry {
-            StepEntry::Hidden(x) | StepEntry::Rows(x) => Some(x.clone()),
-            StepEntry::Tokens(..) => None,
-        };
-        let longest = step
-            .segments
-            .iter()
-            .map(|s| s.start_pos + 1)
-            .max()
-            .unwrap_or(1);
+        let hidden_input = !matches!(entry, StepEntry::Tokens(..));
         let key = GraphKey {
             sequences: step.segments.len(),
-            len,
-            wide: longest >= self.attention_wide_from,
+            len: layout.len,
+            wide: layout.wide,
             indexes: indexes.values().len(),
-            hidden_input: input.is_some(),
+            hidden_input,
             pool_generation: pool.generation(),
             workspace_epoch: workspace_epoch(),
         };
-        let hidden = input
-            .is_some()
-            .then_some((self.config.hidden_size, self.dtype));
+        let hidden = hidden_input.then_some((self.config.hidden_size, self.dtype));
         let (mut slot, todo) = graphs.take(key, hidden, &self.device)?;
         let cuda = cuda.clone();
         let device = self.device.clone();
         let result = (|| {
             copy_host(indexes.values(), &slot.indexes)?;
-            let entry = match (entry, &slot.input, &input) {
-                (StepEntry::Hidden(_), Some(buffer), Some(x)) => {
-                    copy_device(x, buffer)?;
+            // Rows that enter the stage go into the graph's own input buffer (`hidden_input` in the
+            // key gives every such slot one).
+            let entry = match (entry, &slot.input) {
+                (StepEntry::Hidden(x), Some(buffer)) => {
+                    copy_device(&x, buffer)?;
                     StepEntry::Hidden(buffer.clone())
                 }
-                (StepEntry::Rows(_), Some(buffer), Some(x)) => {
-                    copy_device(x, buffer)?;
+                (StepEntry::Rows(x), Some(buffer)) => {
+                    copy_device(&x, buffer)?;
                     StepEntry::Rows(buffer.clone())
                 }
-                (entry @ StepEntry::Tokens(..), None, None) => entry,
+                (entry @ StepEntry::Tokens(..), None) => entry,
                 _ => candle_core::bail!("a CUDA graph's input buffer does not match its step"),
             };
             let uploaded = UploadedIndexes::on_device(slot.indexes.clone());

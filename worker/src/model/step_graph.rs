@@ -21,8 +21,7 @@
 //! captured and replayed, and from then on replayed. A capture that fails (an op that cannot be
 //! recorded) marks the shape as eager for good.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use candle_core::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use candle_core::cuda::cudarc::driver::{result, CudaGraph, CudaStream, DevicePtr};
@@ -279,7 +278,7 @@ pub fn copy_host(values: &[u32], dst: &Tensor) -> Result<()> {
 
 /// The largest `rows × padded in-features` a quantized matmul has run with, in candle's two
 /// scratch regimes (up to 8 rows: MMVQ; more: MMQ), and an epoch that changes whenever either grows.
-static HIGH_WATER: Mutex<[usize; 2]> = Mutex::new([0, 0]);
+static HIGH_WATER: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 static EPOCH: AtomicU64 = AtomicU64::new(0);
 
 /// Called before every quantized matmul on CUDA: candle keeps one grow-only scratch buffer per
@@ -289,9 +288,8 @@ static EPOCH: AtomicU64 = AtomicU64::new(0);
 pub fn note_quantized_matmul(rows: usize, in_features: usize) {
     let need = rows * in_features.div_ceil(512) * 512;
     let regime = usize::from(rows > 8);
-    let mut high = HIGH_WATER.lock().unwrap_or_else(|e| e.into_inner());
-    if need > high[regime] {
-        high[regime] = need;
+    // One atomic read-modify-write on each matmul's path; the epoch moves only on a new maximum.
+    if HIGH_WATER[regime].fetch_max(need, Ordering::Relaxed) < need {
         EPOCH.fetch_add(1, Ordering::Relaxed);
     }
 }
